@@ -1,0 +1,1 @@
+"""Face geometry: detection post-processing, landmarks, alignment to recognition chips."""

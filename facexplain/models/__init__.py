@@ -1,0 +1,1 @@
+"""Network definitions and weight loaders for the default and trained face models."""

@@ -1,0 +1,21 @@
+"""Where facexplain finds files that set-up installs (weights), overridable by environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FACEAPI_VERSION = "1.7.15"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def faceapi_model_dir() -> Path:
+    """Folder holding face-api's ``*-weights_manifest.json`` and ``.bin`` shards.
+
+    ``make setup`` unpacks ``npm pack @vladmandic/face-api@1.7.15`` there; the
+    ``FACEXPLAIN_FACEAPI_DIR`` variable points elsewhere (e.g. a volume on Kubernetes).
+    """
+    env = os.environ.get("FACEXPLAIN_FACEAPI_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT / ".weights" / f"face-api-{FACEAPI_VERSION}" / "model"
