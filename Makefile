@@ -1,0 +1,50 @@
+# facexplain — the two commands a fresh machine needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WEIGHTS := .weights/face-api-1.7.15/model/face_recognition_model-weights_manifest.json
+PROTOS := $(wildcard protos/facexplain/v1/*.proto)
+PROTO_STAMP := services/api/v1/.generated
+
+.PHONY: setup proto test test-unit test-integration demo bench lint typecheck clean
+
+setup: $(STAMP) $(WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
+
+$(STAMP): requirements.lock pyproject.toml
+	scripts/setup_system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip<27"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(WEIGHTS):
+	scripts/fetch_weights.sh
+
+$(PROTO_STAMP): $(PROTOS) scripts/gen_protos.py $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+	touch $@
+
+proto: $(PROTO_STAMP)  ## regenerate Python code from protos/
+
+test: setup  ## the whole suite: fast tests first, then real servers on loopback
+	$(BIN)/pytest -q -m "not integration" tests
+	$(BIN)/pytest -q -m integration tests
+
+demo: setup  ## start the embedding service, embed the bundled sample faces, stop
+	$(BIN)/python scripts/demo.py
+
+bench: setup  ## benchmarks (not tests): writes bench/results/*.json
+	$(BIN)/python bench/bench_embedding.py
+
+lint:
+	$(BIN)/ruff check facexplain services training scripts tests bench
+	$(BIN)/ruff format --check facexplain services training scripts tests bench
+
+typecheck:
+	$(BIN)/mypy facexplain services
+
+clean:
+	rm -rf $(VENV) .weights services/api/v1/*_pb2*.py* $(PROTO_STAMP)

@@ -1,0 +1,1 @@
+"""Readers for the face data sets and identity-disjoint splits."""

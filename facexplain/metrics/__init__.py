@@ -1,0 +1,1 @@
+"""Measures: verification rules and scores, identification, image quality."""

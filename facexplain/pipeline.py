@@ -1,0 +1,161 @@
+"""Image -> detected face -> 68 landmarks -> aligned 150x150 chip -> template, in torch end to end.
+
+The pipeline is the "FR model" the rest of facexplain explains: decoders invert its templates,
+attacks differentiate through it. Landmarks fix the alignment (they are treated as constants), and
+the chip is sampled from the image with a differentiable warp, so gradients reach the input pixels.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from facexplain.faces.align import align_faces
+from facexplain.faces.detect import FaceDetector
+from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
+from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_boxes
+from facexplain.models.recognition import FaceRecognitionNet
+
+
+class FaceSelection(Enum):
+    LARGEST = "largest"
+    MOST_CONFIDENT = "most_confident"
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    """What a client needs to interpret a template: where it came from and how to compare it."""
+
+    name: str
+    version: str
+    dim: int
+    chip_size: int
+    chip_padding: float
+    rule: VerificationRule
+
+
+DEFAULT_EMBEDDER = EmbedderInfo(
+    name="dlib-resnet128",
+    version="local",
+    dim=128,
+    chip_size=150,
+    chip_padding=0.25,
+    rule=DLIB_L2_RULE,
+)
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    box: torch.Tensor  # (4,) x1, y1, x2, y2 in input pixels
+    score: float
+    landmarks: torch.Tensor  # (68, 2) input pixels
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    face: DetectedFace
+    template: torch.Tensor  # (dim,) raw
+    chip: torch.Tensor  # (3, S, S) float in [0, 255]
+
+
+class FacePipeline:
+    """The default FR model as one object; thread-safe (one forward pass at a time per pipeline)."""
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        landmark_net: FaceLandmark68Net,
+        recognition_net: FaceRecognitionNet,
+        info: EmbedderInfo = DEFAULT_EMBEDDER,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.detector = detector
+        self.landmark_net = landmark_net.to(self.device).eval()
+        self.recognition_net = recognition_net.to(self.device).eval()
+        self.info = info
+        self._lock = threading.Lock()
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu") -> FacePipeline:
+        """The face-api ports of the SSD detector, 68-point landmarks and dlib's 128-d ResNet."""
+        return cls(
+            FaceDetector.default(device),
+            FaceLandmark68Net.from_faceapi(),
+            FaceRecognitionNet.from_faceapi(),
+            DEFAULT_EMBEDDER,
+            device,
+        )
+
+    def _to_device(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [im.to(self.device, torch.float32) for im in images]
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
+        """All faces in each image, with landmarks, highest detector score first."""
+        with self._lock:
+            return self._detect(self._to_device(images))
+
+    def _detect(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
+        dets = self.detector.detect(images)
+        out: list[list[DetectedFace]] = []
+        for image, det in zip(images, dets, strict=True):
+            if det.boxes.shape[0] == 0:
+                out.append([])
+                continue
+            lms = landmarks_for_boxes(self.landmark_net, image, det.boxes)
+            out.append(
+                [
+                    DetectedFace(det.boxes[k].cpu(), float(det.scores[k]), lms[k].cpu())
+                    for k in range(det.boxes.shape[0])
+                ]
+            )
+        return out
+
+    @staticmethod
+    def select(faces: list[DetectedFace], selection: FaceSelection) -> DetectedFace | None:
+        if not faces:
+            return None
+        if selection is FaceSelection.MOST_CONFIDENT:
+            return max(faces, key=lambda f: f.score)
+        return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+
+    def align(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """The (3, S, S) chip the recognition net sees; differentiable w.r.t. ``image``."""
+        return align_faces(
+            image[None].to(self.device),
+            landmarks[None].to(self.device, torch.float32),
+            size=self.info.chip_size,
+            padding=self.info.chip_padding,
+        )[0]
+
+    def embed_chips(self, chips: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) chips in [0, 255] -> (N, dim) raw templates (keeps gradients if enabled)."""
+        return self.recognition_net(chips.to(self.device))
+
+    @torch.no_grad()
+    def analyze(
+        self, images: list[torch.Tensor], selection: FaceSelection = FaceSelection.LARGEST
+    ) -> list[FaceResult | None]:
+        """One face per image (``None`` where no face is found), templates computed in one batch."""
+        with self._lock:
+            images = self._to_device(images)
+            chosen = [self.select(faces, selection) for faces in self._detect(images)]
+            idx = [i for i, f in enumerate(chosen) if f is not None]
+            results: list[FaceResult | None] = [None] * len(images)
+            if not idx:
+                return results
+            chips = torch.stack([self.align(images[i], chosen[i].landmarks) for i in idx])  # type: ignore[union-attr]
+            templates = self.embed_chips(chips).cpu()
+            for k, i in enumerate(idx):
+                face = chosen[i]
+                assert face is not None
+                results[i] = FaceResult(face, templates[k], chips[k].cpu())
+            return results
+
+    def template_from_image(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Template of one image with fixed landmarks, differentiable w.r.t. the image pixels."""
+        return self.embed_chips(self.align(image, landmarks)[None])[0]

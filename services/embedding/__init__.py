@@ -1,0 +1,1 @@
+"""The embedding service: image -> detected, aligned face -> template; verification and landmarks."""

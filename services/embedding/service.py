@@ -1,0 +1,218 @@
+"""EmbeddingService: the gRPC adapter over ``facexplain.pipeline.FacePipeline``."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import torch
+
+from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
+from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from services.kit.config import ServiceSettings
+from services.kit.errors import InvalidArgument, NoFaceFound, NotFound, ResourceExhausted, ServiceError
+from services.kit.images import decode_image, png_image
+from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot, ServedModel
+from services.kit.rpc import check_deadline, unary
+from services.kit.templates import template_from_proto, template_to_proto
+
+log = logging.getLogger("facexplain.embedding")
+SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+_SELECTION = {
+    embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
+    embedding_pb2.FACE_SELECTION_LARGEST: FaceSelection.LARGEST,
+    embedding_pb2.FACE_SELECTION_MOST_CONFIDENT: FaceSelection.MOST_CONFIDENT,
+}
+
+
+def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:
+    info = pipeline.info
+    return ServedModel(
+        name=info.name,
+        version=info.version,
+        kind="embedder",
+        model=pipeline,
+        metadata={
+            "template_dim": str(info.dim),
+            "chip_size": str(info.chip_size),
+            "chip_padding": str(info.chip_padding),
+            "verification_metric": info.rule.metric,
+            "verification_threshold": str(info.rule.threshold),
+            "verification_accept_below": str(info.rule.accept_below).lower(),
+            "source": "face-api 1.7.15 weights (npm), PyTorch port",
+        },
+    )
+
+
+def _box(face_box: torch.Tensor, score: float) -> common_pb2.Box:
+    x1, y1, x2, y2 = (float(v) for v in face_box)
+    return common_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2, score=score)
+
+
+def _landmarks(points: torch.Tensor) -> common_pb2.Landmarks:
+    return common_pb2.Landmarks(points=[common_pb2.Point(x=float(x), y=float(y)) for x, y in points.tolist()])
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, slot: ModelSlot[FacePipeline], settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        self.slot = slot
+        self.settings = settings
+        self.metrics = metrics
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _selection(self, value: int) -> FaceSelection:
+        if value not in _SELECTION:
+            raise InvalidArgument(f"unknown face selection {value}")
+        return _SELECTION[value]
+
+    def _response(
+        self, result: FaceResult, served: ServedModel[FacePipeline], normalize: bool, return_aligned: bool
+    ) -> embedding_pb2.EmbedResponse:
+        resp = embedding_pb2.EmbedResponse(
+            template=template_to_proto(result.template, served, normalized=normalize),
+            face=_box(result.face.box, result.face.score),
+            landmarks=_landmarks(result.face.landmarks),
+            model=served.ref(),
+        )
+        if return_aligned:
+            resp.aligned.CopyFrom(png_image(result.chip))
+        return resp
+
+    def _probe_template(
+        self, probe: common_pb2.Probe, served: ServedModel[FacePipeline], which: str, selection: FaceSelection
+    ) -> torch.Tensor:
+        kind = probe.WhichOneof("kind")
+        info = served.model.info
+        if kind == "template":
+            if probe.template.normalized and info.rule.metric == "l2":
+                raise InvalidArgument(
+                    f"{which}: template is L2-normalised, but the verification rule of {info.name!r} is defined on "
+                    "raw templates; send the raw template (normalize=false)"
+                )
+            try:
+                return template_from_proto(probe.template, info.dim, info.name)
+            except ServiceError as exc:
+                raise type(exc)(f"{which}: {exc.message}") from None
+        if kind == "image":
+            try:
+                image = decode_image(probe.image, self.settings.max_image_pixels)
+            except ServiceError as exc:
+                raise type(exc)(f"{which}: {exc.message}") from None
+            result = served.model.analyze([image], selection)[0]
+            if result is None:
+                raise NoFaceFound(f"{which} image")
+            return result.template
+        raise InvalidArgument(f"{which} is empty: set an image or a template")
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+    @unary
+    def Embed(self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+        served = self.slot.current()
+        selection = self._selection(request.selection)
+        image = decode_image(request.image, self.settings.max_image_pixels)
+        check_deadline(context, "decoding")
+        result = served.model.analyze([image], selection)[0]
+        if result is None:
+            raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
+        return self._response(result, served, request.normalize, request.return_aligned)
+
+    @unary
+    def EmbedBatch(
+        self, request: embedding_pb2.EmbedBatchRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.EmbedBatchResponse:
+        served = self.slot.current()
+        n = len(request.images)
+        if n == 0:
+            raise InvalidArgument("images is empty")
+        if n > self.settings.max_batch_size:
+            raise ResourceExhausted(
+                f"batch of {n} images exceeds the limit of {self.settings.max_batch_size} (FACEXPLAIN_MAX_BATCH_SIZE)"
+            )
+        selection = self._selection(request.selection)
+        results: list[embedding_pb2.EmbedResult] = [embedding_pb2.EmbedResult(index=i) for i in range(n)]
+        decoded: dict[int, torch.Tensor] = {}
+        for i, img in enumerate(request.images):
+            try:
+                decoded[i] = decode_image(img, self.settings.max_image_pixels)
+            except ServiceError as exc:
+                results[i].error.CopyFrom(common_pb2.ItemError(code=exc.code.value[0], message=exc.message))
+        check_deadline(context, "decoding")
+        order = sorted(decoded)
+        faces = served.model.analyze([decoded[i] for i in order], selection) if order else []
+        for i, res in zip(order, faces, strict=True):
+            if res is None:
+                err = NoFaceFound()
+                results[i].error.CopyFrom(common_pb2.ItemError(code=err.code.value[0], message=err.message))
+            else:
+                results[i].ok.CopyFrom(self._response(res, served, request.normalize, request.return_aligned))
+        ok = sum(1 for r in results if r.WhichOneof("outcome") == "ok")
+        self.metrics.items.labels("embedding", "EmbedBatch", "ok").inc(ok)
+        self.metrics.items.labels("embedding", "EmbedBatch", "error").inc(n - ok)
+        return embedding_pb2.EmbedBatchResponse(results=results, model=served.ref())
+
+    @unary
+    def Verify(
+        self, request: embedding_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.VerifyResponse:
+        served = self.slot.current()
+        selection = self._selection(request.selection)
+        a = self._probe_template(request.a, served, "a", selection)
+        check_deadline(context, "probe a")
+        b = self._probe_template(request.b, served, "b", selection)
+        rule = served.model.info.rule
+        cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        l2 = float((a - b).norm())
+        same = bool(rule.accepts(a[None], b[None])[0])
+        return embedding_pb2.VerifyResponse(
+            cosine=cos,
+            l2_distance=l2,
+            same_person=same,
+            rule=common_pb2.VerificationRule(
+                metric=rule.metric,
+                threshold=rule.threshold,
+                accept_below=rule.accept_below,
+                source=rule.source,
+                normalized=False,
+            ),
+            a=template_to_proto(a, served),
+            b=template_to_proto(b, served),
+            model=served.ref(),
+        )
+
+    @unary
+    def Landmarks(
+        self, request: embedding_pb2.LandmarksRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.LandmarksResponse:
+        served = self.slot.current()
+        image = decode_image(request.image, self.settings.max_image_pixels)
+        faces = served.model.detect([image])[0]
+        if not faces:
+            raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
+        if not request.all_faces:
+            chosen = served.model.select(faces, self._selection(request.selection))
+            faces = [chosen] if chosen is not None else []
+        return embedding_pb2.LandmarksResponse(
+            faces=[
+                embedding_pb2.DetectedFace(box=_box(f.box, f.score), landmarks=_landmarks(f.landmarks)) for f in faces
+            ],
+            model=served.ref(),
+        )
+
+    @unary
+    def ModelStatus(
+        self, request: common_pb2.ModelStatusRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ModelStatusResponse:
+        return self.slot.status()
+
+    @unary
+    def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
+        served = self.slot.current()
+        if request.model_name and request.model_name != served.name:
+            raise NotFound(f"this service serves {served.name!r}, not {request.model_name!r}")
+        return common_pb2.ReloadResponse(
+            models=[served.to_proto()],
+            changed=False,
+            error="" if self.slot.registry_uri else "no registry configured: serving local weights",
+        )

@@ -1,0 +1,1 @@
+"""What every facexplain gRPC service shares: settings, bootstrap, errors, limits, metrics, logging."""

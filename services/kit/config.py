@@ -1,0 +1,40 @@
+"""Service settings from environment variables (12-factor), so one image runs locally and on Kubernetes.
+
+Every field maps to ``FACEXPLAIN_<FIELD>`` (upper case); the defaults are what ``facexplain serve``
+uses on a laptop. Limits live here too, because a limit nobody can configure is a limit nobody trusts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings shared by all services; a service may subclass to add its own."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEXPLAIN_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 inside a container")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one")
+    metrics_enabled: bool = True
+    max_workers: int = Field(8, ge=1, description="gRPC handler threads")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request/response")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width*height) accepted")
+    max_batch_size: int = Field(64, ge=1, description="most images in one batch request")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
+    grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight requests may finish")
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    def torch_device(self) -> str:
+        """Resolve ``auto`` to the device this process can actually use."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

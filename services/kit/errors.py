@@ -1,0 +1,51 @@
+"""Typed service errors and their gRPC status codes.
+
+Handlers raise these; the RPC wrapper turns them into a status with the message intact. Anything
+else becomes INTERNAL with a generic message (the details go to the log, never the payload).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error the client caused or can act on, with the gRPC code that says which."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NoFaceFound(FailedPrecondition):
+    """The image decoded fine but the detector found no face in it."""
+
+    def __init__(self, detail: str = "") -> None:
+        msg = "no face found in the image"
+        super().__init__(f"{msg}: {detail}" if detail else msg)

@@ -1,0 +1,69 @@
+"""Prometheus metrics every service exports on its own HTTP port.
+
+Labels carry the service and RPC names and the status code, never request content.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class ServiceMetrics:
+    """A metric set bound to its own registry, so several servers can live in one test process."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "facexplain_requests_total", "RPCs handled", ["service", "method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "facexplain_request_seconds",
+            "RPC latency",
+            ["service", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.items = Counter(
+            "facexplain_items_total",
+            "Items processed inside batch RPCs by outcome",
+            ["service", "method", "outcome"],
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "facexplain_model_served",
+            "1 for the model version currently served",
+            ["service", "model", "version"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "facexplain_model_reloads_total",
+            "Hot-reload attempts by result",
+            ["service", "result"],
+            registry=self.registry,
+        )
+        self.registry_up = Gauge(
+            "facexplain_registry_reachable",
+            "1 when the model registry answered the last poll",
+            ["service"],
+            registry=self.registry,
+        )
+        self.port: int | None = None
+        self._http = None
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose ``/metrics``; returns the bound port (useful when asked for port 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        self.port = int(server.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None
+
+    def set_served(self, model: str, version: str) -> None:
+        """Mark exactly one (model, version) as served for this service."""
+        self.model_info.clear()
+        self.model_info.labels(self.service, model, version).set(1)

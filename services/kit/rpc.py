@@ -1,0 +1,99 @@
+"""The wrapper every RPC handler goes through: metrics, error mapping, deadlines, safe logging.
+
+Keeping this in one place is what makes "a bad request never takes a server down" true for every
+service: an unexpected exception becomes INTERNAL for that call and the server keeps going.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from services.kit.errors import DeadlineExceeded, ServiceError
+from services.kit.metrics import ServiceMetrics
+
+log = logging.getLogger("facexplain.rpc")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_deadline(context: grpc.ServicerContext, stage: str = "") -> None:
+    """Stop work the client no longer waits for (deadline passed or call cancelled)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded(f"deadline exceeded{' during ' + stage if stage else ''}")
+    if not context.is_active():
+        raise DeadlineExceeded(f"call cancelled by the client{' during ' + stage if stage else ''}")
+
+
+def _finish(metrics: ServiceMetrics, method: str, code: grpc.StatusCode, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    metrics.requests.labels(metrics.service, method, code.name).inc()
+    metrics.latency.labels(metrics.service, method).observe(elapsed)
+    level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
+    log.log(
+        level,
+        "rpc %s %s",
+        method,
+        code.name,
+        extra={
+            "fx_service": metrics.service,
+            "fx_method": method,
+            "fx_code": code.name,
+            "fx_ms": round(elapsed * 1000, 2),
+        },
+    )
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> grpc.StatusCode:
+    if isinstance(exc, ServiceError):
+        context.abort(exc.code, exc.message)
+    log.exception("unhandled error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def unary(fn: F) -> F:
+    """Decorate a unary servicer method ``(self, request, context) -> response``; ``self.metrics`` counts it."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        metrics: ServiceMetrics = self.metrics
+        start = time.perf_counter()
+        try:
+            check_deadline(context, "queueing")
+            response = fn(self, request, context)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+            _finish(metrics, method, code, start)
+            _abort(context, exc, method)
+        _finish(metrics, method, grpc.StatusCode.OK, start)
+        return response
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    """Decorate a server-streaming servicer method that yields responses."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        metrics: ServiceMetrics = self.metrics
+        start = time.perf_counter()
+        try:
+            for item in fn(self, request, context):
+                check_deadline(context, "streaming")
+                yield item
+        except Exception as exc:
+            code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+            _finish(metrics, method, code, start)
+            _abort(context, exc, method)
+        _finish(metrics, method, grpc.StatusCode.OK, start)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,39 @@
+"""Templates on the wire: validated on the way in, labelled with their model on the way out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from services.api.v1 import common_pb2
+from services.kit.errors import FailedPrecondition, InvalidArgument
+from services.kit.models import ServedModel
+
+
+def template_to_proto(vec: torch.Tensor, served: ServedModel, normalized: bool = False) -> common_pb2.Template:
+    v = vec.detach().float().cpu()
+    if normalized:
+        v = torch.nn.functional.normalize(v, dim=0)
+    return common_pb2.Template(values=v.tolist(), dim=int(v.numel()), model=served.ref(), normalized=normalized)
+
+
+def template_from_proto(
+    t: common_pb2.Template, expected_dim: int, model_name: str, *, allow_zero: bool = False
+) -> torch.Tensor:
+    """A request template as a float32 vector, or INVALID_ARGUMENT / FAILED_PRECONDITION saying why not."""
+    n = len(t.values)
+    if n == 0:
+        raise InvalidArgument("template has no values")
+    if t.dim and t.dim != n:
+        raise InvalidArgument(f"template.dim is {t.dim} but it carries {n} values")
+    if n != expected_dim:
+        raise InvalidArgument(f"template has dimension {n}; model {model_name!r} uses {expected_dim}")
+    if t.model.name and t.model.name != model_name:
+        raise FailedPrecondition(f"template was produced by model {t.model.name!r}, this service serves {model_name!r}")
+    if not all(math.isfinite(x) for x in t.values):
+        raise InvalidArgument("template contains NaN or infinite values")
+    vec = torch.tensor(list(t.values), dtype=torch.float32)
+    if not allow_zero and float(vec.abs().max()) == 0.0:
+        raise InvalidArgument("template is the zero vector")
+    return vec

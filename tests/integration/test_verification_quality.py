@@ -1,0 +1,70 @@
+"""Identity quality of the served default model, measured through gRPC on real faces.
+
+CelebA: identities held apart by the project's identity split (the test side, never used for
+training anything); ORL: all 400 images, leave-one-out rank-1. Images where no face is found count
+against the model (a miss for rank-1; left out of pairs but reported).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facexplain.data.faces import celeba_records, orl_records
+from facexplain.data.splits import split_identities
+from facexplain.metrics.verification import DLIB_L2_RULE, pair_scores, rank1_accuracy, roc_auc
+from services.client.sdk import EmbeddingClient, image_from_path, template_array
+
+pytestmark = pytest.mark.integration
+
+
+def _embed_all(client: EmbeddingClient, paths: list[Path]) -> tuple[list[int], np.ndarray]:
+    kept, templates = [], []
+    for start in range(0, len(paths), 16):
+        chunk = paths[start : start + 16]
+        resp = client.embed_batch([image_from_path(p) for p in chunk])
+        for r in resp.results:
+            if r.WhichOneof("outcome") == "ok":
+                kept.append(start + r.index)
+                templates.append(template_array(r.ok.template))
+    return kept, np.stack(templates)
+
+
+def test_celeba_pair_auc_on_held_apart_identities(embedding_client: EmbeddingClient, celeba_dir: Path) -> None:
+    records = celeba_records(celeba_dir)
+    split = split_identities((r.identity for r in records), test_fraction=0.2, seed=0)
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for r in records:
+        if split[r.identity] == "test":
+            by_id[r.identity].append(r.path)
+    idents = sorted(by_id)[:40]
+    paths = [p for i in idents for p in sorted(by_id[i])[:6]]
+    labels = [p_id for p_id in idents for _ in sorted(by_id[p_id])[:6]]
+    kept, templates = _embed_all(embedding_client, paths)
+    ids = [labels[k] for k in kept]
+    sims, i, j = pair_scores(torch.from_numpy(templates), DLIB_L2_RULE)
+    genuine = np.asarray(ids)[i] == np.asarray(ids)[j]
+    auc = roc_auc(sims, genuine)
+    accepted = DLIB_L2_RULE.accepts(torch.from_numpy(templates[i]), torch.from_numpy(templates[j])).numpy()
+    print(
+        f"\nCelebA held-apart: {len(idents)} identities, {len(kept)}/{len(paths)} faces found, "
+        f"{genuine.sum()} genuine / {(~genuine).sum()} impostor pairs, AUC={auc:.4f}, "
+        f"TAR@dlib rule={accepted[genuine].mean():.3f}, FAR={accepted[~genuine].mean():.4f}"
+    )
+    assert len(kept) >= 0.9 * len(paths)
+    assert auc >= 0.98
+
+
+def test_orl_rank1(embedding_client: EmbeddingClient, orl_dir: Path) -> None:
+    records = orl_records(orl_dir)
+    assert len(records) == 400
+    kept, templates = _embed_all(embedding_client, [r.path for r in records])
+    ids = [records[k].identity for k in kept]
+    rank1_found = rank1_accuracy(torch.from_numpy(templates), ids, DLIB_L2_RULE)
+    rank1 = rank1_found * len(kept) / len(records)  # a face not found is a miss
+    print(f"\nORL: {len(kept)}/400 faces found, rank-1 {rank1_found:.4f} on found, {rank1:.4f} counting misses")
+    assert rank1 >= 0.97
