@@ -48,3 +48,17 @@ typecheck:
 
 clean:
 	rm -rf $(VENV) .weights services/api/v1/*_pb2*.py* $(PROTO_STAMP)
+
+# -- Model registry (MLflow tracking server + Model Registry on loopback; see README "Model registry") ------
+# Settings: mlflow/server.env (overridable by the environment, e.g. `MLFLOW_PORT=5001 make mlflow`).
+.PHONY: mlflow mlflow-stop register-defaults
+
+mlflow: setup  ## start the MLflow server in the background (sqlite + local artifacts in var/mlflow/), wait for /health
+	$(BIN)/python scripts/mlflow_server.py start
+
+mlflow-stop:  ## stop the MLflow server that `make mlflow` started
+	$(BIN)/python scripts/mlflow_server.py stop
+
+register-defaults: mlflow  ## register the default face models as a version (champion if none yet)
+	FACEXPLAIN_REGISTRY_URI=$${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)} \
+		$(BIN)/python -m services.client.cli registry register-defaults

@@ -1,8 +1,10 @@
-"""The main job on a fresh machine (``make demo``): serve, embed the sample faces, show what came out.
+"""The main job on a fresh machine (``make demo``): registry, service, embed the sample faces, report.
 
-Starts the embedding service on a free loopback port, embeds ``data/sample`` through it with the
-``facexplain embed`` CLI, prints per-identity verification against the model's stored rule, and stops
-the service on exit (Ctrl-C included).
+Starts an MLflow server on loopback (sqlite + local artifacts under ``var/demo/mlflow``), registers the
+default face model as a version (champion on first run; re-runs reuse it), starts the embedding
+service serving ``champion`` from the registry, embeds ``data/sample`` with the ``facexplain embed``
+CLI, prints per-identity verification under the model's stored rule, and stops everything on exit
+(Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.client.launcher import start_service  # noqa: E402
+from services.client.launcher import start_mlflow, start_service  # noqa: E402
+from services.kit.registry import DEFAULT_FR_MODEL  # noqa: E402
 
 
 def main() -> int:
@@ -26,9 +29,22 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = REPO / "data" / "sample"
     t0 = time.monotonic()
-    print("starting the embedding service ...", flush=True)
-    svc = start_service("embedding", out_dir)
+    print("starting the MLflow registry (10-20 s) ...", flush=True)
+    mlflow = start_mlflow(out_dir / "mlflow")
+    svc = None
     try:
+        print(f"MLflow UI: {mlflow.uri}")
+        subprocess.run(
+            [sys.executable, "-m", "services.client.cli", "registry", "register-defaults", "--uri", mlflow.uri],
+            cwd=REPO,
+            check=True,
+        )
+        print("starting the embedding service (serving champion from the registry) ...", flush=True)
+        svc = start_service(
+            "embedding",
+            out_dir,
+            env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL},
+        )
         print(f"embedding service on {svc.address}, metrics on :{svc.metrics_port}, log {svc.log_path}")
         npz = out_dir / "templates.npz"
         subprocess.run(
@@ -62,8 +78,10 @@ def main() -> int:
             print("no face found in:", ", ".join(f for f, _ in data["failed"]))
         print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)")
     finally:
-        code = svc.stop()
-        print(f"embedding service stopped (exit {code})")
+        if svc is not None:
+            print(f"embedding service stopped (exit {svc.stop()})")
+        mlflow.stop()
+        print("MLflow stopped")
     return 0
 
 

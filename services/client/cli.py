@@ -2,6 +2,7 @@
 
 facexplain serve embedding --port 50051
 facexplain embed DIR --target 127.0.0.1:50051 --out templates.npz
+facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--connect-timeout", type=float, default=30.0)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_embed)
+
+    from services.client.registry_cli import add_registry_parser
+
+    add_registry_parser(sub)
     return p
 
 

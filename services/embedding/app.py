@@ -3,29 +3,51 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
+from facexplain.models.bundle import KIND_EMBEDDER
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import embedding_pb2_grpc
 from services.embedding.service import SERVICE_NAME, EmbeddingServicer, served_pipeline
 from services.kit.config import ServiceSettings
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
-from services.kit.models import ModelSlot
+from services.kit.models import ModelSlot, ServedModel
+from services.kit.reload import load_embedder, serve_from_registry, validate_embedder_version
 from services.kit.server import GrpcServer
 
 log = logging.getLogger("facexplain.embedding")
 
 
 def build_server(settings: ServiceSettings, pipeline: FacePipeline | None = None) -> GrpcServer:
+    """The embedding server; with ``FACEXPLAIN_REGISTRY_URI`` set it serves ``model_name@model_alias``
+    from the registry and hot-swaps when the alias moves, otherwise (or given ``pipeline``) local weights.
+    """
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    pipeline = pipeline or FacePipeline.default(settings.torch_device())
-    served = served_pipeline(pipeline)
     metrics = ServiceMetrics("embedding")
+
+    def local() -> ServedModel[FacePipeline]:
+        p = pipeline or FacePipeline.default(settings.torch_device())
+        return replace(served_pipeline(p), device=str(p.device))
+
+    slot: ModelSlot[FacePipeline]
+    if pipeline is not None:
+        slot = ModelSlot(local())
+    else:
+        slot, _watcher = serve_from_registry(
+            settings,
+            metrics,
+            kind=KIND_EMBEDDER,
+            loader=load_embedder,
+            validator=validate_embedder_version,
+            fallback=local,
+        )
+    served = slot.current()
     metrics.set_served(served.name, served.version)
-    servicer = EmbeddingServicer(ModelSlot(served), settings, metrics)
+    servicer = EmbeddingServicer(slot, settings, metrics)
     return GrpcServer(
         settings, SERVICE_NAME, servicer, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, metrics
     )

@@ -10,17 +10,18 @@ import torch
 from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.config import ServiceSettings
-from services.kit.errors import InvalidArgument, NoFaceFound, NotFound, ResourceExhausted, ServiceError
+from services.kit.errors import InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
+from services.kit.reload import reload_response
 from services.kit.rpc import check_deadline, unary
 from services.kit.templates import template_from_proto, template_to_proto
 
 log = logging.getLogger("facexplain.embedding")
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
-_SELECTION = {
+_SELECTION: dict[int, FaceSelection] = {
     embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
     embedding_pb2.FACE_SELECTION_LARGEST: FaceSelection.LARGEST,
     embedding_pb2.FACE_SELECTION_MOST_CONFIDENT: FaceSelection.MOST_CONFIDENT,
@@ -208,11 +209,5 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
-        served = self.slot.current()
-        if request.model_name and request.model_name != served.name:
-            raise NotFound(f"this service serves {served.name!r}, not {request.model_name!r}")
-        return common_pb2.ReloadResponse(
-            models=[served.to_proto()],
-            changed=False,
-            error="" if self.slot.registry_uri else "no registry configured: serving local weights",
-        )
+        # The same path as the registry watcher's poll, run now (services/kit/reload.py).
+        return reload_response(self.slot, request)

@@ -30,6 +30,20 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight requests may finish")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Model registry (services/kit/registry.py, services/kit/reload.py). Empty registry_uri = no registry:
+    # the service serves the local default weights and never polls.
+    registry_uri: str = Field(
+        default="", description="MLflow tracking/registry URI, e.g. http://127.0.0.1:5000; empty = none"
+    )
+    model_name: str = Field(default="", description="registered model to serve; empty = the service's default model")
+    model_alias: str = Field(default="champion", description="alias to serve and follow (champion, challenger, ...)")
+    poll_interval_s: float = Field(default=10.0, gt=0, description="seconds between alias -> version polls")
+    model_cache_dir: str = Field(default="var/models", description="where downloaded model versions are kept")
+    registry_timeout_s: float = Field(default=5.0, gt=0, description="HTTP timeout of one registry call")
+    registry_fallback_local: bool = Field(
+        default=True,
+        description="registry unreachable or its version invalid at start: serve local weights until it is",
+    )
 
     def torch_device(self) -> str:
         """Resolve ``auto`` to the device this process can actually use."""

@@ -2,15 +2,18 @@
 
 A request takes one snapshot of the slot (``slot.current()``) and uses it to the end, so a swap in
 the middle of a request can never mix two versions in one response; the swap itself is a single
-reference assignment under a lock.
+reference assignment under a lock. After a swap the old version stays referenced by the requests
+that snapshotted it and is freed when the last of them returns; the slot keeps only a weak reference
+so ModelStatus can list it as loaded-but-draining while that lasts.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -28,6 +31,7 @@ class ServedModel(Generic[T]):
     alias: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    device: str = ""
 
     def ref(self) -> common_pb2.ModelRef:
         return common_pb2.ModelRef(name=self.name, version=self.version, alias=self.alias)
@@ -36,8 +40,23 @@ class ServedModel(Generic[T]):
         ts = Timestamp()
         ts.FromDatetime(self.loaded_at)
         return common_pb2.LoadedModel(
-            model=self.ref(), kind=self.kind, loaded_at=ts, metadata=self.metadata, serving=serving
+            model=self.ref(),
+            kind=self.kind,
+            loaded_at=ts,
+            metadata=self.metadata,
+            serving=serving,
+            device=self.device,
         )
+
+
+class Reloader(Protocol):
+    """What a slot's Reload RPC calls (``services.kit.reload.ModelWatcher`` implements it)."""
+
+    model_name: str
+
+    def reload_now(self) -> Any: ...
+
+    def stop(self) -> None: ...
 
 
 class ModelSlot(Generic[T]):
@@ -50,6 +69,9 @@ class ModelSlot(Generic[T]):
         self.registry_reachable = bool(registry_uri)
         self.last_reload_error = ""
         self.last_reload_at: datetime | None = None
+        self.reloader: Reloader | None = None
+        self._candidate: ServedModel[T] | None = None
+        self._retired: list[weakref.ref[ServedModel[T]]] = []
 
     def current(self) -> ServedModel[T]:
         with self._lock:
@@ -60,17 +82,41 @@ class ModelSlot(Generic[T]):
             old, self._current = self._current, new
             self.last_reload_error = ""
             self.last_reload_at = datetime.now(UTC)
+            if self._candidate is new:
+                self._candidate = None
+            self._retired = [r for r in self._retired if r() is not None] + [weakref.ref(old)]
             return old
+
+    def set_candidate(self, candidate: ServedModel[T] | None) -> None:
+        """A version loaded beside the served one while it is validated (ModelStatus shows it, not serving)."""
+        with self._lock:
+            self._candidate = candidate
+
+    def set_registry_reachable(self, reachable: bool) -> None:
+        """Record the outcome of a registry call and when it happened (ModelStatus.last_reload_at)."""
+        with self._lock:
+            self.registry_reachable = reachable
+            self.last_reload_at = datetime.now(UTC)
 
     def record_failure(self, error: str) -> None:
         with self._lock:
             self.last_reload_error = error
             self.last_reload_at = datetime.now(UTC)
 
+    def loaded(self) -> list[common_pb2.LoadedModel]:
+        """The served version first, then a candidate under validation, then old versions still draining."""
+        with self._lock:
+            cur, cand = self._current, self._candidate
+            retired = [m for m in (r() for r in self._retired) if m is not None and m is not cur]
+        out = [cur.to_proto()]
+        if cand is not None and cand is not cur:
+            out.append(cand.to_proto(serving=False))
+        out += [m.to_proto(serving=False) for m in retired]
+        return out
+
     def status(self) -> common_pb2.ModelStatusResponse:
-        cur = self.current()
         resp = common_pb2.ModelStatusResponse(
-            models=[cur.to_proto()],
+            models=self.loaded(),
             last_reload_error=self.last_reload_error,
             registry_reachable=self.registry_reachable,
             registry_uri=self.registry_uri,

@@ -37,7 +37,8 @@ def test_pixel_limit_checked_from_header() -> None:
 def test_greyscale_tensor_replicated() -> None:
     arr = np.arange(6, dtype=np.uint8).reshape(2, 3)
     t = decode_image(
-        common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DTYPE_UINT8, shape=[2, 3], data=arr.tobytes())), 100
+        common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DTYPE_UINT8, shape=[2, 3], data=arr.tobytes())),
+        100,
     )
     assert t.shape == (3, 2, 3) and torch.equal(t[0], t[2])
 
@@ -46,7 +47,8 @@ def test_float_tensor_out_of_range() -> None:
     data = np.full((2, 2, 3), 1.5, "<f4").tobytes()
     with pytest.raises(InvalidArgument, match=r"\[0, 1\]"):
         decode_image(
-            common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2, 2, 3], data=data)), 100
+            common_pb2.Image(tensor=common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2, 2, 3], data=data)),
+            100,
         )
 
 

@@ -1,0 +1,384 @@
+"""Hot reloading: follow a registry alias, load the new version beside the old one, validate it, swap.
+
+The watcher is one daemon thread per service. Every ``poll_interval_s`` it resolves alias -> version
+(one REST call). When the version differs from the served one it downloads the bundle (cached per
+version), loads it *beside* the served model (requests keep using the old one meanwhile), validates
+it on the bundle's golden input, and only then swaps it into the :class:`~services.kit.models.ModelSlot`
+with one reference assignment. Requests that snapshotted the old version finish on it; the old
+model is freed when the last of them returns.
+
+A version that fails to download, load or validate is never served: the old version keeps serving,
+the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
+``facexplain_model_reloads_total{result="failed"}``. The watcher remembers rejected versions and
+does not retry them on every poll (a manual Reload does retry). A registry that does not answer
+flips ``facexplain_registry_reachable`` to 0 and ``ModelStatus.registry_reachable`` to false; the
+service keeps serving and the next successful poll flips them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from facexplain.models.bundle import BundleError, flat_metadata, read_metadata, validate_embedder
+from services.api.v1 import common_pb2
+from services.kit.config import ServiceSettings
+from services.kit.errors import NotFound
+from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot, ServedModel
+from services.kit.registry import (
+    DEFAULT_MODEL_FOR_KIND,
+    Registry,
+    RegistryError,
+    RegistryUnreachable,
+    VersionInfo,
+    missing_tags,
+    public_uri,
+)
+
+log = logging.getLogger("facexplain.reload")
+T = TypeVar("T")
+
+# (bundle dir, version info, device) -> the loaded model, not yet validated.
+Loader = Callable[[Path, VersionInfo, str], T]
+# (loaded model, bundle dir, bundle metadata) -> extra metadata to show in ModelStatus; raises BundleError.
+Validator = Callable[[T, Path, dict[str, Any]], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What one check did; ``error`` is empty when nothing went wrong (whether or not it swapped)."""
+
+    changed: bool
+    version: str
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ModelWatcher(Generic[T]):
+    """Follows ``model_name@alias`` in the registry and hot-swaps the slot's model when the alias moves."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        service: str,
+        model_name: str,
+        alias: str,
+        kind: str,
+        loader: Loader[T],
+        validator: Validator[T],
+        metrics: ServiceMetrics,
+        poll_interval_s: float,
+        cache_dir: Path | str,
+        device: str = "cpu",
+        require: dict[str, str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.service = service
+        self.model_name = model_name
+        self.alias = alias
+        self.kind = kind
+        self.loader = loader
+        self.validator = validator
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+        self.require = dict(require or {})
+        self.slot: ModelSlot[T] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rejected: dict[str, str] = {}  # version -> why; not retried by polls
+        self._last_error = ""
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def attach(self, slot: ModelSlot[T]) -> None:
+        self.slot = slot
+        slot.reloader = self
+
+    def start(self) -> ModelWatcher[T]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"{self.service}-model-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.check(force=False)
+            except Exception:  # the watcher must outlive any surprise; the service keeps serving
+                log.exception("model watcher: unexpected error while polling")
+
+    # -- the reload path -----------------------------------------------------------------------------
+    def reload_now(self) -> ReloadOutcome:
+        """The manual Reload RPC: the same path as a poll, at once, retrying a rejected version too."""
+        return self.check(force=True)
+
+    def initial(self) -> ServedModel[T]:
+        """Resolve, load and validate the alias's version for start-up (raises instead of recording)."""
+        info = self.registry.resolve(self.model_name, self.alias)
+        self._reachable(True)
+        try:
+            served, _ = self._load(info)
+        except RegistryUnreachable:
+            raise
+        except Exception as exc:
+            self._reject(info.version, f"{info.name} v{info.version} (@{self.alias}) rejected: {exc}")
+            raise
+        return served
+
+    def check(self, force: bool = False) -> ReloadOutcome:
+        """Resolve the alias; load, validate and swap in its version if it is not the one served."""
+        slot = self.slot
+        assert slot is not None, "attach() a slot first"
+        before = slot.current()
+        with self._lock:
+            try:
+                info = self.registry.resolve(self.model_name, self.alias)
+            except RegistryUnreachable as exc:
+                if slot.registry_reachable:
+                    log.warning("registry unreachable; still serving %s v%s: %s", before.name, before.version, exc)
+                self._reachable(False)
+                return ReloadOutcome(False, slot.current().version, f"registry unreachable: {exc}")
+            except RegistryError as exc:  # answered: alias or model missing, or refused
+                self._reachable(True)
+                return self._fail(str(exc), count=force or str(exc) != self._last_error, version="")
+            if not slot.registry_reachable:
+                log.info("registry reachable again at %s", public_uri(self.registry.uri))
+            self._reachable(True)
+            current = slot.current()
+            if current.name == info.name and current.version == info.version:
+                return ReloadOutcome(current is not before, current.version)
+            if not force and info.version in self._rejected:
+                return ReloadOutcome(False, current.version, self._rejected[info.version])
+            try:
+                served, timings = self._load(info)
+            except RegistryUnreachable as exc:  # lost the registry mid-download: not the version's fault
+                self._reachable(False)
+                return ReloadOutcome(False, current.version, f"registry unreachable: {exc}")
+            except Exception as exc:  # whatever breaks in a new version, the old one keeps serving
+                msg = f"{info.name} v{info.version} (@{self.alias}) rejected, still serving v{current.version}: {exc}"
+                return self._fail(msg, count=True, version=info.version)
+            old = slot.swap(served)
+            self._rejected.pop(info.version, None)
+            self._last_error = ""
+            self.metrics.set_served(served.name, served.version)
+            self.metrics.reloads.labels(self.service, "success").inc()
+            log.info(
+                "swapped %s v%s -> v%s (@%s)",
+                old.name,
+                old.version,
+                served.version,
+                self.alias,
+                extra={
+                    "fx_model": served.name,
+                    "fx_version": served.version,
+                    "fx_previous_version": old.version,
+                    **{f"fx_{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
+                },
+            )
+            del old  # the slot keeps only a weak reference; in-flight requests hold the rest
+            return ReloadOutcome(True, served.version, "", timings)
+
+    def _load(self, info: VersionInfo) -> tuple[ServedModel[T], dict[str, float]]:
+        """Download, load beside the served model, check metadata, validate on the golden input."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        path = self.registry.download(info, self.cache_dir)
+        timings["download"] = time.perf_counter() - t0
+        meta = read_metadata(path)
+        problems = metadata_problems(self.kind, info, meta, self.require)
+        if problems:
+            raise BundleError("metadata incompatible: " + "; ".join(problems))
+        t1 = time.perf_counter()
+        model = self.loader(path, info, self.device)
+        timings["load"] = time.perf_counter() - t1
+        metadata = {**flat_metadata(meta), "registry_run_id": info.run_id, "registry_source": info.source}
+        candidate = ServedModel(
+            name=info.name,
+            version=info.version,
+            kind=self.kind,
+            model=model,
+            alias=self.alias,
+            metadata=metadata,
+            device=self.device,
+        )
+        if self.slot is not None:
+            self.slot.set_candidate(candidate)
+        try:
+            t2 = time.perf_counter()
+            extra = self.validator(model, path, meta)
+            timings["validate"] = time.perf_counter() - t2
+        finally:
+            if self.slot is not None:
+                self.slot.set_candidate(None)
+        timings["total"] = time.perf_counter() - t0
+        metadata.update(extra)
+        metadata.update({f"reload_{k}_s": f"{v:.3f}" for k, v in timings.items()})
+        log.info(
+            "loaded and validated %s v%s",
+            info.name,
+            info.version,
+            extra={
+                "fx_model": info.name,
+                "fx_version": info.version,
+                **{f"fx_{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
+            },
+        )
+        return candidate, timings
+
+    def _reject(self, version: str, msg: str) -> None:
+        """Remember a bad version (polls skip it) and drop its cached download (a retry fetches it afresh)."""
+        self._rejected[version] = msg
+        shutil.rmtree(self.cache_dir / self.model_name / version, ignore_errors=True)
+
+    def _fail(self, msg: str, *, count: bool, version: str) -> ReloadOutcome:
+        assert self.slot is not None
+        if version:
+            self._reject(version, msg)
+        if count:
+            self.metrics.reloads.labels(self.service, "failed").inc()
+            log.error("reload failed: %s", msg, extra={"fx_model": self.model_name, "fx_version": version})
+        self._last_error = msg
+        self.slot.record_failure(msg)
+        return ReloadOutcome(False, self.slot.current().version, msg)
+
+    def _reachable(self, ok: bool) -> None:
+        self.metrics.registry_up.labels(self.service).set(1 if ok else 0)
+        if self.slot is not None:
+            self.slot.set_registry_reachable(ok)
+
+
+def metadata_problems(
+    kind: str, info: VersionInfo, meta: dict[str, Any], require: dict[str, str] | None = None
+) -> list[str]:
+    """Registry tags and bundle metadata must agree with each other and with what the service serves.
+
+    ``require`` pins metadata values the service depends on, compared with the bundle's flattened
+    metadata: a decoding service passes its FR model (``{"fr_model_name": ..., "fr_model_version": ...}``)
+    so a decoder trained for another FR model is never swapped in.
+    """
+    problems = []
+    if meta.get("kind") != kind:
+        problems.append(f"bundle kind is {meta.get('kind')!r}, this service serves {kind!r}")
+    tag_kind = info.tags.get("kind")
+    if tag_kind and tag_kind != kind:
+        problems.append(f"version tag kind is {tag_kind!r}, this service serves {kind!r}")
+    missing = missing_tags(kind, info.tags)
+    if missing:
+        problems.append(f"version lacks required tags: {', '.join(missing)}")
+    dim_tag = info.tags.get("template_dim")
+    if dim_tag and "template_dim" in meta and dim_tag != str(meta["template_dim"]):
+        problems.append(f"tag template_dim={dim_tag} but the bundle says {meta['template_dim']}")
+    if require:
+        try:
+            flat = flat_metadata(meta)
+        except (KeyError, TypeError, ValueError):
+            flat = {}
+        for key, want in require.items():
+            if flat.get(key) != want:
+                problems.append(f"{key} is {flat.get(key)!r}, this service needs {want!r}")
+    return problems
+
+
+# -- the embedder (FR model) specifics ------------------------------------------------------------------
+
+
+def load_embedder(path: Path, info: VersionInfo, device: str) -> Any:
+    from facexplain.models.bundle import load_bundle
+
+    return load_bundle(path, device, name=info.name, version=info.version)
+
+
+def validate_embedder_version(model: Any, path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    report = validate_embedder(model, path, meta)
+    return {"golden_cosine": f"{report.cosine_to_expected:.5f}", "golden_template_dim": str(report.template_dim)}
+
+
+# -- wiring for a service --------------------------------------------------------------------------------
+
+
+def serve_from_registry(
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    *,
+    kind: str,
+    loader: Loader[T],
+    validator: Validator[T],
+    fallback: Callable[[], ServedModel[T]],
+) -> tuple[ModelSlot[T], ModelWatcher[T] | None]:
+    """The slot a service serves from, and its watcher (``None`` without a registry).
+
+    Without ``FACEXPLAIN_REGISTRY_URI`` the slot holds ``fallback()`` (local default weights) and
+    nothing polls. With it, the alias's version is loaded and validated before the server starts;
+    if the registry is unreachable or that version is invalid, the service starts on ``fallback()``
+    when ``FACEXPLAIN_REGISTRY_FALLBACK_LOCAL`` allows it (the watcher swaps the registry version
+    in once it can) and refuses to start otherwise.
+    """
+    if not settings.registry_uri:
+        return ModelSlot(fallback()), None
+    name = settings.model_name or DEFAULT_MODEL_FOR_KIND.get(kind, "")
+    if not name:
+        raise ValueError(f"FACEXPLAIN_MODEL_NAME is required: there is no default {kind} model")
+    registry = Registry(settings.registry_uri, timeout_s=settings.registry_timeout_s)
+    watcher: ModelWatcher[T] = ModelWatcher(
+        registry,
+        service=metrics.service,
+        model_name=name,
+        alias=settings.model_alias,
+        kind=kind,
+        loader=loader,
+        validator=validator,
+        metrics=metrics,
+        poll_interval_s=settings.poll_interval_s,
+        cache_dir=settings.model_cache_dir,
+        device=settings.torch_device(),
+    )
+    error = ""
+    reachable = True
+    try:
+        served = watcher.initial()
+    except Exception as exc:  # unreachable, no such alias, or an invalid version: all leave the service up
+        reachable = not isinstance(exc, RegistryUnreachable)
+        error = f"start-up: {name}@{settings.model_alias} not loaded: {exc}"
+        if not settings.registry_fallback_local:
+            raise RuntimeError(f"{error} (FACEXPLAIN_REGISTRY_FALLBACK_LOCAL is off)") from None
+        log.error("%s; serving local weights until the registry provides a valid version", error)
+        metrics.reloads.labels(metrics.service, "failed").inc()
+        served = fallback()
+    slot = ModelSlot(served, registry_uri=public_uri(settings.registry_uri))
+    watcher.attach(slot)
+    watcher._reachable(reachable)
+    if error:
+        slot.record_failure(error)
+    else:
+        metrics.reloads.labels(metrics.service, "success").inc()
+    return slot, watcher.start()
+
+
+def reload_response(slot: ModelSlot[Any], request: common_pb2.ReloadRequest) -> common_pb2.ReloadResponse:
+    """The Reload RPC of any service: re-resolve the alias now and hot-swap if it moved."""
+    served = slot.current()
+    watcher = slot.reloader
+    names = {served.name} | ({watcher.model_name} if watcher is not None else set())
+    if request.model_name and request.model_name not in names:
+        raise NotFound(f"this service serves {served.name!r}, not {request.model_name!r}")
+    if watcher is None:
+        return common_pb2.ReloadResponse(
+            models=slot.loaded(), changed=False, error="no registry configured: serving local weights"
+        )
+    outcome: ReloadOutcome = watcher.reload_now()
+    return common_pb2.ReloadResponse(models=slot.loaded(), changed=outcome.changed, error=outcome.error)
