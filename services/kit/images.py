@@ -20,7 +20,7 @@ from services.kit.errors import InvalidArgument, ResourceExhausted
 # We enforce our own pixel limit from the header; PIL's bomb check would raise a different error.
 PILImage.MAX_IMAGE_PIXELS = None
 
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     common_pb2.DTYPE_UINT8: np.dtype("uint8"),
     common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
 }

@@ -5,6 +5,8 @@ Labels carry the service and RPC names and the status code, never request conten
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
@@ -49,7 +51,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.port: int | None = None
-        self._http = None
+        self._http: Any = None
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose ``/metrics``; returns the bound port (useful when asked for port 0)."""
