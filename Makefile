@@ -8,7 +8,7 @@ WEIGHTS := .weights/face-api-1.7.15/model/face_recognition_model-weights_manifes
 PROTOS := $(wildcard protos/facexplain/v1/*.proto)
 PROTO_STAMP := services/api/v1/.generated
 
-.PHONY: setup proto test test-unit test-integration demo bench lint typecheck clean
+.PHONY: setup proto test demo bench lint clean
 
 setup: $(STAMP) $(WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
 
@@ -39,12 +39,13 @@ demo: setup  ## start the embedding service, embed the bundled sample faces, sto
 bench: setup  ## benchmarks (not tests): writes bench/results/*.json
 	$(BIN)/python bench/bench_embedding.py
 
-lint:
-	$(BIN)/ruff check facexplain services training scripts tests bench
-	$(BIN)/ruff format --check facexplain services training scripts tests bench
+LINT_DIRS := $(wildcard facexplain services training scripts tests bench)
 
-typecheck:
+lint:  ## ruff (lint + format check) and mypy on the core and the services
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy facexplain services
+
 
 clean:
 	rm -rf $(VENV) .weights services/api/v1/*_pb2*.py* $(PROTO_STAMP)

@@ -4,7 +4,9 @@ The port follows the tfjs graph in ``src/ssdMobilenetv1`` of @vladmandic/face-ap
 layer so that the published weights can be used unchanged:
 
 * every convolution uses tf ``'same'`` padding, which is asymmetric for stride 2 (extra row/column
-  bottom/right); :func:`facexplain.models.tfops.same_pad` reproduces it, PyTorch's ``padding=`` cannot;
+  bottom/right): stride-2 convolutions pad with :func:`facexplain.models.tfops.same_pad`, since
+  PyTorch's ``padding=`` cannot; for stride 1 and odd kernels it is symmetric and ``padding=k // 2``
+  is identical and avoids a copy;
 * the depthwise convolutions are followed by ``tf.batchNorm(x, mean, variance, offset, scale, eps)``
   with ``eps = 1e-3``; we fold it into the depthwise filter and a bias at load time, which is the same
   affine map and saves one pass over every feature map;
