@@ -13,10 +13,10 @@ from enum import Enum
 
 import torch
 
-from facexplain.faces.align import align_faces
+from facexplain.faces.align import align_faces, align_faces_from_images
 from facexplain.faces.detect import FaceDetector
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
-from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_boxes
+from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_image_boxes
 from facexplain.models.recognition import FaceRecognitionNet
 
 
@@ -101,18 +101,16 @@ class FacePipeline:
 
     def _detect(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
         dets = self.detector.detect(images)
-        out: list[list[DetectedFace]] = []
-        for image, det in zip(images, dets, strict=True):
-            if det.boxes.shape[0] == 0:
-                out.append([])
-                continue
-            lms = landmarks_for_boxes(self.landmark_net, image, det.boxes)
-            out.append(
-                [
-                    DetectedFace(det.boxes[k].cpu(), float(det.scores[k]), lms[k].cpu())
-                    for k in range(det.boxes.shape[0])
-                ]
-            )
+        out: list[list[DetectedFace]] = [[] for _ in images]
+        index = torch.cat([torch.full((len(d.boxes),), i, dtype=torch.long) for i, d in enumerate(dets)])
+        if index.numel() == 0:
+            return out
+        boxes = torch.cat([d.boxes for d in dets])
+        scores = torch.cat([d.scores for d in dets]).tolist()
+        # one landmark batch over every face of every image: batches of one cost several times more per face
+        lms = landmarks_for_image_boxes(self.landmark_net, images, index, boxes).cpu()
+        for k, i in enumerate(index.tolist()):
+            out[i].append(DetectedFace(boxes[k].cpu(), scores[k], lms[k]))
         return out
 
     @staticmethod
@@ -148,7 +146,14 @@ class FacePipeline:
             results: list[FaceResult | None] = [None] * len(images)
             if not idx:
                 return results
-            chips = torch.stack([self.align(images[i], chosen[i].landmarks) for i in idx])  # type: ignore[union-attr]
+            landmarks = torch.stack([chosen[i].landmarks for i in idx])  # type: ignore[union-attr]
+            chips = align_faces_from_images(
+                images,
+                torch.tensor(idx),
+                landmarks.to(self.device, torch.float32),
+                size=self.info.chip_size,
+                padding=self.info.chip_padding,
+            )
             templates = self.embed_chips(chips).cpu()
             for k, i in enumerate(idx):
                 face = chosen[i]
