@@ -7,7 +7,6 @@ carries a deadline so an audit pipeline never hangs on a dead service.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,6 +132,3 @@ class EmbeddingClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def retry_sleep(attempt: int) -> None:
-    time.sleep(min(5.0, 0.2 * 2**attempt))
