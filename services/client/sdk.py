@@ -131,4 +131,3 @@ class EmbeddingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
