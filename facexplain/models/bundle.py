@@ -84,7 +84,7 @@ class GoldenReport:
 # -- reading -------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -146,7 +146,7 @@ def verify_files(bundle_dir: Path | str, meta: dict[str, Any]) -> None:
         path = root / rel
         if not path.is_file():
             raise BundleError(f"corrupt artifact: {rel} is listed in {BUNDLE_JSON} but missing")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != digest:
             raise BundleError(
                 f"corrupt artifact: sha256 of {rel} is {actual[:12]}..., {BUNDLE_JSON} says {str(digest)[:12]}..."
@@ -218,7 +218,7 @@ def _copy_faceapi(faceapi_dir: Path, stem: str, dest: Path) -> list[Path]:
     return out
 
 
-def _load_golden_image(path: Path) -> torch.Tensor:
+def load_golden_image(path: Path) -> torch.Tensor:
     import numpy as np
     import torch
     from PIL import Image
@@ -320,21 +320,21 @@ def save_embedder_bundle(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     meta.update(extra or {})
-    _write_metadata(out, meta)
+    write_metadata(out, meta)
     # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
     if not metadata_errors(meta):
         loaded = load_bundle(out, verify=False)
-        result = loaded.analyze([_load_golden_image(out / "golden" / "face.png")])[0]
+        result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
         if result is None:
             raise BundleError(f"no face found in the golden image {golden_image}")
         meta["golden"] = {**meta["golden"], "template": [float(v) for v in result.template.tolist()]}
-    _write_metadata(out, meta)
+    write_metadata(out, meta)
     return meta
 
 
-def _write_metadata(out: Path, meta: dict[str, Any]) -> None:
+def write_metadata(out: Path, meta: dict[str, Any]) -> None:
     meta["files"] = {
-        p.relative_to(out).as_posix(): _sha256(p)
+        p.relative_to(out).as_posix(): file_sha256(p)
         for p in sorted(out.rglob("*"))
         if p.is_file() and p.name != BUNDLE_JSON
     }
@@ -459,7 +459,7 @@ def validate_embedder(pipeline: Any, bundle_dir: Path | str, meta: dict[str, Any
     image_path = root / str(golden.get("image", "golden/face.png"))
     if not image_path.is_file():
         raise BundleError(f"golden image {image_path.name} missing from the bundle")
-    image = _load_golden_image(image_path)
+    image = load_golden_image(image_path)
     result = pipeline.analyze([image])[0]
     if result is None:
         raise BundleError("validation: no face found in the golden image (detector or landmarks broken)")

@@ -42,6 +42,7 @@ from facexplain.models.bundle import (
 log = logging.getLogger("facexplain.registry")
 
 DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
+DEFAULT_DECODER_MODEL = "facexplain-dfd-dlib128"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
@@ -50,7 +51,7 @@ ARTIFACT_PATH = "bundle"
 MODEL_NAME_RE = re.compile(r"^facexplain-[a-z0-9]+-[a-z0-9][a-z0-9._-]*$")
 
 # The model a service serves when FACEXPLAIN_MODEL_NAME is empty, by the kind it serves.
-DEFAULT_MODEL_FOR_KIND = {KIND_EMBEDDER: DEFAULT_FR_MODEL}
+DEFAULT_MODEL_FOR_KIND = {KIND_EMBEDDER: DEFAULT_FR_MODEL, KIND_DECODER: DEFAULT_DECODER_MODEL}
 
 # Tags every model version carries, per kind (values come from the bundle's metadata).
 _COMMON_TAGS = ("kind", "bundle_format", "bundle_sha256")

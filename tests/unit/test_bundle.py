@@ -16,10 +16,10 @@ from facexplain.models.bundle import (
     BUNDLE_JSON,
     GOLDEN_IMAGE,
     BundleError,
-    _load_golden_image,
     bundle_digest,
     flat_metadata,
     load_bundle,
+    load_golden_image,
     metadata_errors,
     read_metadata,
     save_embedder_bundle,
@@ -58,7 +58,7 @@ def test_round_trip_matches_the_default_pipeline(bundle: Path) -> None:
     report = validate_embedder(pipe, bundle)
     assert report.template_dim == 128 and report.cosine_to_expected > 0.9999 and report.batch_max_abs_diff < 1e-4
     # the bundle computes what the default pipeline computes
-    image = _load_golden_image(GOLDEN_IMAGE)
+    image = load_golden_image(GOLDEN_IMAGE)
     ref = FacePipeline.default().analyze([image])[0]
     got = pipe.analyze([image])[0]
     assert ref is not None and got is not None

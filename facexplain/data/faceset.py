@@ -1,0 +1,277 @@
+"""A face set: every face of a folder run once through an FR pipeline, cached on disk.
+
+Decoder training, direction discovery and attribute recovery all need the same three things per
+face: the FR model's raw template, the aligned chip the model saw, and the landmarks in chip
+coordinates (for face-region masks). Detection, landmarks and alignment cost far more than a
+training step (about 6 faces/s on a 2-core CPU), so they run once per (data, FR model) and the
+result is cached under a key made of
+
+* the **data manifest hash**: sha256 over every image's relative path and content hash, so a changed,
+  added or removed image gives a new key (it is logged with every training run);
+* the **FR model key**: what identifies the FR weights (the registry's bundle sha256 for registered
+  versions), so templates of different models never mix;
+* the chip geometry (size, padding).
+
+Images with no detectable face are kept in ``failed`` with the reason, never silently dropped.
+Biometric data stays on the local disk of whoever built the set; nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facexplain.data.faces import FaceRecord, list_images, load_image
+
+FACESET_FORMAT = 1
+
+
+def read_labels(path: Path) -> tuple[dict[str, str], dict[str, dict[str, float]], list[str]]:
+    """A labels CSV (``file, identity, <attributes>``) -> identity per file, attributes per file, names."""
+    identities: dict[str, str] = {}
+    attrs: dict[str, dict[str, float]] = {}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        if "file" not in fields:
+            raise ValueError(f"{path}: a labels CSV needs a 'file' column (and usually 'identity'), got {fields}")
+        names = [f for f in fields if f not in ("file", "identity")]
+        for row in reader:
+            key = row["file"]
+            identities[key] = row.get("identity") or key
+            try:
+                attrs[key] = {n: float(row[n]) for n in names}
+            except ValueError as exc:
+                raise ValueError(f"{path}: row {key!r} has a non-numeric attribute ({exc})") from None
+    return identities, attrs, names
+
+
+def records_from_spec(spec: str) -> tuple[Path, list[FaceRecord], list[str]]:
+    """``DIR`` or ``DIR,LABELS.csv`` -> (image root, records, attribute names).
+
+    Without a labels file, ``DIR/labels.csv`` next to ``DIR/images/`` is used if present (the CelebA
+    layout); otherwise every image under DIR is a record whose identity is its folder relative to DIR
+    (ORL's ``s1/``, the sample's ``celeba/id7399/``), or its file name when it sits in DIR itself.
+    """
+    parts = spec.split(",")
+    if len(parts) > 2:
+        raise ValueError(f"data spec {spec!r}: expected DIR or DIR,LABELS.csv")
+    root = Path(parts[0]).expanduser()
+    labels = Path(parts[1]).expanduser() if len(parts) == 2 else None
+    if labels is None and (root / "labels.csv").is_file() and (root / "images").is_dir():
+        root, labels = root / "images", root / "labels.csv"
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if labels is not None:
+        if not labels.is_file():
+            raise FileNotFoundError(f"labels file {labels} does not exist")
+        idents, attrs, names = read_labels(labels)
+        records = [FaceRecord(root / f, idents[f], attrs[f]) for f in sorted(idents) if (root / f).is_file()]
+        if not records:
+            raise ValueError(f"none of the {len(idents)} files named in {labels} exist under {root}")
+        return root, records, names
+    records = []
+    for p in list_images(root):
+        rel = p.relative_to(root)
+        ident = rel.parent.as_posix() if rel.parent != Path(".") else rel.stem
+        records.append(FaceRecord(p, ident))
+    if not records:
+        raise ValueError(f"no images under {root}")
+    return root, records, []
+
+
+def manifest_hash(root: Path, records: Sequence[FaceRecord]) -> str:
+    """sha256 over (relative path, sha256 of content, identity) of every record, in sorted order."""
+    h = hashlib.sha256()
+    for rec in sorted(records, key=lambda r: r.path.as_posix()):
+        rel = rec.path.relative_to(root).as_posix()
+        content = hashlib.sha256(rec.path.read_bytes()).hexdigest()
+        h.update(f"{rel}\t{content}\t{rec.identity}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FaceSet:
+    """Faces found in a data set, as arrays aligned by index."""
+
+    paths: list[str]  # relative to the data root
+    identities: list[str]
+    templates: torch.Tensor  # (N, d) float32, raw
+    chips: torch.Tensor  # (N, 3, S, S) uint8, the aligned chips the FR model saw
+    landmarks: torch.Tensor  # (N, 68, 2) float32, in chip pixel coordinates
+    label_names: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # (N, L) float32
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: Sequence[int]) -> FaceSet:
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return FaceSet(
+            paths=[self.paths[i] for i in idx.tolist()],
+            identities=[self.identities[i] for i in idx.tolist()],
+            templates=self.templates[idx],
+            chips=self.chips[idx],
+            landmarks=self.landmarks[idx],
+            label_names=list(self.label_names),
+            labels=None if self.labels is None else self.labels[idx],
+            failed=[],
+            meta=dict(self.meta),
+        )
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, then rename): a crash never leaves a truncated cache."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".faceset-", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez(
+                tmp,
+                paths=np.array(self.paths, dtype=str),
+                identities=np.array(self.identities, dtype=str),
+                templates=self.templates.numpy().astype(np.float32),
+                chips=self.chips.numpy().astype(np.uint8),
+                landmarks=self.landmarks.numpy().astype(np.float32),
+                label_names=np.array(self.label_names, dtype=str),
+                labels=(self.labels if self.labels is not None else torch.zeros(len(self), 0)).numpy(),
+                failed=np.array([f"{p}\t{r}" for p, r in self.failed], dtype=str),
+                meta=np.array(json.dumps(self.meta)),
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> FaceSet:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != FACESET_FORMAT:
+                raise ValueError(f"{path}: face set format {meta.get('format')!r}, this code reads {FACESET_FORMAT}")
+            labels = torch.from_numpy(z["labels"].astype(np.float32))
+            return cls(
+                paths=[str(p) for p in z["paths"]],
+                identities=[str(i) for i in z["identities"]],
+                templates=torch.from_numpy(z["templates"].copy()),
+                chips=torch.from_numpy(z["chips"].copy()),
+                landmarks=torch.from_numpy(z["landmarks"].copy()),
+                label_names=[str(n) for n in z["label_names"]],
+                labels=labels if labels.shape[1] else None,
+                failed=[tuple(s.split("\t", 1)) for s in (str(f) for f in z["failed"])],  # type: ignore[misc]
+                meta=meta,
+            )
+
+
+def cache_key(manifest: str, fr_key: str, chip_size: int, padding: float) -> str:
+    raw = json.dumps([FACESET_FORMAT, manifest, fr_key, chip_size, padding])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def build_faceset(
+    root: Path,
+    records: Sequence[FaceRecord],
+    pipeline: Any,
+    *,
+    fr_key: str,
+    label_names: Sequence[str] = (),
+    cache_dir: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_cached: Callable[[Path], None] | None = None,
+) -> FaceSet:
+    """Run ``pipeline`` (a :class:`~facexplain.pipeline.FacePipeline`) over ``records`` once; reuse the cache.
+
+    ``fr_key`` must change whenever the FR weights change (see module docstring). With ``cache_dir``
+    the set is read from / written to ``cache_dir/<key>.npz``.
+    """
+    from facexplain.faces.regions import landmarks_to_chip
+
+    info = pipeline.info
+    manifest = manifest_hash(root, records)
+    key = cache_key(manifest, fr_key, info.chip_size, info.chip_padding)
+    cached = cache_dir / f"{key}.npz" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        if on_cached is not None:
+            on_cached(cached)
+        return FaceSet.load(cached)
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    paths: list[str] = []
+    identities: list[str] = []
+    templates: list[torch.Tensor] = []
+    chips: list[torch.Tensor] = []
+    landmarks: list[torch.Tensor] = []
+    labels: list[list[float]] = []
+    failed: list[tuple[str, str]] = []
+    bar = tqdm(total=len(records), desc="embedding faces", unit="img", disable=not progress)
+    for start in range(0, len(records), batch_size):
+        batch = list(records[start : start + batch_size])
+        images: list[torch.Tensor] = []
+        ok: list[FaceRecord] = []
+        for rec in batch:
+            rel = rec.path.relative_to(root).as_posix()
+            try:
+                images.append(load_image(rec.path))
+                ok.append(rec)
+            except (OSError, ValueError) as exc:
+                failed.append((rel, f"unreadable image: {type(exc).__name__}"))
+        for rec, res in zip(ok, pipeline.analyze(images) if images else [], strict=True):
+            rel = rec.path.relative_to(root).as_posix()
+            if res is None:
+                failed.append((rel, "no face found"))
+                continue
+            paths.append(rel)
+            identities.append(rec.identity)
+            templates.append(res.template.float())
+            chips.append(res.chip.round().clamp(0, 255).to(torch.uint8))
+            lm = landmarks_to_chip(res.face.landmarks[None].float(), info.chip_size, info.chip_padding)[0]
+            landmarks.append(lm)
+            labels.append([rec.labels.get(n, float("nan")) for n in label_names])
+        bar.update(len(batch))
+    bar.close()
+    if not paths:
+        raise ValueError(f"no face found in any of the {len(records)} images under {root}")
+    meta = {
+        "format": FACESET_FORMAT,
+        "root": str(root),
+        "manifest_sha256": manifest,
+        "fr_key": fr_key,
+        "fr_model": {"name": info.name, "version": info.version},
+        "chip_size": info.chip_size,
+        "chip_padding": info.chip_padding,
+        "images": len(records),
+        "faces": len(paths),
+        "failed": len(failed),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fs = FaceSet(
+        paths=paths,
+        identities=identities,
+        templates=torch.stack(templates),
+        chips=torch.stack(chips),
+        landmarks=torch.stack(landmarks),
+        label_names=list(label_names),
+        labels=torch.tensor(labels, dtype=torch.float32) if label_names else None,
+        failed=failed,
+        meta=meta,
+    )
+    if cached is not None:
+        fs.save(cached)
+    return fs
