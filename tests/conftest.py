@@ -31,3 +31,27 @@ def orl_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def celeba_dir(data_dir: Path) -> Path:
     return data_dir / "celeba_subset"
+
+
+@pytest.fixture(scope="session")
+def default_pipeline():  # type: ignore[no-untyped-def]
+    """The default FR pipeline (face-api ports), loaded once per test session."""
+    from facexplain.pipeline import FacePipeline
+
+    return FacePipeline.default()
+
+
+@pytest.fixture(scope="session")
+def faceset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("facesets")
+
+
+@pytest.fixture(scope="session")
+def sample_faceset(default_pipeline, faceset_cache: Path):  # type: ignore[no-untyped-def]
+    """The bundled sample faces (data/sample) run through the default pipeline once (FR key "default-local")."""
+    from facexplain.data.faceset import build_faceset, records_from_spec
+
+    root, records, _ = records_from_spec(str(REPO / "data" / "sample"))
+    return build_faceset(
+        root, records, default_pipeline, fr_key="default-local", cache_dir=faceset_cache, progress=False
+    )

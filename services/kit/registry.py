@@ -282,9 +282,12 @@ class Registry:
         alias: str | None = None,
         extra_tags: dict[str, str] | None = None,
         check: bool = True,
+        run_id: str | None = None,
     ) -> VersionInfo:
         """Log ``bundle_dir`` as the artifacts of a new run and register it as the next version of ``name``.
 
+        With ``run_id`` the bundle goes into that existing run instead (a training run registers what it
+        trained, so the version links to its parameters, curves and images); the run is left open.
         ``check=False`` skips the bundle's own metadata and checksum checks (tests use it to register
         deliberately broken versions; services must still reject them).
         """
@@ -307,26 +310,31 @@ class Registry:
         if check and (missing := missing_tags(kind, tags)):
             raise RegistryError(f"bundle metadata lacks what {kind} versions must carry: {', '.join(missing)}")
         client = self.client
-        exp = self._call("get experiment", client.get_experiment_by_name, EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self._call("create experiment", client.create_experiment, EXPERIMENT)
-        run = self._call(
-            "create run",
-            client.create_run,
-            exp_id,
-            run_name=f"register-{name}",
-            tags={"facexplain.model_name": name, "facexplain.kind": kind},
-        )
-        run_id = run.info.run_id
+        own_run = run_id is None
+        if run_id is None:
+            exp = self._call("get experiment", client.get_experiment_by_name, EXPERIMENT)
+            exp_id = exp.experiment_id if exp else self._call("create experiment", client.create_experiment, EXPERIMENT)
+            run = self._call(
+                "create run",
+                client.create_run,
+                exp_id,
+                run_name=f"register-{name}",
+                tags={"facexplain.model_name": name, "facexplain.kind": kind},
+            )
+            run_id = run.info.run_id
         try:
             self._call("log bundle", client.log_artifacts, run_id, str(root), ARTIFACT_PATH)
-            from mlflow.entities import Param
+            if own_run:
+                from mlflow.entities import Param
 
-            params = [Param(k, v[:500]) for k, v in tags.items()]
-            self._call("log params", client.log_batch, run_id, params=params)
+                params = [Param(k, v[:500]) for k, v in tags.items()]
+                self._call("log params", client.log_batch, run_id, params=params)
         except Exception:
-            client.set_terminated(run_id, status="FAILED")
+            if own_run:
+                client.set_terminated(run_id, status="FAILED")
             raise
-        client.set_terminated(run_id)
+        if own_run:
+            client.set_terminated(run_id)
         self.ensure_model(name, kind, description)
         mv = self._call(
             f"create version of {name}",

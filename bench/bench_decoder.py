@@ -1,0 +1,187 @@
+"""Decoder benchmarks (not tests): training throughput, and the loss ablation on unseen identities.
+
+    python bench/bench_decoder.py throughput            # images/s of training steps, cpu (and cuda if present)
+    python bench/bench_decoder.py ablation --minutes 4  # loss combinations like DFD's Table 1, same split
+
+Throughput times full training steps (forward, the DFD losses, backward, Adam) on real CelebA chips
+and templates from the cached face set, per loss setting, after warm-up. The ablation trains one
+decoder per loss combination with the same split, seed, architecture and time budget through the
+real pipeline (``training.decoder.run.train_decoder``, logged to MLflow, not registered) and
+reports the test-split figures. Results go to bench/results/decoder-*.json with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, write
+from training.decoder.config import PRESETS, TrainDecoderConfig
+
+CELEBA = "../shared/data/celeba_subset"
+
+# (label, overrides): the DFD paper's Table 1 varies which of pixel / gradient / perceptual terms are on,
+# each global + local; we add the global-only pixel loss as the plain baseline.
+ABLATIONS: list[tuple[str, dict[str, Any]]] = [
+    ("pixel (global)", {"pixel_local": 0.0, "gradient_global": 0.0, "gradient_local": 0.0, "perceptual": "none"}),
+    ("pixel", {"gradient_global": 0.0, "gradient_local": 0.0, "perceptual": "none"}),
+    ("pixel + gradient", {"perceptual": "none"}),
+    ("pixel + perceptual", {"gradient_global": 0.0, "gradient_local": 0.0}),
+    ("pixel + gradient + perceptual (DFD)", {}),
+]
+
+
+def _registry_uri(args: argparse.Namespace) -> str:
+    uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "")
+    if not uri:
+        sys.exit("set --registry or FACEXPLAIN_REGISTRY_URI (e.g. `make mlflow`, then http://127.0.0.1:5000)")
+    return uri
+
+
+def _time_steps(
+    dec: Any,
+    opt: Any,
+    data: tuple[torch.Tensor, ...],
+    pf: Any,
+    cfg: TrainDecoderConfig,
+    seconds: float,
+    device: torch.device,
+) -> tuple[int, float]:
+    """Full training steps for ``seconds`` after two warm-up steps: (steps, elapsed seconds)."""
+    from facexplain.losses.dfd import dfd_loss
+
+    t, y, m = data
+
+    def step() -> None:
+        loss, _ = dfd_loss(dec(t), y, m, pf, cfg.loss_weights())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n, time.perf_counter() - t0
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    from facexplain.data.faceset import build_faceset, records_from_spec
+    from facexplain.losses.dfd import PerceptualFeatures
+    from facexplain.models.bundle import load_bundle
+    from facexplain.models.decoder import DeepFaceDecoder
+    from services.kit.registry import Registry
+    from training.decoder.data import split_faceset
+    from training.decoder.run import FACESET_CACHE, resolve_fr_model
+
+    cfg = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"])
+    reg = Registry(_registry_uri(args))
+    info, path = resolve_fr_model(reg, cfg.fr_model, Path("var/models"))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for dev in devices:
+        device = torch.device(dev)
+        pipe = load_bundle(path, device, name=info.name, version=info.version)
+        root, recs, names = records_from_spec(cfg.data)
+        fs = build_faceset(
+            root, recs, pipe, fr_key=info.tags["bundle_sha256"], label_names=names, cache_dir=FACESET_CACHE
+        )
+        for out_size, batch in ((64, 32), (112, 32)) if dev == "cpu" else ((64, 128), (112, 128), (224, 64)):
+            tr = split_faceset(
+                fs.subset(range(min(len(fs), batch * 4))), out_size, test_fraction=0, val_fraction=0, seed=0
+            )["train"]
+            for perc in ("none", "white_box"):
+                c = cfg.replace(out_size=out_size, perceptual=perc)
+                torch.manual_seed(0)
+                dec = DeepFaceDecoder(c.decoder_config(128)).to(device).train()
+                pf = PerceptualFeatures.white_box(pipe.recognition_net).to(device) if perc != "none" else None
+                opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
+                data = (tr.templates[:batch].to(device), tr.targets[:batch].to(device), tr.masks[:batch].to(device))
+                n, dt = _time_steps(dec, opt, data, pf, c, args.seconds, device)
+                row = {
+                    "device": dev,
+                    "out_size": out_size,
+                    "batch": batch,
+                    "perceptual": perc,
+                    "parameters": sum(p.numel() for p in dec.parameters()),
+                    "steps": n,
+                    "images_per_s": round(n * batch / dt, 1),
+                }
+                print(row, flush=True)
+                rows.append(row)
+    return {"benchmark": "decoder training throughput", "config": cfg.to_params(), "rows": rows}
+
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    from training.decoder.run import train_decoder
+
+    uri = _registry_uri(args)
+    base = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"]).replace(max_minutes=args.minutes, epochs=args.epochs)
+    rows = []
+    for label, over in ABLATIONS:
+        cfg = base.replace(**over)
+        print(f"== {label}", flush=True)
+        s = train_decoder(
+            cfg,
+            registry_uri=uri,
+            out_dir=Path("var/bench/ablation") / label.replace(" ", "_").replace("+", ""),
+            register=False,
+            progress=False,
+        )
+        m = s.metrics
+        row = {
+            "losses": label,
+            "epochs": s.epochs_run,
+            "best_epoch": s.best_epoch,
+            "train_minutes": round(s.train_seconds / 60, 2),
+            "train_images_per_s": round(s.train_images_per_s, 1),
+            "psnr": round(m["test_psnr"], 3),
+            "ssim": round(m["test_ssim"], 4),
+            "identity_cosine": round(m["test_identity_cosine"], 4),
+            "accepted": round(m["test_accepted"], 4),
+            "rank1": round(m["test_rank1"], 4),
+            "mlflow_run": s.run_id,
+        }
+        print(row, flush=True)
+        rows.append(row)
+    return {
+        "benchmark": "DFD loss ablation on unseen CelebA identities",
+        "split": {"seed": base.seed, "test_fraction": base.test_fraction, "val_fraction": base.val_fraction},
+        "faces": s.faces,
+        "baseline_mean_face": {k: round(v, 4) for k, v in s.metrics.items() if k.startswith("baseline_")},
+        "budget_minutes_per_run": args.minutes,
+        "config": base.to_params(),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["throughput", "ablation"])
+    p.add_argument("--registry", default="")
+    p.add_argument("--seconds", type=float, default=8.0, help="throughput: timed seconds per setting")
+    p.add_argument("--minutes", type=float, default=4.0, help="ablation: training budget per loss combination")
+    p.add_argument("--epochs", type=int, default=40)
+    args = p.parse_args()
+    result = throughput(args) if args.what == "throughput" else ablation(args)
+    dev = "gpu" if torch.cuda.is_available() else "cpu"
+    path = write(f"decoder-{args.what}-{dev}", {"machine": machine(), **result})
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()

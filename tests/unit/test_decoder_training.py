@@ -1,0 +1,95 @@
+"""The decoder training loop: learning happens, resume continues exactly, early stopping and budgets stop.
+
+Synthetic tensors keep these tests fast; the pipeline on real faces is exercised by the integration
+tests (decoding service fixture) and the quality benchmark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from facexplain.data.faceset import FaceSet
+from facexplain.losses.dfd import DFDLossWeights
+from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
+from training.decoder.config import PRESETS, TrainDecoderConfig
+from training.decoder.data import DecoderSplit, split_faceset
+from training.decoder.run import check_gates, parse_model_spec
+from training.decoder.trainer import fit
+
+W = DFDLossWeights(perceptual_global=0.0, perceptual_local=0.0)
+
+
+def _split(name: str, n: int, seed: int) -> DecoderSplit:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, 16, generator=g)
+    # targets are a fixed function of the template, so a decoder can learn them
+    basis = torch.randn(16, 3 * 4 * 4, generator=torch.Generator().manual_seed(99)) * 2
+    low = torch.sigmoid(torch.nn.functional.normalize(t, dim=1) @ basis).view(n, 3, 4, 4)
+    y = torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    masks = torch.zeros(n, 1, 16, 16)
+    masks[:, :, 4:12, 4:12] = 1
+    return DecoderSplit(name, t, y, masks, [f"id{i % 5}" for i in range(n)], [f"{i}.png" for i in range(n)])
+
+
+def _splits() -> dict[str, DecoderSplit]:
+    return {"train": _split("train", 64, 0), "val": _split("val", 16, 1), "test": _split("test", 16, 2)}
+
+
+def _fit(tmp: Path, epochs: int, resume: bool = False, **kw):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    dec = DeepFaceDecoder(DecoderConfig(template_dim=16, out_size=16, base_channels=8, max_channels=16))
+    args = dict(perceptual=None, weights=W, lr=1e-2, batch_size=16, epochs=epochs, patience=50, seed=3)
+    args.update(kw)
+    res = fit(dec, _splits(), device=torch.device("cpu"), checkpoint_dir=tmp, resume=resume, progress=False, **args)
+    return dec, res
+
+
+def test_loss_falls_and_best_weights_are_kept(tmp_path: Path) -> None:
+    _, res = _fit(tmp_path, 8)
+    first, last = res.history[0].val["total"], min(h.val["total"] for h in res.history)
+    assert last < 0.7 * first
+    assert res.best_epoch == 1 + min(range(8), key=lambda i: res.history[i].val["total"])
+    assert (tmp_path / "last.pt").is_file() and res.train_images_per_s > 0
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight, _ = _fit(tmp_path / "a", 4)
+    _fit(tmp_path / "b", 2)
+    resumed, res = _fit(tmp_path / "b", 4, resume=True)
+    assert len(res.history) == 4
+    for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+
+
+def test_early_stopping_and_time_budget(tmp_path: Path) -> None:
+    _, res = _fit(tmp_path / "a", 40, lr=0.0, patience=2)  # lr 0: never improves after epoch 1
+    assert len(res.history) == 3 and res.stopped.startswith("early stopping")
+    _, res = _fit(tmp_path / "b", 40, max_minutes=1e-6)
+    assert len(res.history) == 1 and res.stopped.startswith("time budget")
+
+
+def test_identity_disjoint_split(sample_faceset: FaceSet) -> None:
+    splits = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0)
+    sides = [set(s.identities) for s in splits.values()]
+    assert sum(len(s) for s in splits.values()) == len(sample_faceset)
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    tr = splits["train"]
+    assert tr.targets.shape[1:] == (3, 32, 32) and float(tr.targets.min()) >= 0 and float(tr.targets.max()) <= 1
+    assert tr.masks.shape[1:] == (1, 32, 32) and 0.05 < float(tr.masks.mean()) < 0.6  # the inner face region
+
+
+def test_config_presets_gates_and_specs() -> None:
+    for name, over in PRESETS.items():
+        TrainDecoderConfig().replace(**over)  # every preset names real settings
+        assert name
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainDecoderConfig().replace(nope=1)
+    assert parse_model_spec("facexplain-fr-dlib128") == ("facexplain-fr-dlib128", "champion")
+    assert parse_model_spec("m@3") == ("m", "3")
+    ok = {"test_psnr": 15, "test_psnr_over_mean_face": 1, "test_ssim": 0.5, "test_identity_cosine": 0.95}
+    gates = check_gates({**ok, "test_accepted": 0.9, "test_rank1": 0.59})
+    assert not gates["test_rank1"] and all(v for k, v in gates.items() if k != "test_rank1")
+    assert not check_gates({})["test_psnr"]  # missing figures fail, never pass

@@ -1,0 +1,74 @@
+"""Face sets: data specs, manifest hashing, the cache, and what a built set holds for real faces."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from facexplain.data.faceset import FaceSet, build_faceset, manifest_hash, read_labels, records_from_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_spec_forms(celeba_dir: Path, tmp_path: Path) -> None:
+    root, recs, names = records_from_spec(str(celeba_dir))  # images/ + labels.csv detected
+    assert root == celeba_dir / "images" and len(recs) == 5319 and "Smiling" in names
+    assert len({r.identity for r in recs}) == 251
+    root, recs, names = records_from_spec(str(REPO / "data" / "sample"))
+    assert names == [] and "orl/s1" in {r.identity for r in recs}
+    assert all("/" in r.identity for r in recs)  # identity = folder relative to the root
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        records_from_spec(str(tmp_path / "nope"))
+    (tmp_path / "labels.csv").write_text("name,identity\nx.jpg,1\n")
+    with pytest.raises(ValueError, match="'file' column"):
+        read_labels(tmp_path / "labels.csv")
+    with pytest.raises(ValueError, match="expected DIR"):
+        records_from_spec("a,b,c")
+
+
+def test_manifest_hash_tracks_content(tmp_path: Path) -> None:
+    src = REPO / "data" / "sample" / "orl"
+    shutil.copytree(src, tmp_path / "d")
+    root, recs, _ = records_from_spec(str(tmp_path / "d"))
+    h1 = manifest_hash(root, recs)
+    assert manifest_hash(root, list(reversed(recs))) == h1  # order-independent
+    victim = recs[0].path
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    assert manifest_hash(root, recs) != h1
+
+
+def test_sample_faceset_contents_and_cache(  # type: ignore[no-untyped-def]
+    sample_faceset: FaceSet, default_pipeline, faceset_cache: Path, tmp_path: Path
+) -> None:
+    fs = sample_faceset
+    n = len(fs)
+    assert n + len(fs.failed) == 30 and n >= 28
+    assert fs.templates.shape == (n, 128) and fs.templates.dtype == torch.float32
+    assert 1.2 < float(fs.templates.norm(dim=1).mean()) < 1.8  # raw templates, norm ~1.49
+    assert fs.chips.shape == (n, 3, 150, 150) and fs.chips.dtype == torch.uint8
+    # landmarks in chip coordinates: dlib's template puts the eyes at fixed places in the chip
+    eyes = fs.landmarks[:, 36:48].mean(1)
+    assert bool(((eyes > 30) & (eyes < 120)).all())
+    # round trip through the file format
+    fs.save(tmp_path / "x.npz")
+    back = FaceSet.load(tmp_path / "x.npz")
+    assert back.paths == fs.paths and torch.equal(back.chips, fs.chips) and back.meta == fs.meta
+    # the cache is hit by key (no pipeline run at all: a pipeline that would fail proves it)
+    root, recs, _ = records_from_spec(str(REPO / "data" / "sample"))
+    hits: list[Path] = []
+
+    class Exploding:
+        info = default_pipeline.info
+
+        def analyze(self, images):  # type: ignore[no-untyped-def]
+            raise AssertionError("cache missed")
+
+    again = build_faceset(
+        root, recs, Exploding(), fr_key="default-local", cache_dir=faceset_cache, progress=False, on_cached=hits.append
+    )
+    assert hits and len(again) == n
+    with pytest.raises(AssertionError, match="cache missed"):  # another FR key is another set
+        build_faceset(root, recs, Exploding(), fr_key="other", cache_dir=faceset_cache, progress=False)

@@ -1,0 +1,1 @@
+"""Training pipelines: data sets, loops, evaluation, registration (imports facexplain, never services' servers)."""

@@ -1,0 +1,1 @@
+"""Deep Face Decoder training: ``facexplain train decoder`` (see ``training.decoder.run``)."""

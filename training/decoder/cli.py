@@ -1,0 +1,107 @@
+"""``facexplain train decoder``: flags for every setting of ``TrainDecoderConfig``, presets underneath."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.decoder.config import PRESETS, TrainDecoderConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named overrides (explicit flags win)")
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("FACEXPLAIN_REGISTRY_URI", ""),
+        help="MLflow tracking/registry URI (FACEXPLAIN_REGISTRY_URI)",
+    )
+    p.add_argument("--out", default="", help="checkpoints, bundle and summary (default var/train/decoder-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt and its MLflow run")
+    p.add_argument("--no-register", action="store_true", help="train and evaluate only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    helps = {
+        "fr_model": "FR model to invert: NAME@ALIAS or NAME@VERSION",
+        "data": "DIR or DIR,LABELS.csv (DIR with images/ and labels.csv is read as CelebA)",
+        "perceptual": "white_box (an FR layer) or none",
+        "alias": "alias for the new version: auto (champion if none, else challenger), champion, challenger or ''",
+        "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
+    }
+    for f in dataclasses.fields(TrainDecoderConfig):
+        default = f.default
+        kind: Any = type(default) if default is not None else str
+        if kind is bool:
+            p.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        else:
+            p.add_argument(_flag(f.name), type=kind, default=None, help=helps.get(f.name, f"default {default!r}"))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainDecoderConfig:
+    cfg = TrainDecoderConfig().replace(**PRESETS[args.preset])
+    explicit = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainDecoderConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return cfg.replace(**explicit)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from training.decoder.run import train_decoder
+
+    if not args.registry:
+        print(
+            "error: no registry: pass --registry URI or set FACEXPLAIN_REGISTRY_URI (try `make mlflow`)",
+            file=sys.stderr,
+        )
+        return 2
+    cfg = config_from_args(args)
+    out = Path(args.out or f"var/train/decoder-{args.preset}")
+    summary = train_decoder(
+        cfg,
+        registry_uri=args.registry,
+        out_dir=out,
+        resume=args.resume,
+        register=not args.no_register,
+        progress=not args.quiet,
+    )
+    m = summary.metrics
+    print(
+        f"trained {summary.epochs_run} epochs ({summary.stopped}), best epoch {summary.best_epoch}, "
+        f"{summary.train_images_per_s:.0f} img/s on {summary.device}"
+    )
+    if "test_psnr" in m:
+        print(
+            f"unseen identities ({summary.faces['test']} faces): PSNR {m['test_psnr']:.2f} dB "
+            f"(mean face {m['baseline_mean_face_psnr']:.2f}), SSIM {m['test_ssim']:.3f}, "
+            f"identity cosine {m['test_identity_cosine']:.3f}, accepted {m['test_accepted']:.1%}, "
+            f"rank-1 {m['test_rank1']:.1%}; quality gates {'passed' if summary.gates_passed else 'NOT passed'}"
+        )
+        failed = [k for k, ok in summary.gates.items() if not ok]
+        if failed:
+            print("  gates missed: " + ", ".join(failed))
+    if summary.registered:
+        r = summary.registered
+        print(f"registered {r['name']} version {r['version']}" + (f" as @{r['alias']}" if r["alias"] else ""))
+    print(f"MLflow run {summary.run_id}; summary in {out / 'summary.json'}")
+    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
+        print(json.dumps(dataclasses.asdict(summary)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="facexplain train decoder", description="Train a Deep Face Decoder.")
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

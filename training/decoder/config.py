@@ -1,0 +1,101 @@
+"""Everything a decoder training run depends on, in one flat dataclass that MLflow logs as parameters.
+
+Defaults are the CPU recipe (64-px output, a narrow decoder, the paper's loss weights and optimiser):
+what trains to the quality gates on a 2-core machine in minutes. ``--preset`` layers overrides on
+top, in the way arcface_torch's ``configs/`` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from facexplain.losses.dfd import DFDLossWeights
+from facexplain.models.decoder import DecoderConfig
+
+
+@dataclass(frozen=True)
+class TrainDecoderConfig:
+    # what to invert, on what
+    fr_model: str = "facexplain-fr-dlib128@champion"
+    data: str = "data/sample"
+    # split: identity-disjoint, hash-based (facexplain.data.splits)
+    seed: int = 0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    # decoder architecture
+    out_size: int = 64
+    base_channels: int = 32
+    max_channels: int = 256
+    convs_per_block: int = 1
+    dropout: float = 0.2
+    # losses (paper: all weights 1)
+    pixel_global: float = 1.0
+    pixel_local: float = 1.0
+    gradient_global: float = 1.0
+    gradient_local: float = 1.0
+    perceptual_global: float = 1.0
+    perceptual_local: float = 1.0
+    perceptual: Literal["white_box", "none"] = "white_box"
+    perceptual_layer: str = "conv64_3"
+    # optimisation (paper: Adam, lr 1e-3, early stopping on validation)
+    lr: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 30
+    patience: int = 4
+    max_minutes: float = 0.0  # 0 = no time budget; otherwise stop after the epoch that crosses it
+    # where
+    device: str = "auto"
+    threads: int = 0
+    # registry
+    register_as: str = "facexplain-dfd-dlib128"
+    alias: str = "auto"  # champion when the model has none yet, challenger otherwise; "" = none
+
+    def decoder_config(self, template_dim: int) -> DecoderConfig:
+        return DecoderConfig(
+            template_dim=template_dim,
+            out_size=self.out_size,
+            base_channels=self.base_channels,
+            max_channels=self.max_channels,
+            convs_per_block=self.convs_per_block,
+            dropout=self.dropout,
+        )
+
+    def loss_weights(self) -> DFDLossWeights:
+        return DFDLossWeights(
+            pixel_global=self.pixel_global,
+            pixel_local=self.pixel_local,
+            gradient_global=self.gradient_global,
+            gradient_local=self.gradient_local,
+            perceptual_global=self.perceptual_global if self.perceptual != "none" else 0.0,
+            perceptual_local=self.perceptual_local if self.perceptual != "none" else 0.0,
+        )
+
+    def to_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainDecoderConfig:
+        known = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown training settings: {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+# Named overrides (``--preset NAME``); explicit flags win over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "demo": {"epochs": 12, "patience": 12, "base_channels": 16, "max_channels": 128, "val_fraction": 0.0},
+    "celeba-cpu": {"data": "../shared/data/celeba_subset", "epochs": 40, "max_minutes": 10.0},
+    "celeba-gpu": {
+        "data": "../shared/data/celeba_subset",
+        "out_size": 112,
+        "base_channels": 32,
+        "max_channels": 512,
+        "convs_per_block": 2,
+        "epochs": 200,
+        "patience": 10,
+        "batch_size": 64,
+    },
+}

@@ -1,0 +1,252 @@
+"""The decoder training loop: Adam, early stopping on validation, checkpoints and resume, optional DDP.
+
+One process trains on cpu or one GPU; under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains on
+its shard of each epoch's batches through ``DistributedDataParallel`` and rank 0 alone validates,
+logs and checkpoints. The checkpoint after every epoch holds the model, optimiser, early-stopping
+state, history and the MLflow run id, so ``--resume`` continues the same run where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss
+from facexplain.metrics.image import psnr, ssim
+from facexplain.models.decoder import DeepFaceDecoder
+from training.decoder.data import DecoderSplit
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train: dict[str, float]
+    val: dict[str, float]
+    seconds: float
+    train_images_per_s: float
+    best: bool = False
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[EpochLog]
+    stopped: str  # why training ended
+    train_images_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """``torchrun`` sets WORLD_SIZE/RANK; NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(td.get_rank(), td.get_world_size())
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, dist: Dist) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    per_step = batch_size * dist.world
+    steps = max(1, n // per_step)  # drop the ragged tail: BatchNorm dislikes tiny batches
+    return [perm[s * per_step : (s + 1) * per_step][dist.rank :: dist.world] for s in range(steps)]
+
+
+@torch.no_grad()
+def evaluate_split(
+    decoder: DeepFaceDecoder,
+    split: DecoderSplit,
+    perceptual: PerceptualFeatures | None,
+    weights: DFDLossWeights,
+    device: torch.device,
+    batch_size: int = 128,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean loss terms, PSNR and SSIM over ``split``; also the reconstructions (CPU)."""
+    decoder.eval()
+    sums: dict[str, float] = {}
+    recons = []
+    for i in range(0, len(split), batch_size):
+        t = split.templates[i : i + batch_size].to(device)
+        y = split.targets[i : i + batch_size].to(device)
+        m = split.masks[i : i + batch_size].to(device)
+        r = decoder(t)
+        _, comps = dfd_loss(r, y, m, perceptual, weights)
+        for k, v in comps.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * t.shape[0]
+        sums["psnr"] = sums.get("psnr", 0.0) + float(psnr(r, y).sum())
+        sums["ssim"] = sums.get("ssim", 0.0) + float(ssim(r, y).sum())
+        recons.append(r.cpu())
+    n = max(1, len(split))
+    return {k: v / n for k, v in sums.items()}, torch.cat(recons) if recons else torch.zeros(0)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    decoder: DeepFaceDecoder,
+    splits: dict[str, DecoderSplit],
+    *,
+    perceptual: PerceptualFeatures | None,
+    weights: DFDLossWeights,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    patience: int,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path,
+    resume: bool = False,
+    max_minutes: float = 0.0,
+    on_epoch: Callable[[EpochLog, torch.Tensor], None] | None = None,
+    run_state: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``decoder`` in place; returns the best (lowest validation loss) weights and the history.
+
+    ``on_epoch(log, val_recons)`` runs on rank 0 after each epoch (logging, images). ``run_state`` is
+    stored in every checkpoint and handed back on resume (the MLflow run id lives there).
+    """
+    dist = init_distributed(device)
+    decoder.to(device)
+    model: torch.nn.Module = decoder
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    train, val = splits["train"], splits["val"]
+    has_val = len(val) > 0
+    start_epoch, best_val, best_epoch, bad = 0, math.inf, -1, 0
+    best_state = copy.deepcopy(decoder.state_dict())
+    history: list[EpochLog] = []
+    ckpt_path = checkpoint_dir / CHECKPOINT
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        decoder.load_state_dict(ck["decoder"])
+        opt.load_state_dict(ck["optimizer"])
+        best_state, best_val, best_epoch, bad = ck["best_state"], ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
+        start_epoch = ck["epoch"] + 1
+        history = [EpochLog(**h) for h in ck["history"]]
+        if run_state is not None:
+            run_state.update(ck.get("run_state", {}))
+        if "rng" in ck:
+            torch.set_rng_state(ck["rng"].cpu())
+        if dist.main:
+            print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}", flush=True)
+    t_start = time.perf_counter()
+    seen_total, time_total = 0, 0.0
+    stopped = "epochs"
+    if start_epoch >= epochs:
+        stopped = "already complete"
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        batches = _batches(len(train), batch_size, gen, dist)
+        decoder.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not (progress and dist.main)
+        )
+        for idx in bar:
+            t = train.templates[idx].to(device, non_blocking=True)
+            y = train.targets[idx].to(device, non_blocking=True)
+            m = train.masks[idx].to(device, non_blocking=True)
+            loss, comps = dfd_loss(model(t), y, m, perceptual, weights)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in comps.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        dt = time.perf_counter() - t0
+        seen_total += seen * dist.world
+        time_total += dt
+        train_means = {k: v / max(1, seen) for k, v in sums.items()}
+        stop_now = torch.zeros(1)
+        if dist.main:
+            if has_val:
+                val_means, recons = evaluate_split(decoder, val, perceptual, weights, device)
+                score = val_means["total"]
+            else:
+                val_means, recons = {}, torch.zeros(0)
+                score = train_means["total"]
+            improved = score < best_val
+            if improved:
+                best_val, best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in decoder.state_dict().items()})
+            else:
+                bad += 1
+            log = EpochLog(epoch + 1, train_means, val_means, dt, seen * dist.world / dt, improved)
+            history.append(log)
+            if on_epoch is not None:
+                on_epoch(log, recons)
+            _save(
+                ckpt_path,
+                {
+                    "epoch": epoch,
+                    "decoder": decoder.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "best_state": best_state,
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad,
+                    "history": [vars(h) for h in history],
+                    "run_state": run_state or {},
+                    "rng": torch.get_rng_state(),  # dropout draws: a resumed run continues the same sequence
+                },
+            )
+            if has_val and bad >= patience:
+                stopped = f"early stopping: no validation improvement for {patience} epochs"
+                stop_now[0] = 1
+            elif max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
+                stopped = f"time budget of {max_minutes:g} min reached"
+                stop_now[0] = 1
+        if dist.world > 1:
+            import torch.distributed as td
+
+            td.broadcast(stop_now, 0)
+        if bool(stop_now[0]):
+            break
+    decoder.load_state_dict(best_state)
+    return FitResult(
+        best_state=best_state,
+        best_epoch=best_epoch + 1,
+        history=history,
+        stopped=stopped,
+        train_images_per_s=seen_total / time_total if time_total > 0 else float("nan"),
+    )
