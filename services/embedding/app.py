@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
-from facexplain.models.bundle import KIND_EMBEDDER
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import embedding_pb2_grpc
-from services.embedding.service import SERVICE_NAME, EmbeddingServicer, served_pipeline
+from services.embedding.service import SERVICE_NAME, EmbeddingServicer
 from services.kit.config import ServiceSettings
+from services.kit.embedder import serve_embedder
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
-from services.kit.models import ModelSlot, ServedModel
-from services.kit.reload import load_embedder, serve_from_registry, validate_embedder_version
 from services.kit.server import GrpcServer
 
 log = logging.getLogger("facexplain.embedding")
@@ -28,25 +25,7 @@ def build_server(settings: ServiceSettings, pipeline: FacePipeline | None = None
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     metrics = ServiceMetrics("embedding")
-
-    def local() -> ServedModel[FacePipeline]:
-        p = pipeline or FacePipeline.default(settings.torch_device())
-        return replace(served_pipeline(p), device=str(p.device))
-
-    slot: ModelSlot[FacePipeline]
-    if pipeline is not None:
-        slot = ModelSlot(local())
-    else:
-        slot, _watcher = serve_from_registry(
-            settings,
-            metrics,
-            kind=KIND_EMBEDDER,
-            loader=load_embedder,
-            validator=validate_embedder_version,
-            fallback=local,
-        )
-    served = slot.current()
-    metrics.set_served(served.name, served.version)
+    slot, _watcher = serve_embedder(settings, metrics, pipeline=pipeline)
     servicer = EmbeddingServicer(slot, settings, metrics)
     return GrpcServer(
         settings, SERVICE_NAME, servicer, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, metrics

@@ -10,6 +10,7 @@ import torch
 from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.config import ServiceSettings
+from services.kit.embedder import face_selection
 from services.kit.errors import InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -20,31 +21,6 @@ from services.kit.templates import template_from_proto, template_to_proto
 
 log = logging.getLogger("facexplain.embedding")
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-
-_SELECTION: dict[int, FaceSelection] = {
-    embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
-    embedding_pb2.FACE_SELECTION_LARGEST: FaceSelection.LARGEST,
-    embedding_pb2.FACE_SELECTION_MOST_CONFIDENT: FaceSelection.MOST_CONFIDENT,
-}
-
-
-def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:
-    info = pipeline.info
-    return ServedModel(
-        name=info.name,
-        version=info.version,
-        kind="embedder",
-        model=pipeline,
-        metadata={
-            "template_dim": str(info.dim),
-            "chip_size": str(info.chip_size),
-            "chip_padding": str(info.chip_padding),
-            "verification_metric": info.rule.metric,
-            "verification_threshold": str(info.rule.threshold),
-            "verification_accept_below": str(info.rule.accept_below).lower(),
-            "source": "face-api 1.7.15 weights (npm), PyTorch port",
-        },
-    )
 
 
 def _box(face_box: torch.Tensor, score: float) -> common_pb2.Box:
@@ -64,9 +40,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------------
     def _selection(self, value: int) -> FaceSelection:
-        if value not in _SELECTION:
-            raise InvalidArgument(f"unknown face selection {value}")
-        return _SELECTION[value]
+        return face_selection(value)
 
     def _response(
         self, result: FaceResult, served: ServedModel[FacePipeline], normalize: bool, return_aligned: bool
@@ -93,7 +67,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     "raw templates; send the raw template (normalize=false)"
                 )
             try:
-                return template_from_proto(probe.template, info.dim, info.name)
+                return template_from_proto(probe.template, info.dim, info.name, model_version=info.version)
             except ServiceError as exc:
                 raise type(exc)(f"{which}: {exc.message}") from None
         if kind == "image":

@@ -52,6 +52,7 @@ class ServiceMetrics:
         )
         self.port: int | None = None
         self._http: Any = None
+        self._served: dict[str, tuple[str, str]] = {}  # kind -> (model, version) marked served
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose ``/metrics``; returns the bound port (useful when asked for port 0)."""
@@ -65,7 +66,15 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http = None
 
-    def set_served(self, model: str, version: str) -> None:
-        """Mark exactly one (model, version) as served for this service."""
-        self.model_info.clear()
+    def set_served(self, model: str, version: str, kind: str = "") -> None:
+        """Mark (model, version) as the one served for ``kind``, replacing that kind's previous entry.
+
+        Keyed by kind, not by model name: a swap from local weights ("dlib-resnet128") to a registry
+        version ("facexplain-fr-dlib128") replaces the entry, and a service serving a decoder and an
+        FR model keeps one entry for each.
+        """
+        previous = self._served.get(kind)
+        if previous is not None and previous != (model, version):
+            self.model_info.remove(self.service, *previous)
+        self._served[kind] = (model, version)
         self.model_info.labels(self.service, model, version).set(1)

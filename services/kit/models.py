@@ -5,6 +5,11 @@ the middle of a request can never mix two versions in one response; the swap its
 reference assignment under a lock. After a swap the old version stays referenced by the requests
 that snapshotted it and is freed when the last of them returns; the slot keeps only a weak reference
 so ModelStatus can list it as loaded-but-draining while that lasts.
+
+A slot may start *empty*: a model that only exists in the registry (a decoder has no local weights to
+fall back on) leaves the service up but without it until the watcher loads a valid version. Requests
+that need it then get UNAVAILABLE saying why (``current()``), instead of the server refusing to start;
+``peek()`` is the non-raising view the watcher and ModelStatus use.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api.v1 import common_pb2
+from services.kit.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -60,11 +66,16 @@ class Reloader(Protocol):
 
 
 class ModelSlot(Generic[T]):
-    """Holds the version a service serves, plus what the last reload attempt said."""
+    """Holds the version a service serves (or nothing yet), plus what the last reload attempt said.
 
-    def __init__(self, initial: ServedModel[T], registry_uri: str = "") -> None:
+    ``label`` names the slot's role in messages ("decoder", "embedder"), which matters once a service
+    holds several slots.
+    """
+
+    def __init__(self, initial: ServedModel[T] | None, registry_uri: str = "", *, label: str = "model") -> None:
         self._lock = threading.Lock()
         self._current = initial
+        self.label = label
         self.registry_uri = registry_uri
         self.registry_reachable = bool(registry_uri)
         self.last_reload_error = ""
@@ -74,17 +85,34 @@ class ModelSlot(Generic[T]):
         self._retired: list[weakref.ref[ServedModel[T]]] = []
 
     def current(self) -> ServedModel[T]:
+        """The served version, snapshotted for one request; UNAVAILABLE while the slot is empty."""
+        with self._lock:
+            cur, why = self._current, self.last_reload_error
+        if cur is None:
+            detail = f": {why}" if why else ""
+            raise Unavailable(
+                f"no {self.label} loaded yet{detail}; the service keeps polling the registry and serves a valid "
+                "version as soon as the alias points at one"
+                if self.reloader is not None
+                else f"no {self.label} loaded{detail}; set FACEXPLAIN_REGISTRY_URI so the service can load one"
+            )
+        return cur
+
+    def peek(self) -> ServedModel[T] | None:
+        """The served version or ``None`` when empty (never raises; for the watcher and status)."""
         with self._lock:
             return self._current
 
-    def swap(self, new: ServedModel[T]) -> ServedModel[T]:
+    def swap(self, new: ServedModel[T]) -> ServedModel[T] | None:
         with self._lock:
             old, self._current = self._current, new
             self.last_reload_error = ""
             self.last_reload_at = datetime.now(UTC)
             if self._candidate is new:
                 self._candidate = None
-            self._retired = [r for r in self._retired if r() is not None] + [weakref.ref(old)]
+            self._retired = [r for r in self._retired if r() is not None]
+            if old is not None:
+                self._retired.append(weakref.ref(old))
             return old
 
     def set_candidate(self, candidate: ServedModel[T] | None) -> None:
@@ -108,7 +136,7 @@ class ModelSlot(Generic[T]):
         with self._lock:
             cur, cand = self._current, self._candidate
             retired = [m for m in (r() for r in self._retired) if m is not None and m is not cur]
-        out = [cur.to_proto()]
+        out = [cur.to_proto()] if cur is not None else []
         if cand is not None and cand is not cur:
             out.append(cand.to_proto(serving=False))
         out += [m.to_proto(serving=False) for m in retired]
@@ -124,3 +152,26 @@ class ModelSlot(Generic[T]):
         if self.last_reload_at is not None:
             resp.last_reload_at.FromDatetime(self.last_reload_at)
         return resp
+
+
+def combined_status(slots: list[ModelSlot[Any]]) -> common_pb2.ModelStatusResponse:
+    """ModelStatus of a service holding several models: every slot's models, in slot order.
+
+    ``last_reload_error`` joins the slots' errors, each prefixed with its slot's label; the registry
+    counts as reachable only if every slot that uses one last reached it; ``last_reload_at`` is the
+    latest of the slots'.
+    """
+    statuses = [(slot, slot.status()) for slot in slots]
+    resp = common_pb2.ModelStatusResponse(
+        models=[m for _slot, st in statuses for m in st.models],
+        last_reload_error="; ".join(
+            f"{slot.label}: {st.last_reload_error}" for slot, st in statuses if st.last_reload_error
+        ),
+        registry_uri=next((st.registry_uri for _slot, st in statuses if st.registry_uri), ""),
+    )
+    with_registry = [st for _slot, st in statuses if st.registry_uri]
+    resp.registry_reachable = bool(with_registry) and all(st.registry_reachable for st in with_registry)
+    stamps = [slot.last_reload_at for slot, _st in statuses if slot.last_reload_at is not None]
+    if stamps:
+        resp.last_reload_at.FromDatetime(max(stamps))
+    return resp

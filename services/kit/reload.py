@@ -13,6 +13,10 @@ the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
 does not retry them on every poll (a manual Reload does retry). A registry that does not answer
 flips ``facexplain_registry_reachable`` to 0 and ``ModelStatus.registry_reachable`` to false; the
 service keeps serving and the next successful poll flips them back.
+
+A service may hold several slots, each followed by its own watcher (the decoding service serves a
+decoder and the FR model it inverts); a slot may also start empty when its model has no local
+fallback, and the watcher fills it once the registry offers a valid version.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -106,7 +110,7 @@ class ModelWatcher(Generic[T]):
 
     def start(self) -> ModelWatcher[T]:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"{self.service}-model-watcher", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"{self.service}-{self.kind}-watcher", daemon=True)
             self._thread.start()
         return self
 
@@ -144,49 +148,50 @@ class ModelWatcher(Generic[T]):
         """Resolve the alias; load, validate and swap in its version if it is not the one served."""
         slot = self.slot
         assert slot is not None, "attach() a slot first"
-        before = slot.current()
+        before = slot.peek()
         with self._lock:
             try:
                 info = self.registry.resolve(self.model_name, self.alias)
             except RegistryUnreachable as exc:
                 if slot.registry_reachable:
-                    log.warning("registry unreachable; still serving %s v%s: %s", before.name, before.version, exc)
+                    log.warning("registry unreachable; %s: %s", _serving(before), exc)
                 self._reachable(False)
-                return ReloadOutcome(False, slot.current().version, f"registry unreachable: {exc}")
+                return ReloadOutcome(False, _version(slot.peek()), f"registry unreachable: {exc}")
             except RegistryError as exc:  # answered: alias or model missing, or refused
                 self._reachable(True)
                 return self._fail(str(exc), count=force or str(exc) != self._last_error, version="")
             if not slot.registry_reachable:
                 log.info("registry reachable again at %s", public_uri(self.registry.uri))
             self._reachable(True)
-            current = slot.current()
-            if current.name == info.name and current.version == info.version:
+            current = slot.peek()
+            if current is not None and current.name == info.name and current.version == info.version:
                 return ReloadOutcome(current is not before, current.version)
             if not force and info.version in self._rejected:
-                return ReloadOutcome(False, current.version, self._rejected[info.version])
+                return ReloadOutcome(False, _version(current), self._rejected[info.version])
             try:
                 served, timings = self._load(info)
             except RegistryUnreachable as exc:  # lost the registry mid-download: not the version's fault
                 self._reachable(False)
-                return ReloadOutcome(False, current.version, f"registry unreachable: {exc}")
+                return ReloadOutcome(False, _version(current), f"registry unreachable: {exc}")
             except Exception as exc:  # whatever breaks in a new version, the old one keeps serving
-                msg = f"{info.name} v{info.version} (@{self.alias}) rejected, still serving v{current.version}: {exc}"
+                still = f"still serving v{current.version}" if current is not None else f"no {self.kind} served"
+                msg = f"{info.name} v{info.version} (@{self.alias}) rejected, {still}: {exc}"
                 return self._fail(msg, count=True, version=info.version)
             old = slot.swap(served)
             self._rejected.pop(info.version, None)
             self._last_error = ""
-            self.metrics.set_served(served.name, served.version)
+            self.metrics.set_served(served.name, served.version, self.kind)
             self.metrics.reloads.labels(self.service, "success").inc()
             log.info(
                 "swapped %s v%s -> v%s (@%s)",
-                old.name,
-                old.version,
+                old.name if old is not None else f"(no {self.kind})",
+                old.version if old is not None else "-",
                 served.version,
                 self.alias,
                 extra={
                     "fx_model": served.name,
                     "fx_version": served.version,
-                    "fx_previous_version": old.version,
+                    "fx_previous_version": _version(old),
                     **{f"fx_{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
                 },
             )
@@ -254,12 +259,20 @@ class ModelWatcher(Generic[T]):
             log.error("reload failed: %s", msg, extra={"fx_model": self.model_name, "fx_version": version})
         self._last_error = msg
         self.slot.record_failure(msg)
-        return ReloadOutcome(False, self.slot.current().version, msg)
+        return ReloadOutcome(False, _version(self.slot.peek()), msg)
 
     def _reachable(self, ok: bool) -> None:
         self.metrics.registry_up.labels(self.service).set(1 if ok else 0)
         if self.slot is not None:
             self.slot.set_registry_reachable(ok)
+
+
+def _version(served: ServedModel[Any] | None) -> str:
+    return served.version if served is not None else ""
+
+
+def _serving(served: ServedModel[Any] | None) -> str:
+    return f"still serving {served.name} v{served.version}" if served is not None else "nothing served yet"
 
 
 def metadata_problems(
@@ -318,19 +331,40 @@ def serve_from_registry(
     kind: str,
     loader: Loader[T],
     validator: Validator[T],
-    fallback: Callable[[], ServedModel[T]],
+    fallback: Callable[[], ServedModel[T]] | None,
+    name: str | None = None,
+    alias: str | None = None,
 ) -> tuple[ModelSlot[T], ModelWatcher[T] | None]:
-    """The slot a service serves from, and its watcher (``None`` without a registry).
+    """The slot a service serves ``kind`` from, and its watcher (``None`` without a registry).
+
+    ``name`` / ``alias`` default to ``FACEXPLAIN_MODEL_NAME`` (else the default model of ``kind``) and
+    ``FACEXPLAIN_MODEL_ALIAS``; a service with a second model passes that model's own settings.
 
     Without ``FACEXPLAIN_REGISTRY_URI`` the slot holds ``fallback()`` (local default weights) and
     nothing polls. With it, the alias's version is loaded and validated before the server starts;
     if the registry is unreachable or that version is invalid, the service starts on ``fallback()``
     when ``FACEXPLAIN_REGISTRY_FALLBACK_LOCAL`` allows it (the watcher swaps the registry version
     in once it can) and refuses to start otherwise.
+
+    ``fallback=None`` is a model with no local weights (a decoder exists only as a registered
+    version): the slot then starts *empty* instead, requests needing it get UNAVAILABLE, and the
+    watcher keeps polling until a valid version appears. ``FACEXPLAIN_REGISTRY_FALLBACK_LOCAL=false``
+    still means "refuse to start" for such a model when the registry is configured, so a strict
+    deployment crash-loops visibly instead of running half a service.
     """
+    label = kind
     if not settings.registry_uri:
-        return ModelSlot(fallback()), None
-    name = settings.model_name or DEFAULT_MODEL_FOR_KIND.get(kind, "")
+        if fallback is None:
+            slot: ModelSlot[T] = ModelSlot(None, label=label)
+            slot.record_failure(
+                f"no registry configured (FACEXPLAIN_REGISTRY_URI): a {kind} is served from the registry only"
+            )
+            return slot, None
+        served = fallback()
+        metrics.set_served(served.name, served.version, kind)
+        return ModelSlot(served, label=label), None
+    name = name or settings.model_name or DEFAULT_MODEL_FOR_KIND.get(kind, "")
+    alias = alias or settings.model_alias
     if not name:
         raise ValueError(f"FACEXPLAIN_MODEL_NAME is required: there is no default {kind} model")
     registry = Registry(settings.registry_uri, timeout_s=settings.registry_timeout_s)
@@ -338,7 +372,7 @@ def serve_from_registry(
         registry,
         service=metrics.service,
         model_name=name,
-        alias=settings.model_alias,
+        alias=alias,
         kind=kind,
         loader=loader,
         validator=validator,
@@ -349,17 +383,24 @@ def serve_from_registry(
     )
     error = ""
     reachable = True
+    initial: ServedModel[T] | None
     try:
-        served = watcher.initial()
+        initial = watcher.initial()
     except Exception as exc:  # unreachable, no such alias, or an invalid version: all leave the service up
         reachable = not isinstance(exc, RegistryUnreachable)
-        error = f"start-up: {name}@{settings.model_alias} not loaded: {exc}"
+        error = f"start-up: {name}@{alias} not loaded: {exc}"
         if not settings.registry_fallback_local:
             raise RuntimeError(f"{error} (FACEXPLAIN_REGISTRY_FALLBACK_LOCAL is off)") from None
-        log.error("%s; serving local weights until the registry provides a valid version", error)
+        if fallback is None:
+            log.error("%s; no %s is served until the registry provides a valid version", error, kind)
+            initial = None
+        else:
+            log.error("%s; serving local weights until the registry provides a valid version", error)
+            initial = fallback()
         metrics.reloads.labels(metrics.service, "failed").inc()
-        served = fallback()
-    slot = ModelSlot(served, registry_uri=public_uri(settings.registry_uri))
+    slot = ModelSlot(initial, registry_uri=public_uri(settings.registry_uri), label=label)
+    if initial is not None:
+        metrics.set_served(initial.name, initial.version, kind)
     watcher.attach(slot)
     watcher._reachable(reachable)
     if error:
@@ -369,16 +410,45 @@ def serve_from_registry(
     return slot, watcher.start()
 
 
-def reload_response(slot: ModelSlot[Any], request: common_pb2.ReloadRequest) -> common_pb2.ReloadResponse:
-    """The Reload RPC of any service: re-resolve the alias now and hot-swap if it moved."""
-    served = slot.current()
-    watcher = slot.reloader
-    names = {served.name} | ({watcher.model_name} if watcher is not None else set())
-    if request.model_name and request.model_name not in names:
-        raise NotFound(f"this service serves {served.name!r}, not {request.model_name!r}")
-    if watcher is None:
-        return common_pb2.ReloadResponse(
-            models=slot.loaded(), changed=False, error="no registry configured: serving local weights"
-        )
-    outcome: ReloadOutcome = watcher.reload_now()
-    return common_pb2.ReloadResponse(models=slot.loaded(), changed=outcome.changed, error=outcome.error)
+def _slot_names(slot: ModelSlot[Any]) -> set[str]:
+    served = slot.peek()
+    names = {served.name} if served is not None else set()
+    if slot.reloader is not None:
+        names.add(slot.reloader.model_name)
+    return names
+
+
+def reload_response(
+    slots: ModelSlot[Any] | Sequence[ModelSlot[Any]], request: common_pb2.ReloadRequest
+) -> common_pb2.ReloadResponse:
+    """The Reload RPC of any service: re-resolve the aliases now and hot-swap whatever moved.
+
+    ``slots`` is the service's one slot or all of them; ``request.model_name`` picks the slot serving
+    (or following) that model, empty = every slot. With several slots each error is prefixed with
+    its slot's label; ``changed`` is true if any slot swapped. ``models`` lists every slot's models.
+    """
+    group = [slots] if isinstance(slots, ModelSlot) else list(slots)
+    names = [_slot_names(slot) for slot in group]
+    if request.model_name and not any(request.model_name in n for n in names):
+        served = ", ".join(repr(n) for n in sorted(set().union(*names))) or "no model"
+        raise NotFound(f"this service serves {served}, not {request.model_name!r}")
+    errors: list[tuple[ModelSlot[Any], str]] = []
+    changed = False
+    for slot, slot_names in zip(group, names, strict=True):
+        if request.model_name and request.model_name not in slot_names:
+            continue
+        watcher = slot.reloader
+        if watcher is None:
+            local = "serving local weights" if slot.peek() is not None else f"no {slot.label} to load"
+            errors.append((slot, f"no registry configured: {local}"))
+            continue
+        outcome: ReloadOutcome = watcher.reload_now()
+        changed = changed or outcome.changed
+        if outcome.error:
+            errors.append((slot, outcome.error))
+    if len(group) == 1:
+        error = "; ".join(e for _slot, e in errors)
+    else:
+        error = "; ".join(f"{slot.label}: {e}" for slot, e in errors)
+    models = [m for slot in group for m in slot.loaded()]
+    return common_pb2.ReloadResponse(models=models, changed=changed, error=error)

@@ -19,9 +19,20 @@ def template_to_proto(vec: torch.Tensor, served: ServedModel, normalized: bool =
 
 
 def template_from_proto(
-    t: common_pb2.Template, expected_dim: int, model_name: str, *, allow_zero: bool = False
+    t: common_pb2.Template,
+    expected_dim: int,
+    model_name: str,
+    *,
+    model_version: str = "",
+    allow_zero: bool = False,
 ) -> torch.Tensor:
-    """A request template as a float32 vector, or INVALID_ARGUMENT / FAILED_PRECONDITION saying why not."""
+    """A request template as a float32 vector, or INVALID_ARGUMENT / FAILED_PRECONDITION saying why not.
+
+    ``model_name`` / ``model_version`` are the FR model the caller's templates must come from. A
+    template naming another model is FAILED_PRECONDITION, and so is one naming another version when
+    both sides name one (common.proto, Template.model): templates of two versions of one model live
+    in different spaces, so comparing or decoding them across versions gives confident nonsense.
+    """
     n = len(t.values)
     if n == 0:
         raise InvalidArgument("template has no values")
@@ -31,6 +42,11 @@ def template_from_proto(
         raise InvalidArgument(f"template has dimension {n}; model {model_name!r} uses {expected_dim}")
     if t.model.name and t.model.name != model_name:
         raise FailedPrecondition(f"template was produced by model {t.model.name!r}, this service serves {model_name!r}")
+    if t.model.version and model_version and t.model.version != model_version:
+        raise FailedPrecondition(
+            f"template was produced by {t.model.name or model_name!r} version {t.model.version}, this service serves "
+            f"version {model_version}; templates of different versions are not comparable"
+        )
     if not all(math.isfinite(x) for x in t.values):
         raise InvalidArgument("template contains NaN or infinite values")
     vec = torch.tensor(list(t.values), dtype=torch.float32)

@@ -1,0 +1,84 @@
+"""The FR model (embedder) as a served model: what every service that embeds faces shares.
+
+The embedding service serves it; the decoding service needs it too (Reconstruct embeds the input
+face and re-embeds the reconstruction, and the decoder must invert exactly the served FR version).
+Both load it the same way: by alias from the registry with a watcher, local face-api weights as the
+fallback, so one function builds the slot for both.
+"""
+
+from __future__ import annotations
+
+from facexplain.models.bundle import KIND_EMBEDDER
+from facexplain.pipeline import FacePipeline, FaceSelection
+from services.api.v1 import embedding_pb2
+from services.kit.config import ServiceSettings
+from services.kit.errors import InvalidArgument
+from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot, ServedModel
+from services.kit.reload import ModelWatcher, load_embedder, serve_from_registry, validate_embedder_version
+
+_SELECTION: dict[int, FaceSelection] = {
+    embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
+    embedding_pb2.FACE_SELECTION_LARGEST: FaceSelection.LARGEST,
+    embedding_pb2.FACE_SELECTION_MOST_CONFIDENT: FaceSelection.MOST_CONFIDENT,
+}
+
+
+def face_selection(value: int) -> FaceSelection:
+    """The wire ``FaceSelection`` as the pipeline's; an unknown number is INVALID_ARGUMENT."""
+    if value not in _SELECTION:
+        raise InvalidArgument(f"unknown face selection {value}")
+    return _SELECTION[value]
+
+
+def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:
+    """A pipeline as a served model, labelled with its own name and version (local weights)."""
+    info = pipeline.info
+    return ServedModel(
+        name=info.name,
+        version=info.version,
+        kind=KIND_EMBEDDER,
+        model=pipeline,
+        metadata={
+            "template_dim": str(info.dim),
+            "chip_size": str(info.chip_size),
+            "chip_padding": str(info.chip_padding),
+            "verification_metric": info.rule.metric,
+            "verification_threshold": str(info.rule.threshold),
+            "verification_accept_below": str(info.rule.accept_below).lower(),
+            "source": "face-api 1.7.15 weights (npm), PyTorch port",
+        },
+        device=str(pipeline.device),
+    )
+
+
+def serve_embedder(
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    *,
+    name: str | None = None,
+    alias: str | None = None,
+    pipeline: FacePipeline | None = None,
+) -> tuple[ModelSlot[FacePipeline], ModelWatcher[FacePipeline] | None]:
+    """The FR model's slot: ``pipeline`` if given (tests, benchmarks), else ``name@alias`` from the
+    registry (see :func:`~services.kit.reload.serve_from_registry`) with the local face-api weights as
+    the fallback.
+    """
+
+    def local() -> ServedModel[FacePipeline]:
+        return served_pipeline(pipeline or FacePipeline.default(settings.torch_device()))
+
+    if pipeline is not None:
+        served = local()
+        metrics.set_served(served.name, served.version, KIND_EMBEDDER)
+        return ModelSlot(served, label=KIND_EMBEDDER), None
+    return serve_from_registry(
+        settings,
+        metrics,
+        kind=KIND_EMBEDDER,
+        loader=load_embedder,
+        validator=validate_embedder_version,
+        fallback=local,
+        name=name,
+        alias=alias,
+    )
