@@ -1,15 +1,19 @@
 """The ``facexplain`` command line: run services and call them.
 
 facexplain serve embedding --port 50051
+facexplain serve decoding --port 50052
 facexplain embed DIR --target 127.0.0.1:50051 --out templates.npz
+facexplain reconstruct DIR --target 127.0.0.1:50052 --out recon/
 facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -30,6 +34,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from services.embedding.app import main
 
         main()
+        return 0
+    if args.service == "decoding":
+        from services.decoding.app import main as decoding_main
+
+        decoding_main()
         return 0
     print(f"unknown service {args.service!r}", file=sys.stderr)
     return 2
@@ -99,14 +108,143 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
+# Reconstruct errors that belong to one image (bad or too large file, no face): recorded, the run goes on.
+# Any other code (UNAVAILABLE: no decoder loaded, INTERNAL, ...) is the service's and stops the run.
+_PER_IMAGE_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def output_stems(paths: list[Path], root: Path) -> dict[Path, str]:
+    """The output file stem of each input image (``<stem>.aligned.png``, ``<stem>.recon.png``).
+
+    An image whose stem is unique among the inputs keeps it (``a/b/001.jpg`` -> ``001``). Images
+    sharing a stem in different folders use their path relative to ``root`` without the extension,
+    with ``/`` replaced by ``__`` (``orl/s1/1.pgm`` -> ``orl__s1__1``); if even that collides (same
+    folder, different extensions) the extension is kept (``orl__s1__1.pgm``). Anything still equal
+    after that gets ``~N`` appended, so no output ever overwrites another.
+    """
+    rel = {p: p.relative_to(root) for p in paths}
+    counts = Counter(p.stem for p in paths)
+    stems = {p: p.stem if counts[p.stem] == 1 else rel[p].with_suffix("").as_posix().replace("/", "__") for p in paths}
+    dup = Counter(stems.values())
+    stems = {p: rel[p].as_posix().replace("/", "__") if dup[s] > 1 else s for p, s in stems.items()}
+    seen: Counter[str] = Counter()
+    out: dict[Path, str] = {}
+    taken = set(stems.values())
+    for p in paths:
+        stem = stems[p]
+        seen[stem] += 1
+        if seen[stem] > 1:
+            k = seen[stem]
+            while f"{stem}~{k}" in taken:
+                k += 1
+            stem = f"{stem}~{k}"
+            taken.add(stem)
+        out[p] = stem
+    return out
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from facexplain.data.faces import list_images
+    from services.client.sdk import DecodingClient, image_from_path, wait_ready
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder", file=sys.stderr)
+        return 2
+    paths = list_images(root)
+    if not paths:
+        print(f"error: no images (jpg, png, pgm, bmp, ...) under {root}", file=sys.stderr)
+        return 2
+    client = DecodingClient(args.target, timeout=args.timeout)
+    try:
+        wait_ready(client.channel, args.connect_timeout)
+    except ConnectionError:
+        print(
+            f"error: decoding service at {args.target} is not reachable (is `facexplain serve decoding` running?)",
+            file=sys.stderr,
+        )
+        return 3
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(paths, root)
+    rows: list[dict[str, str]] = []
+    failed: list[tuple[str, str]] = []
+    decoder = fr_model = ""
+    with tqdm(total=len(paths), unit="img", desc="reconstructing", disable=args.quiet) as bar:
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            try:
+                resp = client.reconstruct(image_from_path(path))
+            except OSError as exc:
+                failed.append((rel, f"cannot read the file: {exc.strerror or exc}"))
+                bar.update(1)
+                continue
+            except grpc.RpcError as err:
+                if err.code() not in _PER_IMAGE_CODES:
+                    client.close()
+                    print(f"error: Reconstruct failed on {rel}: {err.code().name}: {err.details()}", file=sys.stderr)
+                    return 4
+                failed.append((rel, f"{err.code().name}: {err.details()}"))
+                bar.update(1)
+                continue
+            stem = stems[path]
+            (out / f"{stem}.aligned.png").write_bytes(resp.aligned.encoded)
+            (out / f"{stem}.recon.png").write_bytes(resp.reconstruction.encoded)
+            m = resp.metrics
+            rows.append(
+                {
+                    "path": rel,
+                    "psnr": f"{m.psnr:.4f}",
+                    "ssim": f"{m.ssim:.5f}",
+                    "identity_cosine": f"{m.identity_cosine:.5f}",
+                    "same_person": str(m.same_person).lower(),
+                }
+            )
+            decoder = f"{resp.decoder.name} v{resp.decoder.version}"
+            fr_model = f"{resp.fr_model.name} v{resp.fr_model.version}"
+            bar.update(1)
+    client.close()
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "psnr", "ssim", "identity_cosine", "same_person"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "failed.csv", "w", newline="") as fh:
+        fwriter = csv.writer(fh)
+        fwriter.writerow(["path", "reason"])
+        fwriter.writerows(failed)
+    if not rows:
+        reason = failed[0][1] if failed else "no result"
+        print(
+            f"error: no image reconstructed ({len(failed)} failed, e.g. {reason}); see {out / 'failed.csv'}",
+            file=sys.stderr,
+        )
+        return 1
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in rows) / len(rows)
+
+    same = sum(r["same_person"] == "true" for r in rows)
+    print(
+        f"{len(rows)} reconstructed, {len(failed)} failed (decoder {decoder}, FR model {fr_model}): "
+        f"mean PSNR {mean('psnr'):.2f} dB, SSIM {mean('ssim'):.3f}, identity cosine {mean('identity_cosine'):.3f}, "
+        f"same person {same}/{len(rows)} -> {out}"
+    )
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facexplain", description="Explainability for face-recognition models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a gRPC service in the foreground (config from FACEXPLAIN_* env vars)")
-    s.add_argument("service", choices=["embedding"])
-    s.add_argument("--port", type=int, help="gRPC port (FACEXPLAIN_PORT, default 50051)")
+    s.add_argument("service", choices=["embedding", "decoding"])
+    s.add_argument("--port", type=int, help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding)")
     s.add_argument("--host", help="bind address (FACEXPLAIN_HOST, default 127.0.0.1)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FACEXPLAIN_METRICS_PORT, default: any free)")
     s.set_defaults(func=_cmd_serve)
@@ -121,6 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--connect-timeout", type=float, default=30.0)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_embed)
+
+    r = sub.add_parser(
+        "reconstruct",
+        help="reconstruct every face under DIR through a running decoding service (chips, decoded faces, metrics)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+Writes into OUT:
+  <stem>.aligned.png   the aligned face chip at the decoder's size (the reference)
+  <stem>.recon.png     the face decoded from the chip's template
+  metrics.csv          path,psnr,ssim,identity_cosine,same_person (path relative to DIR), one row per face
+  failed.csv           path,reason for images that could not be reconstructed (no face, not an image, ...)
+<stem> is the image's file name without extension; when images in different folders share it, it is
+the path relative to DIR without extension with '/' replaced by '__' (orl/s1/1.pgm -> orl__s1__1).
+
+Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed, 2 bad DIR,
+3 service not reachable, 4 the service failed (e.g. UNAVAILABLE: no decoder loaded).""",
+    )
+    r.add_argument("dir", help="folder of images, searched recursively")
+    r.add_argument(
+        "--target",
+        default="127.0.0.1:50052",
+        help="HOST:PORT of the decoding service (default: where `facexplain serve decoding` listens)",
+    )
+    r.add_argument("--out", required=True, help="output folder (created if missing)")
+    r.add_argument("--timeout", type=float, default=120.0, help="seconds per image request")
+    r.add_argument("--connect-timeout", type=float, default=30.0)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_reconstruct)
 
     from services.client.registry_cli import add_registry_parser
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc, embedding_pb2, embedding_pb2_grpc
 
 R = TypeVar("R")
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
@@ -127,6 +127,77 @@ class EmbeddingClient:
         self.channel.close()
 
     def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DecodingClient:
+    """Client for ``facexplain.v1.DecodingService`` (template -> face image with the served decoder).
+
+    Templates go in as ``common_pb2.Template`` (e.g. ``EmbedResponse.template`` from the embedding
+    service, or :meth:`template` for a plain vector); images come back PNG-encoded.
+    """
+
+    def __init__(self, target: str | grpc.Channel, *, timeout: float = 60.0, **channel_kwargs: Any) -> None:
+        self.channel = open_channel(target, **channel_kwargs) if isinstance(target, str) else target
+        self.stub = decoding_pb2_grpc.DecodingServiceStub(self.channel)
+        self.timeout = timeout
+
+    def _call(self, fn: Callable[..., R], request: Any, timeout: float | None) -> R:
+        return fn(request, timeout=self.timeout if timeout is None else timeout, wait_for_ready=True)
+
+    @staticmethod
+    def template(
+        values: Any, *, model: common_pb2.ModelRef | None = None, normalized: bool = False
+    ) -> common_pb2.Template:
+        """A ``Template`` from any 1-D float sequence (numpy array, list, tensor.tolist())."""
+        vec = np.asarray(values, dtype=np.float32).reshape(-1)
+        return common_pb2.Template(values=vec.tolist(), dim=int(vec.size), model=model, normalized=normalized)
+
+    def decode(self, template: common_pb2.Template, *, timeout: float | None = None) -> decoding_pb2.DecodeResponse:
+        return self._call(self.stub.Decode, decoding_pb2.DecodeRequest(template=template), timeout)
+
+    def decode_batch(
+        self, templates: list[common_pb2.Template], *, timeout: float | None = None
+    ) -> decoding_pb2.DecodeBatchResponse:
+        return self._call(self.stub.DecodeBatch, decoding_pb2.DecodeBatchRequest(templates=templates), timeout)
+
+    def reconstruct(
+        self,
+        image: common_pb2.Image,
+        *,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> decoding_pb2.ReconstructResponse:
+        req = decoding_pb2.ReconstructRequest(image=image, selection=selection)
+        return self._call(self.stub.Reconstruct, req, timeout)
+
+    def interpolate(
+        self,
+        a: common_pb2.Template,
+        b: common_pb2.Template,
+        *,
+        steps: int = 0,
+        mode: decoding_pb2.InterpolationMode.ValueType = decoding_pb2.INTERPOLATION_MODE_UNSPECIFIED,
+        strip: bool = False,
+        timeout: float | None = None,
+    ) -> decoding_pb2.InterpolateResponse:
+        req = decoding_pb2.InterpolateRequest(a=a, b=b, steps=steps, mode=mode, strip=strip)
+        return self._call(self.stub.Interpolate, req, timeout)
+
+    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
+        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
+
+    def reload(self, model_name: str = "", *, timeout: float | None = None) -> common_pb2.ReloadResponse:
+        """Re-resolve the aliases now (decoder and FR model, or only ``model_name``) and hot-swap."""
+        return self._call(self.stub.Reload, common_pb2.ReloadRequest(model_name=model_name), timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DecodingClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

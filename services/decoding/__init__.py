@@ -1,0 +1,1 @@
+"""DecodingService: templates -> face images with a registered Deep Face Decoder (DFD)."""
