@@ -19,11 +19,12 @@ import grpc
 import torch
 import torch.nn.functional as F
 
+from facexplain.directions.interpolation import lerp, positions, slerp
 from facexplain.metrics.image import SSIM_WINDOW, psnr, ssim
+from facexplain.metrics.reconstruction import embed_images, resize01
 from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
-from services.decoding.interpolation import lerp, positions, slerp
 from services.decoding.settings import DecodingSettings
 from services.kit.embedder import face_selection
 from services.kit.errors import FailedPrecondition, InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
@@ -76,10 +77,7 @@ def chip_at(chip255: torch.Tensor, size: int) -> torch.Tensor:
     Antialiased bilinear, as the decoder's training targets are made, so PSNR/SSIM compare the
     reconstruction with what the decoder could at best have drawn at its resolution.
     """
-    x = chip255[None].float() / 255.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(0.0, 1.0)
+    return resize01(chip255[None].float() / 255.0, size).clamp(0.0, 1.0)
 
 
 class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
@@ -176,11 +174,9 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
         dec = decoder.model
         aligned = chip_at(result.chip, dec.out_size)
         recon = dec.decode(result.template[None]).float()
-        # Re-embed the reconstruction as the FR model sees faces: upsampled to its chip size, in [0, 255].
+        # Re-embed the reconstruction as the FR model sees faces (as training evaluates it).
         info = fr.model.info
-        chip = F.interpolate(recon, size=(info.chip_size, info.chip_size), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            recon_template = fr.model.embed_chips(chip.clamp(0.0, 1.0) * 255.0).float().cpu()[0]
+        recon_template = embed_images(fr.model.embed_chips, recon, info.chip_size)[0]
         template = result.template.float()
         # SSIM's 11-px window does not fit a decoder rendering less than 11 px: shrink it rather than fail.
         window = min(SSIM_WINDOW, dec.out_size)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from facexplain.directions.interpolation import PARALLEL_EPS, lerp, positions, slerp
 from services.api.v1 import common_pb2
 from services.client.cli import output_stems
-from services.decoding.interpolation import PARALLEL_EPS, lerp, positions, slerp
 from services.decoding.service import _same_model, chip_at
 from services.decoding.settings import DecodingSettings
 

@@ -1,0 +1,1 @@
+"""Directions in template space: paths between templates, interpretable axes (issue 5)."""
