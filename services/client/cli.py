@@ -238,6 +238,19 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_decoder_arguments(p: argparse.ArgumentParser) -> None:
+    # The CLI is a client: training code is imported only when a `train` command runs (services never import it).
+    from training.decoder.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_train_decoder(args: argparse.Namespace) -> int:
+    from training.decoder.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facexplain", description="Explainability for face-recognition models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -291,6 +304,17 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
     from services.client.registry_cli import add_registry_parser
 
     add_registry_parser(sub)
+
+    t = sub.add_parser("train", help="train a model with an MLflow-tracked pipeline and register it")
+    tsub = t.add_subparsers(dest="pipeline", required=True)
+    td = tsub.add_parser(
+        "decoder",
+        help="train a Deep Face Decoder for a registered FR model",
+        description="Train a Deep Face Decoder (DFD) for a registered FR model: face set, identity-disjoint "
+        "split, DFD losses, MLflow tracking, evaluation on unseen identities, registration.",
+    )
+    _add_train_decoder_arguments(td)
+    td.set_defaults(func=_cmd_train_decoder)
     return p
 
 

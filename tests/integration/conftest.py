@@ -1,21 +1,22 @@
 """Integration fixtures: one real server per service for the whole session, shared by all tests.
 
 Also the helpers that put real model versions into a real MLflow registry: the default FR model
-(``register_fr_model``) and a decoder bundle for a given FR version (``make_decoder_bundle``, cached
-per session by the ``decoder_bundle`` fixture because building one may mean training it).
+(``register_fr_model``) and a decoder trained for it by the real training CLI (``train_decoder_cli``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from services.client.launcher import RunningService, start_service
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from services.client.launcher import REPO, RunningService, start_service
+from services.kit.registry import CHAMPION, DEFAULT_FR_MODEL, Registry, VersionInfo
 
 
 @pytest.fixture(scope="session")
@@ -57,41 +58,23 @@ def register_fr_model(registry: Registry, work: Path, alias: str = CHAMPION) -> 
     return registry.register_bundle(bundle, DEFAULT_FR_MODEL, description="default FR model (tests)", alias=alias)
 
 
-def make_decoder_bundle(out_dir: Path, fr_name: str, fr_version: str, fr_digest: str) -> Path:
-    """A decoder bundle for FR model ``fr_name`` version ``fr_version`` (bundle digest ``fr_digest``) in ``out_dir``.
+def train_decoder_cli(registry_uri: str, fr_name: str, fr_version: str, out_dir: Path, *extra: str) -> dict:
+    """``facexplain train decoder --preset demo`` on data/sample for FR ``fr_name`` v``fr_version``, as a user runs it.
 
-    The golden template is the default FR pipeline's template of ``data/golden/face.png``, which is
-    what the registered default FR model computes (same weights), so services validate the bundle.
+    The real pipeline end to end (face set, split, DFD losses with the white-box perceptual term,
+    MLflow tracking, bundle, and registration unless ``--no-register`` is in ``extra``), about a
+    minute on 2 cores. Returns the run's ``summary.json``; the bundle is ``out_dir / "bundle"``.
     """
-    # TODO(training): replace with a decoder trained by training.decoder on data/sample
-    import torch
-
-    from facexplain.models.bundle import GOLDEN_IMAGE, load_golden_image
-    from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
-    from facexplain.models.decoder_bundle import save_decoder_bundle
-    from facexplain.pipeline import FacePipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the servers of the session need the cores more than this one forward pass
-    try:
-        torch.manual_seed(0)
-        decoder = DeepFaceDecoder(DecoderConfig(out_size=64, base_channels=16, max_channels=256)).eval()
-        pipeline = FacePipeline.default("cpu")
-        golden = pipeline.analyze([load_golden_image(GOLDEN_IMAGE)])[0]
-        assert golden is not None, "no face in the golden image"
-        save_decoder_bundle(
-            out_dir,
-            decoder,
-            name=DEFAULT_DECODER_MODEL,
-            fr_model={"name": fr_name, "version": fr_version, "bundle_sha256": fr_digest},
-            golden_template=golden.template,
-            chip_padding=pipeline.info.chip_padding,
-            fr_chip_size=pipeline.info.chip_size,
-            description=f"untrained, seeded decoder for {fr_name} v{fr_version} (tests)",
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return out_dir
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "services.client.cli", "train", "decoder", "--preset", "demo",
+            "--registry", registry_uri, "--fr-model", f"{fr_name}@{fr_version}", "--out", str(out_dir),
+            "--quiet", *extra,
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads((out_dir / "summary.json").read_text())
 
 
 def retarget_decoder_bundle(src: Path, dst: Path, fr_version: str) -> Path:
@@ -106,17 +89,3 @@ def retarget_decoder_bundle(src: Path, dst: Path, fr_version: str) -> Path:
     meta["fr_model"] = {**meta["fr_model"], "version": fr_version}
     write_metadata(dst, meta)
     return dst
-
-
-@pytest.fixture(scope="session")
-def decoder_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, str], Path]:
-    """``(fr_name, fr_version, fr_digest) -> bundle dir``; one :func:`make_decoder_bundle` per FR version."""
-    made: dict[tuple[str, str, str], Path] = {}
-
-    def get(fr_name: str, fr_version: str, fr_digest: str) -> Path:
-        key = (fr_name, fr_version, fr_digest)
-        if key not in made:
-            made[key] = make_decoder_bundle(tmp_path_factory.mktemp("decoder-bundle"), *key)
-        return made[key]
-
-    return get

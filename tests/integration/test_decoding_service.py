@@ -36,7 +36,7 @@ from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from services.client.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
 from services.client.sdk import DecodingClient, image_from_path, wait_ready
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
-from tests.integration.conftest import register_fr_model, retarget_decoder_bundle
+from tests.integration.conftest import register_fr_model, retarget_decoder_bundle, train_decoder_cli
 
 pytestmark = pytest.mark.integration
 
@@ -132,14 +132,23 @@ def fr_v1(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Versi
 
 
 @pytest.fixture(scope="module")
-def decoder_dir(fr_v1: VersionInfo, decoder_bundle: Callable[[str, str, str], Path]) -> Path:
-    return decoder_bundle(DEFAULT_FR_MODEL, fr_v1.version, fr_v1.tags["bundle_sha256"])
+def training(mlflow: RunningMlflow, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A decoder for FR v1 trained on data/sample by `facexplain train decoder` and registered as champion."""
+    out = tmp_path_factory.mktemp("train-decoder")
+    summary = train_decoder_cli(mlflow.uri, DEFAULT_FR_MODEL, fr_v1.version, out, "--alias", CHAMPION)
+    return {"summary": summary, "out": out}
 
 
 @pytest.fixture(scope="module")
-def decoder_v1(registry: Registry, decoder_dir: Path) -> VersionInfo:
-    info = registry.register_bundle(decoder_dir, DEFAULT_DECODER_MODEL, description="decoder for FR v1", alias=CHAMPION)
-    assert info.version == "1" and info.tags["fr_model_version"] == "1"
+def decoder_dir(training: dict[str, Any]) -> Path:
+    return Path(training["out"]) / "bundle"
+
+
+@pytest.fixture(scope="module")
+def decoder_v1(registry: Registry, training: dict[str, Any]) -> VersionInfo:
+    info = registry.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
+    assert info.version == training["summary"]["registered"]["version"] == "1"
+    assert info.tags["fr_model_name"] == DEFAULT_FR_MODEL and info.tags["fr_model_version"] == "1"
     return info
 
 
@@ -184,6 +193,36 @@ def _assert_serving(client: DecodingClient, svc: RunningService, good: common_pb
     assert svc.alive(), "server process died"
     resp = client.decode(good)
     assert _png(resp.image).shape == (OUT_SIZE, OUT_SIZE, 3)
+
+
+# -- the training run behind the served decoder -----------------------------------------------------------
+
+
+def test_training_run_is_tracked_and_registered(
+    training: dict[str, Any], decoder_v1: VersionInfo, registry: Registry, fr_v1: VersionInfo
+) -> None:
+    summary = training["summary"]
+    client = registry.client
+    run = client.get_run(summary["run_id"])
+    params = run.data.params
+    # every setting, the FR model inverted and the data manifest are on the run
+    assert params["fr_model_name"] == DEFAULT_FR_MODEL and params["fr_model_version"] == "1"
+    assert params["fr_model_bundle_sha256"] == fr_v1.tags["bundle_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", params["data_manifest_sha256"])
+    assert params["lr"] == "0.001" and params["perceptual"] == "white_box" and params["seed"] == "0"
+    # per-epoch curves, and the decoder learned something
+    history = client.get_metric_history(summary["run_id"], "train_total")
+    assert len(history) == summary["epochs_run"] >= 5
+    assert history[-1].value < 0.8 * history[0].value, [h.value for h in history]
+    for key in ("train_pixel_global", "train_perceptual_local", "test_psnr", "test_ssim", "test_identity_cosine"):
+        assert key in run.data.metrics, key
+    # reconstruction grids as images, the bundle inside the same run, the version pointing at it
+    arts = {a.path for a in client.list_artifacts(summary["run_id"], "grids")}
+    assert "grids/test_reconstructions.png" in arts
+    assert decoder_v1.run_id == summary["run_id"] and decoder_v1.source.endswith("/bundle")
+    assert decoder_v1.tags["data_manifest_sha256"] == params["data_manifest_sha256"]
+    # identity-disjoint split of the sample's 10 people
+    assert summary["faces"]["train"] > 0 and summary["faces"]["test"] > 0
 
 
 # -- the happy paths ------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from facexplain.losses.dfd import DFDLossWeights
-from facexplain.models.decoder import DecoderConfig
+if TYPE_CHECKING:  # imported lazily: the CLI builds its parser from this class without paying for torch
+    from facexplain.losses.dfd import DFDLossWeights
+    from facexplain.models.decoder import DecoderConfig
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class TrainDecoderConfig:
     alias: str = "auto"  # champion when the model has none yet, challenger otherwise; "" = none
 
     def decoder_config(self, template_dim: int) -> DecoderConfig:
+        from facexplain.models.decoder import DecoderConfig
+
         return DecoderConfig(
             template_dim=template_dim,
             out_size=self.out_size,
@@ -63,6 +66,8 @@ class TrainDecoderConfig:
         )
 
     def loss_weights(self) -> DFDLossWeights:
+        from facexplain.losses.dfd import DFDLossWeights
+
         return DFDLossWeights(
             pixel_global=self.pixel_global,
             pixel_local=self.pixel_local,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -350,33 +351,31 @@ def train_decoder(
         device=str(device),
     )
 
-    # 6. bundle and registration
+    # 6. bundle (always: it is what --no-register runs hand to tests and to `facexplain registry`) and registration
+    golden = pipeline.analyze([load_golden_image(GOLDEN_IMAGE)])[0]
+    if golden is None:
+        raise RuntimeError("no face found in the golden image")
+    bundle = out_dir / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    save_decoder_bundle(
+        bundle,
+        decoder.cpu(),
+        name=cfg.register_as,
+        fr_model=fr_ref,
+        golden_template=golden.template,
+        chip_padding=pipeline.info.chip_padding,
+        fr_chip_size=chip_size,
+        training={
+            "mlflow_run_id": mlrun.run_id,
+            "data_manifest_sha256": summary.data_manifest_sha256,
+            "seed": cfg.seed,
+            "faces": sizes,
+            "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
+            "gates_passed": passed,
+        },
+    )
     if register:
-        golden = pipeline.analyze([load_golden_image(GOLDEN_IMAGE)])[0]
-        if golden is None:
-            raise RuntimeError("no face found in the golden image")
-        bundle = out_dir / "bundle"
-        if bundle.exists():
-            import shutil
-
-            shutil.rmtree(bundle)
-        save_decoder_bundle(
-            bundle,
-            decoder.cpu(),
-            name=cfg.register_as,
-            fr_model=fr_ref,
-            golden_template=golden.template,
-            chip_padding=pipeline.info.chip_padding,
-            fr_chip_size=chip_size,
-            training={
-                "mlflow_run_id": mlrun.run_id,
-                "data_manifest_sha256": summary.data_manifest_sha256,
-                "seed": cfg.seed,
-                "faces": sizes,
-                "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
-                "gates_passed": passed,
-            },
-        )
         alias = _default_alias(registry, cfg.register_as, cfg.alias)
         tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and math.isfinite(v)}
         tags["gates_passed"] = str(passed).lower()
