@@ -93,3 +93,39 @@ def test_config_presets_gates_and_specs() -> None:
     gates = check_gates({**ok, "test_accepted": 0.9, "test_rank1": 0.59})
     assert not gates["test_rank1"] and all(v for k, v in gates.items() if k != "test_rank1")
     assert not check_gates({})["test_psnr"]  # missing figures fail, never pass
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank)}
+    )
+    torch.set_num_threads(1)
+    _, res = _fit(Path(out), 3)
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"epochs": res.epochs_done, "history": len(res.history), "stopped": res.stopped})
+    )
+    import torch.distributed as td
+
+    td.destroy_process_group()
+
+
+def test_distributed_data_parallel_on_cpu(tmp_path: Path) -> None:
+    """Two gloo ranks (what torchrun starts): both run every epoch in step, rank 0 alone checkpoints."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == {"epochs": 3, "history": 3, "stopped": "epochs"}
+    assert r1 == {"epochs": 3, "history": 0, "stopped": "epochs"}  # trained in step; rank 0 keeps the record
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ck["epoch"] == 2 and len(ck["history"]) == 3

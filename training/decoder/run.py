@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from facexplain.viz import pairs_grid, save_png
 from services.kit.registry import CHALLENGER, CHAMPION, Registry, RegistryNotFound, VersionInfo
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, split_faceset
-from training.decoder.trainer import EpochLog, fit
+from training.decoder.trainer import Dist, EpochLog, fit, init_distributed
 
 EXPERIMENT = "facexplain-decoders"
 FACESET_CACHE = Path("var/cache/facesets")
@@ -89,9 +90,19 @@ def check_gates(metrics: dict[str, float]) -> dict[str, bool]:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available; under torchrun each rank takes GPU ``LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(name)
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.barrier()
 
 
 def _default_alias(registry: Registry, name: str, wanted: str) -> str:
@@ -197,11 +208,22 @@ def train_decoder(
     fr_ref = {"name": fr_info.name, "version": fr_info.version, "bundle_sha256": fr_digest}
     chip_size = pipeline.info.chip_size
 
-    # 2. data: cached face set, identity-disjoint split
+    # 2. data: cached face set (rank 0 builds it, the other ranks then read the cache), identity-disjoint split
+    dist = init_distributed(device)
     root, records, label_names = records_from_spec(cfg.data)
+    if not dist.main:
+        _barrier(dist)
     faces: FaceSet = build_faceset(
-        root, records, pipeline, fr_key=fr_digest, label_names=label_names, cache_dir=faceset_cache, progress=progress
+        root,
+        records,
+        pipeline,
+        fr_key=fr_digest,
+        label_names=label_names,
+        cache_dir=faceset_cache,
+        progress=progress and dist.main,
     )
+    if dist.main:
+        _barrier(dist)
     splits = split_faceset(
         faces, cfg.out_size, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
     )
@@ -216,6 +238,26 @@ def train_decoder(
     perceptual = None
     if cfg.perceptual == "white_box":
         perceptual = PerceptualFeatures.white_box(pipeline.recognition_net, cfg.perceptual_layer).to(device)
+
+    if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
+        result = fit(
+            decoder,
+            splits,
+            perceptual=perceptual,
+            weights=cfg.loss_weights(),
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            patience=cfg.patience,
+            seed=cfg.seed,
+            device=device,
+            checkpoint_dir=out_dir,  # rank 0 writes it; every rank reads it on resume
+            resume=resume,
+            max_minutes=cfg.max_minutes,
+            progress=False,
+        )
+        return RunSummary("", fr_ref, "", sizes, {}, {}, False, result.best_epoch, result.epochs_done,
+                          result.stopped, result.train_images_per_s, 0.0, str(device))  # fmt: skip
 
     # 4. MLflow run (continued on resume)
     run_state: dict[str, Any] = {}

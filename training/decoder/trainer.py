@@ -45,6 +45,7 @@ class FitResult:
     history: list[EpochLog]
     stopped: str  # why training ended
     train_images_per_s: float
+    epochs_done: int = 0  # epochs completed in total (every rank counts; only rank 0 keeps history)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,6 +167,7 @@ def fit(
     t_start = time.perf_counter()
     seen_total, time_total = 0, 0.0
     stopped = "epochs"
+    epochs_done = start_epoch
     if start_epoch >= epochs:
         stopped = "already complete"
     for epoch in range(start_epoch, epochs):
@@ -236,6 +238,7 @@ def fit(
             elif max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
                 stopped = f"time budget of {max_minutes:g} min reached"
                 stop_now[0] = 1
+        epochs_done = epoch + 1
         if dist.world > 1:
             import torch.distributed as td
 
@@ -249,4 +252,5 @@ def fit(
         history=history,
         stopped=stopped,
         train_images_per_s=seen_total / time_total if time_total > 0 else float("nan"),
+        epochs_done=epochs_done,
     )
