@@ -44,13 +44,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 2
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _input_images(folder: str) -> tuple[Path, list[Path]] | int:
+    """The images under ``folder``, or exit code 2 after saying what is wrong."""
     from facexplain.data.faces import list_images
-    from services.client.sdk import EmbeddingClient, image_from_path, template_array, wait_ready
 
-    root = Path(args.dir)
+    root = Path(folder)
     if not root.is_dir():
         print(f"error: {root} is not a folder", file=sys.stderr)
         return 2
@@ -58,14 +56,35 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if not paths:
         print(f"error: no images (jpg, png, pgm, bmp, ...) under {root}", file=sys.stderr)
         return 2
-    client = EmbeddingClient(args.target, timeout=args.timeout)
+    return root, paths
+
+
+def _ready(channel: grpc.Channel, service: str, args: argparse.Namespace) -> bool:
+    """Wait for the service; say how to start it when it does not answer."""
+    from services.client.sdk import wait_ready
+
     try:
-        wait_ready(client.channel, args.connect_timeout)
+        wait_ready(channel, args.connect_timeout)
     except ConnectionError:
         print(
-            f"error: embedding service at {args.target} is not reachable (is `facexplain serve embedding` running?)",
+            f"error: {service} service at {args.target} is not reachable (is `facexplain serve {service}` running?)",
             file=sys.stderr,
         )
+        return False
+    return True
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from services.client.sdk import EmbeddingClient, image_from_path, template_array
+
+    found = _input_images(args.dir)
+    if isinstance(found, int):
+        return found
+    root, paths = found
+    client = EmbeddingClient(args.target, timeout=args.timeout)
+    if not _ready(client.channel, "embedding", args):
         return 3
     kept: list[str] = []
     templates: list[np.ndarray] = []
@@ -150,25 +169,14 @@ def output_stems(paths: list[Path], root: Path) -> dict[Path, str]:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from facexplain.data.faces import list_images
-    from services.client.sdk import DecodingClient, image_from_path, wait_ready
+    from services.client.sdk import DecodingClient, image_from_path
 
-    root = Path(args.dir)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder", file=sys.stderr)
-        return 2
-    paths = list_images(root)
-    if not paths:
-        print(f"error: no images (jpg, png, pgm, bmp, ...) under {root}", file=sys.stderr)
-        return 2
+    found = _input_images(args.dir)
+    if isinstance(found, int):
+        return found
+    root, paths = found
     client = DecodingClient(args.target, timeout=args.timeout)
-    try:
-        wait_ready(client.channel, args.connect_timeout)
-    except ConnectionError:
-        print(
-            f"error: decoding service at {args.target} is not reachable (is `facexplain serve decoding` running?)",
-            file=sys.stderr,
-        )
+    if not _ready(client.channel, "decoding", args):
         return 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

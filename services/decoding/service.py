@@ -32,7 +32,7 @@ from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
 from services.kit.reload import reload_response
-from services.kit.rpc import check_deadline, unary
+from services.kit.rpc import check_batch, check_deadline, unary
 from services.kit.templates import template_from_proto, template_to_proto
 
 log = logging.getLogger("facexplain.decoding")
@@ -135,13 +135,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
     ) -> decoding_pb2.DecodeBatchResponse:
         decoder, _fr = self._models()
         n = len(request.templates)
-        if n == 0:
-            raise InvalidArgument("templates is empty")
-        if n > self.settings.max_batch_size:
-            raise ResourceExhausted(
-                f"batch of {n} templates exceeds the limit of {self.settings.max_batch_size} "
-                "(FACEXPLAIN_MAX_BATCH_SIZE)"
-            )
+        check_batch(n, self.settings.max_batch_size, "templates")
         results = [decoding_pb2.DecodeResult(index=i) for i in range(n)]
         valid: dict[int, torch.Tensor] = {}
         for i, t in enumerate(request.templates):

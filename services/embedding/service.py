@@ -11,12 +11,12 @@ from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.config import ServiceSettings
 from services.kit.embedder import face_selection
-from services.kit.errors import InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
+from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
 from services.kit.reload import reload_response
-from services.kit.rpc import check_deadline, unary
+from services.kit.rpc import check_batch, check_deadline, unary
 from services.kit.templates import template_from_proto, template_to_proto
 
 log = logging.getLogger("facexplain.embedding")
@@ -99,12 +99,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> embedding_pb2.EmbedBatchResponse:
         served = self.slot.current()
         n = len(request.images)
-        if n == 0:
-            raise InvalidArgument("images is empty")
-        if n > self.settings.max_batch_size:
-            raise ResourceExhausted(
-                f"batch of {n} images exceeds the limit of {self.settings.max_batch_size} (FACEXPLAIN_MAX_BATCH_SIZE)"
-            )
+        check_batch(n, self.settings.max_batch_size, "images")
         selection = self._selection(request.selection)
         results: list[embedding_pb2.EmbedResult] = [embedding_pb2.EmbedResult(index=i) for i in range(n)]
         decoded: dict[int, torch.Tensor] = {}

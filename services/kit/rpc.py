@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.kit.errors import DeadlineExceeded, ServiceError
+from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
 from services.kit.metrics import ServiceMetrics
 
 log = logging.getLogger("facexplain.rpc")
@@ -28,6 +28,14 @@ def check_deadline(context: grpc.ServicerContext, stage: str = "") -> None:
         raise DeadlineExceeded(f"deadline exceeded{' during ' + stage if stage else ''}")
     if not context.is_active():
         raise DeadlineExceeded(f"call cancelled by the client{' during ' + stage if stage else ''}")
+
+
+def check_batch(n: int, limit: int, items: str) -> None:
+    """A batch request must hold between 1 and ``limit`` ``items`` (FACEXPLAIN_MAX_BATCH_SIZE)."""
+    if n == 0:
+        raise InvalidArgument(f"{items} is empty")
+    if n > limit:
+        raise ResourceExhausted(f"batch of {n} {items} exceeds the limit of {limit} (FACEXPLAIN_MAX_BATCH_SIZE)")
 
 
 def _finish(metrics: ServiceMetrics, method: str, code: grpc.StatusCode, start: float) -> None:

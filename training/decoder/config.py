@@ -92,7 +92,20 @@ class TrainDecoderConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "demo": {"epochs": 12, "patience": 12, "base_channels": 16, "max_channels": 128, "val_fraction": 0.0},
-    "celeba-cpu": {"data": "../shared/data/celeba_subset", "epochs": 40, "max_minutes": 10.0},
+    # The CPU recipe (README, "Decoder quality"): the narrow decoder trains at ~22 images/s on 2 cores.
+    # Perceptual weight 0.03, not the paper's 1: the paper's weights balance terms in its units. In ours
+    # (images in [0, 1], features of the FR model's conv64_3) the perceptual terms are ~25x the pixel
+    # terms at weight 1 (1.2 vs 0.054 after 3 epochs) and the reconstructions fell below the mean face
+    # in PSNR while fooling the FR model with texture; at 0.03 the terms are of one order. The
+    # ablation (bench/bench_decoder.py) keeps the all-1 setting as a row.
+    "celeba-cpu": {
+        "data": "../shared/data/celeba_subset",
+        "base_channels": 16,
+        "perceptual_global": 0.03,
+        "perceptual_local": 0.03,
+        "epochs": 60,
+        "max_minutes": 30.0,
+    },
     "celeba-gpu": {
         "data": "../shared/data/celeba_subset",
         "out_size": 112,

@@ -9,6 +9,7 @@ FR model name+version it inverts). ``summary.json`` in the output folder repeats
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -239,23 +240,24 @@ def train_decoder(
     if cfg.perceptual == "white_box":
         perceptual = PerceptualFeatures.white_box(pipeline.recognition_net, cfg.perceptual_layer).to(device)
 
+    train = functools.partial(
+        fit,
+        decoder,
+        splits,
+        perceptual=perceptual,
+        weights=cfg.loss_weights(),
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        device=device,
+        checkpoint_dir=out_dir,  # rank 0 writes it; every rank reads it on resume
+        resume=resume,
+        max_minutes=cfg.max_minutes,
+    )
     if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
-        result = fit(
-            decoder,
-            splits,
-            perceptual=perceptual,
-            weights=cfg.loss_weights(),
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            patience=cfg.patience,
-            seed=cfg.seed,
-            device=device,
-            checkpoint_dir=out_dir,  # rank 0 writes it; every rank reads it on resume
-            resume=resume,
-            max_minutes=cfg.max_minutes,
-            progress=False,
-        )
+        result = train(progress=False)
         return RunSummary("", fr_ref, "", sizes, {}, {}, False, result.best_epoch, result.epochs_done,
                           result.stopped, result.train_images_per_s, 0.0, str(device))  # fmt: skip
 
@@ -314,24 +316,7 @@ def train_decoder(
 
     t0 = time.perf_counter()
     try:
-        result = fit(
-            decoder,
-            splits,
-            perceptual=perceptual,
-            weights=cfg.loss_weights(),
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            patience=cfg.patience,
-            seed=cfg.seed,
-            device=device,
-            checkpoint_dir=out_dir,
-            resume=resume,
-            max_minutes=cfg.max_minutes,
-            on_epoch=on_epoch,
-            run_state=run_state,
-            progress=progress,
-        )
+        result = train(on_epoch=on_epoch, run_state=run_state, progress=progress)
     except BaseException:
         mlrun.end("KILLED")  # resumable: the checkpoint of the last finished epoch is kept
         raise
