@@ -33,7 +33,7 @@ test: setup  ## the whole suite: fast tests first, then real servers on loopback
 	$(BIN)/pytest -q -m "not integration" tests
 	$(BIN)/pytest -q -m integration tests
 
-demo: setup  ## start the embedding service, embed the bundled sample faces, stop
+demo: setup  ## registry + embedding and decoding services on the bundled sample faces (trains a small decoder once), stop
 	$(BIN)/python scripts/demo.py
 
 bench: setup  ## benchmarks (not tests): writes bench/results/*.json
@@ -52,7 +52,7 @@ clean:
 
 # -- Model registry (MLflow tracking server + Model Registry on loopback; see README "Model registry") ------
 # Settings: mlflow/server.env (overridable by the environment, e.g. `MLFLOW_PORT=5001 make mlflow`).
-.PHONY: mlflow mlflow-stop register-defaults
+.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder
 
 mlflow: setup  ## start the MLflow server in the background (sqlite + local artifacts in var/mlflow/), wait for /health
 	$(BIN)/python scripts/mlflow_server.py start
@@ -63,3 +63,15 @@ mlflow-stop:  ## stop the MLflow server that `make mlflow` started
 register-defaults: mlflow  ## register the default face models as a version (champion if none yet)
 	FACEXPLAIN_REGISTRY_URI=$${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)} \
 		$(BIN)/python -m services.client.cli registry register-defaults
+
+REGISTRY_URI = $${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)}
+DECODER_PRESET ?= celeba-cpu
+
+train-decoder: register-defaults  ## train the default decoder on ../shared/data/celeba_subset (DECODER_PRESET=celeba-gpu on a GPU)
+	$(BIN)/python -m services.client.cli train decoder --preset $(DECODER_PRESET) --registry $(REGISTRY_URI) \
+		--out var/train/decoder-$(DECODER_PRESET)
+
+bench-decoder: register-defaults  ## decoder throughput, loss ablation, recipe quality (~1 h CPU) -> bench/results/decoder-*.json
+	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py throughput
+	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py ablation
+	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py quality

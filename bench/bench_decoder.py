@@ -2,6 +2,8 @@
 
     python bench/bench_decoder.py throughput            # images/s of training steps, cpu (and cuda if present)
     python bench/bench_decoder.py ablation --minutes 4  # loss combinations like DFD's Table 1, same split
+    python bench/bench_decoder.py quality [--summary var/train/celeba-cpu/summary.json]
+                                                        # the recipe's run against the quality gates
 
 Throughput times full training steps (forward, the DFD losses, backward, Adam) on real CelebA chips
 and templates from the cached face set, per loss setting, after warm-up. The ablation trains one
@@ -173,15 +175,39 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def quality(args: argparse.Namespace) -> dict[str, Any]:
+    """The CPU recipe (celeba-cpu preset) against the quality gates: a finished run's summary, or a new run."""
+    import json
+
+    from training.decoder.run import QUALITY_GATES, train_decoder
+
+    cfg = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"])
+    if args.summary:
+        summary = json.loads(Path(args.summary).read_text())
+    else:
+        from dataclasses import asdict
+
+        summary = asdict(
+            train_decoder(cfg, registry_uri=_registry_uri(args), out_dir=Path("var/train/celeba-cpu"), register=False)
+        )
+    return {
+        "benchmark": "decoder quality on unseen CelebA identities (identity-disjoint split)",
+        "gates": {k: f"{op} {bound}" for k, (op, bound) in QUALITY_GATES.items()},
+        "config": cfg.to_params(),
+        **summary,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["throughput", "ablation"])
+    p.add_argument("what", choices=["throughput", "ablation", "quality"])
+    p.add_argument("--summary", default="", help="quality: read this finished run's summary.json instead of training")
     p.add_argument("--registry", default="")
     p.add_argument("--seconds", type=float, default=8.0, help="throughput: timed seconds per setting")
     p.add_argument("--minutes", type=float, default=4.0, help="ablation: training budget per loss combination")
     p.add_argument("--epochs", type=int, default=40)
     args = p.parse_args()
-    result = throughput(args) if args.what == "throughput" else ablation(args)
+    result = {"throughput": throughput, "ablation": ablation, "quality": quality}[args.what](args)
     dev = "gpu" if torch.cuda.is_available() else "cpu"
     path = write(f"decoder-{args.what}-{dev}", {"machine": machine(), **result})
     print(f"-> {path}")
