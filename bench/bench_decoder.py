@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
+from facexplain.paths import var_dir
 from training.decoder.config import PRESETS, TrainDecoderConfig
 
 CELEBA = "../shared/data/celeba_subset"
@@ -96,7 +97,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"])
     reg = Registry(_registry_uri(args))
-    info, path = resolve_fr_model(reg, cfg.fr_model, Path("var/models"))
+    info, path = resolve_fr_model(reg, cfg.fr_model, var_dir() / "models")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for dev in devices:
@@ -144,7 +145,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         s = train_decoder(
             cfg,
             registry_uri=uri,
-            out_dir=Path("var/bench/ablation") / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"),
+            out_dir=var_dir() / "bench" / "ablation" / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"),
             register=False,
             progress=False,
         )
@@ -188,7 +189,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         from dataclasses import asdict
 
         summary = asdict(
-            train_decoder(cfg, registry_uri=_registry_uri(args), out_dir=Path("var/train/celeba-cpu"), register=False)
+            train_decoder(
+                cfg, registry_uri=_registry_uri(args), out_dir=var_dir() / "train" / "celeba-cpu", register=False
+            )
         )
     return {
         "benchmark": "decoder quality on unseen CelebA identities (identity-disjoint split)",

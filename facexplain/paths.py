@@ -19,3 +19,13 @@ def faceapi_model_dir() -> Path:
     if env:
         return Path(env)
     return REPO_ROOT / ".weights" / f"face-api-{FACEAPI_VERSION}" / "model"
+
+
+def var_dir() -> Path:
+    """Local state that is not source: caches, downloaded model versions, training runs (``FACEXPLAIN_VAR_DIR``).
+
+    Defaults to ``var/`` in the checkout, whatever the working directory, so a command run from
+    elsewhere finds the same caches instead of starting new ones.
+    """
+    env = os.environ.get("FACEXPLAIN_VAR_DIR")
+    return Path(env) if env else REPO_ROOT / "var"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from facexplain.paths import var_dir
 from training.decoder.config import PRESETS, TrainDecoderConfig
 
 
@@ -64,7 +65,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
         return 2
     cfg = config_from_args(args)
-    out = Path(args.out or f"var/train/decoder-{args.preset}")
+    out = Path(args.out) if args.out else var_dir() / "train" / f"decoder-{args.preset}"
     summary = train_decoder(
         cfg,
         registry_uri=args.registry,

@@ -29,6 +29,7 @@ from facexplain.metrics.reconstruction import embed_images, reconstruction_repor
 from facexplain.models.bundle import GOLDEN_IMAGE, bundle_digest, load_bundle, load_golden_image, read_metadata
 from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.decoder_bundle import save_decoder_bundle
+from facexplain.paths import var_dir
 from facexplain.viz import pairs_grid, save_png
 from services.kit.registry import CHALLENGER, CHAMPION, Registry, RegistryNotFound, VersionInfo
 from training.decoder.config import TrainDecoderConfig
@@ -36,7 +37,7 @@ from training.decoder.data import DecoderSplit, split_faceset
 from training.decoder.trainer import Dist, EpochLog, fit, init_distributed
 
 EXPERIMENT = "facexplain-decoders"
-FACESET_CACHE = Path("var/cache/facesets")
+FACESET_CACHE = var_dir() / "cache" / "facesets"
 VAL_IDENTITY_FACES = 256  # per-epoch identity check on this many validation faces (full check at the end)
 
 # The quality gates on unseen identities (64 px or more, against the aligned chip).
@@ -200,7 +201,7 @@ def train_decoder(
     registry = Registry(registry_uri, timeout_s=30.0, max_retries=2)
 
     # 1. the FR model to invert, exactly as services load it
-    fr_info, fr_path = resolve_fr_model(registry, cfg.fr_model, Path("var/models"))
+    fr_info, fr_path = resolve_fr_model(registry, cfg.fr_model, var_dir() / "models")
     fr_meta = read_metadata(fr_path)
     if fr_meta["kind"] != "embedder":
         raise ValueError(f"{fr_info.name} v{fr_info.version} is a {fr_meta['kind']!r}, not an FR model (embedder)")
