@@ -129,3 +129,11 @@ def test_distributed_data_parallel_on_cpu(tmp_path: Path) -> None:
     assert r1 == {"epochs": 3, "history": 0, "stopped": "epochs"}  # trained in step; rank 0 keeps the record
     ck = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and len(ck["history"]) == 3
+
+
+def test_lr_decay_halves_after_each_epoch_without_improvement(tmp_path: Path) -> None:
+    _, res = _fit(tmp_path, 6, lr=0.3, lr_decay=0.5)
+    bad = sum(1 for h in res.history if not h.best)
+    assert bad >= 1  # lr 0.3 overshoots: some epochs do not improve
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.3 * 0.5**bad)

@@ -45,6 +45,7 @@ class TrainDecoderConfig:
     batch_size: int = 32
     epochs: int = 30
     patience: int = 4
+    lr_decay: float = 0.0  # 0 = constant lr (paper); e.g. 0.5 = halve it after an epoch without improvement
     max_minutes: float = 0.0  # 0 = no time budget; otherwise stop after the epoch that crosses it
     # where
     device: str = "auto"

@@ -256,6 +256,7 @@ def train_decoder(
         checkpoint_dir=out_dir,  # rank 0 writes it; every rank reads it on resume
         resume=resume,
         max_minutes=cfg.max_minutes,
+        lr_decay=cfg.lr_decay,
     )
     if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
         result = train(progress=False)

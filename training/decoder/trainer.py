@@ -127,6 +127,7 @@ def fit(
     checkpoint_dir: Path,
     resume: bool = False,
     max_minutes: float = 0.0,
+    lr_decay: float = 0.0,
     on_epoch: Callable[[EpochLog, torch.Tensor], None] | None = None,
     run_state: dict[str, Any] | None = None,
     progress: bool = True,
@@ -144,6 +145,12 @@ def fit(
 
         model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    # Optional: multiply the learning rate by ``lr_decay`` after an epoch without validation improvement.
+    sched = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=lr_decay, patience=0, min_lr=lr * 1e-2)
+        if 0.0 < lr_decay < 1.0
+        else None
+    )
     train, val = splits["train"], splits["val"]
     has_val = len(val) > 0
     start_epoch, best_val, best_epoch, bad = 0, math.inf, -1, 0
@@ -155,6 +162,8 @@ def fit(
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         decoder.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
         best_state, best_val, best_epoch, bad = ck["best_state"], ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
         start_epoch = ck["epoch"] + 1
         history = [EpochLog(**h) for h in ck["history"]]
@@ -199,7 +208,7 @@ def fit(
         seen_total += seen * dist.world
         time_total += dt
         train_means = {k: v / max(1, seen) for k, v in sums.items()}
-        stop_now = torch.zeros(1)
+        stop_now = torch.zeros(2, dtype=torch.float64, device=device)  # [stop?, lr]: rank 0 decides both
         if dist.main:
             if has_val:
                 val_means, recons = evaluate_split(decoder, val, perceptual, weights, device)
@@ -208,6 +217,8 @@ def fit(
                 val_means, recons = {}, torch.zeros(0)
                 score = train_means["total"]
             improved = score < best_val
+            if sched is not None:
+                sched.step(score)
             if improved:
                 best_val, best_epoch, bad = score, epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in decoder.state_dict().items()})
@@ -223,6 +234,7 @@ def fit(
                     "epoch": epoch,
                     "decoder": decoder.state_dict(),
                     "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
                     "best_state": best_state,
                     "best_val": best_val,
                     "best_epoch": best_epoch,
@@ -242,7 +254,10 @@ def fit(
         if dist.world > 1:
             import torch.distributed as td
 
+            stop_now[1] = opt.param_groups[0]["lr"]
             td.broadcast(stop_now, 0)
+            for group in opt.param_groups:  # every rank steps with rank 0's (possibly decayed) rate
+                group["lr"] = float(stop_now[1])
         if bool(stop_now[0]):
             break
     decoder.load_state_dict(best_state)
