@@ -41,10 +41,10 @@ bench: setup  ## benchmarks (not tests): writes bench/results/*.json
 
 LINT_DIRS := $(wildcard facexplain services training scripts tests bench)
 
-lint:  ## ruff (lint + format check) and mypy on the core and the services
+lint:  ## ruff (lint + format check) and mypy on the core, the services and the training pipelines
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
-	$(BIN)/mypy facexplain services
+	$(BIN)/mypy facexplain services training
 
 
 clean:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,20 @@ def config_from_args(args: argparse.Namespace) -> TrainDecoderConfig:
     return cfg.replace(**explicit)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, Kubernetes, a scheduler) ends the run like Ctrl-C: the MLflow run is marked KILLED and
+    the last finished epoch's checkpoint stays for --resume."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     from training.decoder.run import train_decoder
+
+    _stop_on_sigterm()
 
     if not args.registry:
         print(
