@@ -1,10 +1,13 @@
-"""The main job on a fresh machine (``make demo``): registry, service, embed the sample faces, report.
+"""The main job on a fresh machine (``make demo``): registry, services, embed and reconstruct the samples.
 
 Starts an MLflow server on loopback (sqlite + local artifacts under ``var/demo/mlflow``), registers the
 default face model as a version (champion on first run; re-runs reuse it), starts the embedding
 service serving ``champion`` from the registry, embeds ``data/sample`` with the ``facexplain embed``
-CLI, prints per-identity verification under the model's stored rule, and stops everything on exit
-(Ctrl-C included).
+CLI and prints per-identity verification under the model's stored rule. Then it trains a small Deep
+Face Decoder for that FR version on the sample faces (``facexplain train decoder --preset demo``,
+about a minute; reused on re-runs when a decoder for the same FR version is champion), starts the
+decoding service and writes aligned chips, reconstructions and metrics with ``facexplain
+reconstruct``. Everything stops on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -21,7 +24,47 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from services.client.launcher import start_mlflow, start_service  # noqa: E402
-from services.kit.registry import DEFAULT_FR_MODEL  # noqa: E402
+from services.kit.registry import (  # noqa: E402
+    CHAMPION,
+    DEFAULT_DECODER_MODEL,
+    DEFAULT_FR_MODEL,
+    Registry,
+    RegistryNotFound,
+)
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "services.client.cli", *args], cwd=REPO, check=True)
+
+
+def ensure_decoder(uri: str) -> str:
+    """A champion decoder for the FR champion: the registered one if it matches, else train one now."""
+    reg = Registry(uri)
+    fr = reg.resolve(DEFAULT_FR_MODEL, CHAMPION)
+    try:
+        dec = reg.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
+        if dec.tags.get("fr_model_name") == fr.name and dec.tags.get("fr_model_version") == fr.version:
+            return f"reusing {dec.name} v{dec.version} (inverts {fr.name} v{fr.version})"
+    except RegistryNotFound:
+        pass
+    print(f"training a demo decoder for {fr.name} v{fr.version} on the sample faces (about a minute) ...", flush=True)
+    _cli(
+        "train",
+        "decoder",
+        "--preset",
+        "demo",
+        "--registry",
+        uri,
+        "--fr-model",
+        f"{fr.name}@{fr.version}",
+        "--alias",
+        CHAMPION,
+        "--out",
+        str(REPO / "var" / "demo" / "decoder"),
+        "--quiet",
+    )
+    dec = reg.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
+    return f"trained {dec.name} v{dec.version} (inverts {fr.name} v{fr.version})"
 
 
 def main() -> int:
@@ -32,6 +75,7 @@ def main() -> int:
     print("starting the MLflow registry (10-20 s) ...", flush=True)
     mlflow = start_mlflow(out_dir / "mlflow")
     svc = None
+    dsvc = None
     try:
         print(f"MLflow UI: {mlflow.uri}")
         subprocess.run(
@@ -76,8 +120,23 @@ def main() -> int:
         print(f"different    : {len(diff):4d} pairs, mean L2 {np.mean(diff):.3f}, rejected {rej_diff:.1%}")
         if len(data["failed"]):
             print("no face found in:", ", ".join(f for f, _ in data["failed"]))
-        print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)")
+        print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)\n")
+
+        print(ensure_decoder(mlflow.uri), flush=True)
+        print("starting the decoding service (decoder and FR model from the registry) ...", flush=True)
+        dsvc = start_service("decoding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri})
+        print(f"decoding service on {dsvc.address}, metrics on :{dsvc.metrics_port}, log {dsvc.log_path}")
+        recon_dir = out_dir / "reconstructions"
+        _cli("reconstruct", str(sample), "--target", dsvc.address, "--out", str(recon_dir))
+        print(f"\naligned chips, reconstructions and metrics.csv in {recon_dir}")
+        print(
+            "(the demo decoder saw 30 faces for a minute; `make train-decoder` trains the real one on the CelebA "
+            "subset, README 'Decoder quality')"
+        )
+        print(f"training curves, grids and the registered versions: {mlflow.uri}  ({time.monotonic() - t0:.0f} s)")
     finally:
+        if dsvc is not None:
+            print(f"decoding service stopped (exit {dsvc.stop()})")
         if svc is not None:
             print(f"embedding service stopped (exit {svc.stop()})")
         mlflow.stop()
