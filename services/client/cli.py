@@ -259,7 +259,9 @@ def _cmd_train_decoder(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_training=False`` leaves out the flags of ``train`` subcommands, whose
+    definitions live in training code that other commands must not import (a service host may not ship it)."""
     p = argparse.ArgumentParser(prog="facexplain", description="Explainability for face-recognition models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -321,13 +323,15 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
         description="Train a Deep Face Decoder (DFD) for a registered FR model: face set, identity-disjoint "
         "split, DFD losses, MLflow tracking, evaluation on unseen identities, registration.",
     )
-    _add_train_decoder_arguments(td)
+    if with_training:
+        _add_train_decoder_arguments(td)
     td.set_defaults(func=_cmd_train_decoder)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_training=bool(argv) and argv[0] == "train").parse_args(argv)
     return int(args.func(args))
 
 
