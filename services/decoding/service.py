@@ -26,7 +26,7 @@ from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from services.decoding.settings import DecodingSettings
-from services.kit.embedder import face_selection
+from services.kit.embedder import box_to_proto, face_selection, rule_to_proto
 from services.kit.errors import FailedPrecondition, InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -53,15 +53,6 @@ def _png01(image: torch.Tensor) -> common_pb2.Image:
 
 def _fr_ref(decoder: LoadedDecoder) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=decoder.fr_name, version=decoder.fr_version)
-
-
-def _item_error(exc: ServiceError) -> common_pb2.ItemError:
-    return common_pb2.ItemError(code=exc.code.value[0], message=exc.message)
-
-
-def _box(face_box: torch.Tensor, score: float) -> common_pb2.Box:
-    x1, y1, x2, y2 = (float(v) for v in face_box)
-    return common_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2, score=score)
 
 
 def _same_model(a: common_pb2.ModelRef, b: common_pb2.ModelRef) -> bool:
@@ -142,7 +133,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
             try:
                 valid[i] = self._template(t, decoder.model)
             except ServiceError as exc:
-                results[i].error.CopyFrom(_item_error(exc))
+                results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "template checks")
         order = sorted(valid)
         if order:
@@ -180,13 +171,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
             ssim=float(ssim(recon, aligned, window=window)[0]),
             identity_cosine=float(F.cosine_similarity(template, recon_template, dim=0)),
             same_person=bool(rule.accepts(template[None], recon_template[None])[0]),
-            rule=common_pb2.VerificationRule(
-                metric=rule.metric,
-                threshold=rule.threshold,
-                accept_below=rule.accept_below,
-                source=rule.source,
-                normalized=False,
-            ),
+            rule=rule_to_proto(rule),
         )
         return decoding_pb2.ReconstructResponse(
             aligned=_png01(aligned[0]),
@@ -195,7 +180,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
             metrics=metrics,
             decoder=decoder.ref(),
             fr_model=_fr_ref(dec),
-            face=_box(result.face.box, result.face.score),
+            face=box_to_proto(result.face.box, result.face.score),
         )
 
     @unary

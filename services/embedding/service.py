@@ -10,7 +10,7 @@ import torch
 from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.config import ServiceSettings
-from services.kit.embedder import face_selection
+from services.kit.embedder import box_to_proto, face_selection, rule_to_proto
 from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -21,11 +21,6 @@ from services.kit.templates import template_from_proto, template_to_proto
 
 log = logging.getLogger("facexplain.embedding")
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-
-
-def _box(face_box: torch.Tensor, score: float) -> common_pb2.Box:
-    x1, y1, x2, y2 = (float(v) for v in face_box)
-    return common_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2, score=score)
 
 
 def _landmarks(points: torch.Tensor) -> common_pb2.Landmarks:
@@ -47,7 +42,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> embedding_pb2.EmbedResponse:
         resp = embedding_pb2.EmbedResponse(
             template=template_to_proto(result.template, served, normalized=normalize),
-            face=_box(result.face.box, result.face.score),
+            face=box_to_proto(result.face.box, result.face.score),
             landmarks=_landmarks(result.face.landmarks),
             model=served.ref(),
         )
@@ -107,14 +102,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             try:
                 decoded[i] = decode_image(img, self.settings.max_image_pixels)
             except ServiceError as exc:
-                results[i].error.CopyFrom(common_pb2.ItemError(code=exc.code.value[0], message=exc.message))
+                results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "decoding")
         order = sorted(decoded)
         faces = served.model.analyze([decoded[i] for i in order], selection) if order else []
         for i, res in zip(order, faces, strict=True):
             if res is None:
                 err = NoFaceFound()
-                results[i].error.CopyFrom(common_pb2.ItemError(code=err.code.value[0], message=err.message))
+                results[i].error.CopyFrom(err.item_error())
             else:
                 results[i].ok.CopyFrom(self._response(res, served, request.normalize, request.return_aligned))
         ok = sum(1 for r in results if r.WhichOneof("outcome") == "ok")
@@ -139,13 +134,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             cosine=cos,
             l2_distance=l2,
             same_person=same,
-            rule=common_pb2.VerificationRule(
-                metric=rule.metric,
-                threshold=rule.threshold,
-                accept_below=rule.accept_below,
-                source=rule.source,
-                normalized=False,
-            ),
+            rule=rule_to_proto(rule),
             a=template_to_proto(a, served),
             b=template_to_proto(b, served),
             model=served.ref(),
@@ -165,7 +154,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             faces = [chosen] if chosen is not None else []
         return embedding_pb2.LandmarksResponse(
             faces=[
-                embedding_pb2.DetectedFace(box=_box(f.box, f.score), landmarks=_landmarks(f.landmarks)) for f in faces
+                embedding_pb2.DetectedFace(box=box_to_proto(f.box, f.score), landmarks=_landmarks(f.landmarks))
+                for f in faces
             ],
             model=served.ref(),
         )

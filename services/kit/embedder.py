@@ -8,9 +8,12 @@ fallback, so one function builds the slot for both.
 
 from __future__ import annotations
 
+import torch
+
+from facexplain.metrics.verification import VerificationRule
 from facexplain.models.bundle import KIND_EMBEDDER
 from facexplain.pipeline import FacePipeline, FaceSelection
-from services.api.v1 import embedding_pb2
+from services.api.v1 import common_pb2, embedding_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import InvalidArgument
 from services.kit.metrics import ServiceMetrics
@@ -29,6 +32,23 @@ def face_selection(value: int) -> FaceSelection:
     if value not in _SELECTION:
         raise InvalidArgument(f"unknown face selection {value}")
     return _SELECTION[value]
+
+
+def box_to_proto(face_box: torch.Tensor, score: float) -> common_pb2.Box:
+    """A detected face's (x1, y1, x2, y2) box and score on the wire."""
+    x1, y1, x2, y2 = (float(v) for v in face_box)
+    return common_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2, score=score)
+
+
+def rule_to_proto(rule: VerificationRule) -> common_pb2.VerificationRule:
+    """The FR model's stored verification rule on the wire (always defined on raw templates)."""
+    return common_pb2.VerificationRule(
+        metric=rule.metric,
+        threshold=rule.threshold,
+        accept_below=rule.accept_below,
+        source=rule.source,
+        normalized=False,
+    )
 
 
 def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:

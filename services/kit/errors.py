@@ -6,6 +6,8 @@ else becomes INTERNAL with a generic message (the details go to the log, never t
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -17,6 +19,12 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def item_error(self) -> Any:
+        """This error as one item's outcome in a batch response (``common_pb2.ItemError``)."""
+        from services.api.v1 import common_pb2
+
+        return common_pb2.ItemError(code=self.code.value[0], message=self.message)
 
 
 class InvalidArgument(ServiceError):

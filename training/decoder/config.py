@@ -69,14 +69,11 @@ class TrainDecoderConfig:
     def loss_weights(self) -> DFDLossWeights:
         from facexplain.losses.dfd import DFDLossWeights
 
-        return DFDLossWeights(
-            pixel_global=self.pixel_global,
-            pixel_local=self.pixel_local,
-            gradient_global=self.gradient_global,
-            gradient_local=self.gradient_local,
-            perceptual_global=self.perceptual_global if self.perceptual != "none" else 0.0,
-            perceptual_local=self.perceptual_local if self.perceptual != "none" else 0.0,
-        )
+        # The six weights are fields of this config under DFDLossWeights' own names (flat, for MLflow).
+        weights = {f.name: getattr(self, f.name) for f in dataclasses.fields(DFDLossWeights)}
+        if self.perceptual == "none":
+            weights.update(perceptual_global=0.0, perceptual_local=0.0)
+        return DFDLossWeights(**weights)
 
     def to_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
