@@ -275,3 +275,75 @@ def build_faceset(
     if cached is not None:
         fs.save(cached)
     return fs
+
+
+def mirror_faceset(
+    faces: FaceSet,
+    embed_chips: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    cache_path: Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> FaceSet:
+    """The same faces mirrored left-right: flipped chips, mirrored landmarks, and the FR model's template
+    *of the flipped chip* (re-embedded, not copied: a mirrored face is a new image to the FR model).
+
+    Why: a decoder trained on a few thousand faces overfits its training identities; every mirrored
+    chip with its own template is a new, self-consistent (template, image) pair of the same identity,
+    doubling the training data at the cost of one embedding pass (cached at ``cache_path``). Landmark
+    indices are not permuted (point 36 stays at index 36, now on the other side): the face-region mask
+    only uses the set of points 17..67, which mirroring maps onto itself. Labels are copied as they
+    are: side-dependent labels (yaw, "left eye closed") need flipping by the caller.
+    """
+    if cache_path is not None and cache_path.is_file():
+        cached = FaceSet.load(cache_path)
+        if cached.paths == [f"{p}#hflip" for p in faces.paths]:
+            return cached
+    from tqdm import tqdm
+
+    chips = torch.flip(faces.chips, dims=[-1])
+    size = chips.shape[-1]
+    landmarks = faces.landmarks.clone()
+    landmarks[..., 0] = (size - 1) - landmarks[..., 0]
+    out = []
+    with torch.no_grad():
+        for start in tqdm(
+            range(0, len(faces), batch_size), desc="embedding mirrored chips", unit="batch", disable=not progress
+        ):
+            out.append(embed_chips(chips[start : start + batch_size].float()).float().cpu())
+    mirrored = FaceSet(
+        paths=[f"{p}#hflip" for p in faces.paths],
+        identities=list(faces.identities),
+        templates=torch.cat(out) if out else torch.zeros(0, faces.templates.shape[1]),
+        chips=chips,
+        landmarks=landmarks,
+        label_names=list(faces.label_names),
+        labels=None if faces.labels is None else faces.labels.clone(),
+        failed=[],
+        meta={**faces.meta, "mirrored": True},
+    )
+    if cache_path is not None:
+        mirrored.save(cache_path)
+    return mirrored
+
+
+def concat_facesets(first: FaceSet, second: FaceSet) -> FaceSet:
+    """Both sets' faces, ``first``'s then ``second``'s (same FR model and chip geometry required)."""
+    if first.templates.shape[1:] != second.templates.shape[1:] or first.chips.shape[1:] != second.chips.shape[1:]:
+        raise ValueError("face sets of different template dimension or chip size cannot be joined")
+    if first.label_names != second.label_names:
+        raise ValueError(f"face sets with different labels: {first.label_names} vs {second.label_names}")
+    labels = None
+    if first.labels is not None and second.labels is not None:
+        labels = torch.cat([first.labels, second.labels])
+    return FaceSet(
+        paths=first.paths + second.paths,
+        identities=first.identities + second.identities,
+        templates=torch.cat([first.templates, second.templates]),
+        chips=torch.cat([first.chips, second.chips]),
+        landmarks=torch.cat([first.landmarks, second.landmarks]),
+        label_names=list(first.label_names),
+        labels=labels,
+        failed=first.failed + second.failed,
+        meta=dict(first.meta),
+    )

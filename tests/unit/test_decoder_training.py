@@ -136,3 +136,66 @@ def test_lr_decay_halves_after_each_epoch_without_improvement(tmp_path: Path) ->
     assert bad >= 1  # lr 0.3 overshoots: some epochs do not improve
     ck = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.3 * 0.5**bad)
+
+
+def test_weight_average_is_what_is_validated_kept_and_resumed(tmp_path: Path) -> None:
+    # The average lags the live weights: after training, the returned (best) weights are the average's.
+    dec, res = _fit(tmp_path / "a", 3, ema=0.9)
+    ck = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert ck["ema"]["steps"] == 3 * 4  # 64 faces / batch 16, every step averaged
+    live = ck["decoder"]["fc.weight"]
+    assert not torch.equal(live, ck["ema"]["state"]["fc.weight"])
+    if res.best_epoch == 3:
+        assert torch.equal(dec.state_dict()["fc.weight"], ck["ema"]["state"]["fc.weight"])
+    # resuming restores the average too: 2 + 2 epochs == 4 straight
+    straight, _ = _fit(tmp_path / "b", 4, ema=0.9)
+    _fit(tmp_path / "c", 2, ema=0.9)
+    resumed, _ = _fit(tmp_path / "c", 4, resume=True, ema=0.9)
+    for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(v1, v2), k
+
+
+def test_weight_average_warms_up_then_follows_the_decay() -> None:
+    from training.decoder.trainer import WeightAverage
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    avg = WeightAverage(lin, 0.99)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    avg.update(lin)  # warm-up decay min(0.99, 2/11): the average moves most of the way at once
+    assert float(avg.state["weight"]) == pytest.approx(1 - 2 / 11)
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(lin, 1.0)
+
+
+def test_mirrored_faces_only_augment_training(sample_faceset: FaceSet, tmp_path: Path) -> None:
+    from facexplain.data.faceset import mirror_faceset
+
+    calls: list[int] = []
+
+    dim = sample_faceset.templates.shape[1]
+
+    def embed(chips: torch.Tensor) -> torch.Tensor:  # a stand-in FR model: a fixed function of the pixels
+        calls.append(chips.shape[0])
+        return torch.nn.functional.adaptive_avg_pool2d(chips, 8).flatten(1)[:, :dim]
+
+    cache = tmp_path / "m.npz"
+    mirrored = mirror_faceset(sample_faceset, embed, cache_path=cache, progress=False)
+    assert torch.equal(mirrored.chips, torch.flip(sample_faceset.chips, dims=[-1]))
+    size = sample_faceset.chips.shape[-1]
+    assert torch.allclose(mirrored.landmarks[..., 0], size - 1 - sample_faceset.landmarks[..., 0])
+    assert torch.allclose(mirrored.templates, embed(mirrored.chips.float()))  # re-embedded, not copied
+    n_calls = len(calls)
+    again = mirror_faceset(sample_faceset, embed, cache_path=cache, progress=False)
+    assert len(calls) == n_calls and torch.equal(again.templates, mirrored.templates)  # read from the cache
+
+    plain = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0)
+    aug = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0, train_extra=mirrored)
+    assert len(aug["train"]) == 2 * len(plain["train"])
+    assert all(p.endswith("#hflip") for p in aug["train"].paths[len(plain["train"]) :])
+    for side in ("val", "test"):
+        assert aug[side].paths == plain[side].paths
+    # the region mask of a mirrored face is the mirrored mask (landmark set 17..67 maps onto itself)
+    n = len(plain["train"])
+    assert torch.allclose(aug["train"].masks[n:], torch.flip(plain["train"].masks, dims=[-1]), atol=0.15)

@@ -36,12 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "perceptual": "white_box (an FR layer) or none",
         "alias": "alias for the new version: auto (champion if none, else challenger), champion, challenger or ''",
         "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
+        "ema": "moving average of the weights, e.g. 0.998; validated, kept and registered (0 = off)",
+        "hflip": "true: add every training face mirrored, re-embedded by the FR model (doubles the data)",
     }
     for f in dataclasses.fields(TrainDecoderConfig):
         default = f.default
         kind: Any = type(default) if default is not None else str
         if kind is bool:
-            p.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+            p.add_argument(
+                _flag(f.name),
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+                default=None,
+                help=helps.get(f.name, f"true or false, default {default!r}"),
+            )
         else:
             p.add_argument(_flag(f.name), type=kind, default=None, help=helps.get(f.name, f"default {default!r}"))
 

@@ -47,6 +47,9 @@ class TrainDecoderConfig:
     patience: int = 4
     lr_decay: float = 0.0  # 0 = constant lr (paper); e.g. 0.5 = halve it after an epoch without improvement
     max_minutes: float = 0.0  # 0 = no time budget; otherwise stop after the epoch that crosses it
+    ema: float = 0.0  # 0 = off; e.g. 0.998 = validate, keep and ship a moving average of the weights
+    # data augmentation: add every training face mirrored, with the FR model's template of the mirrored chip
+    hflip: bool = False
     # where
     device: str = "auto"
     threads: int = 0

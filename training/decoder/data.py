@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from facexplain.data.faceset import FaceSet
+from facexplain.data.faceset import FaceSet, concat_facesets
 from facexplain.data.splits import split_identities
 from facexplain.faces.regions import face_region_mask
 from facexplain.metrics.reconstruction import resize01
@@ -54,14 +54,29 @@ def make_split(faces: FaceSet, name: str, size: int) -> DecoderSplit:
 
 
 def split_faceset(
-    faces: FaceSet, size: int, *, test_fraction: float, val_fraction: float, seed: int
+    faces: FaceSet,
+    size: int,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    train_extra: FaceSet | None = None,
 ) -> dict[str, DecoderSplit]:
-    """Identity-disjoint train / val / test (val or test may be empty for tiny sets)."""
+    """Identity-disjoint train / val / test (val or test may be empty for tiny sets).
+
+    ``train_extra`` (e.g. the mirrored faces, index-aligned with ``faces``) adds its training-side
+    faces to the training split only: validation and test stay the original, unaugmented faces.
+    """
     side = split_identities(faces.identities, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     out = {}
     for name in ("train", "val", "test"):
         idx = [i for i, ident in enumerate(faces.identities) if side[ident] == name]
-        out[name] = make_split(faces.subset(idx), name, size)
+        part = faces.subset(idx)
+        if name == "train" and train_extra is not None:
+            if train_extra.identities != faces.identities:
+                raise ValueError("train_extra must be index-aligned with the face set")
+            part = concat_facesets(part, train_extra.subset(idx))
+        out[name] = make_split(part, name, size)
     if len(out["train"]) == 0:
         raise ValueError("the split left no training faces: use more identities or smaller test/val fractions")
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import facexplain
-from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.data.faceset import FaceSet, build_faceset, cache_key, mirror_faceset, records_from_spec
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
@@ -224,10 +224,24 @@ def train_decoder(
         cache_dir=faceset_cache,
         progress=progress and dist.main,
     )
+    mirrored = None
+    if cfg.hflip:
+        key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
+        mirrored = mirror_faceset(
+            faces,
+            pipeline.embed_chips,
+            cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
+            progress=progress and dist.main,
+        )
     if dist.main:
         _barrier(dist)
     splits = split_faceset(
-        faces, cfg.out_size, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+        faces,
+        cfg.out_size,
+        test_fraction=cfg.test_fraction,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        train_extra=mirrored,
     )
     sizes = {k: len(v) for k, v in splits.items()}
     sizes["identities_train"] = len(set(splits["train"].identities))
@@ -257,6 +271,7 @@ def train_decoder(
         resume=resume,
         max_minutes=cfg.max_minutes,
         lr_decay=cfg.lr_decay,
+        ema=cfg.ema,
     )
     if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
         result = train(progress=False)
