@@ -1,0 +1,101 @@
+"""``facexplain train sadfad``: flags for every setting of ``TrainSADFADConfig``, presets underneath."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from facexplain.paths import var_dir
+from training.decoder.cli import _flag, _stop_on_sigterm
+from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named overrides (explicit flags win)")
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("FACEXPLAIN_REGISTRY_URI", ""),
+        help="MLflow tracking URI (FACEXPLAIN_REGISTRY_URI); empty: train without tracking",
+    )
+    p.add_argument(
+        "--out", default="", help="checkpoints, model and summary (default var/train/sadfad-<preset>-<variant>)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt and its MLflow run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    helps = {
+        "data": "DIR or DIR,LABELS.csv (DIR with images/ and labels.csv is read as CelebA)",
+        "faceset": "a cached face set .npz to train on instead of DATA",
+        "variant": f"one of {', '.join(VARIANT_NAMES)}",
+        "fad_keep": "t, the representation elements FAD keeps per batch (0: 260/320 of n_filters)",
+        "max_steps": "stop after this many optimiser steps in total (0 = whole epochs)",
+        "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
+    }
+    for f in dataclasses.fields(TrainSADFADConfig):
+        default = f.default
+        kind: Any = type(default) if default is not None else str
+        choices = VARIANT_NAMES if f.name == "variant" else ("adam", "sgd") if f.name == "optimizer" else None
+        if kind is bool:
+            p.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        else:
+            p.add_argument(
+                _flag(f.name), type=kind, default=None, choices=choices, help=helps.get(f.name, f"default {default!r}")
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainSADFADConfig:
+    cfg = TrainSADFADConfig().replace(**PRESETS[args.preset])
+    explicit = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainSADFADConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return cfg.replace(**explicit)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from training.sadfad.run import train_sadfad
+
+    _stop_on_sigterm()
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else var_dir() / "train" / f"sadfad-{args.preset}-{cfg.variant}"
+    if not args.registry:
+        print("note: no --registry / FACEXPLAIN_REGISTRY_URI: training without MLflow tracking")
+    summary = train_sadfad(
+        cfg, out_dir=out, tracking_uri=args.registry or None, resume=args.resume, progress=not args.quiet
+    )
+    m = summary.metrics
+    print(
+        f"{summary.variant}: {summary.epochs_run} epochs, {summary.steps} steps ({summary.stopped}), "
+        f"best epoch {summary.best_epoch}, {summary.train_images_per_s:.0f} img/s on {summary.device}"
+    )
+    for side in ("val", "test"):
+        if f"{side}_clean_auc" in m:
+            print(
+                f"  {side} ({summary.faces[side]} faces, unseen identities): AUC clean {m[f'{side}_clean_auc']:.3f} "
+                f"occluded {m.get(f'{side}_occluded_auc', float('nan')):.3f}; TAR@FAR1% clean "
+                f"{m.get(f'{side}_clean_tar_far1', float('nan')):.3f} occluded "
+                f"{m.get(f'{side}_occluded_tar_far1', float('nan')):.3f}; peak std (pos) "
+                f"{m.get(f'{side}_peak_pos_std_mean', float('nan')):.2f} px"
+            )
+    print(f"model in {summary.model_file}; summary in {out / 'summary.json'}")
+    if summary.run_id:
+        print(f"MLflow run {summary.run_id} (experiment facexplain-sadfad)")
+    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
+        print(json.dumps(dataclasses.asdict(summary)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="facexplain train sadfad", description="Train an interpretable FR net with the SAD/FAD losses."
+    )
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
