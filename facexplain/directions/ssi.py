@@ -234,6 +234,7 @@ def discover_ssi(
     mask_mode: MaskMode = "union",
     normalize: bool = False,
     original_templates: torch.Tensor | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> SSIResult:
     """Blend, embed and accumulate all N(N-1) ordered blends of one region; return the top SSI directions.
 
@@ -248,13 +249,16 @@ def discover_ssi(
     measured on ``original_templates`` (N, D) if given, else on the embedded original chips: it is the
     scale for traversals in standard-deviation units. ``normalize`` L2-normalises every template
     first (decoders normalise their input, so directions on the sphere can be what one wants).
+    ``pairs`` (flat pair numbers from :func:`facexplain.faces.blend.sample_pairs`) blends only those
+    pairs instead of all N(N-1): the work per region is then bounded whatever N is, and
+    ``progress`` counts against ``len(pairs)``.
     """
     points = region_points(region)
     name = region if isinstance(region, str) else "custom"
     n = chips.shape[0]
     if n < 2:
         raise ValueError(f"SSI needs at least 2 faces, got {n}")
-    total = n_ordered_pairs(n)
+    total = n_ordered_pairs(n) if pairs is None else int(torch.as_tensor(pairs).numel())
     stop = should_stop or (lambda: False)
 
     if original_templates is None:
@@ -276,7 +280,9 @@ def discover_ssi(
 
     acc = SSIAccumulator(dim)
     done = 0
-    blends = iter_blends(chips, landmarks, points, batch_size, dilate=dilate, feather=feather, mask_mode=mask_mode)
+    blends = iter_blends(
+        chips, landmarks, points, batch_size, dilate=dilate, feather=feather, mask_mode=mask_mode, pairs=pairs
+    )
     while True:
         if stop():
             raise DiscoveryCancelled(done, total)

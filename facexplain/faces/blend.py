@@ -214,17 +214,48 @@ def pair_at(k: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return i, j
 
 
-def iter_blend_batches(n: int, batch_size: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sample_pairs(n: int, max_pairs: int, seed: int) -> torch.Tensor | None:
+    """A uniform sample of ``max_pairs`` flat pair numbers (see :func:`pair_at`), sorted; ``None`` = all pairs.
+
+    N(N-1) grows quadratically, so a caller bounding the work per region samples pairs rather than
+    faces: every face still acts as face donor and as region donor. The sample is drawn without
+    replacement from a generator seeded with ``seed`` (same seed, same pairs on every machine) and
+    sorted, so pairs stay grouped by face donor. ``None`` when ``max_pairs`` covers all N(N-1) pairs.
+    """
+    if n < 2:
+        raise ValueError(f"blending needs at least 2 faces, got {n}")
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be positive, got {max_pairs}")
+    total = n_ordered_pairs(n)
+    if max_pairs >= total:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(total, generator=gen)[:max_pairs].sort().values
+
+
+def iter_blend_batches(
+    n: int, batch_size: int, start: int = 0, pairs: torch.Tensor | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (face_idx, region_idx) int64 tensors over all N(N-1) ordered pairs, ``batch_size`` at a time.
 
     Pairs come grouped by face donor (face donor 0 with every other region donor, then 1, ...);
     ``start`` skips that many pairs (resumption). Only indices are produced: memory stays
-    O(batch_size) whatever N is.
+    O(batch_size) whatever N is. ``pairs`` (flat pair numbers, e.g. from :func:`sample_pairs`)
+    restricts the walk to those pairs, in the given order; ``start`` then counts within them.
     """
     if n < 2:
         raise ValueError(f"blending needs at least 2 faces, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if pairs is not None:
+        flat = torch.as_tensor(pairs, dtype=torch.int64).reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_ordered_pairs(n)):
+            raise ValueError(f"pair numbers must be in 0..{n_ordered_pairs(n) - 1}")
+        if not 0 <= start <= flat.numel():
+            raise ValueError(f"start must be in 0..{flat.numel()}, got {start}")
+        for s in range(start, flat.numel(), batch_size):
+            yield pair_at(flat[s : s + batch_size], n)
+        return
     total = n_ordered_pairs(n)
     if not 0 <= start <= total:
         raise ValueError(f"start must be in 0..{total}, got {start}")
@@ -242,18 +273,20 @@ def iter_blends(
     feather: float = DEFAULT_FEATHER,
     mask_mode: MaskMode = "union",
     start: int = 0,
+    pairs: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (face_idx, region_idx, blends) over all N(N-1) ordered pairs of ``chips``.
+    """Yield (face_idx, region_idx, blends) over all N(N-1) ordered pairs of ``chips`` (or ``pairs``).
 
     ``chips`` are (N, 3, S, S) aligned chips (uint8 or float in [0, 255]) with their (N, 68, 2)
     chip-pixel ``landmarks``; ``blends`` are float32 (B, 3, S, S) in [0, 255] on the chips' device.
-    Masks are built once per face (N masks, not N(N-1)).
+    Masks are built once per face (N masks, not N(N-1)). ``pairs`` restricts the blends to those
+    flat pair numbers (:func:`sample_pairs`).
     """
     if chips.dim() != 4 or chips.shape[2] != chips.shape[3]:
         raise ValueError(f"expected (N, C, S, S) chips, got {tuple(chips.shape)}")
     if landmarks.shape[0] != chips.shape[0]:
         raise ValueError(f"{chips.shape[0]} chips but {landmarks.shape[0]} landmark sets")
     masks = region_mask(landmarks.to(chips.device), region, chips.shape[-1], dilate, feather)
-    for face_idx, region_idx in iter_blend_batches(chips.shape[0], batch_size, start):
+    for face_idx, region_idx in iter_blend_batches(chips.shape[0], batch_size, start, pairs):
         fi, ri = face_idx.to(chips.device), region_idx.to(chips.device)
         yield face_idx, region_idx, blend(chips[fi], chips[ri], pair_masks(masks, fi, ri, mask_mode))
