@@ -51,6 +51,16 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(ServiceError):
+    """The client cancelled the call; the job stopped at its next batch (nobody reads the status)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class NoFaceFound(FailedPrecondition):
     """The image decoded fine but the detector found no face in it."""
 

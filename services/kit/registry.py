@@ -49,6 +49,10 @@ ALIASES = (CHAMPION, CHALLENGER)
 EXPERIMENT = "facexplain-registry"
 ARTIFACT_PATH = "bundle"
 MODEL_NAME_RE = re.compile(r"^facexplain-[a-z0-9]+-[a-z0-9][a-z0-9._-]*$")
+KIND_DIRECTION_SET = "direction_set"
+# Registered names the API fixes as defaults (directions.proto) that name a role only: a direction set
+# belongs to an FR model through its metadata, not its name, so there is no architecture suffix.
+ROLE_ONLY_NAMES = ("facexplain-directions", "facexplain-equivariance")
 
 # The model a service serves when FACEXPLAIN_MODEL_NAME is empty, by the kind it serves.
 DEFAULT_MODEL_FOR_KIND = {KIND_EMBEDDER: DEFAULT_FR_MODEL, KIND_DECODER: DEFAULT_DECODER_MODEL}
@@ -67,6 +71,7 @@ REQUIRED_TAGS: dict[str, tuple[str, ...]] = {
         "verification_threshold",
     ),
     KIND_DECODER: (*_COMMON_TAGS, "template_dim", "input_size", "fr_model_name", "fr_model_version"),
+    KIND_DIRECTION_SET: (*_COMMON_TAGS, "template_dim", "fr_model_name", "fr_model_version", "method"),
 }
 
 # A RestException with one of these codes means the server answered "no such model/alias/version".
@@ -112,6 +117,8 @@ def public_uri(uri: str) -> str:
 
 
 def check_model_name(name: str) -> None:
+    if name in ROLE_ONLY_NAMES:
+        return
     if not MODEL_NAME_RE.match(name):
         raise RegistryError(
             f"model name {name!r} does not follow the convention facexplain-<role>-<architecture> "
@@ -188,6 +195,18 @@ class Registry:
     def versions(self, name: str) -> list[VersionInfo]:
         found = self._call(f"list versions of {name}", self.client.search_model_versions, f"name = '{name}'")
         return sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def find_by_tag(self, key: str, value: str, max_results: int = 10) -> list[VersionInfo]:
+        """Versions of any registered model whose tag ``key`` equals ``value``, newest first."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key) or "'" in value:
+            raise ValueError(f"unsafe tag filter {key}={value!r}")
+        found = self._call(
+            f"find versions with {key}={value}",
+            self.client.search_model_versions,
+            f"tags.{key} = '{value}'",
+            max_results=max_results,
+        )
+        return sorted((_version_info(mv) for mv in found), key=lambda v: -v.created_ms)
 
     def list_models(self) -> list[dict[str, Any]]:
         """Every registered model with its aliases and versions (for ``facexplain registry list``)."""

@@ -98,6 +98,9 @@ def streaming(fn: F) -> F:
             for item in fn(self, request, context):
                 check_deadline(context, "streaming")
                 yield item
+        except GeneratorExit:  # gRPC closed the stream: the client cancelled or went away
+            _finish(metrics, method, grpc.StatusCode.CANCELLED, start)
+            raise
         except Exception as exc:
             code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
             _finish(metrics, method, code, start)
