@@ -2,8 +2,11 @@
 
 facexplain serve embedding --port 50051
 facexplain serve decoding --port 50052
+facexplain serve directions --port 50053
 facexplain embed DIR --target 127.0.0.1:50051 --out templates.npz
 facexplain reconstruct DIR --target 127.0.0.1:50052 --out recon/
+facexplain directions ssi|centroid|regression DIR[,labels.csv] --target 127.0.0.1:50053 --out sets.json
+facexplain traverse IMAGE --target 127.0.0.1:50053 --set ID|NAME@VERSION --index K --alphas -2 0 2 --out strip.png
 facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 """
 
@@ -39,6 +42,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from services.decoding.app import main as decoding_main
 
         decoding_main()
+        return 0
+    if args.service == "directions":
+        from services.directions.app import main as directions_main
+
+        directions_main()
         return 0
     print(f"unknown service {args.service!r}", file=sys.stderr)
     return 2
@@ -266,8 +274,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a gRPC service in the foreground (config from FACEXPLAIN_* env vars)")
-    s.add_argument("service", choices=["embedding", "decoding"])
-    s.add_argument("--port", type=int, help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding)")
+    s.add_argument("service", choices=["embedding", "decoding", "directions"])
+    s.add_argument(
+        "--port",
+        type=int,
+        help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding, 50053 directions)",
+    )
     s.add_argument("--host", help="bind address (FACEXPLAIN_HOST, default 127.0.0.1)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FACEXPLAIN_METRICS_PORT, default: any free)")
     s.set_defaults(func=_cmd_serve)
@@ -310,6 +322,10 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
     r.add_argument("--connect-timeout", type=float, default=30.0)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_reconstruct)
+
+    from services.client.directions_cli import add_directions_parsers
+
+    add_directions_parsers(sub)
 
     from services.client.registry_cli import add_registry_parser
 

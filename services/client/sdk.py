@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc, embedding_pb2, embedding_pb2_grpc
+from services.api.v1 import (
+    common_pb2,
+    decoding_pb2,
+    decoding_pb2_grpc,
+    directions_pb2,
+    directions_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+)
 
 R = TypeVar("R")
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
@@ -202,3 +211,241 @@ class DecodingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def labeled_image(
+    item_id: str,
+    *,
+    image: common_pb2.Image | None = None,
+    template: common_pb2.Template | None = None,
+    identity: str = "",
+    labels: dict[str, float] | None = None,
+) -> common_pb2.LabeledImage:
+    """One dataset item: a face as an image or as a template, its identity and numeric labels."""
+    if (image is None) == (template is None):
+        raise ValueError("give exactly one of image and template")
+    item = common_pb2.LabeledImage(id=item_id, identity=identity, labels=labels or {})
+    if image is not None:
+        item.image.CopyFrom(image)
+    else:
+        assert template is not None
+        item.template.CopyFrom(template)
+    return item
+
+
+def inline_dataset(items: list[common_pb2.LabeledImage], name: str = "") -> common_pb2.Dataset:
+    """A dataset sent with the request (bounded by the server's message size)."""
+    return common_pb2.Dataset(name=name, inline=common_pb2.LabeledImages(items=items))
+
+
+def server_dataset(
+    path: str, *, labels_file: str = "", max_items: int = 0, sample_seed: int = 0, name: str = ""
+) -> common_pb2.Dataset:
+    """A dataset in a folder under the server's data root (FACEXPLAIN_DATA_ROOT)."""
+    return common_pb2.Dataset(
+        name=name or path,
+        server=common_pb2.ServerDataset(
+            path=path, labels_file=labels_file, max_items=max_items, sample_seed=sample_seed
+        ),
+    )
+
+
+def folder_dataset(spec: str, name: str = "") -> tuple[common_pb2.Dataset, list[str]]:
+    """``DIR`` or ``DIR,LABELS.csv`` on this machine as an inline dataset, read as training reads folders
+    (:func:`facexplain.data.faceset.records_from_spec`); returns the dataset and its label names.
+    Item ids are the image paths relative to the image root."""
+    from facexplain.data.faceset import records_from_spec
+
+    root, records, names = records_from_spec(spec)
+    items = [
+        labeled_image(
+            rec.path.relative_to(root).as_posix(),
+            image=image_from_path(rec.path),
+            identity=rec.identity,
+            labels={k: v for k, v in rec.labels.items() if not np.isnan(v)},
+        )
+        for rec in records
+    ]
+    return inline_dataset(items, name or Path(spec.split(",")[0]).name), names
+
+
+def set_ref(text: str) -> common_pb2.DirectionSetRef:
+    """``ID`` (a set held by the server), ``NAME@VERSION`` or ``NAME@ALIAS`` (a registered set)."""
+    if "@" in text:
+        name, _, which = text.partition("@")
+        model = (
+            common_pb2.ModelRef(name=name, version=which)
+            if which.isdigit()
+            else common_pb2.ModelRef(name=name, alias=which)
+        )
+        return common_pb2.DirectionSetRef(registered=model)
+    return common_pb2.DirectionSetRef(id=text)
+
+
+ProgressCallback = Callable[[common_pb2.Progress], None]
+
+
+class DirectionsClient:
+    """Client for ``facexplain.v1.DirectionsService`` (discover, store and apply template-space directions).
+
+    Discovery RPCs stream events: :meth:`discover_ssi` and friends return the raw event iterator
+    (cancel it with ``.cancel()``), :meth:`run` drains one into its results while passing Progress
+    events to a callback (a progress bar).
+    """
+
+    def __init__(self, target: str | grpc.Channel, *, timeout: float = 600.0, **channel_kwargs: Any) -> None:
+        self.channel = open_channel(target, **channel_kwargs) if isinstance(target, str) else target
+        self.stub = directions_pb2_grpc.DirectionsServiceStub(self.channel)
+        self.timeout = timeout
+
+    def _call(self, fn: Callable[..., R], request: Any, timeout: float | None) -> R:
+        return fn(request, timeout=self.timeout if timeout is None else timeout, wait_for_ready=True)
+
+    # -- discovery (server-streaming) -----------------------------------------------------------------------
+    def discover_ssi(
+        self, request: directions_pb2.DiscoverSSIRequest, *, timeout: float | None = None
+    ) -> Any:  # grpc call: an iterator of DiscoveryEvent with .cancel()
+        return self._call(self.stub.DiscoverSSI, request, timeout)
+
+    def discover_centroid(
+        self, request: directions_pb2.DiscoverCentroidRequest, *, timeout: float | None = None
+    ) -> Any:
+        return self._call(self.stub.DiscoverCentroid, request, timeout)
+
+    def discover_regression(
+        self, request: directions_pb2.DiscoverRegressionRequest, *, timeout: float | None = None
+    ) -> Any:
+        return self._call(self.stub.DiscoverRegression, request, timeout)
+
+    def fit_equivariance(self, request: directions_pb2.FitEquivarianceRequest, *, timeout: float | None = None) -> Any:
+        return self._call(self.stub.FitEquivariance, request, timeout)
+
+    @staticmethod
+    def run(events: Any, on_progress: ProgressCallback | None = None) -> DiscoveryResult:
+        """Drain a discovery stream: Progress events go to ``on_progress``, the rest are collected."""
+        out = DiscoveryResult()
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(event.progress)
+            elif kind == "result":
+                out.sets.append(event.result)
+            elif kind == "maps":
+                out.maps.append(event.maps)
+            elif kind == "probe":
+                out.probe = event.probe
+        return out
+
+    # -- stored sets --------------------------------------------------------------------------------------------
+    def get_direction_set(
+        self, ref: common_pb2.DirectionSetRef | str, *, timeout: float | None = None
+    ) -> directions_pb2.GetDirectionSetResponse:
+        ref = set_ref(ref) if isinstance(ref, str) else ref
+        return self._call(self.stub.GetDirectionSet, directions_pb2.GetDirectionSetRequest(ref=ref), timeout)
+
+    def list_direction_sets(
+        self,
+        method: str = "",
+        *,
+        include_vectors: bool = False,
+        include_registered: bool = False,
+        timeout: float | None = None,
+    ) -> directions_pb2.ListDirectionSetsResponse:
+        req = directions_pb2.ListDirectionSetsRequest(
+            method=method, include_vectors=include_vectors, include_registered=include_registered
+        )
+        return self._call(self.stub.ListDirectionSets, req, timeout)
+
+    # -- applying -----------------------------------------------------------------------------------------------
+    def traverse(
+        self,
+        probe: common_pb2.Probe,
+        *,
+        set: common_pb2.DirectionSetRef | str | None = None,
+        index: int = 0,
+        inline: directions_pb2.Direction | None = None,
+        alphas: list[float] | None = None,
+        scale: directions_pb2.AlphaScale.ValueType = directions_pb2.ALPHA_SCALE_UNSPECIFIED,
+        decode: bool = False,
+        timeout: float | None = None,
+    ) -> directions_pb2.TraverseResponse:
+        """Move ``probe`` along direction ``index`` of a stored ``set`` (id, NAME@VERSION) or an ``inline`` one."""
+        req = directions_pb2.TraverseRequest(probe=probe, alphas=alphas or [], scale=scale, decode=decode)
+        if set is not None:
+            ref = set_ref(set) if isinstance(set, str) else set
+            req.set_direction.CopyFrom(directions_pb2.SetDirection(set=ref, index=index))
+        elif inline is not None:
+            req.inline.CopyFrom(inline)
+        return self._call(self.stub.Traverse, req, timeout)
+
+    def apply_equivariance(
+        self,
+        probe: common_pb2.Probe,
+        maps: common_pb2.DirectionSetRef | str,
+        transform: directions_pb2.Transform,
+        *,
+        forward: bool = False,
+        decode: bool = False,
+        timeout: float | None = None,
+    ) -> directions_pb2.ApplyEquivarianceResponse:
+        ref = set_ref(maps) if isinstance(maps, str) else maps
+        req = directions_pb2.ApplyEquivarianceRequest(
+            probe=probe, maps=ref, transform=transform, forward=forward, decode=decode
+        )
+        return self._call(self.stub.ApplyEquivariance, req, timeout)
+
+    def aggregate(
+        self,
+        faces: list[common_pb2.Probe],
+        *,
+        n_clusters: int = 0,
+        linkage: str = "",
+        normalize: bool = False,
+        decode: bool = False,
+        timeout: float | None = None,
+    ) -> directions_pb2.AggregateResponse:
+        req = directions_pb2.AggregateRequest(
+            faces=faces, n_clusters=n_clusters, linkage=linkage, normalize=normalize, decode=decode
+        )
+        return self._call(self.stub.Aggregate, req, timeout)
+
+    def centroid_mds(
+        self,
+        source: common_pb2.DirectionSetRef | str | list[directions_pb2.Centroid],
+        *,
+        metric: str = "",
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> directions_pb2.CentroidMDSResponse:
+        req = directions_pb2.CentroidMDSRequest(metric=metric, seed=seed)
+        if isinstance(source, list):
+            req.centroids.CopyFrom(directions_pb2.CentroidList(centroids=source))
+        else:
+            req.set.CopyFrom(set_ref(source) if isinstance(source, str) else source)
+        return self._call(self.stub.CentroidMDS, req, timeout)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
+        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
+
+    def reload(self, model_name: str = "", *, timeout: float | None = None) -> common_pb2.ReloadResponse:
+        return self._call(self.stub.Reload, common_pb2.ReloadRequest(model_name=model_name), timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DirectionsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class DiscoveryResult:
+    """What a discovery stream returned, Progress events aside."""
+
+    sets: list[directions_pb2.DirectionSet] = field(default_factory=list)
+    maps: list[directions_pb2.EquivarianceMaps] = field(default_factory=list)
+    probe: directions_pb2.RegressionProbe | None = None

@@ -1,0 +1,1 @@
+"""DirectionsService: discover, store, register and apply interpretable directions in template space."""

@@ -1,0 +1,63 @@
+"""Build and run the directions server (``facexplain serve directions``).
+
+The FR model (``FACEXPLAIN_FR_MODEL_NAME`` at ``FACEXPLAIN_FR_MODEL_ALIAS``) is loaded exactly as the
+embedding service loads it, local face-api weights included. The decoder
+(``FACEXPLAIN_DECODER_MODEL_NAME`` at ``FACEXPLAIN_DECODER_MODEL_ALIAS``) comes from the registry only
+and is optional: until one is loaded (or when the name is empty) everything but ``decode=true``
+works. Direction sets are registered in, and read back from, the same registry
+(``FACEXPLAIN_REGISTRY_URI``); ServerDatasets are read under ``FACEXPLAIN_DATA_ROOT``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from facexplain.models.decoder_bundle import LoadedDecoder
+from facexplain.pipeline import FacePipeline
+from services.api.v1 import directions_pb2_grpc
+from services.directions.service import SERVICE_NAME, DirectionsServicer
+from services.directions.settings import DirectionsSettings
+from services.directions.store import DirectionStore
+from services.kit.decoder import serve_decoder
+from services.kit.embedder import serve_embedder
+from services.kit.logs import configure_logging
+from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot
+from services.kit.registry import Registry
+from services.kit.server import GrpcServer
+
+log = logging.getLogger("facexplain.directions")
+
+
+def build_server(settings: DirectionsSettings, pipeline: FacePipeline | None = None) -> GrpcServer:
+    """The directions server (see the module docstring); ``pipeline`` replaces the FR model (tests, benchmarks)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    metrics = ServiceMetrics("directions")
+    fr_slot, _fr_watcher = serve_embedder(
+        settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
+    )
+    decoder_slot: ModelSlot[LoadedDecoder] | None = None
+    if settings.decoder_model_name:
+        decoder_slot, _decoder_watcher = serve_decoder(
+            settings, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
+        )
+    else:
+        log.info("no decoder configured (FACEXPLAIN_DECODER_MODEL_NAME is empty): decode requests are refused")
+    registry = Registry(settings.registry_uri, timeout_s=settings.registry_timeout_s) if settings.registry_uri else None
+    store = DirectionStore(settings, registry)
+    servicer = DirectionsServicer(fr_slot, decoder_slot, store, settings, metrics)
+    return GrpcServer(
+        settings, SERVICE_NAME, servicer, directions_pb2_grpc.add_DirectionsServiceServicer_to_server, metrics
+    )
+
+
+def main(settings: DirectionsSettings | None = None) -> None:
+    settings = settings or DirectionsSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    server = build_server(settings).start()
+    server.install_signal_handlers()
+    print(f"directions service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
+    server.wait()
