@@ -1,7 +1,10 @@
 """Integration fixtures: one real server per service for the whole session, shared by all tests.
 
 Also the helpers that put real model versions into a real MLflow registry: the default FR model
-(``register_fr_model``) and a decoder trained for it by the real training CLI (``train_decoder_cli``).
+(``register_fr_model``) and a decoder trained for it by the real training CLI (``train_decoder_cli``),
+and the session's registry holding both (``mlflow``, ``fr_v1``, ``decoder_v1``): training a decoder
+takes a minute or more, so the decoding and directions tests share one. A module that moves an alias
+moves it back before it ends.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.client.launcher import REPO, RunningService, start_service
-from services.kit.registry import CHAMPION, DEFAULT_FR_MODEL, Registry, VersionInfo
+from services.client.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
+from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +93,46 @@ def retarget_decoder_bundle(src: Path, dst: Path, fr_version: str) -> Path:
     meta["fr_model"] = {**meta["fr_model"], "version": fr_version}
     write_metadata(dst, meta)
     return dst
+
+
+# -- the session's registry: the FR model and a decoder trained for it -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMlflow]:
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(mlflow: RunningMlflow) -> Registry:
+    return Registry(mlflow.uri, timeout_s=10, max_retries=2)
+
+
+@pytest.fixture(scope="session")
+def fr_v1(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> VersionInfo:
+    info = register_fr_model(registry, tmp_path_factory.mktemp("fr"))
+    assert info.version == "1"
+    return info
+
+
+@pytest.fixture(scope="session")
+def training(mlflow: RunningMlflow, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A decoder for FR v1 trained on data/sample by `facexplain train decoder` and registered as champion."""
+    out = tmp_path_factory.mktemp("train-decoder")
+    summary = train_decoder_cli(mlflow.uri, DEFAULT_FR_MODEL, fr_v1.version, out, "--alias", CHAMPION)
+    return {"summary": summary, "out": out}
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(training: dict[str, Any]) -> Path:
+    return Path(training["out"]) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def decoder_v1(registry: Registry, training: dict[str, Any]) -> VersionInfo:
+    info = registry.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
+    assert info.version == training["summary"]["registered"]["version"] == "1"
+    assert info.tags["fr_model_name"] == DEFAULT_FR_MODEL and info.tags["fr_model_version"] == "1"
+    return info

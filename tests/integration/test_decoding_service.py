@@ -1,8 +1,9 @@
 """The decoding service over real gRPC, with a real MLflow registry holding the FR model and decoders.
 
-One MLflow server (sqlite + local artifacts in a temporary folder) serves the module. It holds the
-default FR model as ``facexplain-fr-dlib128`` v1 (champion) and a decoder for that version as
-``facexplain-dfd-dlib128`` v1 (champion). One decoding server follows both aliases (poll 1 s); a
+One MLflow server (sqlite + local artifacts in a temporary folder) serves the session (fixtures in
+conftest.py, shared with the directions tests). It holds the default FR model as
+``facexplain-fr-dlib128`` v1 (champion) and a decoder for that version as ``facexplain-dfd-dlib128``
+v1 (champion). One decoding server follows both aliases (poll 1 s); a
 second one starts without any registered decoder. The tests run in file order; every test that moves
 an alias moves it back before it ends.
 
@@ -33,10 +34,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
+from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
 from services.client.sdk import DecodingClient, image_from_path, wait_ready
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
-from tests.integration.conftest import register_fr_model, retarget_decoder_bundle, train_decoder_cli
+from tests.integration.conftest import retarget_decoder_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -110,46 +111,6 @@ def _metrics_text(svc: RunningService) -> str:
 
 
 # -- fixtures -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMlflow]:
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow-decoding"), timeout=180)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def registry(mlflow: RunningMlflow) -> Registry:
-    return Registry(mlflow.uri, timeout_s=10, max_retries=2)
-
-
-@pytest.fixture(scope="module")
-def fr_v1(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> VersionInfo:
-    info = register_fr_model(registry, tmp_path_factory.mktemp("fr"))
-    assert info.version == "1"
-    return info
-
-
-@pytest.fixture(scope="module")
-def training(mlflow: RunningMlflow, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A decoder for FR v1 trained on data/sample by `facexplain train decoder` and registered as champion."""
-    out = tmp_path_factory.mktemp("train-decoder")
-    summary = train_decoder_cli(mlflow.uri, DEFAULT_FR_MODEL, fr_v1.version, out, "--alias", CHAMPION)
-    return {"summary": summary, "out": out}
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(training: dict[str, Any]) -> Path:
-    return Path(training["out"]) / "bundle"
-
-
-@pytest.fixture(scope="module")
-def decoder_v1(registry: Registry, training: dict[str, Any]) -> VersionInfo:
-    info = registry.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
-    assert info.version == training["summary"]["registered"]["version"] == "1"
-    assert info.tags["fr_model_name"] == DEFAULT_FR_MODEL and info.tags["fr_model_version"] == "1"
-    return info
 
 
 @pytest.fixture(scope="module")
