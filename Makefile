@@ -52,7 +52,7 @@ clean:
 
 # -- Model registry (MLflow tracking server + Model Registry on loopback; see README "Model registry") ------
 # Settings: mlflow/server.env (overridable by the environment, e.g. `MLFLOW_PORT=5001 make mlflow`).
-.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder
+.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder train-sadfad
 
 mlflow: setup  ## start the MLflow server in the background (sqlite + local artifacts in var/mlflow/), wait for /health
 	$(BIN)/python scripts/mlflow_server.py start
@@ -70,6 +70,13 @@ DECODER_PRESET ?= celeba-cpu
 train-decoder: register-defaults  ## train the default decoder on ../shared/data/celeba_subset (DECODER_PRESET=celeba-gpu on a GPU)
 	$(BIN)/python -m services.client.cli train decoder --preset $(DECODER_PRESET) --registry $(REGISTRY_URI) \
 		--out var/train/decoder-$(DECODER_PRESET)
+
+SADFAD_PRESET ?= cpu
+SADFAD_VARIANT ?= sad+fad
+
+train-sadfad: mlflow  ## interpretable FR net (SAD/FAD) on ../shared/data/celeba_subset, registered as an embedder (SADFAD_PRESET=gpu on a GPU)
+	$(BIN)/python -m services.client.cli train sadfad --preset $(SADFAD_PRESET) --variant $(SADFAD_VARIANT) \
+		--registry $(REGISTRY_URI) --out var/train/sadfad-$(SADFAD_PRESET)-$(SADFAD_VARIANT)
 
 bench-decoder: register-defaults  ## decoder throughput, loss ablation, recipe quality (~1 h CPU) -> bench/results/decoder-*.json
 	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py throughput

@@ -64,6 +64,7 @@ _FACEAPI_COMPONENTS = {
     "recognition": ("face_recognition_model", "dlib_resnet29_128"),
 }
 _WEIGHT_FORMATS = ("faceapi", "torch")
+SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
 
 
 class BundleError(ValueError):
@@ -266,16 +267,22 @@ def save_embedder_bundle(
     assert isinstance(pipeline, FacePipeline)
     info = pipeline.info
     det = pipeline.detector
-    components: dict[str, dict[str, str]] = {}
+    components: dict[str, dict[str, Any]] = {}
     modules = {"detector": det.net, "landmarks": pipeline.landmark_net, "recognition": pipeline.recognition_net}
-    for comp, (stem, arch) in _FACEAPI_COMPONENTS.items():
-        if weights == "faceapi":
+    for comp, (stem, default_arch) in _FACEAPI_COMPONENTS.items():
+        module = modules[comp]
+        # A network that is not face-api's (e.g. a trained SAD/FAD net) names its own architecture
+        # and is always stored as a state dict, beside face-api's detector and landmarks if those stay.
+        arch = str(getattr(module, "arch", default_arch))
+        if weights == "faceapi" and arch == default_arch:
             _copy_faceapi(src, stem, out / "weights")
             components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
         else:
-            state = {k: v.detach().cpu() for k, v in modules[comp].state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             torch.save(state, out / "weights" / f"{comp}.pt")
             components[comp] = {"arch": arch, "format": "torch", "file": f"weights/{comp}.pt"}
+            if hasattr(module, "bundle_config"):
+                components[comp]["config"] = module.bundle_config()
     shutil.copy2(golden_image, out / "golden" / "face.png")
     rec = pipeline.recognition_net
     mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
@@ -313,9 +320,15 @@ def save_embedder_bundle(
         },
         "components": components,
         "golden": {"image": "golden/face.png", "min_cosine": DEFAULT_MIN_GOLDEN_COSINE},
-        "source": "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
-        if weights == "faceapi"
-        else "torch state dicts",
+        "source": ", ".join(
+            f"{comp}: "
+            + (
+                "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
+                if spec["format"] == "faceapi"
+                else f"torch state dict ({spec['arch']})"
+            )
+            for comp, spec in components.items()
+        ),
         "created_by": f"facexplain {facexplain.__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -352,6 +365,26 @@ def _load_state(path: Path, module: torch.nn.Module, comp: str) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as exc:
         raise BundleError(f"component {comp!r}: cannot load {path.name} ({type(exc).__name__}: {exc})") from None
+
+
+def _build_recognition(spec: dict[str, Any], inp: dict[str, Any]) -> torch.nn.Module:
+    """An untrained recognition network of the architecture a bundle component names (weights load next)."""
+    from facexplain.models.recognition import FaceRecognitionNet
+
+    arch = spec.get("arch", _FACEAPI_COMPONENTS["recognition"][1])
+    if arch == _FACEAPI_COMPONENTS["recognition"][1]:
+        return FaceRecognitionNet(input_divisor=float(inp["divisor"]))
+    if arch == SADFAD_ARCH:
+        from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
+
+        if "config" not in spec:
+            raise BundleError(f"recognition component of arch {arch!r} has no 'config' to rebuild it from")
+        try:
+            config = SADFADConfig.from_dict(spec["config"]).replace(n_classes=0)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"recognition component: bad {arch} config ({exc})") from None
+        return SADFADEmbedder(SADFADNet(config))
+    raise BundleError(f"recognition component: unknown architecture {arch!r}")
 
 
 def load_bundle(
@@ -408,7 +441,7 @@ def load_bundle(
             elif comp == "landmarks":
                 net = FaceLandmark68Net()
             else:
-                net = FaceRecognitionNet(input_divisor=float(inp["divisor"]))
+                net = _build_recognition(spec, inp)
             _load_state(root / spec["file"], net, comp)
             net.requires_grad_(False)
         nets[comp] = net.eval()

@@ -18,6 +18,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -254,17 +255,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_decoder_arguments(p: argparse.ArgumentParser) -> None:
-    # The CLI is a client: training code is imported only when a `train` command runs (services never import it).
-    from training.decoder.cli import add_arguments
+def _train_command(pipeline: str) -> tuple[Any, Any]:
+    """(add_arguments, run) of ``training.<pipeline>.cli``, imported only when a `train` command runs: the
+    CLI is a client, and services never import training code."""
+    import importlib
 
-    add_arguments(p)
+    def add(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"training.{pipeline}.cli").add_arguments(p)
 
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(f"training.{pipeline}.cli").run_from_args(args))
 
-def _cmd_train_decoder(args: argparse.Namespace) -> int:
-    from training.decoder.cli import run_from_args
-
-    return run_from_args(args)
+    return add, run
 
 
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
@@ -339,9 +341,18 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
         description="Train a Deep Face Decoder (DFD) for a registered FR model: face set, identity-disjoint "
         "split, DFD losses, MLflow tracking, evaluation on unseen identities, registration.",
     )
-    if with_training:
-        _add_train_decoder_arguments(td)
-    td.set_defaults(func=_cmd_train_decoder)
+    ts = tsub.add_parser(
+        "sadfad",
+        help="train an interpretable FR net with the SAD/FAD losses (Yin et al.)",
+        description="Train the interpretable FR net (hypercolumn + filter bank, LMF) with the spatial / feature "
+        "activation diversity losses: identity-disjoint split, synthetic occlusion, MLflow tracking, "
+        "verification clean and occluded, registration as a servable embedder.",
+    )
+    for name, parser in (("decoder", td), ("sadfad", ts)):
+        add, run = _train_command(name)
+        if with_training:
+            add(parser)
+        parser.set_defaults(func=run)
     return p
 
 

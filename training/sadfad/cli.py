@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt and its MLflow run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-register", action="store_true", help="train and evaluate only (no bundle, no version)")
     helps = {
         "data": "DIR or DIR,LABELS.csv (DIR with images/ and labels.csv is read as CelebA)",
         "faceset": "a cached face set .npz to train on instead of DATA",
@@ -65,7 +66,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not args.registry:
         print("note: no --registry / FACEXPLAIN_REGISTRY_URI: training without MLflow tracking")
     summary = train_sadfad(
-        cfg, out_dir=out, tracking_uri=args.registry or None, resume=args.resume, progress=not args.quiet
+        cfg,
+        out_dir=out,
+        tracking_uri=args.registry or None,
+        resume=args.resume,
+        progress=not args.quiet,
+        register=not args.no_register,
     )
     m = summary.metrics
     print(

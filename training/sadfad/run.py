@@ -64,6 +64,7 @@ class SADFADRunSummary:
     model: dict[str, Any]
     model_file: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    registered: dict[str, str] = field(default_factory=dict)
 
 
 class _NullRun:
@@ -231,11 +232,14 @@ def train_sadfad(
     resume: bool = False,
     progress: bool = True,
     faceset_cache: Path = FACESET_CACHE,
+    register: bool = True,
 ) -> SADFADRunSummary:
     """Run the whole pipeline (see the module docstring); returns what it measured and where the model is.
 
     ``faces`` replaces loading ``cfg.data`` (tests pass a face set they built once). ``tracking_uri``
     None trains without MLflow. ``out_dir`` defaults to ``var/train/sadfad-<variant>-seed<seed>``.
+    With tracking and ``register``, the net is written as an embedder bundle (``OUT/bundle``) and
+    registered from this run as ``cfg.register_as`` under ``cfg.alias``, ready to be served.
     """
     if out_dir is None:
         out_dir = var_dir() / "train" / f"sadfad-{cfg.variant}-seed{cfg.seed}"
@@ -400,7 +404,30 @@ def train_sadfad(
         model_file=str(model_file),
         history=[{"epoch": h.epoch, "train": h.train, "val": h.val} for h in result.history],
     )
+    if tracking_uri and register:
+        summary.registered = _register(cfg, model_file, out_dir / "bundle", tracking_uri, mlrun.run_id, metrics)
     (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1, allow_nan=True) + "\n")
     mlrun.artifact(out_dir / "summary.json")
     mlrun.end()
     return summary
+
+
+def _register(
+    cfg: TrainSADFADConfig, model_file: Path, bundle: Path, uri: str, run_id: str, metrics: dict[str, float]
+) -> dict[str, str]:
+    """Bundle the trained net and register it from its own run (the version links back to the run)."""
+    import shutil
+
+    from services.kit.registry import Registry
+    from training.decoder.run import _default_alias
+    from training.sadfad.export import export_bundle
+
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    export_bundle(model_file, bundle, name=cfg.register_as)
+    registry = Registry(uri, timeout_s=30.0, max_retries=2)
+    alias = _default_alias(registry, cfg.register_as, cfg.alias)
+    tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and math.isfinite(v)}
+    tags["variant"] = cfg.variant
+    info = registry.register_bundle(bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=run_id)
+    return {"name": info.name, "version": info.version, "alias": alias}
