@@ -6,17 +6,12 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from facexplain.paths import var_dir
+from training.common import add_config_arguments, config_from_args, stop_on_sigterm
 from training.decoder.config import PRESETS, TrainDecoderConfig
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,44 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "ema": "moving average of the weights, e.g. 0.998; validated, kept and registered (0 = off)",
         "hflip": "true: add every training face mirrored, re-embedded by the FR model (doubles the data)",
     }
-    for f in dataclasses.fields(TrainDecoderConfig):
-        default = f.default
-        kind: Any = type(default) if default is not None else str
-        if kind is bool:
-            p.add_argument(
-                _flag(f.name),
-                type=lambda s: s.lower() in ("1", "true", "yes"),
-                default=None,
-                help=helps.get(f.name, f"true or false, default {default!r}"),
-            )
-        else:
-            p.add_argument(_flag(f.name), type=kind, default=None, help=helps.get(f.name, f"default {default!r}"))
-
-
-def config_from_args(args: argparse.Namespace) -> TrainDecoderConfig:
-    cfg = TrainDecoderConfig().replace(**PRESETS[args.preset])
-    explicit = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainDecoderConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    return cfg.replace(**explicit)
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, Kubernetes, a scheduler) ends the run like Ctrl-C: the MLflow run is marked KILLED and
-    the last finished epoch's checkpoint stays for --resume."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
+    add_config_arguments(p, TrainDecoderConfig, helps)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     from training.decoder.run import train_decoder
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
 
     if not args.registry:
         print(
@@ -84,7 +48,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, TrainDecoderConfig, PRESETS)
     out = Path(args.out) if args.out else var_dir() / "train" / f"decoder-{args.preset}"
     summary = train_decoder(
         cfg,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,10 +30,11 @@ from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.decoder_bundle import save_decoder_bundle
 from facexplain.paths import var_dir
 from facexplain.viz import pairs_grid, save_png
-from services.kit.registry import CHALLENGER, CHAMPION, Registry, RegistryNotFound, VersionInfo
+from services.kit.registry import CHAMPION, Registry, VersionInfo
+from training.common import TrackedRun, barrier, default_alias, init_distributed, resolve_device
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, split_faceset
-from training.decoder.trainer import Dist, EpochLog, fit, init_distributed
+from training.decoder.trainer import EpochLog, fit
 
 EXPERIMENT = "facexplain-decoders"
 FACESET_CACHE = var_dir() / "cache" / "facesets"
@@ -91,79 +91,6 @@ def check_gates(metrics: dict[str, float]) -> dict[str, bool]:
     return out
 
 
-def _resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; under torchrun each rank takes GPU ``LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return torch.device(name)
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as td
-
-        td.barrier()
-
-
-def _default_alias(registry: Registry, name: str, wanted: str) -> str:
-    if wanted != "auto":
-        return wanted
-    try:
-        registry.resolve(name, CHAMPION)
-        return CHALLENGER
-    except RegistryNotFound:
-        return CHAMPION
-
-
-class _MlflowRun:
-    """The few MLflow calls a training run makes, against an explicit tracking URI (no global state)."""
-
-    def __init__(self, uri: str, run_id: str | None, run_name: str, tags: dict[str, str]) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if run_id:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-
-    def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)[:500]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]
-        if ms:
-            self.client.log_batch(self.run_id, metrics=ms)
-
-    def image(self, array: Any, path: str) -> None:
-        self.client.log_image(self.run_id, array, artifact_file=path)
-
-    def artifact(self, path: Path, subdir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), subdir)
-
-    def dict(self, data: dict[str, Any], path: str) -> None:
-        self.client.log_dict(self.run_id, data, path)
-
-    def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
-
-    def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
-
-
 def _mean_face_baseline(
     train: DecoderSplit, test: DecoderSplit, embed: Any, chip_size: int, rule: Any
 ) -> dict[str, float]:
@@ -194,7 +121,7 @@ def train_decoder(
     faceset_cache: Path = FACESET_CACHE,
 ) -> RunSummary:
     """Run the whole pipeline (see module docstring); returns what it measured and registered."""
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +141,7 @@ def train_decoder(
     dist = init_distributed(device)
     root, records, label_names = records_from_spec(cfg.data)
     if not dist.main:
-        _barrier(dist)
+        barrier(dist)
     faces: FaceSet = build_faceset(
         root,
         records,
@@ -234,7 +161,7 @@ def train_decoder(
             progress=progress and dist.main,
         )
     if dist.main:
-        _barrier(dist)
+        barrier(dist)
     splits = split_faceset(
         faces,
         cfg.out_size,
@@ -283,8 +210,9 @@ def train_decoder(
     ck = out_dir / "last.pt"
     if resume and ck.is_file():
         run_state = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
-    mlrun = _MlflowRun(
+    mlrun = TrackedRun(
         registry_uri,
+        EXPERIMENT,
         run_state.get("mlflow_run_id"),
         run_name=f"dfd-{fr_info.name}-v{fr_info.version}",
         tags={"facexplain.kind": "decoder", "facexplain.fr_model": f"{fr_info.name}:{fr_info.version}"},
@@ -420,7 +348,7 @@ def train_decoder(
         },
     )
     if register:
-        alias = _default_alias(registry, cfg.register_as, cfg.alias)
+        alias = default_alias(registry, cfg.register_as, cfg.alias)
         tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and math.isfinite(v)}
         tags["gates_passed"] = str(passed).lower()
         tags["data_manifest_sha256"] = summary.data_manifest_sha256

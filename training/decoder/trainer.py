@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss
 from facexplain.metrics.image import psnr, ssim
 from facexplain.models.decoder import DeepFaceDecoder
+from training.common import epoch_batches, init_distributed, save_atomic
 from training.decoder.data import DecoderSplit
 
 CHECKPOINT = "last.pt"
@@ -47,35 +47,6 @@ class FitResult:
     train_images_per_s: float
     epochs_done: int = 0  # epochs completed in total (every rank counts; only rank 0 keeps history)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """``torchrun`` sets WORLD_SIZE/RANK; NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as td
-
-    if not td.is_initialized():
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(td.get_rank(), td.get_world_size())
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator, dist: Dist) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=generator)
-    per_step = batch_size * dist.world
-    steps = max(1, n // per_step)  # drop the ragged tail: BatchNorm dislikes tiny batches
-    return [perm[s * per_step : (s + 1) * per_step][dist.rank :: dist.world] for s in range(steps)]
 
 
 @torch.no_grad()
@@ -140,12 +111,6 @@ class WeightAverage:
     def load(self, data: dict[str, Any]) -> None:
         self.decay, self.steps = float(data["decay"]), int(data["steps"])
         self.state = {k: v.clone() for k, v in data["state"].items()}
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def fit(
@@ -226,7 +191,7 @@ def fit(
         stopped = "already complete"
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        batches = _batches(len(train), batch_size, gen, dist)
+        batches = epoch_batches(len(train), batch_size, gen, dist)
         decoder.train()
         sums: dict[str, float] = {}
         seen = 0
@@ -277,7 +242,7 @@ def fit(
             history.append(log)
             if on_epoch is not None:
                 on_epoch(log, recons)
-            _save(
+            save_atomic(
                 ckpt_path,
                 {
                     "epoch": epoch,

@@ -7,10 +7,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from facexplain.paths import var_dir
-from training.decoder.cli import _flag, _stop_on_sigterm
+from training import common
+from training.common import add_config_arguments, stop_on_sigterm
 from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 
@@ -35,32 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "max_steps": "stop after this many optimiser steps in total (0 = whole epochs)",
         "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
     }
-    for f in dataclasses.fields(TrainSADFADConfig):
-        default = f.default
-        kind: Any = type(default) if default is not None else str
-        choices = VARIANT_NAMES if f.name == "variant" else ("adam", "sgd") if f.name == "optimizer" else None
-        if kind is bool:
-            p.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        else:
-            p.add_argument(
-                _flag(f.name), type=kind, default=None, choices=choices, help=helps.get(f.name, f"default {default!r}")
-            )
+    add_config_arguments(p, TrainSADFADConfig, helps, {"variant": VARIANT_NAMES, "optimizer": ("adam", "sgd")})
 
 
 def config_from_args(args: argparse.Namespace) -> TrainSADFADConfig:
-    cfg = TrainSADFADConfig().replace(**PRESETS[args.preset])
-    explicit = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainSADFADConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    return cfg.replace(**explicit)
+    return common.config_from_args(args, TrainSADFADConfig, PRESETS)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     from training.sadfad.run import train_sadfad
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else var_dir() / "train" / f"sadfad-{args.preset}-{cfg.variant}"
     if not args.registry:

@@ -33,7 +33,8 @@ from facexplain.faces.occlusion import FaceMesh
 from facexplain.metrics.interpretability import PeakLocationReport
 from facexplain.models.sadfad import ARCHITECTURE, SADFADConfig, SADFADNet
 from facexplain.paths import REPO_ROOT, var_dir
-from training.decoder.run import FACESET_CACHE, _MlflowRun, _resolve_device
+from training.common import NullRun, TrackedRun, default_alias, resolve_device
+from training.decoder.run import FACESET_CACHE
 from training.decoder.trainer import EpochLog
 from training.sadfad.config import TrainSADFADConfig
 from training.sadfad.data import OcclusionSpec, SADFADSplit, split_faceset, template_mesh
@@ -65,49 +66,6 @@ class SADFADRunSummary:
     model_file: str
     history: list[dict[str, Any]] = field(default_factory=list)
     registered: dict[str, str] = field(default_factory=dict)
-
-
-class _NullRun:
-    """The tracking calls of a run without MLflow: nothing is recorded."""
-
-    run_id = ""
-
-    def params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        pass
-
-    def image(self, array: Any, path: str) -> None:
-        pass
-
-    def artifact(self, path: Path, subdir: str | None = None) -> None:
-        pass
-
-    def dict(self, data: dict[str, Any], path: str) -> None:
-        pass
-
-    def tag(self, key: str, value: str) -> None:
-        pass
-
-    def end(self, status: str = "FINISHED") -> None:
-        pass
-
-
-class _SADFADRun(_MlflowRun):
-    """The decoder pipeline's MLflow calls, in this pipeline's experiment."""
-
-    def __init__(self, uri: str, run_id: str | None, run_name: str, tags: dict[str, str]) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if run_id:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
 def load_faces(cfg: TrainSADFADConfig, cache_dir: Path, progress: bool) -> FaceSet:
@@ -243,7 +201,7 @@ def train_sadfad(
     """
     if out_dir is None:
         out_dir = var_dir() / "train" / f"sadfad-{cfg.variant}-seed{cfg.seed}"
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,16 +232,17 @@ def train_sadfad(
     ck = out_dir / "last.pt"
     if resume and ck.is_file():
         run_state = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
-    mlrun: _NullRun | _SADFADRun
+    mlrun: NullRun
     if tracking_uri:
-        mlrun = _SADFADRun(
+        mlrun = TrackedRun(
             tracking_uri,
+            EXPERIMENT,
             run_state.get("mlflow_run_id"),
             run_name=f"sadfad-{cfg.variant}-seed{cfg.seed}",
             tags={"facexplain.kind": "embedder", "facexplain.variant": cfg.variant},
         )
     else:
-        mlrun = _NullRun()
+        mlrun = NullRun()
     run_state["mlflow_run_id"] = mlrun.run_id
     mlrun.params(
         {
@@ -419,14 +378,13 @@ def _register(
     import shutil
 
     from services.kit.registry import Registry
-    from training.decoder.run import _default_alias
     from training.sadfad.export import export_bundle
 
     if bundle.exists():
         shutil.rmtree(bundle)
     export_bundle(model_file, bundle, name=cfg.register_as)
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
-    alias = _default_alias(registry, cfg.register_as, cfg.alias)
+    alias = default_alias(registry, cfg.register_as, cfg.alias)
     tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and math.isfinite(v)}
     tags["variant"] = cfg.variant
     info = registry.register_bundle(bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=run_id)

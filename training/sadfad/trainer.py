@@ -32,7 +32,8 @@ from facexplain.losses.sadfad import VARIANTS, SADFADLossWeights, sadfad_objecti
 from facexplain.metrics.interpretability import PeakLocationReport, feature_difference, peak_location_stats
 from facexplain.metrics.verification import roc_auc
 from facexplain.models.sadfad import SADFADNet
-from training.decoder.trainer import Dist, EpochLog, _batches, _save
+from training.common import Dist, epoch_batches, save_atomic
+from training.decoder.trainer import EpochLog
 from training.sadfad.data import OcclusionSpec, SADFADSplit, batch_inputs, crop_offsets
 
 CHECKPOINT = "last.pt"
@@ -258,7 +259,7 @@ def fit(
         stopped = "already complete"
     for epoch in range(start_epoch, epochs if stopped == "epochs" else start_epoch):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        batches = _batches(len(train), batch_size, gen, Dist())
+        batches = epoch_batches(len(train), batch_size, gen, Dist())
         model.train()
         sums: dict[str, float] = {}
         seen = 0
@@ -320,7 +321,7 @@ def fit(
         history.append(log)
         if on_epoch is not None:
             on_epoch(log)
-        _save(
+        save_atomic(
             ckpt_path,
             {
                 "epoch": epoch,
