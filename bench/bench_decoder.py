@@ -137,7 +137,12 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     from training.decoder.run import train_decoder
 
     uri = _registry_uri(args)
-    base = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"]).replace(max_minutes=args.minutes, epochs=args.epochs)
+    # Losses only: the recipe's data augmentation and weight averaging stay off, as when the table was made.
+    base = (
+        TrainDecoderConfig()
+        .replace(**PRESETS["celeba-cpu"])
+        .replace(max_minutes=args.minutes, epochs=args.epochs, hflip=False, ema=0.0)
+    )
     rows = []
     for label, over in ABLATIONS:
         cfg = base.replace(**over)
