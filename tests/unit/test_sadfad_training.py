@@ -166,7 +166,10 @@ def test_pipeline_on_sample_faces_into_a_local_mlflow_store(
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store: no server, no database migration
     uri = (tmp_path / "mlruns").as_uri()
     cfg = SMALL.replace(variant="sad+fad", epochs=1, max_steps=2)
-    summary = train_sadfad(cfg, out_dir=tmp_path / "out", tracking_uri=uri, faces=sample_faceset, progress=False)
+    # tracking only: registering a version needs a registry server (tests/integration/test_sadfad_service.py)
+    summary = train_sadfad(
+        cfg, out_dir=tmp_path / "out", tracking_uri=uri, faces=sample_faceset, progress=False, register=False
+    )
     out = tmp_path / "out"
     assert summary.run_id and summary.steps <= 2 and summary.seed == cfg.seed
     assert summary.faces["train"] + summary.faces["val"] + summary.faces["test"] == len(sample_faceset)
