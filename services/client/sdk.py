@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import numpy as np
@@ -84,16 +84,42 @@ def template_array(t: common_pb2.Template) -> np.ndarray:
     return np.asarray(t.values, dtype=np.float32)
 
 
-class EmbeddingClient:
-    """Client for ``facexplain.v1.EmbeddingService``."""
+class _ServiceClient:
+    """What every facexplain client shares: the channel, per-call deadlines, and the model lifecycle RPCs
+    (``ModelStatus`` / ``Reload``) that every service has (common.proto)."""
 
-    def __init__(self, target: str | grpc.Channel, *, timeout: float = 60.0, **channel_kwargs: Any) -> None:
+    stub_class: Any
+    default_timeout = 60.0
+
+    def __init__(self, target: str | grpc.Channel, *, timeout: float | None = None, **channel_kwargs: Any) -> None:
         self.channel = open_channel(target, **channel_kwargs) if isinstance(target, str) else target
-        self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
-        self.timeout = timeout
+        self.stub = self.stub_class(self.channel)
+        self.timeout = self.default_timeout if timeout is None else timeout
 
     def _call(self, fn: Callable[..., R], request: Any, timeout: float | None) -> R:
         return fn(request, timeout=self.timeout if timeout is None else timeout, wait_for_ready=True)
+
+    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
+        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
+
+    def reload(self, model_name: str = "", *, timeout: float | None = None) -> common_pb2.ReloadResponse:
+        """Re-resolve the aliases now (every model the service follows, or only ``model_name``) and hot-swap."""
+        return self._call(self.stub.Reload, common_pb2.ReloadRequest(model_name=model_name), timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EmbeddingClient(_ServiceClient):
+    """Client for ``facexplain.v1.EmbeddingService``."""
+
+    stub_class = embedding_pb2_grpc.EmbeddingServiceStub
 
     def embed(
         self,
@@ -129,33 +155,15 @@ class EmbeddingClient:
             self.stub.Landmarks, embedding_pb2.LandmarksRequest(image=image, all_faces=all_faces), timeout
         )
 
-    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
-        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
 
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> EmbeddingClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class DecodingClient:
+class DecodingClient(_ServiceClient):
     """Client for ``facexplain.v1.DecodingService`` (template -> face image with the served decoder).
 
     Templates go in as ``common_pb2.Template`` (e.g. ``EmbedResponse.template`` from the embedding
     service, or :meth:`template` for a plain vector); images come back PNG-encoded.
     """
 
-    def __init__(self, target: str | grpc.Channel, *, timeout: float = 60.0, **channel_kwargs: Any) -> None:
-        self.channel = open_channel(target, **channel_kwargs) if isinstance(target, str) else target
-        self.stub = decoding_pb2_grpc.DecodingServiceStub(self.channel)
-        self.timeout = timeout
-
-    def _call(self, fn: Callable[..., R], request: Any, timeout: float | None) -> R:
-        return fn(request, timeout=self.timeout if timeout is None else timeout, wait_for_ready=True)
+    stub_class = decoding_pb2_grpc.DecodingServiceStub
 
     @staticmethod
     def template(
@@ -195,22 +203,6 @@ class DecodingClient:
     ) -> decoding_pb2.InterpolateResponse:
         req = decoding_pb2.InterpolateRequest(a=a, b=b, steps=steps, mode=mode, strip=strip)
         return self._call(self.stub.Interpolate, req, timeout)
-
-    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
-        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
-
-    def reload(self, model_name: str = "", *, timeout: float | None = None) -> common_pb2.ReloadResponse:
-        """Re-resolve the aliases now (decoder and FR model, or only ``model_name``) and hot-swap."""
-        return self._call(self.stub.Reload, common_pb2.ReloadRequest(model_name=model_name), timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> DecodingClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def labeled_image(
@@ -285,7 +277,7 @@ def set_ref(text: str) -> common_pb2.DirectionSetRef:
 ProgressCallback = Callable[[common_pb2.Progress], None]
 
 
-class DirectionsClient:
+class DirectionsClient(_ServiceClient):
     """Client for ``facexplain.v1.DirectionsService`` (discover, store and apply template-space directions).
 
     Discovery RPCs stream events: :meth:`discover_ssi` and friends return the raw event iterator
@@ -293,13 +285,8 @@ class DirectionsClient:
     events to a callback (a progress bar).
     """
 
-    def __init__(self, target: str | grpc.Channel, *, timeout: float = 600.0, **channel_kwargs: Any) -> None:
-        self.channel = open_channel(target, **channel_kwargs) if isinstance(target, str) else target
-        self.stub = directions_pb2_grpc.DirectionsServiceStub(self.channel)
-        self.timeout = timeout
-
-    def _call(self, fn: Callable[..., R], request: Any, timeout: float | None) -> R:
-        return fn(request, timeout=self.timeout if timeout is None else timeout, wait_for_ready=True)
+    stub_class = directions_pb2_grpc.DirectionsServiceStub
+    default_timeout = 600.0
 
     # -- discovery (server-streaming) -----------------------------------------------------------------------
     def discover_ssi(
@@ -424,22 +411,6 @@ class DirectionsClient:
         else:
             req.set.CopyFrom(set_ref(source) if isinstance(source, str) else source)
         return self._call(self.stub.CentroidMDS, req, timeout)
-
-    # -- lifecycle ------------------------------------------------------------------------------------------------
-    def model_status(self, *, timeout: float | None = None) -> common_pb2.ModelStatusResponse:
-        return self._call(self.stub.ModelStatus, common_pb2.ModelStatusRequest(), timeout)
-
-    def reload(self, model_name: str = "", *, timeout: float | None = None) -> common_pb2.ReloadResponse:
-        return self._call(self.stub.Reload, common_pb2.ReloadRequest(model_name=model_name), timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> DirectionsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
