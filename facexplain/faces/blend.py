@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from facexplain.faces.regions import _convex_hull
+from facexplain.faces.regions import convex_hull
 
 # A region: one or more groups of 68-point landmark indices; the mask is the union of each group's hull.
 PointGroups = tuple[tuple[int, ...], ...]
@@ -76,7 +76,7 @@ def region_points(region: str | Sequence[Sequence[int]] | Sequence[int]) -> Poin
     return tuple(groups)
 
 
-def _segment_distance(pix: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+def segment_distance(pix: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     """(S, S, 2) pixels, (K, 2) points (K = 1 or 2) -> (S, S) euclidean distance to the point/segment."""
     a = pts[0]
     b = pts[-1]
@@ -88,16 +88,16 @@ def _segment_distance(pix: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return (pix - (a + s.unsqueeze(-1) * ab)).norm(dim=-1)
 
 
-def _hull_outside_distance(pix: torch.Tensor, group_pts: torch.Tensor) -> torch.Tensor:
+def hull_outside_distance(pix: torch.Tensor, group_pts: torch.Tensor) -> torch.Tensor:
     """(S, S, 2) pixels, (K, 2) points -> (S, S) outward distance from their convex hull (<= 0 inside).
 
     As in :func:`facexplain.faces.regions.face_region_mask`: the largest signed distance to a hull
     edge line, exact inside and along edges, a little short of euclidean near corners (which only
     rounds the dilated outline). Fewer than three non-collinear points give a point or a segment.
     """
-    hull = _convex_hull([(float(x), float(y)) for x, y in group_pts.tolist()])
+    hull = convex_hull([(float(x), float(y)) for x, y in group_pts.tolist()])
     if len(hull) < 3:
-        return _segment_distance(pix, torch.tensor(hull, dtype=pix.dtype, device=pix.device))
+        return segment_distance(pix, torch.tensor(hull, dtype=pix.dtype, device=pix.device))
     v = torch.tensor(hull, dtype=pix.dtype, device=pix.device)  # CCW for x right / y up
     e = torch.roll(v, -1, dims=0) - v
     normal = torch.stack([e[:, 1], -e[:, 0]], dim=-1)  # outward for that orientation
@@ -161,7 +161,7 @@ def region_mask(
             if lo[0] >= hi[0] or lo[1] >= hi[1]:
                 continue
             box = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-            inside = (_hull_outside_distance(pix[box], gp) <= dilate).to(torch.float32)
+            inside = (hull_outside_distance(pix[box], gp) <= dilate).to(torch.float32)
             masks[b, 0][box] = torch.maximum(masks[b, 0][box], inside)
     return gaussian_feather(masks, feather).clamp_(0.0, 1.0)
 

@@ -31,7 +31,7 @@ def landmarks_to_chip(landmarks68: torch.Tensor, size: int = 150, padding: float
     return out.to(dtype)
 
 
-def _convex_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def convex_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Andrew's monotone chain; counter-clockwise in a y-up frame, without repeated end point."""
     pts = sorted(set(points))
     if len(pts) <= 2:
@@ -75,7 +75,7 @@ def face_region_mask(
     pts = landmarks_chip.detach()[:, list(REGION_POINTS)].to("cpu", torch.float64)
     masks = []
     for b in range(pts.shape[0]):
-        hull = _convex_hull([(float(x), float(y)) for x, y in pts[b].tolist()])
+        hull = convex_hull([(float(x), float(y)) for x, y in pts[b].tolist()])
         if len(hull) < 3:
             masks.append(torch.zeros(size, size, device=device))
             continue
