@@ -47,7 +47,8 @@ DEFAULT_MIN_GOLDEN_COSINE = 0.99
 
 KIND_EMBEDDER = "embedder"
 KIND_DECODER = "decoder"
-KINDS = (KIND_EMBEDDER, KIND_DECODER, "direction_set", "attribute_estimator")
+KIND_ATTRIBUTE_PROBES = "attribute_probes"  # linear probes on face-api features (facexplain.attributes.accessory)
+KINDS = (KIND_EMBEDDER, KIND_DECODER, "direction_set", "attribute_estimator", KIND_ATTRIBUTE_PROBES)
 
 # Fields bundle.json must carry, per kind; a decoder is meaningless without the FR model it inverts.
 REQUIRED_METADATA: dict[str, tuple[str, ...]] = {
@@ -55,6 +56,8 @@ REQUIRED_METADATA: dict[str, tuple[str, ...]] = {
     KIND_DECODER: ("name", "template_dim", "input", "fr_model", "components"),
     "direction_set": ("name", "template_dim", "fr_model"),
     "attribute_estimator": ("name", "fr_model"),
+    # Probes read pixels, never templates: no FR model, but the labels and the features they read.
+    KIND_ATTRIBUTE_PROBES: ("name", "labels", "features", "probes", "components", "golden"),
 }
 
 # face-api networks of the default embedder: component -> (manifest stem, architecture).
@@ -197,6 +200,8 @@ def flat_metadata(meta: dict[str, Any]) -> dict[str, str]:
         out["fr_model_version"] = str(fr.get("version", ""))
     if "architecture" in meta:
         out["architecture"] = str(meta["architecture"])
+    if meta.get("kind") == KIND_ATTRIBUTE_PROBES and "labels" in meta:
+        out["labels"] = ",".join(map(str, meta["labels"]))[:250]
     if "source" in meta:
         out["source"] = str(meta["source"])[:250]
     return out

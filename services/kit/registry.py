@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from facexplain.models.bundle import (
+    KIND_ATTRIBUTE_PROBES,
     KIND_DECODER,
     KIND_EMBEDDER,
     BundleError,
@@ -43,6 +44,7 @@ log = logging.getLogger("facexplain.registry")
 
 DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
 DEFAULT_DECODER_MODEL = "facexplain-dfd-dlib128"
+DEFAULT_PROBES_MODEL = "facexplain-probes-faceapi"  # accessory probes (facexplain.attributes.accessory)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
@@ -72,6 +74,7 @@ REQUIRED_TAGS: dict[str, tuple[str, ...]] = {
     ),
     KIND_DECODER: (*_COMMON_TAGS, "template_dim", "input_size", "fr_model_name", "fr_model_version"),
     KIND_DIRECTION_SET: (*_COMMON_TAGS, "template_dim", "fr_model_name", "fr_model_version", "method"),
+    KIND_ATTRIBUTE_PROBES: (*_COMMON_TAGS, "architecture", "labels"),
 }
 
 # A RestException with one of these codes means the server answered "no such model/alias/version".

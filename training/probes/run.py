@@ -1,0 +1,314 @@
+"""One probe training run end to end: faces -> identity-disjoint split -> frozen face-api features of clean
+and degraded chips -> one logistic probe per label (L2 chosen on validation identities) -> held-out
+figures per label, clean and degraded -> MLflow run -> ``attribute_probes`` bundle -> registered version.
+
+Tracked in the MLflow experiment ``facexplain-probes`` when a tracking URI is given; without one the run
+fits and writes its files only (``OUT/bundle``, ``OUT/summary.json``). The face set is the one every
+pipeline shares (default FR pipeline, cached under ``var/cache/facesets``): probes read pixels and
+landmarks, so which FR model aligned the chips only fixes the frame, the dlib chip every estimator reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import facexplain
+from facexplain.attributes.accessory import (
+    FeatureExtractor,
+    attribute_name,
+    degrade_faces,
+    evaluate_probes,
+    fit_probe_set,
+    random_sigmas,
+    save_probe_bundle,
+)
+from facexplain.attributes.probe import identity_split
+from facexplain.data.faces import FaceRecord
+from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.paths import var_dir
+from training.common import NullRun, TrackedRun, default_alias, resolve_device
+from training.probes.config import TrainProbesConfig
+
+EXPERIMENT = "facexplain-probes"
+FACESET_CACHE = var_dir() / "cache" / "facesets"
+DEFAULT_FACESET_KEY = "default-local"  # FR key of face sets built by FacePipeline.default() (as tests/conftest.py)
+# Issue 6's bar on held-out identities (clean chips): the run records whether it is met.
+GATES = {"Eyeglasses": 0.85, "Smiling": 0.85}
+
+
+@dataclass
+class ProbesRunSummary:
+    run_id: str  # "" when the run was not tracked
+    data_manifest_sha256: str
+    faces: dict[str, int]
+    labels: list[str]
+    blocks: list[str]
+    metrics: dict[str, float]  # test_<attr>_{auc,balanced_accuracy}, test_degraded_<attr>_..., val_..., C_...
+    gates: dict[str, bool]
+    seconds: dict[str, float]
+    device: str
+    registered: dict[str, str] = field(default_factory=dict)
+
+
+def select_records(records: Sequence[FaceRecord], labels: Sequence[str], max_images: int) -> list[FaceRecord]:
+    """A deterministic sample of ``max_images`` records that keeps rare labels learnable.
+
+    Up to ``max_images / (2 * len(labels))`` positives of each label first, then the others, all in
+    the order of a hash of the file name (no preference for any identity or file order).
+    """
+    if max_images <= 0 or max_images >= len(records):
+        return list(records)
+    ordered = sorted(records, key=lambda r: hashlib.sha256(r.path.name.encode()).hexdigest())
+    per_label = max(1, max_images // (2 * len(labels)))
+    chosen: dict[str, FaceRecord] = {}
+    for label in labels:
+        pos = [r for r in ordered if r.labels.get(label) == 1 and r.path.name not in chosen]
+        for r in pos[:per_label]:
+            chosen[r.path.name] = r
+    for r in ordered:
+        if len(chosen) >= max_images:
+            break
+        chosen.setdefault(r.path.name, r)
+    return sorted(chosen.values(), key=lambda r: r.path.as_posix())
+
+
+def load_faces(cfg: TrainProbesConfig, cache_dir: Path, progress: bool) -> FaceSet:
+    """The face set of ``cfg.data`` (or its stratified sample), built once with the default pipeline and cached."""
+    from facexplain.pipeline import FacePipeline
+
+    root, records, names = records_from_spec(cfg.data)
+    missing = [label for label in cfg.label_list if label not in names]
+    if missing:
+        raise ValueError(f"{cfg.data} has no label(s) {', '.join(missing)}; it has: {', '.join(names) or 'none'}")
+    picked = select_records(records, cfg.label_list, cfg.max_images)
+    return build_faceset(
+        root,
+        picked,
+        FacePipeline.default(),
+        fr_key=DEFAULT_FACESET_KEY,
+        label_names=names,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+def mirror(chips: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right mirrored chips and landmarks. Points keep their index: the crops only read boxes of
+    point sets that are symmetric as sets (all 68, brows+eyes+nose), so no relabelling is needed."""
+    side = chips.shape[-1]
+    lm = landmarks.clone()
+    lm[..., 0] = side - 1 - lm[..., 0]
+    return chips.flip(-1), lm
+
+
+def train_probes(
+    cfg: TrainProbesConfig,
+    *,
+    out_dir: Path,
+    tracking_uri: str | None = None,
+    register: bool = True,
+    progress: bool = True,
+    faces: FaceSet | None = None,
+    faceset_cache: Path = FACESET_CACHE,
+) -> ProbesRunSummary:
+    """Run the whole pipeline (see module docstring). ``faces`` replaces loading ``cfg.data`` (tests)."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(cfg.label_list)
+    blocks = list(cfg.block_list)
+
+    # 1. data and identity-disjoint split
+    if faces is None:
+        faces = load_faces(cfg, faceset_cache, progress)
+    if faces.labels is None:
+        raise ValueError("the face set has no labels (a CelebA-style labels.csv is needed)")
+    missing = [label for label in labels if label not in faces.label_names]
+    if missing:
+        raise ValueError(f"the face set has no label(s) {', '.join(missing)}; it has: {', '.join(faces.label_names)}")
+    y = faces.labels[:, [faces.label_names.index(label) for label in labels]].numpy().astype(np.float64)
+    train_idx, test_idx = identity_split(faces.identities, cfg.test_fraction, cfg.split_seed)
+    if len(train_idx) == 0:
+        raise ValueError("no training identities: lower test_fraction or add data")
+    ids = np.array(faces.identities)
+    sizes = {
+        "faces": len(faces),
+        "train": len(train_idx),
+        "test": len(test_idx),
+        "identities_train": len(set(ids[train_idx].tolist())),
+        "identities_test": len(set(ids[test_idx].tolist())),
+        "failed": len(faces.failed),
+    }
+
+    # 2. frozen features: clean chips, degraded copies (test copies at the fixed eval blur), mirrored chips
+    t0 = time.perf_counter()
+    extractor = FeatureExtractor(blocks, device=device)
+    chips, lms = faces.chips, faces.landmarks
+
+    def feats(images: torch.Tensor, landmarks: torch.Tensor) -> np.ndarray:
+        return extractor(images, landmarks, batch_size=cfg.batch_size)
+
+    clean = feats(chips, lms)
+    x_rows, y_rows, id_rows = [clean[train_idx]], [y[train_idx]], [ids[train_idx]]
+    degraded_test = None
+    for k in range(max(cfg.degraded_copies, 1)):
+        sigma = random_sigmas(len(faces), cfg.seed + k, cfg.blur_sigma_max)
+        sigma[torch.as_tensor(test_idx, dtype=torch.long)] = cfg.eval_sigma
+        take = train_idx if k < cfg.degraded_copies else np.zeros(0, dtype=np.int64)
+        sel = np.concatenate([take, test_idx]) if k == 0 else take
+        if len(sel) == 0:
+            continue
+        d_img, d_lm = degrade_faces(
+            chips[sel], lms[sel], sigma[torch.as_tensor(sel, dtype=torch.long)], cfg.degrade_size
+        )
+        f = feats(d_img, d_lm)
+        x_rows.append(f[: len(take)])
+        y_rows.append(y[take])
+        id_rows.append(ids[take])
+        if k == 0:
+            degraded_test = f[len(take) :]
+    if cfg.flip:
+        m_img, m_lm = mirror(chips[train_idx], lms[train_idx])
+        x_rows.append(feats(m_img, m_lm))
+        y_rows.append(y[train_idx])
+        id_rows.append(ids[train_idx])
+    feature_seconds = time.perf_counter() - t0
+
+    # 3. fit (L2 strength per label on validation identities)
+    t0 = time.perf_counter()
+    probes = fit_probe_set(
+        np.concatenate(x_rows),
+        np.concatenate(y_rows),
+        np.concatenate(id_rows).tolist(),
+        labels,
+        blocks,
+        c_grid=cfg.c_grid_values,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    fit_seconds = time.perf_counter() - t0
+
+    # 4. held-out identities, clean and degraded
+    metrics: dict[str, float] = {}
+    evaluations: dict[str, dict[str, dict[str, float]]] = {}
+    if len(test_idx):
+        evaluations["clean"] = evaluate_probes(probes, clean[test_idx], y[test_idx])
+        assert degraded_test is not None
+        evaluations["degraded"] = evaluate_probes(probes, degraded_test, y[test_idx])
+    for label in labels:
+        attr = attribute_name(label)
+        info = probes.report["labels"][label]
+        metrics[f"C_{attr}"] = float(info["C"])
+        metrics[f"val_{attr}_balanced_accuracy"] = float(info["val_balanced_accuracy"])
+        for variant, prefix in (("clean", "test_"), ("degraded", "test_degraded_")):
+            for key in ("balanced_accuracy", "auc"):
+                metrics[f"{prefix}{attr}_{key}"] = float(evaluations.get(variant, {}).get(label, {}).get(key, math.nan))
+    gates = {
+        label: bool(metrics.get(f"test_{attribute_name(label)}_balanced_accuracy", math.nan) >= bound)
+        for label, bound in GATES.items()
+        if label in labels
+    }
+    probes.report["test"] = evaluations
+    probes.report["faces"] = sizes
+    probes.report["data_manifest_sha256"] = str(faces.meta.get("manifest_sha256", ""))
+
+    # 5. tracking
+    mlrun: NullRun
+    if tracking_uri:
+        mlrun = TrackedRun(
+            tracking_uri, EXPERIMENT, None, run_name="probes-faceapi", tags={"facexplain.kind": "attribute_probes"}
+        )
+    else:
+        mlrun = NullRun()
+    mlrun.params(
+        {
+            **cfg.to_params(),
+            "data_manifest_sha256": probes.report["data_manifest_sha256"],
+            **{f"faces_{k}": v for k, v in sizes.items()},
+            "feature_dim": extractor.dim,
+            "device_resolved": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "facexplain_version": facexplain.__version__,
+        }
+    )
+    mlrun.metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
+    mlrun.dict(probes.report, "probes/report.json")
+    mlrun.tag("gates_passed", str(bool(gates) and all(gates.values())).lower())
+
+    seconds = {
+        "features": round(feature_seconds, 2),
+        "fit": round(fit_seconds, 2),
+        "total": round(time.perf_counter() - t_start, 2),
+    }
+    summary = ProbesRunSummary(
+        run_id=mlrun.run_id,
+        data_manifest_sha256=probes.report["data_manifest_sha256"],
+        faces=sizes,
+        labels=labels,
+        blocks=blocks,
+        metrics=metrics,
+        gates=gates,
+        seconds=seconds,
+        device=str(device),
+    )
+
+    # 6. bundle (always) and registration
+    bundle = out_dir / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    save_probe_bundle(bundle, probes, name=cfg.register_as, training=_training_meta(mlrun.run_id, cfg, summary))
+    if tracking_uri and register:
+        summary.registered = _register(cfg, bundle, tracking_uri, mlrun.run_id, metrics, gates)
+    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1, allow_nan=True) + "\n")
+    mlrun.artifact(out_dir / "summary.json")
+    mlrun.end()
+    return summary
+
+
+def _training_meta(run_id: str, cfg: TrainProbesConfig, summary: ProbesRunSummary) -> dict[str, Any]:
+    return {
+        "mlflow_run_id": run_id,
+        "data_manifest_sha256": summary.data_manifest_sha256,
+        "split_seed": cfg.split_seed,
+        "seed": cfg.seed,
+        "faces": summary.faces,
+        "metrics": {k: round(v, 5) for k, v in summary.metrics.items() if math.isfinite(v)},
+    }
+
+
+def _register(
+    cfg: TrainProbesConfig, bundle: Path, uri: str, run_id: str, metrics: dict[str, float], gates: dict[str, bool]
+) -> dict[str, str]:
+    """Register the bundle from the training run itself, so the version links to its figures."""
+    from services.kit.registry import Registry
+
+    registry = Registry(uri, timeout_s=30.0, max_retries=2)
+    alias = default_alias(registry, cfg.register_as, cfg.alias)
+    tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and "balanced" in k and math.isfinite(v)}
+    tags["gates_passed"] = str(bool(gates) and all(gates.values())).lower()
+    info = registry.register_bundle(bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=run_id)
+    return {"name": info.name, "version": info.version, "alias": alias}
+
+
+def load_registered(uri: str, name: str, ref: str, cache_dir: Path, device: str = "cpu") -> Any:
+    """A registered probe version (``ref`` = alias or version number) as an ``AccessoryEstimator``."""
+    from facexplain.attributes.accessory import load_probe_bundle
+    from services.kit.registry import Registry
+
+    registry = Registry(uri, timeout_s=30.0, max_retries=2)
+    info = registry.get_version(name, ref) if ref.isdigit() else registry.resolve(name, ref)
+    return load_probe_bundle(registry.download(info, cache_dir), device)
