@@ -3,9 +3,11 @@
 facexplain serve embedding --port 50051
 facexplain serve decoding --port 50052
 facexplain serve directions --port 50053
+facexplain serve attributes --port 50054
 facexplain embed DIR --target 127.0.0.1:50051 --out templates.npz
 facexplain reconstruct DIR --target 127.0.0.1:50052 --out recon/
 facexplain directions ssi|centroid|regression DIR[,labels.csv] --target 127.0.0.1:50053 --out sets.json
+facexplain attributes importance --data DIR --target 127.0.0.1:50054 --control --out importance/
 facexplain traverse IMAGE --target 127.0.0.1:50053 --set ID|NAME@VERSION --index K --alphas -2 0 2 --out strip.png
 facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 """
@@ -48,6 +50,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from services.directions.app import main as directions_main
 
         directions_main()
+        return 0
+    if args.service == "attributes":
+        from services.attributes.app import main as attributes_main
+
+        attributes_main()
         return 0
     print(f"unknown service {args.service!r}", file=sys.stderr)
     return 2
@@ -276,11 +283,11 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a gRPC service in the foreground (config from FACEXPLAIN_* env vars)")
-    s.add_argument("service", choices=["embedding", "decoding", "directions"])
+    s.add_argument("service", choices=["embedding", "decoding", "directions", "attributes"])
     s.add_argument(
         "--port",
         type=int,
-        help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding, 50053 directions)",
+        help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding, 50053 directions, 50054 attributes)",
     )
     s.add_argument("--host", help="bind address (FACEXPLAIN_HOST, default 127.0.0.1)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FACEXPLAIN_METRICS_PORT, default: any free)")
@@ -329,6 +336,10 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
 
     add_directions_parsers(sub)
 
+    from services.client.attributes_cli import add_attributes_parsers
+
+    add_attributes_parsers(sub)
+
     from services.client.registry_cli import add_registry_parser
 
     add_registry_parser(sub)
@@ -348,7 +359,14 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
         "activation diversity losses: identity-disjoint split, synthetic occlusion, MLflow tracking, "
         "verification clean and occluded, registration as a servable embedder.",
     )
-    for name, parser in (("decoder", td), ("sadfad", ts)):
+    tp = tsub.add_parser(
+        "probes",
+        help="fit accessory/appearance probes (eyeglasses, hat, smiling, ...) on CelebA labels",
+        description="Fit one logistic probe per CelebA label on frozen face-api features (not the FR model) of "
+        "clean and degraded chips: identity-disjoint split, L2 chosen on validation identities, held-out "
+        "balanced accuracy, MLflow tracking, registration as facexplain-probes-faceapi.",
+    )
+    for name, parser in (("decoder", td), ("sadfad", ts), ("probes", tp)):
         add, run = _train_command(name)
         if with_training:
             add(parser)

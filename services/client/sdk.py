@@ -16,6 +16,8 @@ import grpc
 import numpy as np
 
 from services.api.v1 import (
+    attributes_pb2,
+    attributes_pb2_grpc,
     common_pb2,
     decoding_pb2,
     decoding_pb2_grpc,
@@ -420,3 +422,95 @@ class DiscoveryResult:
     sets: list[directions_pb2.DirectionSet] = field(default_factory=list)
     maps: list[directions_pb2.EquivarianceMaps] = field(default_factory=list)
     probe: directions_pb2.RegressionProbe | None = None
+
+
+class AttributesClient(_ServiceClient):
+    """Client for ``facexplain.v1.AttributesService`` (attributes recovered from templates, MI importance).
+
+    :meth:`importance` returns the raw event stream (Progress events, then one ImportanceTable; cancel
+    it with ``.cancel()``); :meth:`run_importance` drains one into its table, passing Progress events
+    to a callback (a progress bar).
+    """
+
+    stub_class = attributes_pb2_grpc.AttributesServiceStub
+    default_timeout = 600.0
+
+    def list_attributes(self, *, timeout: float | None = None) -> attributes_pb2.ListAttributesResponse:
+        return self._call(self.stub.ListAttributes, attributes_pb2.ListAttributesRequest(), timeout)
+
+    def recover_attributes(
+        self,
+        probe: common_pb2.Probe,
+        *,
+        attributes: list[str] | None = None,
+        return_decoded: bool = False,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> attributes_pb2.RecoverAttributesResponse:
+        req = attributes_pb2.RecoverAttributesRequest(
+            probe=probe, attributes=attributes or [], return_decoded=return_decoded, selection=selection
+        )
+        return self._call(self.stub.RecoverAttributes, req, timeout)
+
+    def diff_attributes(
+        self,
+        a: common_pb2.Probe,
+        b: common_pb2.Probe,
+        *,
+        attributes: list[str] | None = None,
+        return_decoded: bool = False,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> attributes_pb2.DiffAttributesResponse:
+        req = attributes_pb2.DiffAttributesRequest(
+            a=a, b=b, attributes=attributes or [], return_decoded=return_decoded, selection=selection
+        )
+        return self._call(self.stub.DiffAttributes, req, timeout)
+
+    def importance(
+        self,
+        dataset: common_pb2.Dataset | attributes_pb2.ImportanceRequest,
+        *,
+        attributes: list[str] | None = None,
+        estimator: str = "",
+        n_bootstrap: int = 0,
+        seed: int = 0,
+        shuffled_control: bool = False,
+        log_run: bool = False,
+        knn_neighbors: int = 0,
+        ci_level: float = 0.0,
+        experiment: str = "",
+        timeout: float | None = None,
+    ) -> Any:  # grpc call: an iterator of ImportanceEvent with .cancel()
+        """Start an Importance job over ``dataset`` (or send a ready ``ImportanceRequest``); iterate the events."""
+        if isinstance(dataset, attributes_pb2.ImportanceRequest):
+            req = dataset
+        else:
+            req = attributes_pb2.ImportanceRequest(
+                dataset=dataset,
+                attributes=attributes or [],
+                estimator=estimator,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                shuffled_control=shuffled_control,
+                log_run=log_run,
+                knn_neighbors=knn_neighbors,
+                ci_level=ci_level,
+                experiment=experiment,
+            )
+        return self._call(self.stub.Importance, req, timeout)
+
+    @staticmethod
+    def run_importance(events: Any, on_progress: ProgressCallback | None = None) -> attributes_pb2.ImportanceTable:
+        """Drain an Importance stream: Progress events go to ``on_progress``; returns the table."""
+        table: attributes_pb2.ImportanceTable | None = None
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(event.progress)
+            elif kind == "table":
+                table = event.table
+        if table is None:
+            raise RuntimeError("the Importance stream ended without a table")
+        return table

@@ -1,0 +1,1 @@
+"""AttributesService: attributes recovered from templates (decode, then estimate) and their MI importance."""
