@@ -29,6 +29,7 @@ class TrainProbesConfig:
     data: str = "../shared/data/celeba_subset"
     labels: str = DEFAULT_LABELS  # CelebA label names, comma-separated
     max_images: int = 0  # 0 = all; else a label-stratified, hash-ordered sample of this many
+    faceset: str = ""  # a cached face set .npz of `data` (e.g. the one decoder training built) instead of building
     features: str = DEFAULT_BLOCKS  # feature blocks <net>:<crop>, comma-separated
     # degraded copies of every training chip (64 px, random blur), to read decoded faces too
     degraded_copies: int = 1

@@ -87,6 +87,14 @@ def load_faces(cfg: TrainProbesConfig, cache_dir: Path, progress: bool) -> FaceS
     """The face set of ``cfg.data`` (or its stratified sample), built once with the default pipeline and cached."""
     from facexplain.pipeline import FacePipeline
 
+    if cfg.faceset:
+        faces = FaceSet.load(Path(cfg.faceset))
+        absent = [label for label in cfg.label_list if label not in faces.label_names]
+        if absent:
+            raise ValueError(f"face set {cfg.faceset} has no label(s) {', '.join(absent)}")
+        if cfg.max_images:
+            raise ValueError("max_images samples records before the face set is built; it cannot apply to --faceset")
+        return faces
     root, records, names = records_from_spec(cfg.data)
     missing = [label for label in cfg.label_list if label not in names]
     if missing:

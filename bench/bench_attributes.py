@@ -1,0 +1,185 @@
+"""Attribute-recovery importance benchmark (issue 6): I(a; â) per attribute for registered FR models.
+
+For each FR model given (``--fr-model``, and optionally ``--compare`` with its own decoder), on the
+decoder's **test identities** (never seen by the decoder; the same identity split as
+``bench_directions``), every attribute of the default catalogue is estimated on the original aligned
+chips (a) and on the faces decoded from their templates (â) (:func:`facexplain.attributes.recovery.
+recover_dataset`), and ranked by the mutual information I(a; â) (:func:`facexplain.attributes.importance.
+importance_table`, Kraskov k-NN, half-sample intervals) with the seeded shuffled control. The run is
+repeated with the same seed on the same estimates to check the table is reproducible.
+
+Accessory attributes need a registered probe set (``--probes``, default ``facexplain-probes-faceapi@champion``);
+without one the table has no accessory rows and says so.
+
+Writes ``bench/results/attributes-importance-<device>.{json,csv,png}`` with the machine and date.
+
+    python bench/bench_attributes.py [--n 400] [--bootstrap 50] [--threads 2]
+        [--compare facexplain-sadfad-...@champion --compare-decoder facexplain-dfd-...@champion]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_directions import CELEBA, decode, load_context, pick
+from bench.common import RESULTS, machine, write
+
+
+def _probes(spec: str, uri: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The registered accessory probes, or (None, reason) when none is registered."""
+    from facexplain.attributes.accessory import load_probe_bundle
+    from facexplain.paths import var_dir
+    from services.kit.registry import Registry, RegistryError
+
+    if not spec:
+        return None, {"used": False, "reason": "--probes empty"}
+    name, _, ref = spec.partition("@")
+    registry = Registry(uri, timeout_s=30.0, max_retries=2)
+    try:
+        info = registry.get_version(name, ref) if ref.isdigit() else registry.resolve(name, ref or "champion")
+    except RegistryError as err:
+        return None, {"used": False, "reason": f"{spec}: {err}"}
+    path = registry.download(info, var_dir() / "models")
+    return load_probe_bundle(path, str(device)), {"used": True, "name": info.name, "version": info.version}
+
+
+def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict[str, Any]:
+    from facexplain.attributes.defaults import default_catalog
+    from facexplain.attributes.importance import importance_table
+    from facexplain.attributes.recovery import recover_dataset
+
+    ns = argparse.Namespace(**{**vars(args), "fr_model": fr, "decoder": dec})
+    ctx = load_context(ns)
+    idx = pick(ctx.b_idx, ctx.faces.identities, args.n, args.seed)
+    catalog = default_catalog(ctx.device, probes)
+    chips = ctx.faces.chips[idx]
+    templates = ctx.faces.templates[idx]
+    t0 = time.perf_counter()
+    original, recovered = recover_dataset(
+        chips, templates, lambda t: decode(ctx, t), catalog, batch_size=args.batch_size, progress=_bar(len(idx))
+    )
+    t_recover = time.perf_counter() - t0
+    specs = catalog.specs
+    kw = dict(estimator="knn", k=args.k, n_bootstrap=args.bootstrap, ci_level=0.95, seed=args.seed)
+    t0 = time.perf_counter()
+    rows = importance_table(original, recovered, specs, shuffled_control=True, **kw)
+    t_mi = time.perf_counter() - t0
+    again = importance_table(original, recovered, specs, shuffled_control=True, **kw)
+    same = [(r.attribute, r.mi, r.ci_low, r.ci_high, r.control_mi) for r in rows] == [
+        (r.attribute, r.mi, r.ci_low, r.ci_high, r.control_mi) for r in again
+    ]
+    finite = [r for r in rows if math.isfinite(r.mi)]
+    smallest = min(r.mi for r in finite)
+    largest_control = max(r.control_mi for r in finite)
+    by_group: dict[str, list[float]] = {}
+    for r in finite:
+        by_group.setdefault(r.group, []).append(r.mi)
+    return {
+        "context": ctx.info,
+        "faces": len(idx),
+        "identities": len({ctx.faces.identities[i] for i in idx}),
+        "seconds": {"recover": round(t_recover, 1), "importance": round(t_mi, 1)},
+        "rows": [r.__dict__ for r in rows],
+        "checks": {
+            "attributes": len(rows),
+            "finite": len(finite),
+            "smallest_mi": smallest,
+            "largest_control_mi": largest_control,
+            "control_below_smallest": bool(largest_control < smallest),
+            "reproducible_same_seed": same,
+        },
+        "group_mean_mi": {g: float(np.mean(v)) for g, v in by_group.items()},
+        "_rows": rows,
+    }
+
+
+def _bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="recover", unit="face")
+
+    def update(done: int, _total: int) -> None:
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--registry", default="", help="MLflow URI (default $FACEXPLAIN_REGISTRY_URI or :5000)")
+    ap.add_argument("--fr-model", default="facexplain-fr-dlib128@champion")
+    ap.add_argument("--decoder", default="facexplain-dfd-dlib128@champion")
+    ap.add_argument("--compare", default="", help="a second FR model NAME@ALIAS (needs --compare-decoder)")
+    ap.add_argument("--compare-decoder", default="")
+    ap.add_argument("--probes", default="facexplain-probes-faceapi@champion", help="accessory probes ('' = none)")
+    ap.add_argument("--data", default=CELEBA)
+    ap.add_argument("--faceset", default="", help="a face set .npz instead of --data")
+    ap.add_argument("--split-seed", type=int, default=-1, help="A/B split seed (default: the decoder's)")
+    ap.add_argument("--n", type=int, default=400, help="test-identity faces (0 = all)")
+    ap.add_argument("--bootstrap", type=int, default=50, help="half-sample resamples for the intervals")
+    ap.add_argument("--k", type=int, default=3, help="KSG neighbours")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="", help="result stem (default bench/results/attributes-importance-<dev>)")
+    args = ap.parse_args()
+    if bool(args.compare) != bool(args.compare_decoder):
+        ap.error("--compare and --compare-decoder go together")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "") or "http://127.0.0.1:5000"
+    args.registry = uri
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    args.device = str(device)
+    probes, probes_info = _probes(args.probes, uri, device)
+
+    models = [(args.fr_model, args.decoder)] + ([(args.compare, args.compare_decoder)] if args.compare else [])
+    results = [_one_model(args, fr, dec, probes) for fr, dec in models]
+
+    from services.attributes.report import importance_chart, write_compare_csv
+
+    stem = Path(args.out) if args.out else RESULTS / f"attributes-importance-{device.type}"
+    labels = [f"{r['context']['fr_model']['name']} v{r['context']['fr_model']['version']}" for r in results]
+    tables = [(lab, r.pop("_rows")) for lab, r in zip(labels, results, strict=True)]
+    write_compare_csv(tables, stem.with_suffix(".csv"))
+    importance_chart(tables, stem.with_suffix(".png"), title=f"I(a; â) on unseen identities, seed {args.seed}")
+    payload = {
+        "machine": machine(),
+        "config": {k: v for k, v in vars(args).items()},
+        "probes": probes_info,
+        "estimator": "KSG k-NN (Kraskov et al. 2004, alg. 1); plug-in for categorical attributes",
+        "models": dict(zip(labels, results, strict=True)),
+        "files": [str(stem.with_suffix(".csv")), str(stem.with_suffix(".png"))],
+    }
+    path = write(stem.name, payload)
+    print(f"wrote {path}")
+    for lab, r in zip(labels, results, strict=True):
+        c = r["checks"]
+        print(
+            f"{lab}: {c['finite']}/{c['attributes']} attributes, smallest MI {c['smallest_mi']:.3f}, "
+            f"largest control {c['largest_control_mi']:.3f}, reproducible {c['reproducible_same_seed']}"
+        )
+        top = sorted(payload["models"][lab]["rows"], key=lambda d: -d["mi"] if math.isfinite(d["mi"]) else 1e9)[:10]
+        print("  top 10:", ", ".join(f"{d['attribute']} {d['mi']:.2f}" for d in top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
