@@ -4,10 +4,12 @@ facexplain serve embedding --port 50051
 facexplain serve decoding --port 50052
 facexplain serve directions --port 50053
 facexplain serve attributes --port 50054
+facexplain serve counterfactual --port 50055
 facexplain embed DIR --target 127.0.0.1:50051 --out templates.npz
 facexplain reconstruct DIR --target 127.0.0.1:50052 --out recon/
 facexplain directions ssi|centroid|regression DIR[,labels.csv] --target 127.0.0.1:50053 --out sets.json
 facexplain attributes importance --data DIR --target 127.0.0.1:50054 --control --out importance/
+facexplain counterfactual attack|explain IMAGE REF --target 127.0.0.1:50055 --out cf/ | defence --pairs pairs.csv
 facexplain traverse IMAGE --target 127.0.0.1:50053 --set ID|NAME@VERSION --index K --alphas -2 0 2 --out strip.png
 facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 """
@@ -55,6 +57,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from services.attributes.app import main as attributes_main
 
         attributes_main()
+        return 0
+    if args.service == "counterfactual":
+        from services.counterfactual.app import main as counterfactual_main
+
+        counterfactual_main()
         return 0
     print(f"unknown service {args.service!r}", file=sys.stderr)
     return 2
@@ -283,11 +290,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a gRPC service in the foreground (config from FACEXPLAIN_* env vars)")
-    s.add_argument("service", choices=["embedding", "decoding", "directions", "attributes"])
+    s.add_argument("service", choices=["embedding", "decoding", "directions", "attributes", "counterfactual"])
     s.add_argument(
         "--port",
         type=int,
-        help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding, 50053 directions, 50054 attributes)",
+        help="gRPC port (FACEXPLAIN_PORT; default 50051 embedding, 50052 decoding, 50053 directions, 50054 attributes, "
+        "50055 counterfactual)",
     )
     s.add_argument("--host", help="bind address (FACEXPLAIN_HOST, default 127.0.0.1)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FACEXPLAIN_METRICS_PORT, default: any free)")
@@ -339,6 +347,10 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
     from services.client.attributes_cli import add_attributes_parsers
 
     add_attributes_parsers(sub)
+
+    from services.client.counterfactual_cli import add_counterfactual_parsers
+
+    add_counterfactual_parsers(sub)
 
     from services.client.registry_cli import add_registry_parser
 

@@ -19,6 +19,8 @@ from services.api.v1 import (
     attributes_pb2,
     attributes_pb2_grpc,
     common_pb2,
+    counterfactual_pb2,
+    counterfactual_pb2_grpc,
     decoding_pb2,
     decoding_pb2_grpc,
     directions_pb2,
@@ -514,3 +516,85 @@ class AttributesClient(_ServiceClient):
         if table is None:
             raise RuntimeError("the Importance stream ended without a table")
         return table
+
+
+class CounterfactualClient(_ServiceClient):
+    """Client for ``facexplain.v1.CounterfactualService`` (adversarial counterfactuals, s_a, decoder as defence).
+
+    :meth:`defence_report` returns the raw event stream (Progress events, then one DefenceResult; cancel
+    it with ``.cancel()``); :meth:`run_defence` drains one into its result. A call's deadline (``timeout``)
+    also bounds the attack: the server stops it between steps when the deadline passes.
+    """
+
+    stub_class = counterfactual_pb2_grpc.CounterfactualServiceStub
+    default_timeout = 600.0
+
+    def attack(
+        self,
+        probe: common_pb2.Image,
+        reference: common_pb2.Image,
+        spec: counterfactual_pb2.AttackSpec | None = None,
+        *,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> counterfactual_pb2.AttackResponse:
+        req = counterfactual_pb2.AttackRequest(
+            probe=probe, reference=reference, spec=spec or counterfactual_pb2.AttackSpec(), selection=selection
+        )
+        return self._call(self.stub.Attack, req, timeout)
+
+    def explain(
+        self,
+        probe: common_pb2.Image,
+        reference: common_pb2.Image,
+        spec: counterfactual_pb2.AttackSpec | None = None,
+        *,
+        attributes: list[str] | None = None,
+        n_random: int = 0,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> counterfactual_pb2.ExplainResponse:
+        req = counterfactual_pb2.ExplainRequest(
+            probe=probe,
+            reference=reference,
+            spec=spec or counterfactual_pb2.AttackSpec(),
+            attributes=attributes or [],
+            n_random=n_random,
+            selection=selection,
+        )
+        return self._call(self.stub.Explain, req, timeout)
+
+    def defence_report(
+        self,
+        pairs: list[counterfactual_pb2.ImagePair],
+        spec: counterfactual_pb2.AttackSpec | None = None,
+        *,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> Any:  # grpc call: an iterator of DefenceEvent with .cancel()
+        req = counterfactual_pb2.DefenceRequest(
+            pairs=pairs, spec=spec or counterfactual_pb2.AttackSpec(), selection=selection
+        )
+        return self._call(self.stub.DefenceReport, req, timeout)
+
+    @staticmethod
+    def run_defence(events: Any, on_progress: ProgressCallback | None = None) -> counterfactual_pb2.DefenceResult:
+        """Drain a DefenceReport stream: Progress events go to ``on_progress``; returns the result."""
+        result: counterfactual_pb2.DefenceResult | None = None
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(event.progress)
+            elif kind == "result":
+                result = event.result
+        if result is None:
+            raise RuntimeError("the DefenceReport stream ended without a result")
+        return result
+
+
+def image_pair(a: Path | str, b: Path | str, genuine: bool, pair_id: str = "") -> counterfactual_pb2.ImagePair:
+    """An ImagePair from two image files (a is the one attacked)."""
+    return counterfactual_pb2.ImagePair(
+        a=image_from_path(Path(a)), b=image_from_path(Path(b)), genuine=genuine, id=pair_id
+    )

@@ -1,0 +1,162 @@
+"""The decoder as a defence (DFD §4.3.3, Fig. 13): verify attacked pairs after template -> D -> embed.
+
+An adversarial perturbation is tuned to the FR net's gradients; decoding the attacked template into a
+face and embedding that face again passes it through a generative bottleneck that was never shown
+the perturbation, which may undo part of the attack. The check: score every pair (a, b) where a may
+be attacked, under the FR model's rule, in four ways
+
+* clean: s(a, b);
+* attacked (no defence): s(a_adv, b);
+* attacked + decoded: s(E(D(z_adv)), b), the defence;
+* clean + decoded: s(E(D(z_a)), b), what the defence costs on clean pairs (the fair reference for the
+  defended curve, since decoding loses identity even without an attack);
+
+and compare ROC curves and AUCs (genuine pairs positive). Attack success counts, among the pairs that
+were attacked and whose clean decision was not already the attacker's goal, those whose decision
+flipped to the goal; with the defence, those whose defended decision is still on the goal's side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+from facexplain.metrics.reconstruction import embed_images
+from facexplain.metrics.verification import VerificationRule, roc_auc
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """A ROC curve, fpr ascending, with each point's threshold in the rule's metric units."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray  # +-inf at the (0, 0) end
+    auc: float
+
+    def points(self) -> list[tuple[float, float, float]]:
+        return list(zip(self.fpr.tolist(), self.tpr.tolist(), self.thresholds.tolist(), strict=True))
+
+
+def roc_curve(scores: ArrayLike, genuine: ArrayLike, rule: VerificationRule) -> RocCurve:
+    """ROC of pair ``scores`` (the rule's metric: distance for L2, similarity for cosine); genuine pairs positive.
+
+    One point per distinct score (accept every pair at least as close as it), plus the (0, 0) point;
+    the AUC is the Mann-Whitney probability (ties count half), equal to the trapezoidal area.
+    NaN scores are dropped. Needs both genuine and impostor pairs.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    g = np.asarray(genuine).astype(bool).reshape(-1)
+    if s.shape != g.shape:
+        raise ValueError(f"{s.size} scores but {g.size} labels")
+    keep = ~np.isnan(s)
+    s, g = s[keep], g[keep]
+    n_pos, n_neg = int(g.sum()), int((~g).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("a ROC needs both genuine and impostor pairs")
+    sim = -s if rule.accept_below else s  # larger = more alike
+    order = np.argsort(-sim, kind="mergesort")
+    sim_sorted, g_sorted = sim[order], g[order]
+    tp = np.cumsum(g_sorted)
+    fp = np.cumsum(~g_sorted)
+    last = np.r_[np.nonzero(np.diff(sim_sorted))[0], sim_sorted.size - 1]  # last index of each distinct value
+    tpr = np.r_[0.0, tp[last] / n_pos]
+    fpr = np.r_[0.0, fp[last] / n_neg]
+    thr_sim = np.r_[np.inf, sim_sorted[last]]
+    thresholds = -thr_sim if rule.accept_below else thr_sim
+    return RocCurve(fpr=fpr, tpr=tpr, thresholds=thresholds, auc=roc_auc(sim, g))
+
+
+@torch.no_grad()
+def decode_and_reembed(
+    templates: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    embed_chips: Callable[[torch.Tensor], torch.Tensor],
+    chip_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """template -> D -> embed: (decoded faces (N, 3, S', S') in [0, 1], templates of those faces (N, D)).
+
+    ``embed_chips`` takes (N, 3, chip_size, chip_size) chips in [0, 255] (``FacePipeline.embed_chips``);
+    decoded faces are resized to the chip size first, as the decoding service's Reconstruct does.
+    """
+    decoded = decode(templates).detach().float().clamp(0.0, 1.0)
+    return decoded, embed_images(embed_chips, decoded, chip_size)
+
+
+@dataclass(frozen=True)
+class DefenceSummary:
+    """ROC curves and attack success rates for one set of attacked pairs (DFD Fig. 13)."""
+
+    clean: RocCurve
+    attacked: RocCurve
+    defended: RocCurve
+    clean_defended: RocCurve | None
+    attack_success_rate: float  # flipped to the goal / eligible attacked pairs
+    attack_success_rate_with: float  # still on the goal's side with the defence / same pairs
+    n_pairs: int
+    n_eligible: int
+
+    def aucs(self) -> dict[str, float]:
+        out = {"clean": self.clean.auc, "attacked": self.attacked.auc, "attacked_decoded": self.defended.auc}
+        if self.clean_defended is not None:
+            out["clean_decoded"] = self.clean_defended.auc
+        return out
+
+
+def defence_summary(
+    rule: VerificationRule,
+    genuine: ArrayLike,
+    scores_clean: ArrayLike,
+    scores_attacked: ArrayLike,
+    scores_defended: ArrayLike,
+    *,
+    attacked: ArrayLike | None = None,
+    dodge: ArrayLike | None = None,
+    scores_clean_defended: ArrayLike | None = None,
+) -> DefenceSummary:
+    """Summarise per-pair scores (the rule's metric) into ROCs and success rates.
+
+    ``attacked``: which pairs were attacked (default all); ``dodge``: each pair's goal, True = dodge
+    (push to reject), False = impersonate (default: genuine pairs dodge, impostor pairs impersonate).
+    A pair is eligible when attacked and its clean decision is not already the goal; the rates are NaN
+    when no pair is eligible.
+    """
+    g = np.asarray(genuine).astype(bool).reshape(-1)
+    n = g.size
+    sc = np.asarray(scores_clean, dtype=np.float64).reshape(-1)
+    sa = np.asarray(scores_attacked, dtype=np.float64).reshape(-1)
+    sd = np.asarray(scores_defended, dtype=np.float64).reshape(-1)
+    if not sc.size == sa.size == sd.size == n:
+        raise ValueError("genuine and every score array need one entry per pair")
+    att = np.ones(n, dtype=bool) if attacked is None else np.asarray(attacked).astype(bool).reshape(-1)
+    dg = g.copy() if dodge is None else np.asarray(dodge).astype(bool).reshape(-1)
+
+    def accepts(s: np.ndarray) -> np.ndarray:
+        return s < rule.threshold if rule.accept_below else s > rule.threshold
+
+    def on_goal(s: np.ndarray) -> np.ndarray:
+        acc = accepts(s)
+        return np.where(dg, ~acc, acc)
+
+    eligible = att & ~on_goal(sc) & ~np.isnan(sc)
+    n_elig = int(eligible.sum())
+    success = eligible & on_goal(sa) & ~np.isnan(sa)
+    still = eligible & on_goal(sd) & ~np.isnan(sd)
+    cd = None
+    if scores_clean_defended is not None:
+        cd = roc_curve(scores_clean_defended, g, rule)
+    return DefenceSummary(
+        clean=roc_curve(sc, g, rule),
+        attacked=roc_curve(sa, g, rule),
+        defended=roc_curve(sd, g, rule),
+        clean_defended=cd,
+        attack_success_rate=float(success.sum()) / n_elig if n_elig else math.nan,
+        attack_success_rate_with=float(still.sum()) / n_elig if n_elig else math.nan,
+        n_pairs=n,
+        n_eligible=n_elig,
+    )

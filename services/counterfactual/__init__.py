@@ -1,0 +1,1 @@
+"""The counterfactual gRPC service: adversarial counterfactuals, attribute significance, decoder as defence."""

@@ -1,0 +1,363 @@
+"""The counterfactual service over real gRPC, with the session's real MLflow registry, FR model and decoder.
+
+The registry (conftest.py, shared with the decoding, directions and attributes tests) holds the default
+FR model as ``facexplain-fr-dlib128`` v1 and the demo decoder trained for it as ``facexplain-dfd-dlib128``
+v1, both champion; one counterfactual server follows both. Pairs come from the bundled sample faces
+(data/sample). Attacks are kept short (PGD early-stops after a few steps; CW runs few steps).
+
+Rejections go over a plain channel (no retries, no wait-for-ready) so the status a test sees is the
+server's own answer, and each is followed by a good request: a bad input never takes a server down.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
+from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
+from services.client.sdk import CounterfactualClient, image_from_path, image_pair, wait_ready
+from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = REPO / "data" / "sample" / "celeba"
+ID1 = sorted((SAMPLE / "id7201").iterdir())
+ID2 = sorted((SAMPLE / "id7205").iterdir())
+ID3 = sorted((SAMPLE / "id7202").iterdir())
+ID4 = sorted((SAMPLE / "id7206").iterdir())
+PROBE, REF = ID1[0], ID1[1]  # a genuine pair the default model accepts (L2 about 0.37)
+Spec = counterfactual_pb2.AttackSpec
+OUT_SIZE = 64
+SEED = 5
+
+
+def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
+    return {
+        "FACEXPLAIN_REGISTRY_URI": uri,
+        "FACEXPLAIN_POLL_INTERVAL_S": "5",
+        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
+        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
+        "FACEXPLAIN_TORCH_THREADS": "1",
+        "FACEXPLAIN_MAX_DEFENCE_PAIRS": "8",
+        **extra,
+    }
+
+
+def _rejected(svc: RunningService, method: str, request: Any, timeout: float = 120) -> grpc.RpcError:
+    """Call ``method`` once without retries (draining a stream); it must fail. Returns the error."""
+    ch = grpc.insecure_channel(svc.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    stub = counterfactual_pb2_grpc.CounterfactualServiceStub(ch)
+    with ch, pytest.raises(grpc.RpcError) as info:
+        result = getattr(stub, method)(request, timeout=timeout)
+        if hasattr(result, "__next__"):
+            for _ in result:
+                pass
+    err = info.value
+    assert isinstance(err, grpc.RpcError)
+    return err
+
+
+def _png(image: common_pb2.Image) -> np.ndarray:
+    with Image.open(io.BytesIO(image.encoded)) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def _blank_png() -> common_pb2.Image:
+    y, x = np.mgrid[0:160, 0:200]
+    arr = np.stack([x * 255 / 200, y * 255 / 160, np.full_like(x, 90)], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    return common_pb2.Image(encoded=buf.getvalue())
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def _img(path: Path) -> common_pb2.Image:
+    return image_from_path(path)
+
+
+@pytest.fixture(scope="module")
+def svc(
+    mlflow: RunningMlflow, decoder_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    logs = tmp_path_factory.mktemp("counterfactual-svc")
+    service = start_service("counterfactual", logs, env=_env(mlflow.uri, logs / "cache"), timeout=300)
+    yield service
+    code = service.stop()
+    assert code == 0, f"counterfactual service exit {code}; log tail:\n{service.log_text()[-2000:]}"
+    # biometric data never reaches the log: no run of numbers that could be a template or pixels
+    assert not re.search(r"(-?\d+\.\d+,\s*){8,}", service.log_text())
+
+
+@pytest.fixture(scope="module")
+def client(svc: RunningService) -> Iterator[CounterfactualClient]:
+    c = CounterfactualClient(svc.address, timeout=600)
+    wait_ready(c.channel, 30)
+    # the decoder arrives through the watcher; Explain needs it
+    _wait(lambda: any(m.kind == "decoder" and m.serving for m in c.model_status().models), 120, "the decoder to load")
+    yield c
+    c.close()
+
+
+def test_model_status_and_reload(client: CounterfactualClient, mlflow: RunningMlflow) -> None:
+    status = client.model_status()
+    kinds: dict[str, list[Any]] = {}
+    for m in status.models:
+        kinds.setdefault(m.kind, []).append(m)
+    fr = next(m for m in kinds["embedder"] if m.model.name == DEFAULT_FR_MODEL)
+    assert (fr.model.version, fr.model.alias, fr.serving) == ("1", CHAMPION, True)
+    decoder = kinds["decoder"][0]
+    assert (decoder.model.name, decoder.model.version) == (DEFAULT_DECODER_MODEL, "1")
+    assert status.registry_reachable and status.registry_uri == mlflow.uri
+    reload = client.reload()
+    assert reload.error == "" and not reload.changed
+
+
+def test_pgd_at_8_255_flips_a_genuine_pair(client: CounterfactualClient) -> None:
+    t = time.perf_counter()
+    resp = client.attack(_img(PROBE), _img(REF), Spec(seed=SEED))
+    print(f"PGD 8/255: {resp.score_before:.3f} -> {resp.score_after:.3f} in {time.perf_counter() - t:.2f} s")
+    assert resp.same_before and not resp.same_after and resp.flipped
+    assert resp.score_before < resp.rule.threshold <= resp.score_after and resp.rule.metric == "l2"
+    assert resp.surrogate_score_after >= resp.rule.threshold
+    assert 0 < resp.linf <= 8 / 255 + 1e-6 and resp.l2 > 0
+    used = resp.spec_used
+    assert (used.method, used.goal, used.norm, used.steps) == (Spec.METHOD_PGD, Spec.GOAL_DODGE, Spec.NORM_LINF, 10)
+    assert math.isclose(used.epsilon, 8 / 255, rel_tol=1e-6) and resp.seed == SEED
+    assert 1 <= resp.steps_used <= 10 and math.isclose(resp.epsilon_used, 8 / 255, rel_tol=1e-6)
+    assert (resp.surrogate.name, resp.surrogate.version) == (resp.target.name, resp.target.version)
+    assert (resp.target.name, resp.target.version) == (DEFAULT_FR_MODEL, "1")
+    # the adversarial image is the probe's size, and within the budget of it pixel by pixel
+    with Image.open(PROBE) as im:
+        probe = np.asarray(im.convert("RGB")).astype(int)
+    adv = _png(resp.adversarial).astype(int)
+    assert adv.shape == probe.shape
+    assert np.abs(adv - probe).max() <= 8
+    assert abs(np.abs(adv - probe).max() / 255 - resp.linf) < 1e-6
+    pert = _png(resp.perturbation).astype(int)
+    assert pert.shape == probe.shape and (np.abs(pert - 128).max() == 127)
+
+
+def test_minimal_epsilon_and_cw(client: CounterfactualClient) -> None:
+    m = client.attack(_img(PROBE), _img(REF), Spec(minimal_epsilon=True, seed=SEED))
+    assert m.flipped and 0 < m.epsilon_used <= 8 / 255 + 1e-6 and m.linf <= m.epsilon_used + 1e-6
+    assert math.isclose(m.spec_used.epsilon_tolerance, 1 / 255, rel_tol=1e-5)
+    cw = client.attack(_img(PROBE), _img(REF), Spec(method=Spec.METHOD_CW, steps=30, seed=SEED))
+    assert cw.spec_used.norm == Spec.NORM_L2 and cw.spec_used.cw_c == 1.0
+    assert cw.flipped and cw.l2 > 0
+
+
+def test_transfer_to_dlib(client: CounterfactualClient) -> None:
+    resp = client.attack(_img(PROBE), _img(REF), Spec(seed=SEED, target_model=common_pb2.ModelRef(name="dlib")))
+    assert resp.target.name == "dlib" and resp.surrogate.name == DEFAULT_FR_MODEL
+    assert resp.same_before  # dlib accepts the clean pair too
+    print(f"dlib: {resp.score_before:.3f} -> {resp.score_after:.3f} (flipped {resp.flipped})")
+
+
+def _table(resp: counterfactual_pb2.ExplainResponse) -> list[tuple[str, float, float, float]]:
+    return [(s.attribute, s.s_a, s.delta, s.delta_reference) for s in resp.significance]
+
+
+def test_explain_is_deterministic_under_a_seed(client: CounterfactualClient) -> None:
+    spec = Spec(seed=SEED, random_start=True)
+    t = time.perf_counter()
+    first = client.explain(_img(PROBE), _img(REF), spec, n_random=4)
+    print(f"Explain in {time.perf_counter() - t:.2f} s")
+    second = client.explain(_img(PROBE), _img(REF), spec, n_random=4)
+    a, b = _table(first), _table(second)
+    assert len(a) >= 50 and [x[0] for x in a] == [x[0] for x in b]
+    np.testing.assert_array_equal(np.array([x[1:] for x in a]), np.array([x[1:] for x in b]))
+    assert first.attack.adversarial.encoded == second.attack.adversarial.encoded
+    assert first.attack.flipped
+    rows = list(first.significance)
+    finite = [r.s_a for r in rows if math.isfinite(r.s_a)]
+    assert finite == sorted(finite, reverse=True)
+    ranked = [r for r in rows if not math.isnan(r.s_a)]
+    assert [r.attribute for r in rows[: len(ranked)]] == [r.attribute for r in ranked]  # NaN last
+    for r in rows:
+        assert r.significant == (not math.isnan(r.s_a) and r.s_a > 1)
+        if math.isfinite(r.s_a) and r.delta_reference > 0:
+            assert math.isclose(r.s_a, r.delta / r.delta_reference, rel_tol=1e-4)
+        assert r.group
+    assert any(r.significant for r in rows)
+    assert sum(math.isfinite(r.delta_control) for r in rows) >= len(rows) // 2
+    assert sum(r.attribute.startswith("lbp_r") for r in rows) == 49
+    for name in ("decoded_probe", "decoded_reference", "decoded_adversarial"):
+        assert _png(getattr(first, name)).shape == (OUT_SIZE, OUT_SIZE, 3)
+    assert _png(first.lbp_significance_map).shape == (150, 150, 3)
+    assert (first.decoder.name, first.decoder.version) == (DEFAULT_DECODER_MODEL, "1")
+    top = ", ".join(f"{r.attribute} {r.s_a:.2f}" for r in rows[:10])
+    print(f"top-10 s_a (PGD, demo decoder): {top}")
+    # a subset of attributes, in the catalogue's terms
+    sub = client.explain(_img(PROBE), _img(REF), spec, attributes=["yaw", "age", "lbp_r3_c3"], n_random=1)
+    assert sorted(s.attribute for s in sub.significance) == ["age", "lbp_r3_c3", "yaw"]
+
+
+def test_defence_report_streams_progress_then_the_result(client: CounterfactualClient) -> None:
+    pairs = [
+        image_pair(ID1[0], ID1[1], True, "g1"),
+        image_pair(ID2[0], ID2[1], True, "g2"),
+        image_pair(ID1[0], ID2[0], False, "i1"),
+        image_pair(ID3[0], ID4[0], False, "i2"),
+    ]
+    pairs.append(counterfactual_pb2.ImagePair(a=_blank_png(), b=_img(ID1[0]), genuine=False, id="noface"))
+    t = time.perf_counter()
+    events = list(client.defence_report(pairs, Spec(seed=SEED)))
+    print(f"DefenceReport on 5 pairs in {time.perf_counter() - t:.2f} s")
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"}
+    stages = [e.progress.stage for e in events[:-1]]
+    assert stages.index("attack") < stages.index("defence") < stages.index("roc")
+    r = events[-1].result
+    assert r.n_pairs == 4 and len(r.skipped) == 1
+    assert (r.skipped[0].index, r.skipped[0].id) == (4, "noface")
+    assert r.skipped[0].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "no face" in r.skipped[0].error.message
+    for curve in (r.roc_clean, r.roc_without, r.roc_with):
+        fpr = [p.fpr for p in curve]
+        assert fpr == sorted(fpr) and curve[0].fpr == curve[0].tpr == 0 and curve[-1].fpr == curve[-1].tpr == 1
+    for auc in (r.auc_clean, r.auc_without, r.auc_with):
+        assert 0 <= auc <= 1
+    assert r.auc_clean == 1.0  # the clean sample pairs separate perfectly
+    assert r.attack_success_rate >= 0.5 and r.auc_without < r.auc_clean
+    assert 0 <= r.attack_success_rate_with <= 1
+    assert (r.target.name, r.decoder.name) == (DEFAULT_FR_MODEL, DEFAULT_DECODER_MODEL)
+    assert r.spec_used.method == Spec.METHOD_PGD
+    print(
+        f"AUC clean {r.auc_clean:.3f}, attacked {r.auc_without:.3f}, attacked+decoded {r.auc_with:.3f}; "
+        f"success {r.attack_success_rate:.2f} -> {r.attack_success_rate_with:.2f}"
+    )
+
+
+def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: CounterfactualClient) -> None:
+    probe, ref = _img(PROBE), _img(REF)
+
+    def attack(spec: Any = None, p: Any = probe, r: Any = ref) -> counterfactual_pb2.AttackRequest:
+        return counterfactual_pb2.AttackRequest(probe=p, reference=r, spec=spec or Spec())
+
+    too_many = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    t = time.perf_counter()
+    err = _rejected(svc, "Attack", attack(Spec(steps=10**6)))
+    assert err.code() in too_many and "steps" in (err.details() or "")
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "FACEXPLAIN_MAX_ATTACK_STEPS" in (err.details() or "")
+    assert time.perf_counter() - t < 5  # refused before any work
+    err = _rejected(svc, "Attack", attack(Spec(epsilon=1e6)))
+    assert err.code() in too_many and "epsilon" in (err.details() or "")
+    err = _rejected(svc, "Attack", attack(Spec(epsilon=0.5)))  # valid, but over the server's 32/255
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "epsilon" in (err.details() or "")
+    err = _rejected(svc, "Attack", attack(Spec(method=Spec.METHOD_CW, norm=Spec.NORM_L2, epsilon=1e6)))
+    assert err.code() in too_many
+    err = _rejected(
+        svc, "Explain", counterfactual_pb2.ExplainRequest(probe=probe, reference=ref, spec=Spec(steps=10**6))
+    )
+    assert err.code() in too_many
+    cases: list[tuple[Any, grpc.StatusCode, str]] = [
+        (Spec(steps=-1), grpc.StatusCode.INVALID_ARGUMENT, "steps"),
+        (Spec(epsilon=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        (Spec(method=Spec.METHOD_CW, norm=Spec.NORM_LINF), grpc.StatusCode.INVALID_ARGUMENT, "L2"),
+        (Spec(method=Spec.METHOD_CW, minimal_epsilon=True), grpc.StatusCode.INVALID_ARGUMENT, "minimal"),
+        (Spec(surrogate_model=common_pb2.ModelRef(name="dlib")), grpc.StatusCode.FAILED_PRECONDITION, "gradients"),
+        (Spec(target_model=common_pb2.ModelRef(name="no-such-model")), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    ]
+    for spec, code, word in cases:
+        err = _rejected(svc, "Attack", attack(spec))
+        assert err.code() == code and word in (err.details() or ""), (spec, err.code(), err.details())
+    err = _rejected(svc, "Attack", attack(p=common_pb2.Image(encoded=b"not an image")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "probe" in (err.details() or "")
+    err = _rejected(svc, "Attack", attack(p=common_pb2.Image()))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = _rejected(svc, "Attack", attack(r=_blank_png()))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "reference: no face found" in (err.details() or "")
+    err = _rejected(
+        svc, "Explain", counterfactual_pb2.ExplainRequest(probe=probe, reference=ref, attributes=["no_such_attribute"])
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "no_such_attribute" in (err.details() or "")
+    err = _rejected(svc, "Explain", counterfactual_pb2.ExplainRequest(probe=probe, reference=ref, n_random=10**4))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    genuine_only = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=True)]
+    err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=genuine_only))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "impostor" in (err.details() or "")
+    many = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k % 2 == 0) for k in range(9)]
+    err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=many))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # still serving
+    assert client.attack(probe, ref, Spec(seed=SEED)).flipped
+
+
+def test_a_deadline_stops_a_running_attack_and_the_server_keeps_serving(
+    svc: RunningService, client: CounterfactualClient
+) -> None:
+    # I-FGSM with a budget far too small to flip runs all its 1000 steps (about a minute) unless stopped
+    spec = Spec(method=Spec.METHOD_IFGSM, epsilon=0.05 / 255, steps=1000)
+    before = svc.log_text().count('"DEADLINE_EXCEEDED"')
+    t = time.perf_counter()
+    err = _rejected(
+        svc, "Attack", counterfactual_pb2.AttackRequest(probe=_img(PROBE), reference=_img(REF), spec=spec), timeout=3
+    )
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the server itself stopped the attack soon after the deadline (it logs the RPC's status when it ends)
+    _wait(lambda: svc.log_text().count('"DEADLINE_EXCEEDED"') > before, 20, "the server to stop the attack")
+    assert time.perf_counter() - t < 20
+    assert client.attack(_img(PROBE), _img(REF), Spec(seed=SEED), timeout=60).flipped
+
+
+def test_cli_explain_and_defence_write_their_files(svc: RunningService, tmp_path: Path) -> None:
+    out = tmp_path / "explain"
+    cmd = [sys.executable, "-m", "services.client.cli", "counterfactual"]
+    proc = subprocess.run(
+        [*cmd, "explain", str(PROBE), str(REF), "--target", svc.address, "--out", str(out), "--seed", "3",
+         "--attributes", "yaw", "age", "skin_colour", "lbp_r3_c3", "--n-random", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for name in ("adversarial", "perturbation", "decoded_probe", "decoded_reference", "decoded_adversarial", "lbp_map"):
+        assert (out / f"{name}.png").stat().st_size > 0
+    with (out / "significance.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["attribute"] for r in rows) == ["age", "lbp_r3_c3", "skin_colour", "yaw"]
+    data = json.loads((out / "explain.json").read_text())
+    assert data["attack"]["flipped"] is True and len(data["significance"]) == 4
+    assert "adversarial" not in data["attack"]  # images are files, not JSON
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "a,b,genuine,id\n"
+        f"{ID1[0]},{ID1[1]},1,g1\n{ID2[0]},{ID2[1]},1,g2\n{ID1[0]},{ID2[0]},0,i1\n{ID3[0]},{ID4[0]},0,i2\n"
+    )
+    proc = subprocess.run(
+        [*cmd, "defence", "--pairs", str(pairs), "--target", svc.address, "--out", str(tmp_path / "defence"),
+         "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "AUC clean" in proc.stdout
+    result = json.loads((tmp_path / "defence" / "defence.json").read_text())
+    assert result["n_pairs"] == 4
+    assert (tmp_path / "defence" / "roc.csv").read_text().startswith("curve,fpr,tpr,threshold")
+    # bad input to the CLI: exit 2; refused by the service: exit 4
+    missing = ["defence", "--pairs", str(tmp_path / "missing.csv"), "--target", svc.address, "--out", str(tmp_path)]
+    bad = subprocess.run([*cmd, *missing], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    huge = ["attack", str(PROBE), str(REF), "--steps", "1000000", "--target", svc.address, "--out", str(tmp_path)]
+    refused = subprocess.run([*cmd, *huge], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 4 and "RESOURCE_EXHAUSTED" in refused.stderr
