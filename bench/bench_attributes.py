@@ -144,9 +144,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "") or "http://127.0.0.1:5000"
     args.registry = uri
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if args.device == "auto" and not torch.cuda.is_available():
-        device = torch.device("cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     args.device = str(device)
     probes, probes_info = _probes(args.probes, uri, device)
 

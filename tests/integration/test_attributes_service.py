@@ -54,10 +54,8 @@ FR_V1 = common_pb2.ModelRef(name=DEFAULT_FR_MODEL, version="1")
 RANKED = ["yaw", "pitch", "roll", "skin_colour", "hair_colour", "age", "gender", "expression"]
 RANKED += ["nose_width_to_mouth_width", "interocular_to_face_width", "lbp_r3_c3"]
 GROUP_ORDER = ["geometry", "pose", "colour", "age", "gender", "expression", "accessory", "texture"]
-CELEBA = REPO.parent / "shared" / "data" / "celeba_subset"
-CELEBA_FACES = 150
-# What the demo decoder recovers well enough to rank on CelebA faces it never saw (pose: see the report).
-CELEBA_RANKED = ["skin_colour", "hair_colour", "expression", "interocular_to_face_width", "lbp_r3_c3"]
+# The ranking against the shuffled control needs a trained decoder (the session's demo decoder sees 24
+# faces): bench/bench_attributes.py measures it with the registered one.
 SEED = 11
 BOOTSTRAP = 20
 
@@ -305,30 +303,6 @@ def test_importance_table_rows_are_ordered_with_intervals(table: attributes_pb2.
         if math.isfinite(r.mi):
             assert r.ci_low <= r.mi + 1e-9 and r.mi - 1e-9 <= r.ci_high and r.n >= 20, summary
             assert r.mi >= 0 and r.control_mi >= 0
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the session's demo decoder (12 epochs on the 24 sample faces) recovers little from unseen faces: "
-    "measured on 150 CelebA faces hair_colour 0.150/control 0.000, interocular_to_face_width 0.105/0.095, "
-    "skin_colour 0.010/0.007, expression 0.000/0.000, lbp_r3_c3 0.000/0.062 nats; needs a trained decoder",
-)
-def test_importance_on_celeba_ranks_attributes_above_the_shuffled_control(client: AttributesClient) -> None:
-    """On 30 faces the kNN estimator's noise floor (~0.1 nats) is as high as weak attributes; on 150
-    unseen CelebA faces the shuffled control must be below the smallest real MI."""
-    images = sorted((CELEBA / "images").iterdir())[:CELEBA_FACES]
-    dataset = inline_dataset([labeled_image(p.name, image=image_from_path(p)) for p in images], "celeba150")
-    result = client.run_importance(
-        client.importance(dataset, attributes=CELEBA_RANKED, seed=SEED, shuffled_control=True)
-    )
-    rows = list(result.rows)
-    summary = ", ".join(f"{r.attribute} {r.mi:.3f}/{r.control_mi:.3f} (n={r.n})" for r in rows)
-    print(f"celeba, MI/control: {summary}")
-    assert result.n_items >= CELEBA_FACES - 10
-    real = [r.mi for r in rows if math.isfinite(r.mi)]
-    controls = [r.control_mi for r in rows if math.isfinite(r.control_mi)]
-    assert len(real) == len(CELEBA_RANKED) and controls
-    assert max(controls) < min(real), f"shuffled control not below the smallest real MI: {summary}"
 
 
 def test_importance_is_reproducible_and_logs_an_mlflow_run(
