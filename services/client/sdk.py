@@ -281,6 +281,25 @@ def set_ref(text: str) -> common_pb2.DirectionSetRef:
 ProgressCallback = Callable[[common_pb2.Progress], None]
 
 
+def drain_stream(events: Any, final: str, rpc: str, on_progress: ProgressCallback | None = None) -> Any:
+    """Read a job stream of Progress events and one final message (oneof field ``final``); return that message.
+
+    The streaming jobs (Importance, DefenceReport) all end this way; a stream that ends without the final
+    message (the server was stopped mid-job) raises instead of returning None.
+    """
+    last = None
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            if on_progress is not None:
+                on_progress(event.progress)
+        elif kind == final:
+            last = getattr(event, final)
+    if last is None:
+        raise RuntimeError(f"the {rpc} stream ended without a {final}")
+    return last
+
+
 class DirectionsClient(_ServiceClient):
     """Client for ``facexplain.v1.DirectionsService`` (discover, store and apply template-space directions).
 
@@ -505,16 +524,7 @@ class AttributesClient(_ServiceClient):
     @staticmethod
     def run_importance(events: Any, on_progress: ProgressCallback | None = None) -> attributes_pb2.ImportanceTable:
         """Drain an Importance stream: Progress events go to ``on_progress``; returns the table."""
-        table: attributes_pb2.ImportanceTable | None = None
-        for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "progress":
-                if on_progress is not None:
-                    on_progress(event.progress)
-            elif kind == "table":
-                table = event.table
-        if table is None:
-            raise RuntimeError("the Importance stream ended without a table")
+        table: attributes_pb2.ImportanceTable = drain_stream(events, "table", "Importance", on_progress)
         return table
 
 
@@ -580,16 +590,7 @@ class CounterfactualClient(_ServiceClient):
     @staticmethod
     def run_defence(events: Any, on_progress: ProgressCallback | None = None) -> counterfactual_pb2.DefenceResult:
         """Drain a DefenceReport stream: Progress events go to ``on_progress``; returns the result."""
-        result: counterfactual_pb2.DefenceResult | None = None
-        for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "progress":
-                if on_progress is not None:
-                    on_progress(event.progress)
-            elif kind == "result":
-                result = event.result
-        if result is None:
-            raise RuntimeError("the DefenceReport stream ended without a result")
+        result: counterfactual_pb2.DefenceResult = drain_stream(events, "result", "DefenceReport", on_progress)
         return result
 
 
