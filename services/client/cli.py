@@ -352,6 +352,10 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
 
     add_counterfactual_parsers(sub)
 
+    from services.client.audit import add_audit_parser
+
+    add_audit_parser(sub)
+
     from services.client.registry_cli import add_registry_parser
 
     add_registry_parser(sub)

@@ -1,0 +1,301 @@
+"""The audit's report: REPORT_DIR/audit.json (every number) and REPORT_DIR/index.html (for people).
+
+index.html is self-contained: plain HTML and inline CSS, no scripts, no external URLs; its images are
+the PNG files the audit wrote alongside it (``images/``, ``importance/``), referenced by relative path,
+so the folder can be zipped, mailed or served as it is.
+
+audit.json is reproducible: two runs with the same seed on the same services and data are identical
+once :func:`strip_timestamps` has removed the run-scoped keys (``*_at``, ``started``, ``finished``,
+and ``session_id``, the id the directions service gives a set it holds in memory).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+RUN_SCOPED = ("started", "finished", "session_id")
+SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "counterfactuals")
+
+
+def is_run_scoped(key: str) -> bool:
+    return key.endswith("_at") or key in RUN_SCOPED
+
+
+def strip_timestamps(d: Any) -> Any:
+    """A copy of ``d`` without the keys whose values differ between two runs with the same seed."""
+    if isinstance(d, dict):
+        return {k: strip_timestamps(v) for k, v in d.items() if not is_run_scoped(str(k))}
+    if isinstance(d, list):
+        return [strip_timestamps(v) for v in d]
+    return d
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"
+    return _e(x)
+
+
+def _ref(m: dict[str, Any] | None) -> str:
+    if not m or not m.get("name"):
+        return "none"
+    alias = f" @{m['alias']}" if m.get("alias") else ""
+    return f"{_e(m['name'])} v{_e(m['version'])}{_e(alias)}"
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(src: str, alt: str, cls: str = "") -> str:
+    return f'<img src="{_e(src)}" alt="{_e(alt)}" class="{cls}">'
+
+
+def _duration(sec: dict[str, Any]) -> str:
+    try:
+        t = datetime.fromisoformat(sec["finished"]) - datetime.fromisoformat(sec["started"])
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f'<p class="muted">took {t.total_seconds():.0f} s</p>'
+
+
+def _models(r: dict[str, Any]) -> str:
+    sec = r["models"]
+    rows = []
+    for svc, st in sec["services"].items():
+        for m in st["models"]:
+            rows.append(
+                [
+                    _e(svc),
+                    _e(st["target"]),
+                    _e(m["kind"]),
+                    _e(m["name"]),
+                    _e(m["version"]),
+                    _e(m["alias"]),
+                    _num(m["serving"]),
+                    _e(m["device"]),
+                ]
+            )
+    reg = {st["registry_uri"] for st in sec["services"].values()}
+    return f"<p>FR model audited: <b>{_ref(sec['fr_model'])}</b>. Registry: {_e(', '.join(sorted(reg)))}.</p>" + _table(
+        ["service", "target", "kind", "model", "version", "alias", "serving", "device"], rows
+    )
+
+
+def _reconstructions(r: dict[str, Any]) -> str:
+    sec = r["reconstructions"]
+    s = sec["summary"]
+    out = (
+        f"<p>{s['n']} faces decoded from their templates by {_ref(sec.get('decoder'))} "
+        f"(FR model {_ref(sec.get('fr_model'))}). Mean PSNR {_num(s['psnr'], 2)} dB, SSIM {_num(s['ssim'])}, "
+        f"identity cosine {_num(s['identity_cosine'])}; the FR model accepts {_num(s['same_person_rate'], 2)} "
+        "of the reconstructions as the same person. Top row: aligned faces; bottom row: reconstructions.</p>"
+    )
+    if sec.get("grid"):
+        out += _img(sec["grid"], "aligned faces above their reconstructions", "wide")
+    rows = [
+        [
+            _e(f["path"]),
+            _e(f["identity"]),
+            _num(f["psnr"], 2),
+            _num(f["ssim"]),
+            _num(f["identity_cosine"]),
+            _num(f["same_person"]),
+        ]
+        for f in sec["faces"]
+    ]
+    out += _table(["image", "identity", "PSNR (dB)", "SSIM", "identity cosine", "same person"], rows)
+    if sec["failed"]:
+        out += "<p>Not reconstructed: " + "; ".join(f"{_e(f['path'])} ({_e(f['reason'])})" for f in sec["failed"])
+        out += "</p>"
+    return out
+
+
+def _traversal(t: dict[str, Any]) -> str:
+    alphas = ", ".join(_num(a, 1) for a in t["alphas"])
+    cos = ", ".join(_num(c) for c in t["cosine_to_probe"])
+    return (
+        f"<figure>{_img(t['strip'], 'traversal of ' + t['direction'], 'strip')}<figcaption>"
+        f"{_e(t['direction'])} on {_e(t['probe'])}: alphas ({_e(t['scale'])}) {alphas}; "
+        f"cosine to the probe {cos}</figcaption></figure>"
+    )
+
+
+def _set_summary(s: dict[str, Any]) -> str:
+    metrics = ", ".join(f"{_e(k)} {_num(v)}" for k, v in s["metrics"].items())
+    reg = f", registered {_ref(s['registered'])}" if s.get("registered") else ""
+    return (
+        f"<p><b>{_e(s['method'])} / {_e(s['target'])}</b>: {len(s['directions'])} direction(s) from "
+        f"{s['n_items']} items, seed {s['seed']}, digest <code>{_e(s['sha256'][:16])}</code>{reg}. {metrics}</p>"
+    )
+
+
+def _ssi(r: dict[str, Any]) -> str:
+    sec = r["ssi"]
+    out = (
+        f"<p>Regions {_e(', '.join(sec['regions']))}; {sec['max_pairs']} donor pairs per region, "
+        f"{sec['n_components']} components, seed {sec['seed']}. Each strip moves one face along the region's "
+        "first direction.</p>"
+    )
+    for s in sec["sets"]:
+        rows = [
+            [_e(d["name"]), _num(d["eigenvalue"]), _num(d["explained_variance"]), _num(d["stddev"])]
+            for d in s["directions"]
+        ]
+        out += _set_summary(s) + _table(["direction", "eigenvalue", "explained variance", "stddev"], rows)
+        out += _traversal(s["traversal"])
+    return out
+
+
+def _labels(r: dict[str, Any]) -> str:
+    out = ""
+    for d in r["labels"]["directions"]:
+        title = f"<h3>{_e(d['label'])} ({_e(d['method'])})</h3>"
+        if d.get("skipped"):
+            out += title + f'<p class="muted">skipped: {_e(d["skipped"])}</p>'
+            continue
+        out += title + _set_summary(d["set"])
+        if d["set"]["centroids"]:
+            rows = [[_e(c["name"]), _num(c["value"]), str(c["count"])] for c in d["set"]["centroids"]]
+            out += _table(["centroid", "label value", "faces"], rows)
+        out += _traversal(d["traversal"])
+    return out
+
+
+def _importance(r: dict[str, Any]) -> str:
+    sec = r["importance"]
+    out = (
+        f"<p>I(a; â) in nats between each attribute on the original face and on the face decoded from its "
+        f"template: FR model {_ref(sec['fr_model'])}, decoder {_ref(sec['decoder'])}, estimator "
+        f"{_e(sec['estimator'])}, {sec['n_items']} faces, {sec['n_bootstrap']} subsamples "
+        f"(interval {_num(sec['ci_level'], 2)}), seed {sec['seed']}. The shuffled control is what the "
+        f'estimator reports with the pairing destroyed. <a href="{_e(sec["csv"])}">CSV</a></p>'
+    )
+    out += _img(sec["chart"], "attribute importance chart", "wide")
+    rows = [
+        [
+            _e(x["attribute"]),
+            _e(x["group"]),
+            _num(x["mi"]),
+            f"{_num(x['ci_low'])} – {_num(x['ci_high'])}",
+            _num(x["control_mi"]),
+            str(x["n"]),
+        ]
+        for x in sec["rows"]
+    ]
+    return out + _table(["attribute", "group", "MI", "interval", "control", "n"], rows, "compact")
+
+
+def _counterfactuals(r: dict[str, Any]) -> str:
+    sec = r["counterfactuals"]
+    rule = sec["rule"]
+    n = sec["n_pairs"]
+    rates = sec["rates"]
+    out = (
+        f"<p>{_e(sec['pairs_source'])}: {n['genuine']} genuine and {n['impostor']} impostor pairs scored "
+        f"({n['skipped']} skipped); rule {_e(rule.get('metric', ''))} "
+        f"{'&lt;' if rule.get('accept_below') else '&gt;'} {_num(rule.get('threshold'))}. Accepted: genuine "
+        f"{_num(rates['genuine_accepted'], 2)}, impostor {_num(rates['impostor_accepted'], 2)}.</p>"
+    )
+    for x in sec["explanations"]:
+        imgs = x["images"]
+        figs = "".join(
+            f"<figure>{_img(imgs[k], label, 'face')}<figcaption>{label}</figcaption></figure>"
+            for k, label in (
+                ("adversarial", "adversarial probe"),
+                ("decoded_probe", "decoded probe"),
+                ("decoded_reference", "decoded reference"),
+                ("decoded_adversarial", "decoded adversarial"),
+                ("lbp_map", "LBP significance"),
+            )
+        )
+        rows = [[_e(t["attribute"]), _e(t["group"]), _num(t["s_a"]), _num(t["significant"])] for t in x["top"]]
+        out += (
+            f"<h3>{_e(x['kind'])}: {_e(x['a'])} vs {_e(x['b'])}</h3><p>PGD ({_e(x['goal'])}, seed {x['seed']}): "
+            f"score {_num(x['score_before'])} → {_num(x['score_after'])}, decision "
+            f"{'flipped' if x['flipped'] else 'not flipped'} in {x['steps_used']} steps, L∞ {_num(x['linf'], 4)}, "
+            f"L2 {_num(x['l2'])}; {x['n_significant']} of {x['n_attributes']} attributes significant "
+            f'(s_a &gt; 1).</p><div class="row">{figs}</div>'
+            + _table(["attribute", "group", "s_a", "significant"], rows, "compact")
+        )
+    return out
+
+
+TITLES = {
+    "models": "Models",
+    "reconstructions": "Reconstructions",
+    "ssi": "SSI directions (eyes, nose, lower face)",
+    "labels": "Label directions",
+    "importance": "Attribute importance",
+    "counterfactuals": "Counterfactual explanations",
+}
+RENDER = {
+    "models": _models,
+    "reconstructions": _reconstructions,
+    "ssi": _ssi,
+    "labels": _labels,
+    "importance": _importance,
+    "counterfactuals": _counterfactuals,
+}
+CSS = """
+body{font-family:sans-serif;margin:2em auto;max-width:1180px;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}th{background:#eee}
+table.compact{font-size:.8em}.muted{color:#777}
+img.wide{max-width:100%}img.strip{max-width:100%;height:auto}img.face{width:128px;height:128px}
+figure{display:inline-block;margin:4px}figcaption{font-size:.8em;color:#555}
+section{border-top:2px solid #444;margin-top:2em}code{background:#f4f4f4}
+"""
+
+
+def render_html(result: dict[str, Any]) -> str:
+    a = result["audit"]
+    d = result["data"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>facexplain audit: {_e(a['fr_model'])}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>facexplain audit: {_e(a['fr_model'])}</h1>",
+        f"<p>Data <b>{_e(d['name'])}</b>: {d['n_images']} images of {d['n_identities']} identities "
+        f"(manifest sha256 <code>{_e(d['manifest_sha256'][:16])}</code>), {len(d['audited'])} audited; labels: "
+        f"{_e(', '.join(d['labels']) or 'none')}. Seed {a['seed']}. Started {_e(a.get('started', ''))}, "
+        f'finished {_e(a.get("finished", ""))}. Every number is in <a href="audit.json">audit.json</a>.</p>',
+        "<ol>" + "".join(f'<li><a href="#{k}">{_e(TITLES[k])}</a></li>' for k in SECTIONS if k in result) + "</ol>",
+    ]
+    for key in SECTIONS:
+        if key not in result:
+            continue
+        parts.append(f'<section id="{key}"><h2>{_e(TITLES[key])}</h2>{_duration(result[key])}')
+        parts.append(RENDER[key](result))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(result: dict[str, Any], out: Path | str) -> tuple[Path, Path]:
+    """audit.json and index.html in ``out``; returns their paths."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    js = root / "audit.json"
+    js.write_text(json.dumps(result, indent=1, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n")
+    page = root / "index.html"
+    page.write_text(render_html(result), encoding="utf-8")
+    return js, page
