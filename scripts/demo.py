@@ -7,7 +7,9 @@ CLI and prints per-identity verification under the model's stored rule. Then it 
 Face Decoder for that FR version on the sample faces (``facexplain train decoder --preset demo``,
 about a minute; reused on re-runs when a decoder for the same FR version is champion), starts the
 decoding service and writes aligned chips, reconstructions and metrics with ``facexplain
-reconstruct``. Everything stops on exit (Ctrl-C included).
+reconstruct``. Last, it starts the directions, attributes and counterfactual services and runs
+``facexplain audit`` on the samples, writing the HTML report (``var/demo/report/index.html``) and
+``audit.json``. Everything stops on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.client.launcher import start_mlflow, start_service  # noqa: E402
+from services.client.launcher import RunningService, start_mlflow, start_service  # noqa: E402
 from services.kit.registry import (  # noqa: E402
     CHAMPION,
     DEFAULT_DECODER_MODEL,
@@ -31,6 +33,8 @@ from services.kit.registry import (  # noqa: E402
     Registry,
     RegistryNotFound,
 )
+
+AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
 
 
 def _cli(*args: str) -> None:
@@ -76,6 +80,7 @@ def main() -> int:
     mlflow = start_mlflow(out_dir / "mlflow")
     svc = None
     dsvc = None
+    others: list[RunningService] = []
     try:
         print(f"MLflow UI: {mlflow.uri}")
         subprocess.run(
@@ -134,7 +139,31 @@ def main() -> int:
             "subset, README 'Decoder quality')"
         )
         print(f"training curves, grids and the registered versions: {mlflow.uri}  ({time.monotonic() - t0:.0f} s)")
+
+        print("\nstarting the directions, attributes and counterfactual services for the audit ...", flush=True)
+        for name in AUDIT_SERVICES:
+            others.append(start_service(name, out_dir, env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri}))
+        targets = [f"embedding={svc.address}", f"decoding={dsvc.address}"]
+        targets += [f"{name}={running.address}" for name, running in zip(AUDIT_SERVICES, others, strict=True)]
+        report = out_dir / "report"
+        _cli(
+            "audit",
+            "--fr-model",
+            f"{DEFAULT_FR_MODEL}@{CHAMPION}",
+            "--data",
+            str(sample),
+            "--out",
+            str(report),
+            "--seed",
+            "0",
+            "--targets",
+            *targets,
+        )
+        print(f"\naudit report: {report / 'index.html'}  (every number in {report / 'audit.json'})")
+        print(f"demo finished in {time.monotonic() - t0:.0f} s")
     finally:
+        for name, running in zip(AUDIT_SERVICES, others, strict=False):
+            print(f"{name} service stopped (exit {running.stop()})")
         if dsvc is not None:
             print(f"decoding service stopped (exit {dsvc.stop()})")
         if svc is not None:
