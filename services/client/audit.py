@@ -18,8 +18,9 @@ collects, for one served FR model on one folder of faces:
                  worst-scored genuine and best-scored impostor pairs
 
 Every random choice takes ``seed``; two runs with the same seed give the same ``audit.json`` except
-timestamps (``*_at``, ``started``, ``finished``) and the ids the directions service assigns its
-in-memory sets (``session_id``; the set's content digest ``sha256`` is reproducible).
+timestamps (``*_at``, ``started``, ``finished``). Direction sets are cited by the id the directions
+service derives from their content (``set_id``, the same for the same request and data) and by the
+digest of their vectors (``sha256``).
 
 Exit status of the CLI: 0 done, 2 bad input, 3 a service or the registry is not reachable (or serves
 another FR model than ``--fr-model``), 4 a service failed a step.
@@ -56,7 +57,7 @@ DEFAULT_TARGETS = {
 SSI_REGIONS = ("eyes", "nose", "lower_face")
 LABEL_CENTROIDS = ("Smiling", "Eyeglasses")
 # Keys whose values legitimately differ between two runs with the same seed.
-RUN_SCOPED_KEYS = ("started", "finished", "session_id")
+RUN_SCOPED_KEYS = ("started", "finished")
 
 
 class AuditError(Exception):
@@ -434,7 +435,7 @@ class Audit:
         for c in s.centroids:
             digest.update(np.asarray(c.template.values, dtype=np.float32).tobytes())
         return {
-            "session_id": s.id,
+            "set_id": s.id,
             "sha256": digest.hexdigest(),
             "method": s.method,
             "target": s.target,

@@ -5,8 +5,8 @@ the PNG files the audit wrote alongside it (``images/``, ``importance/``), refer
 so the folder can be zipped, mailed or served as it is.
 
 audit.json is reproducible: two runs with the same seed on the same services and data are identical
-once :func:`strip_timestamps` has removed the run-scoped keys (``*_at``, ``started``, ``finished``,
-and ``session_id``, the id the directions service gives a set it holds in memory).
+once :func:`strip_timestamps` has removed the timestamps (``*_at``, ``started``, ``finished``); the
+direction-set ids are derived from the sets' content, so they repeat too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-RUN_SCOPED = ("started", "finished", "session_id")
+RUN_SCOPED = ("started", "finished")
 SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "counterfactuals")
 
 

@@ -10,9 +10,12 @@ dataclasses carrying everything needed to cite them: FR model, data manifest, se
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
-import uuid
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +36,8 @@ from services.directions.settings import DirectionsSettings
 from services.kit.errors import Cancelled, InvalidArgument, ResourceExhausted
 from services.kit.models import ServedModel
 
+SetData = TypeVar("SetData", DirectionSetData, EquivarianceSetData)
+
 DEFAULT_REGIONS = ("eyes", "nose", "lower_face")
 DEFAULT_N_COMPONENTS = 5
 DEFAULT_FEATHER_SIGMA = 4.0
@@ -43,9 +48,35 @@ DEFAULT_HOLDOUT = 0.2
 MASK_MODE: MaskMode = "union"
 
 
-def new_set_id(prefix: str) -> str:
-    """A server-assigned id; random (not a method's randomness), unique across servers and restarts."""
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+def _digest(h: Any, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        h.update(f"{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _digest(h, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            h.update(str(key).encode())
+            _digest(h, value[key])
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _digest(h, item)
+    else:
+        h.update(json.dumps(value, default=str).encode())
+
+
+def with_content_id(data: SetData, prefix: str) -> SetData:
+    """``data`` with its id derived from what it is: method, target, FR model, data, seed, settings, numbers.
+
+    The same request on the same data gives the same id on any server and after restarts, so an audit
+    citing a set is reproducible; sets that differ in anything (region, seed, vectors, ...) get
+    different ids. Only the id and the creation time are left out of the digest.
+    """
+    h = hashlib.sha256()
+    _digest(
+        h, {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in ("set_id", "created_at")}
+    )
+    return dataclasses.replace(data, set_id=f"{prefix}-{h.hexdigest()[:16]}")
 
 
 def batch_size_of(requested: int, settings: DirectionsSettings) -> int:
@@ -184,7 +215,7 @@ def run_ssi(
         k_dirs = res.directions.shape[0]
         out.append(
             DirectionSetData(
-                set_id=new_set_id("ssi"),
+                set_id="",
                 method="ssi",
                 target=region.name,
                 fr_name=fr.name,
@@ -212,7 +243,7 @@ def run_ssi(
                 },
             )
         )
-    return out
+    return [with_content_id(d, "ssi") for d in out]
 
 
 # -- centroids -------------------------------------------------------------------------------------------------
@@ -286,8 +317,8 @@ def run_centroid(
     if len(positives) > 1:
         metrics.update({f"cosine_ref_pos/{group_names[k + 1]}": float(c) for k, c in enumerate(cosines)})
     ref_value = plan.reference if plan.reference is not None else float("nan")
-    return DirectionSetData(
-        set_id=new_set_id("centroid"),
+    data = DirectionSetData(
+        set_id="",
         method="centroid",
         target=label,
         fr_name=fr.name,
@@ -315,6 +346,7 @@ def run_centroid(
         centroids=centroids.numpy().astype(np.float32),
         centroids_normalized=plan.normalize,
     )
+    return with_content_id(data, "centroid")
 
 
 # -- regression ------------------------------------------------------------------------------------------------
@@ -405,7 +437,7 @@ def run_regression(
     fr_ref = common_pb2.ModelRef(name=fr.name, version=fr.version)
     direction = reg.direction  # unit
     data = DirectionSetData(
-        set_id=new_set_id("regression"),
+        set_id="",
         method="regression",
         target=label,
         fr_name=fr.name,
@@ -429,6 +461,7 @@ def run_regression(
             "seed": str(plan.seed),
         },
     )
+    data = with_content_id(data, "regression")
     out = None
     if probe is not None:
         assert plan.target_value is not None
@@ -544,8 +577,8 @@ def run_equivariance(
                 baseline_cosine=_mean_cos(originals[hold], moved[hold]),
             )
         )
-    return EquivarianceSetData(
-        set_id=new_set_id("equivariance"),
+    eq_set = EquivarianceSetData(
+        set_id="",
         fr_name=fr.name,
         fr_version=fr.version,
         maps=maps,
@@ -563,3 +596,4 @@ def run_equivariance(
             "seed": str(plan.seed),
         },
     )
+    return with_content_id(eq_set, "equivariance")

@@ -182,7 +182,7 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
     assert sorted(s["target"] for s in ssi["sets"]) == ["eyes", "lower_face", "nose"]
     for s in ssi["sets"]:
         assert s["method"] == "ssi" and s["seed"] == SEED and len(s["directions"]) == 2
-        assert s["fr_model"]["version"] == "1" and s["session_id"] and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])
+        assert s["fr_model"]["version"] == "1" and s["set_id"] and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])
         t = s["traversal"]
         assert len(t["alphas"]) == 5 and (folder / t["strip"]).stat().st_size > 1000
 
