@@ -109,7 +109,9 @@ def build_server(
     reference = ReferenceStats(settings.reference_dir, settings)
     servicer = AttributesServicer(fr_slot, decoder_slot, probes_slot, catalogs, reference, settings, metrics)
     if warm_up:
-        threading.Thread(target=_warm_up, args=(servicer,), name="attributes-warm-up", daemon=True).start()
+        # Not a daemon: a SIGTERM during the warm-up must let it finish (seconds) before the interpreter
+        # exits; a daemon thread inside torch at exit aborts the process (std::terminate, exit -6).
+        threading.Thread(target=_warm_up, args=(servicer,), name="attributes-warm-up", daemon=False).start()
     return GrpcServer(
         settings, SERVICE_NAME, servicer, attributes_pb2_grpc.add_AttributesServiceServicer_to_server, metrics
     )

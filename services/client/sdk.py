@@ -1,7 +1,10 @@
 """Typed Python clients over the generated gRPC stubs.
 
+One client per service (``EmbeddingClient``, ``DecodingClient``, ``DirectionsClient``,
+``AttributesClient``, ``CounterfactualClient``) and :class:`Facexplain`, the facade over all five.
 Retries cover UNAVAILABLE only (a server restarting or a pod rolling), with backoff; every call
-carries a deadline so an audit pipeline never hangs on a dead service.
+carries a deadline so an audit pipeline never hangs on a dead service; ``tls=True`` (with optional
+``root_certificates``) opens secure channels; streaming RPCs return iterators.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from services.api.v1 import (
 )
 
 R = TypeVar("R")
+C = TypeVar("C", bound="_ServiceClient")
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -599,3 +603,83 @@ def image_pair(a: Path | str, b: Path | str, genuine: bool, pair_id: str = "") -
     return counterfactual_pb2.ImagePair(
         a=image_from_path(Path(a)), b=image_from_path(Path(b)), genuine=genuine, id=pair_id
     )
+
+
+# Default loopback ports of the five services (DESIGN.md; each service's FACEXPLAIN_PORT default).
+DEFAULT_PORTS = {
+    "embedding": 50051,
+    "decoding": 50052,
+    "directions": 50053,
+    "attributes": 50054,
+    "counterfactual": 50055,
+}
+
+
+class Facexplain:
+    """One object for all five services: ``fx.embedding``, ``fx.decoding``, ``fx.directions``,
+    ``fx.attributes``, ``fx.counterfactual``, each the service's client, opened on first use.
+
+    ``host`` with the default ports, or ``targets`` per service (``{"attributes": "10.0.0.7:50054"}``)
+    for a deployment that spreads them; channel options (``tls``, ``root_certificates``, ``retries``)
+    and the per-call ``timeout`` apply to every client. A pipeline that only explains templates never
+    opens a channel to the embedding service.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        targets: dict[str, str] | None = None,
+        timeout: float | None = None,
+        **channel_kwargs: Any,
+    ) -> None:
+        unknown = sorted(set(targets or {}) - set(DEFAULT_PORTS))
+        if unknown:
+            raise ValueError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_PORTS)}")
+        self.targets = {name: f"{host}:{port}" for name, port in DEFAULT_PORTS.items()} | dict(targets or {})
+        self._timeout = timeout
+        self._channel_kwargs = channel_kwargs
+        self._clients: dict[str, _ServiceClient] = {}
+
+    def _client(self, name: str, cls: type[C]) -> C:
+        client = self._clients.get(name)
+        if client is None:
+            client = cls(self.targets[name], timeout=self._timeout, **self._channel_kwargs)
+            self._clients[name] = client
+        assert isinstance(client, cls)
+        return client
+
+    @property
+    def embedding(self) -> EmbeddingClient:
+        return self._client("embedding", EmbeddingClient)
+
+    @property
+    def decoding(self) -> DecodingClient:
+        return self._client("decoding", DecodingClient)
+
+    @property
+    def directions(self) -> DirectionsClient:
+        return self._client("directions", DirectionsClient)
+
+    @property
+    def attributes(self) -> AttributesClient:
+        return self._client("attributes", AttributesClient)
+
+    @property
+    def counterfactual(self) -> CounterfactualClient:
+        return self._client("counterfactual", CounterfactualClient)
+
+    def model_status(self, *, timeout: float | None = None) -> dict[str, common_pb2.ModelStatusResponse]:
+        """Every service's ModelStatus, by service name (opens all five channels)."""
+        return {name: getattr(self, name).model_status(timeout=timeout) for name in DEFAULT_PORTS}
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -301,3 +301,19 @@ def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
     assert t["embedding"] == "10.0.0.5:50051" and t["counterfactual"] == "10.0.0.5:50055"
     t = parse_targets(["decoding=h:1", "attributes=h:2"])
     assert t["decoding"] == "h:1" and t["attributes"] == "h:2" and t["embedding"] == "127.0.0.1:50051"
+
+
+def test_sdk_facade_reaches_all_five_services(services: dict[str, RunningService], targets: list[str]) -> None:
+    from services.client.sdk import AttributesClient, EmbeddingClient, Facexplain
+
+    with Facexplain(targets={n: s.address for n, s in services.items()}, timeout=30) as fx:
+        assert isinstance(fx.embedding, EmbeddingClient) and fx.embedding is fx.embedding  # opened once
+        assert isinstance(fx.attributes, AttributesClient)
+        status = fx.model_status()
+        assert set(status) == {"embedding", "decoding", "directions", "attributes", "counterfactual"}
+        for name, resp in status.items():
+            fr = [m for m in resp.models if m.kind == "embedder" and m.model.name == "facexplain-fr-dlib128"]
+            assert fr and fr[0].model.version == "1", f"{name} does not serve the FR model v1: {resp}"
+    with pytest.raises(ValueError, match="unknown service"):
+        Facexplain(targets={"embeding": "127.0.0.1:1"})
+    assert Facexplain("10.0.0.9").targets["counterfactual"] == "10.0.0.9:50055"
