@@ -311,12 +311,12 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
         a, _ = self._probe(request.a, fr, request.selection, "a")
         b, _ = self._probe(request.b, fr, request.selection, "b")
         check_deadline(context, "embedding")
-        decoded = decoder.model.decode(torch.stack([a, b]))
-        values = catalog.estimate(decoded, names)
+        # Each face decoded and measured on its own, as RecoverAttributes measures one: batched CPU kernels
+        # may round differently by position in a batch, and a face compared with itself must differ by 0.
+        decoded = [decoder.model.decode(t[None]) for t in (a, b)]
+        va, vb = (catalog.estimate(d, names) for d in decoded)
         stds = self.reference.stds(fr, decoder, catalog, key)
-        deltas = attribute_deltas(
-            {n: v[0] for n, v in values.items()}, {n: v[1] for n, v in values.items()}, specs, stds
-        )
+        deltas = attribute_deltas({n: v[0] for n, v in va.items()}, {n: v[0] for n, v in vb.items()}, specs, stds)
         diffs = [
             attributes_pb2.AttributeDiff(
                 name=d.attribute,
@@ -338,8 +338,8 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             decoder=decoder.ref(),
         )
         if request.return_decoded:
-            resp.decoded_a.CopyFrom(_png01(decoded[0]))
-            resp.decoded_b.CopyFrom(_png01(decoded[1]))
+            resp.decoded_a.CopyFrom(_png01(decoded[0][0]))
+            resp.decoded_b.CopyFrom(_png01(decoded[1][0]))
         return resp
 
     # -- model-specific importance ---------------------------------------------------------------------------
