@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -240,3 +241,16 @@ def default_alias(registry: Registry, name: str, wanted: str) -> str:
         return CHALLENGER
     except RegistryNotFound:
         return CHAMPION
+
+
+def print_registration(registered: dict[str, Any] | None) -> None:
+    """The line every training CLI prints for the version it registered (nothing when it registered none)."""
+    if registered:
+        alias = f" as @{registered['alias']}" if registered.get("alias") else ""
+        print(f"registered {registered['name']} version {registered['version']}{alias}")
+
+
+def print_summary_json(summary: Any) -> None:
+    """The run summary as one JSON line when FACEXPLAIN_PRINT_SUMMARY_JSON is set (tests and scripts parse it)."""
+    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
+        print(json.dumps(dataclasses.asdict(summary)))

@@ -46,14 +46,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
-DEFAULT_TARGETS = {
-    "embedding": "127.0.0.1:50051",
-    "decoding": "127.0.0.1:50052",
-    "directions": "127.0.0.1:50053",
-    "attributes": "127.0.0.1:50054",
-    "counterfactual": "127.0.0.1:50055",
-}
+from services.client.sdk import DEFAULT_PORTS
+
+SERVICES = tuple(DEFAULT_PORTS)
+DEFAULT_TARGETS = {name: f"127.0.0.1:{port}" for name, port in DEFAULT_PORTS.items()}
 SSI_REGIONS = ("eyes", "nose", "lower_face")
 LABEL_CENTROIDS = ("Smiling", "Eyeglasses")
 # Keys whose values legitimately differ between two runs with the same seed.
@@ -841,7 +837,7 @@ def parse_targets(values: list[str] | None) -> dict[str, str]:
                     raise AuditError(f"--targets: unknown service {svc!r} (one of {', '.join(SERVICES)})", 2)
                 targets[svc] = addr
             else:
-                targets = {s: f"{item}:{DEFAULT_TARGETS[s].rsplit(':', 1)[1]}" for s in SERVICES}
+                targets = {s: f"{item}:{DEFAULT_PORTS[s]}" for s in SERVICES}
     return targets
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 
 from facexplain.paths import var_dir
-from training.common import add_config_arguments, config_from_args, stop_on_sigterm
+from training.common import (
+    add_config_arguments,
+    config_from_args,
+    print_registration,
+    print_summary_json,
+    stop_on_sigterm,
+)
 from training.decoder.config import PRESETS, TrainDecoderConfig
 
 
@@ -73,12 +77,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         failed = [k for k, ok in summary.gates.items() if not ok]
         if failed:
             print("  gates missed: " + ", ".join(failed))
-    if summary.registered:
-        r = summary.registered
-        print(f"registered {r['name']} version {r['version']}" + (f" as @{r['alias']}" if r["alias"] else ""))
+    print_registration(summary.registered)
     print(f"MLflow run {summary.run_id}; summary in {out / 'summary.json'}")
-    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
-        print(json.dumps(dataclasses.asdict(summary)))
+    print_summary_json(summary)
     return 0
 
 

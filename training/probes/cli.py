@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 from pathlib import Path
 
 from facexplain.paths import var_dir
-from training.common import add_config_arguments, config_from_args, stop_on_sigterm
+from training.common import (
+    add_config_arguments,
+    config_from_args,
+    print_registration,
+    print_summary_json,
+    stop_on_sigterm,
+)
 from training.probes.config import PRESETS, TrainProbesConfig
 
 
@@ -65,12 +69,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
     if summary.gates:
         print("gates (>= 0.85 clean): " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in summary.gates.items()))
-    if summary.registered:
-        r = summary.registered
-        print(f"registered {r['name']} version {r['version']}" + (f" as @{r['alias']}" if r["alias"] else ""))
+    print_registration(summary.registered)
     print(f"bundle in {out / 'bundle'}; summary in {out / 'summary.json'}")
-    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
-        print(json.dumps(dataclasses.asdict(summary)))
+    print_summary_json(summary)
     return 0
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 from pathlib import Path
 
 from facexplain.paths import var_dir
 from training import common
-from training.common import add_config_arguments, stop_on_sigterm
+from training.common import add_config_arguments, print_summary_json, stop_on_sigterm
 from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 
@@ -75,8 +73,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"model in {summary.model_file}; summary in {out / 'summary.json'}")
     if summary.run_id:
         print(f"MLflow run {summary.run_id} (experiment facexplain-sadfad)")
-    if os.environ.get("FACEXPLAIN_PRINT_SUMMARY_JSON"):
-        print(json.dumps(dataclasses.asdict(summary)))
+    print_summary_json(summary)
     return 0
 
 
