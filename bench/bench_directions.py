@@ -165,15 +165,21 @@ def load_context(args: argparse.Namespace) -> Context:
             f"decoder {dec_info.name} v{dec_info.version} inverts {decoder.fr_name} v{decoder.fr_version}, "
             f"not {fr_info.name} v{fr_info.version}"
         )
-    if args.faceset:
-        faces = FaceSet.load(Path(args.faceset))
-    else:
+    faces = FaceSet.load(Path(args.faceset)) if args.faceset else None
+    if faces is None or faces.meta.get("fr_key") not in (fr_digest, None):
+        # No set, or one of another FR model (a --compare model given the default model's set): this
+        # model's own set, re-embedding the given set's chips when the front end is shared.
         root, records, names = records_from_spec(args.data)
         faces = build_faceset(
-            root, records, pipeline, fr_key=fr_digest, label_names=names, cache_dir=FACESET_CACHE, progress=True
+            root,
+            records,
+            pipeline,
+            fr_key=fr_digest,
+            label_names=names,
+            cache_dir=FACESET_CACHE,
+            progress=True,
+            front_end=faces,
         )
-    if faces.meta.get("fr_key") not in (fr_digest, None):
-        print(f"warning: the face set was built with FR key {faces.meta.get('fr_key')}, the model's is {fr_digest}")
     training = decoder.meta.get("training") or {}
     split_seed = int(args.split_seed if args.split_seed >= 0 else training.get("seed", 0))
     side = split_identities(faces.identities, test_fraction=TEST_FRACTION, val_fraction=VAL_FRACTION, seed=split_seed)

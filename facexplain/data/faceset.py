@@ -12,6 +12,12 @@ result is cached under a key made of
   versions), so templates of different models never mix;
 * the chip geometry (size, padding).
 
+Two FR models that share the front end (detector, landmark net, chip geometry; the SAD/FAD models
+ship face-api's) see identical chips, so a second model's set can be made from the first's by
+re-embedding its chips (:func:`build_faceset` with ``front_end``): seconds instead of the whole
+detection pass. The shared front end is checked, not assumed: a sample of the images is run through
+the new pipeline and its chips must match the stored ones.
+
 Images with no detectable face are kept in ``failed`` with the reason, never silently dropped.
 Biometric data stays on the local disk of whoever built the set; nothing here logs it.
 """
@@ -192,11 +198,14 @@ def build_faceset(
     batch_size: int = 16,
     progress: bool = True,
     on_cached: Callable[[Path], None] | None = None,
+    front_end: FaceSet | None = None,
 ) -> FaceSet:
     """Run ``pipeline`` (a :class:`~facexplain.pipeline.FacePipeline`) over ``records`` once; reuse the cache.
 
     ``fr_key`` must change whenever the FR weights change (see module docstring). With ``cache_dir``
-    the set is read from / written to ``cache_dir/<key>.npz``.
+    the set is read from / written to ``cache_dir/<key>.npz``. ``front_end``, a set of the same
+    images made by another FR model with the same front end, is re-embedded instead of detecting
+    again (see :func:`reembed_faceset`).
     """
     from facexplain.faces.regions import landmarks_to_chip
 
@@ -208,6 +217,11 @@ def build_faceset(
         if on_cached is not None:
             on_cached(cached)
         return FaceSet.load(cached)
+    if front_end is not None:
+        fs = reembed_faceset(front_end, pipeline, root=root, manifest=manifest, fr_key=fr_key, progress=progress)
+        if cached is not None:
+            fs.save(cached)
+        return fs
 
     from tqdm import tqdm
 
@@ -277,6 +291,96 @@ def build_faceset(
     return fs
 
 
+def _embed_chips_batched(
+    chips_u8: torch.Tensor,
+    embed_chips: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """(N, 3, S, S) uint8 chips -> (N, d) float32 templates, in batches, without gradients."""
+    from tqdm import tqdm
+
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, chips_u8.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
+            out.append(embed_chips(chips_u8[start : start + batch_size].float()).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+# A re-made chip may differ from the stored one by the uint8 rounding of the stored copy and by
+# kernel-level float differences: both well under one grey level on average. A different detector or
+# landmark net moves the chip by pixels, tens of grey levels on edges.
+FRONT_END_CHIP_TOLERANCE = 1.0
+
+
+def reembed_faceset(
+    base: FaceSet,
+    pipeline: Any,
+    *,
+    root: Path,
+    manifest: str,
+    fr_key: str,
+    verify: int = 6,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> FaceSet:
+    """``base``'s faces (chips, landmarks, labels, failures) with templates of ``pipeline``'s FR model.
+
+    Refused with ``ValueError`` unless ``base`` was built from the same images (``manifest``) at the
+    pipeline's chip geometry, and unless the pipeline re-makes ``base``'s chips: the first ``verify``
+    faces are detected, landmarked and aligned again and must agree with the stored chips to within
+    :data:`FRONT_END_CHIP_TOLERANCE` grey levels (mean absolute difference).
+    """
+    info = pipeline.info
+    meta = base.meta
+    if meta.get("manifest_sha256") != manifest:
+        raise ValueError("the front-end face set was built from other images than the data given (manifest differs)")
+    geometry = (int(meta.get("chip_size", -1)), float(meta.get("chip_padding", -1.0)))
+    if geometry != (info.chip_size, float(info.chip_padding)):
+        raise ValueError(
+            f"the front-end face set has chips of size/padding {geometry}, "
+            f"the FR model expects ({info.chip_size}, {info.chip_padding})"
+        )
+    sample = list(range(min(verify, len(base))))
+    results = pipeline.analyze([load_image(root / base.paths[i]) for i in sample]) if sample else []
+    for i, res in zip(sample, results, strict=True):
+        diff = float("inf") if res is None else float((res.chip.cpu() - base.chips[i].float()).abs().mean())
+        if diff > FRONT_END_CHIP_TOLERANCE:
+            raise ValueError(
+                f"the FR model's front end does not re-make the face set's chips (face {i}: mean difference "
+                f"{diff:.2f} grey levels > {FRONT_END_CHIP_TOLERANCE}); build the face set from the images instead"
+            )
+    t0 = time.perf_counter()
+    templates = _embed_chips_batched(
+        base.chips, pipeline.embed_chips, batch_size=batch_size, desc="re-embedding chips", progress=progress
+    )
+    new_meta = {
+        **meta,
+        "fr_key": fr_key,
+        "fr_model": {"name": info.name, "version": info.version},
+        "front_end_from": {
+            "fr_key": meta.get("fr_key"),
+            "fr_model": meta.get("fr_model"),
+            "verified_faces": len(sample),
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return FaceSet(
+        paths=list(base.paths),
+        identities=list(base.identities),
+        templates=templates,
+        chips=base.chips.clone(),
+        landmarks=base.landmarks.clone(),
+        label_names=list(base.label_names),
+        labels=None if base.labels is None else base.labels.clone(),
+        failed=list(base.failed),
+        meta=new_meta,
+    )
+
+
 def mirror_faceset(
     faces: FaceSet,
     embed_chips: Callable[[torch.Tensor], torch.Tensor],
@@ -299,22 +403,17 @@ def mirror_faceset(
         cached = FaceSet.load(cache_path)
         if cached.paths == [f"{p}#hflip" for p in faces.paths]:
             return cached
-    from tqdm import tqdm
-
     chips = torch.flip(faces.chips, dims=[-1])
     size = chips.shape[-1]
     landmarks = faces.landmarks.clone()
     landmarks[..., 0] = (size - 1) - landmarks[..., 0]
-    out = []
-    with torch.no_grad():
-        for start in tqdm(
-            range(0, len(faces), batch_size), desc="embedding mirrored chips", unit="batch", disable=not progress
-        ):
-            out.append(embed_chips(chips[start : start + batch_size].float()).float().cpu())
+    templates = _embed_chips_batched(
+        chips, embed_chips, batch_size=batch_size, desc="embedding mirrored chips", progress=progress
+    )
     mirrored = FaceSet(
         paths=[f"{p}#hflip" for p in faces.paths],
         identities=list(faces.identities),
-        templates=torch.cat(out) if out else torch.zeros(0, faces.templates.shape[1]),
+        templates=templates if len(faces) else torch.zeros(0, faces.templates.shape[1]),
         chips=chips,
         landmarks=landmarks,
         label_names=list(faces.label_names),

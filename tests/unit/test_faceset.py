@@ -72,3 +72,52 @@ def test_sample_faceset_contents_and_cache(  # type: ignore[no-untyped-def]
     assert hits and len(again) == n
     with pytest.raises(AssertionError, match="cache missed"):  # another FR key is another set
         build_faceset(root, recs, Exploding(), fr_key="other", cache_dir=faceset_cache, progress=False)
+
+
+def _sadfad_pipeline(default_pipeline, **info_changes):  # type: ignore[no-untyped-def]
+    """The default front end with a small random SAD/FAD net as the recognition stage: another FR model."""
+    from dataclasses import replace
+
+    from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
+    from facexplain.pipeline import FacePipeline
+
+    torch.manual_seed(0)
+    net = SADFADEmbedder(SADFADNet(SADFADConfig(input_size=48, base_width=4, n_filters=16))).eval()
+    info = replace(default_pipeline.info, name="sadfad-test", dim=16, **info_changes)
+    return FacePipeline(default_pipeline.detector, default_pipeline.landmark_net, net, info)
+
+
+def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-untyped-def]
+    sample_faceset: FaceSet, default_pipeline, tmp_path: Path
+) -> None:
+    from facexplain.data.faceset import reembed_faceset
+
+    root, recs, _ = records_from_spec(str(REPO / "data" / "sample"))
+    other = _sadfad_pipeline(default_pipeline)
+    made = build_faceset(
+        root, recs, other, fr_key="sadfad-test", cache_dir=tmp_path, progress=False, front_end=sample_faceset
+    )
+    assert made.paths == sample_faceset.paths and torch.equal(made.chips, sample_faceset.chips)
+    assert made.failed == sample_faceset.failed and made.templates.shape == (len(sample_faceset), 16)
+    with torch.no_grad():  # the other model's templates of the very chips
+        torch.testing.assert_close(made.templates[:4], other.embed_chips(sample_faceset.chips[:4].float()))
+    assert made.meta["fr_key"] == "sadfad-test" and made.meta["front_end_from"]["fr_key"] == "default-local"
+    assert (tmp_path / next(p.name for p in tmp_path.glob("*.npz"))).is_file()  # cached under its own key
+
+    manifest = sample_faceset.meta["manifest_sha256"]
+    with pytest.raises(ValueError, match="other images"):
+        reembed_faceset(sample_faceset, other, root=root, manifest="0" * 64, fr_key="x", progress=False)
+    with pytest.raises(ValueError, match="size/padding"):
+        reembed_faceset(
+            sample_faceset,
+            _sadfad_pipeline(default_pipeline, chip_padding=0.3),
+            root=root,
+            manifest=manifest,
+            fr_key="x",
+            progress=False,
+        )
+    # chips made by another front end (here: shifted by 3 pixels) are caught by the re-made sample
+    moved = sample_faceset.subset(range(len(sample_faceset)))
+    moved.chips = torch.roll(moved.chips, shifts=3, dims=-1)
+    with pytest.raises(ValueError, match="does not re-make"):
+        reembed_faceset(moved, other, root=root, manifest=manifest, fr_key="x", progress=False)

@@ -21,6 +21,9 @@ class TrainDecoderConfig:
     # what to invert, on what
     fr_model: str = "facexplain-fr-dlib128@champion"
     data: str = "data/sample"
+    # a cached face set of DATA made by another FR model with the same front end (detector, landmarks,
+    # chip geometry): its chips are re-embedded instead of detecting every face again ("" = detect)
+    chips_from: str = ""
     # split: identity-disjoint, hash-based (facexplain.data.splits)
     seed: int = 0
     test_fraction: float = 0.2

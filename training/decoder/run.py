@@ -150,6 +150,7 @@ def train_decoder(
         label_names=label_names,
         cache_dir=faceset_cache,
         progress=progress and dist.main,
+        front_end=FaceSet.load(Path(cfg.chips_from)) if cfg.chips_from and dist.main else None,
     )
     mirrored = None
     if cfg.hflip:
