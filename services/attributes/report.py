@@ -2,7 +2,7 @@
 
 Shared by the service (``log_run``) and the CLI (``facexplain attributes importance``), so a table
 looks the same wherever it is written. Rows are anything with the ``ImportanceRow`` fields
-(``attribute``, ``group``, ``mi``, ``ci_low``, ``ci_high``, ``control_mi``, ``n``): the proto message
+(``attribute``, ``group``, ``mi``, ``ci_low``, ``ci_high``, ``control_mi``, ``n``, ``p_value``): the proto message
 or :class:`facexplain.attributes.importance.ImportanceRow`. Nothing here touches images or templates.
 """
 
@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROW_FIELDS = ("attribute", "group", "mi", "ci_low", "ci_high", "control_mi", "n")
+ROW_FIELDS = ("attribute", "group", "mi", "ci_low", "ci_high", "control_mi", "n", "p_value")
+# per-model columns of the side-by-side CSV
+_MODEL_FIELDS = ("mi", "ci_low", "ci_high", "control_mi", "n", "p_value")
 
 
 def row_dict(row: Any) -> dict[str, Any]:
@@ -28,11 +30,12 @@ def row_dict(row: Any) -> dict[str, Any]:
         "ci_high": float(row.ci_high),
         "control_mi": float(row.control_mi),
         "n": int(row.n),
+        "p_value": float(row.p_value),
     }
 
 
 def write_csv(rows: Sequence[Any], path: Path | str) -> Path:
-    """``attribute,group,mi,ci_low,ci_high,control_mi,n`` (nats), one line per attribute, in table order."""
+    """``attribute,group,mi,ci_low,ci_high,control_mi,n,p_value`` (MI in nats), one line per attribute, in order."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
@@ -45,8 +48,8 @@ def write_csv(rows: Sequence[Any], path: Path | str) -> Path:
 
 
 def write_compare_csv(tables: Sequence[tuple[str, Sequence[Any]]], path: Path | str) -> Path:
-    """Several models' tables side by side: ``attribute,group`` then ``<label>_mi, _ci_low, _ci_high, _control_mi, _n``
-    per model; attributes in the first table's order, then any only the others have."""
+    """Several models' tables side by side: ``attribute,group`` then ``<label>_mi, _ci_low, _ci_high, _control_mi, _n,
+    _p_value`` per model; attributes in the first table's order, then any only the others have."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     order: list[str] = []
@@ -63,7 +66,7 @@ def write_compare_csv(tables: Sequence[tuple[str, Sequence[Any]]], path: Path | 
         by_label.append((label, d))
     fields = ["attribute", "group"]
     for label, _d in by_label:
-        fields += [f"{label}_{k}" for k in ("mi", "ci_low", "ci_high", "control_mi", "n")]
+        fields += [f"{label}_{k}" for k in _MODEL_FIELDS]
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
@@ -72,9 +75,9 @@ def write_compare_csv(tables: Sequence[tuple[str, Sequence[Any]]], path: Path | 
             for _label, d in by_label:
                 r = d.get(name)
                 if r is None:
-                    line += [""] * 5
+                    line += [""] * len(_MODEL_FIELDS)
                 else:
-                    line += [f"{r[k]:.6f}" for k in ("mi", "ci_low", "ci_high", "control_mi")] + [r["n"]]
+                    line += [r[k] if k == "n" else f"{r[k]:.6f}" for k in _MODEL_FIELDS]
             writer.writerow(line)
     return out
 

@@ -362,6 +362,15 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 f"{request.n_bootstrap} bootstrap resamples exceed the limit of {self.settings.max_bootstrap} "
                 "(FACEXPLAIN_MAX_BOOTSTRAP)"
             )
+        if request.n_permutations < 0:
+            raise InvalidArgument(
+                f"n_permutations is {request.n_permutations}; use 0 for {imp.DEFAULT_PERMUTATIONS} control shuffles"
+            )
+        if request.n_permutations > self.settings.max_permutations:
+            raise ResourceExhausted(
+                f"{request.n_permutations} control shuffles exceed the limit of {self.settings.max_permutations} "
+                "(FACEXPLAIN_MAX_PERMUTATIONS)"
+            )
         if request.knn_neighbors < 0:
             raise InvalidArgument(f"knn_neighbors is {request.knn_neighbors}; use 0 for {DEFAULT_K}")
         ci_level = float(request.ci_level) or DEFAULT_CI_LEVEL
@@ -467,6 +476,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 ci_level=ci_level,
                 seed=int(request.seed),
                 shuffled_control=bool(request.shuffled_control),
+                n_permutations=int(request.n_permutations) or imp.DEFAULT_PERMUTATIONS,
                 progress=lambda done, total: job.progress(done, total, "importance", f"{done} of {total} attributes"),
                 should_stop=job.stop,
             )
@@ -482,6 +492,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                     ci_high=float(r.ci_high),
                     control_mi=float(r.control_mi),
                     n=int(r.n),
+                    p_value=float(r.p_value),
                 )
                 for r in rows
             ],
@@ -506,6 +517,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 "ci_level": str(ci_level),
                 "seed": str(request.seed),
                 "shuffled_control": str(bool(request.shuffled_control)).lower(),
+                "n_permutations": str(int(request.n_permutations) or imp.DEFAULT_PERMUTATIONS),
                 "attributes": ",".join(request.attributes) or "all",
                 "fr_model": f"{fr.name}@{fr.version}",
                 "decoder": f"{decoder.name}@{decoder.version}",
@@ -537,7 +549,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             run_id = str(run.info.run_id)
             metrics = []
             for r in table.rows:
-                for key, value in (("mi", r.mi), ("control_mi", r.control_mi)):
+                for key, value in (("mi", r.mi), ("control_mi", r.control_mi), ("p_value", r.p_value)):
                     if math.isfinite(value):
                         metrics.append(Metric(f"{key}/{r.attribute}", float(value), 0, 0))
             registry._call(

@@ -63,6 +63,9 @@ class AttributesSettings(ServiceSettings):
     max_dataset_items: int = Field(default=2000, ge=1, description="most items one Importance dataset may hold")
     batch_size: int = Field(default=16, ge=1, description="faces embedded / decoded / estimated per forward pass")
     max_bootstrap: int = Field(default=1000, ge=0, description="most bootstrap resamples one Importance may ask for")
+    max_permutations: int = Field(
+        default=1000, ge=1, description="most control shuffles (n_permutations) one Importance may ask for"
+    )
     default_experiment: str = Field(
         default="facexplain-importance", description="MLflow experiment of log_run when the request names none"
     )

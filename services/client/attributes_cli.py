@@ -4,9 +4,9 @@ facexplain attributes list --target 127.0.0.1:50054
 facexplain attributes recover face.jpg [--attributes yaw age] [--decoded decoded.png] [--json out.json]
 facexplain attributes diff a.jpg b.jpg [--top 10] [--json out.json]
 facexplain attributes importance --data DIR[,labels.csv] [--attributes ...] [--seed 0] [--bootstrap 200] \\
-    [--control] [--estimator knn|discrete] [--log-run] [--compare HOST2:PORT] --out DIR
+    [--control [--permutations 20]] [--estimator knn|discrete] [--log-run] [--compare HOST2:PORT] --out DIR
 
-``importance`` writes into OUT: ``importance.csv`` (attribute, group, mi, ci_low, ci_high, control_mi, n;
+``importance`` writes into OUT: ``importance.csv`` (attribute, group, mi, ci_low, ci_high, control_mi, n, p_value;
 nats, MI descending), ``importance.json`` (the table with its FR model, decoder, seed and data manifest
 hash) and ``importance.png`` (bar chart, bootstrap whiskers, shuffled control as black ticks). With
 ``--compare HOST2:PORT`` (a second attributes service serving another FR model) the same job runs there
@@ -227,6 +227,7 @@ def _run_importance(target: str, label: str, args: argparse.Namespace, dataset: 
             knn_neighbors=args.k,
             ci_level=args.ci_level,
             experiment=args.experiment,
+            n_permutations=args.permutations,
         )
         bar = _Bar(label, args.quiet)
         try:
@@ -248,8 +249,8 @@ def _label(table: Any) -> str:
 def _cmd_importance(args: argparse.Namespace) -> int:
     from services.attributes import report
 
-    if args.k < 0 or args.bootstrap < 0:
-        return _fail("--k and --bootstrap must not be negative", 2)
+    if args.k < 0 or args.bootstrap < 0 or args.permutations < 0:
+        return _fail("--k, --bootstrap and --permutations must not be negative", 2)
     try:
         dataset = _dataset(args)
     except (OSError, ValueError) as exc:
@@ -285,7 +286,13 @@ def _summary(table: Any, out: Path) -> None:
         f"{table.n_items} faces, estimator {table.estimator}, seed {table.seed} -> {out / 'importance.csv'}, .png"
     )
     for r in finite[:5]:
-        print(f"  {r.attribute:<24} I = {r.mi:.3f} nats [{r.ci_low:.3f}, {r.ci_high:.3f}], control {r.control_mi:.3f}")
+        print(
+            f"  {r.attribute:<24} I = {r.mi:.3f} nats [{r.ci_low:.3f}, {r.ci_high:.3f}], "
+            f"control {r.control_mi:.3f}, p {r.p_value:.3f}"
+        )
+    weak = [r.attribute for r in finite if r.p_value > 0.05]
+    if weak and table.rows and any(r.control_mi for r in rows):
+        print(f"  not shown to survive (permutation p > 0.05): {', '.join(weak)}")
     if table.mlflow_run_id:
         print(f"MLflow run {table.mlflow_run_id}")
 
@@ -342,7 +349,8 @@ def add_attributes_parsers(sub: Any) -> None:
     i.add_argument("--bootstrap", type=int, default=200, help="resamples for the confidence interval (0 = none)")
     i.add_argument("--ci-level", type=float, default=0.0, help="confidence level (0 = 0.95)")
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--control", action="store_true", help="also estimate the shuffled control (about 0)")
+    i.add_argument("--control", action="store_true", help="also estimate the shuffled control (about 0) and p-values")
+    i.add_argument("--permutations", type=int, default=0, help="shuffles of the control (0 = the service's 20)")
     i.add_argument("--log-run", action="store_true", help="log the run to the service's MLflow server")
     i.add_argument("--experiment", default="", help="MLflow experiment (default facexplain-importance)")
     i.add_argument("--fr-model", default="", help="NAME[@VERSION]: fail unless --target serves this FR model")

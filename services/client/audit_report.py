@@ -186,7 +186,9 @@ def _importance(r: dict[str, Any]) -> str:
         f"template: FR model {_ref(sec['fr_model'])}, decoder {_ref(sec['decoder'])}, estimator "
         f"{_e(sec['estimator'])}, {sec['n_items']} faces, {sec['n_bootstrap']} subsamples "
         f"(interval {_num(sec['ci_level'], 2)}), seed {sec['seed']}. The shuffled control is what the "
-        f'estimator reports with the pairing destroyed. <a href="{_e(sec["csv"])}">CSV</a></p>'
+        "estimator reports with the pairing destroyed (mean over the shuffles); p is the share of shuffles "
+        "that reach the real value, so a large p means the attribute is not shown to survive in the template. "
+        f'<a href="{_e(sec["csv"])}">CSV</a></p>'
     )
     out += _img(sec["chart"], "attribute importance chart", "wide")
     rows = [
@@ -196,11 +198,12 @@ def _importance(r: dict[str, Any]) -> str:
             _num(x["mi"]),
             f"{_num(x['ci_low'])} – {_num(x['ci_high'])}",
             _num(x["control_mi"]),
+            _num(x["p_value"]),
             str(x["n"]),
         ]
         for x in sec["rows"]
     ]
-    return out + _table(["attribute", "group", "MI", "interval", "control", "n"], rows, "compact")
+    return out + _table(["attribute", "group", "MI", "interval", "control", "p", "n"], rows, "compact")
 
 
 def _counterfactuals(r: dict[str, Any]) -> str:

@@ -505,6 +505,7 @@ class AttributesClient(_ServiceClient):
         knn_neighbors: int = 0,
         ci_level: float = 0.0,
         experiment: str = "",
+        n_permutations: int = 0,
         timeout: float | None = None,
     ) -> Any:  # grpc call: an iterator of ImportanceEvent with .cancel()
         """Start an Importance job over ``dataset`` (or send a ready ``ImportanceRequest``); iterate the events."""
@@ -522,6 +523,7 @@ class AttributesClient(_ServiceClient):
                 knn_neighbors=knn_neighbors,
                 ci_level=ci_level,
                 experiment=experiment,
+                n_permutations=n_permutations,
             )
         return self._call(self.stub.Importance, req, timeout)
 

@@ -70,6 +70,7 @@ def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
         "FACEXPLAIN_MAX_DATASET_ITEMS": "200",
         "FACEXPLAIN_BATCH_SIZE": "8",
         "FACEXPLAIN_MAX_BOOTSTRAP": "500",
+        "FACEXPLAIN_MAX_PERMUTATIONS": "300",
         **extra,
     }
 
@@ -303,6 +304,7 @@ def test_importance_table_rows_are_ordered_with_intervals(table: attributes_pb2.
         if math.isfinite(r.mi):
             assert r.ci_low <= r.mi + 1e-9 and r.mi - 1e-9 <= r.ci_high and r.n >= 20, summary
             assert r.mi >= 0 and r.control_mi >= 0
+            assert 1 / 21 - 1e-9 <= r.p_value <= 1.0  # 20 shuffles: (1 + hits) / 21
 
 
 def test_importance_is_reproducible_and_logs_an_mlflow_run(
@@ -344,7 +346,11 @@ def test_importance_on_a_server_dataset_with_a_different_seed(client: Attributes
         client.importance(server_dataset("faces"), attributes=["gender", "yaw"], estimator="discrete", seed=3)
     )
     assert result.estimator == "discrete" and result.seed == 3 and result.n_items == 8
-    assert all(r.ci_low == r.mi == r.ci_high and r.control_mi == 0 for r in result.rows if math.isfinite(r.mi))
+    assert all(
+        r.ci_low == r.mi == r.ci_high and r.control_mi == 0 and r.p_value == 1
+        for r in result.rows
+        if math.isfinite(r.mi)
+    )
 
 
 def test_cancelling_importance_stops_the_job_and_the_server_keeps_serving(
@@ -488,6 +494,18 @@ def test_every_rejection_has_its_code_and_a_clear_message(
         ),
         (
             "Importance",
+            attributes_pb2.ImportanceRequest(dataset=small, shuffled_control=True, n_permutations=-2),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"n_permutations is -2",
+        ),
+        (
+            "Importance",
+            attributes_pb2.ImportanceRequest(dataset=small, shuffled_control=True, n_permutations=301),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"FACEXPLAIN_MAX_PERMUTATIONS",
+        ),
+        (
+            "Importance",
             attributes_pb2.ImportanceRequest(dataset=small, ci_level=1.5),
             grpc.StatusCode.INVALID_ARGUMENT,
             r"ci_level",
@@ -541,7 +559,7 @@ def test_cli_importance_writes_csv_and_png_and_compares_two_services(
     with open(out / "importance.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["attribute"] for r in rows] and sorted(r["attribute"] for r in rows) == sorted(attrs)
-    assert set(rows[0]) == {"attribute", "group", "mi", "ci_low", "ci_high", "control_mi", "n"}
+    assert set(rows[0]) == {"attribute", "group", "mi", "ci_low", "ci_high", "control_mi", "n", "p_value"}
     assert all(0 <= int(r["n"]) <= 8 for r in rows) and rows[0]["n"] == "8", rows
     for png in (out / "importance.png", out / "importance_compare.png", out / "compare" / "importance.png"):
         with Image.open(png) as im:

@@ -207,6 +207,25 @@ def test_table_ranks_with_intervals_and_control() -> None:
     real = [r for r in rows if r.attribute != "noise"]
     assert max(r.control_mi for r in rows) < min(r.mi for r in real)
     assert by["strong"].ci_high - by["strong"].ci_low < 0.3
+    # the permutation test: no shuffle reaches a real attribute (p = 1/21, the smallest possible);
+    # the independent one is reached by many
+    assert all(r.p_value == pytest.approx(1 / 21) for r in real)
+    assert by["noise"].p_value > 0.2
+
+
+def test_control_averages_shuffles_and_their_number_is_checked() -> None:
+    original, recovered, specs = _table_data(300)
+    one = importance_table(original, recovered, specs, n_bootstrap=0, seed=2, n_permutations=1)
+    many = importance_table(original, recovered, specs, n_bootstrap=0, seed=2, n_permutations=60)
+    noise_one = next(r for r in one if r.attribute == "noise")
+    noise_many = next(r for r in many if r.attribute == "noise")
+    assert noise_many.control_mi < 0.02  # the mean of 60 shuffles sits near the estimator's floor
+    assert noise_one.p_value in (0.5, 1.0) and 0.0 < noise_many.p_value <= 1.0
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="n_permutations"):
+            importance_table(original, recovered, specs, n_permutations=bad)  # type: ignore[arg-type]
+    # without a control the permutation count is not used at all
+    importance_table(original, recovered, specs, n_bootstrap=0, shuffled_control=False, n_permutations=0)
 
 
 def test_table_is_deterministic_and_per_attribute_seeded() -> None:
@@ -231,7 +250,11 @@ def test_table_without_bootstrap_or_control_and_with_nan() -> None:
     rows = importance_table(original, recovered, [*specs, _spec("empty")], n_bootstrap=0, shuffled_control=False)
     by = {r.attribute: r for r in rows}
     assert by["weak"].n == 260
-    assert all(r.ci_low == r.mi == r.ci_high and r.control_mi == 0.0 for r in rows if r.attribute != "empty")
+    assert all(
+        r.ci_low == r.mi == r.ci_high and r.control_mi == 0.0 and r.p_value == 1.0
+        for r in rows
+        if r.attribute != "empty"
+    )
     assert rows[-1].attribute == "empty" and math.isnan(rows[-1].mi) and rows[-1].n == 0
 
 
