@@ -5,8 +5,15 @@ decoder's **test identities** (never seen by the decoder; the same identity spli
 ``bench_directions``), every attribute of the default catalogue is estimated on the original aligned
 chips (a) and on the faces decoded from their templates (â) (:func:`facexplain.attributes.recovery.
 recover_dataset`), and ranked by the mutual information I(a; â) (:func:`facexplain.attributes.importance.
-importance_table`, Kraskov k-NN, half-sample intervals) with the seeded shuffled control. The run is
-repeated with the same seed on the same estimates to check the table is reproducible.
+importance_table`, Kraskov k-NN, half-sample intervals) with the seeded shuffled control (``--permutations``
+shuffles: their mean and a permutation p-value per attribute). The run is repeated with the same seed on
+the same estimates to check the table is reproducible.
+
+Two measurements without the decoder say whether a low I(a; â) is the template's or the decoder's:
+a ridge probe from templates to each attribute of the original faces, fitted on the decoder's training
+identities and scored (R²) on the test faces (:mod:`facexplain.attributes.template_probe`), and the
+cosine between the templates of a face and of its mirror image next to that of two photos of one
+person (a mirror-invariant model cannot keep yaw's or roll's sign).
 
 Accessory attributes need a registered probe set (``--probes``, default ``facexplain-probes-faceapi@champion``);
 without one the table has no accessory rows and says so.
@@ -71,14 +78,23 @@ def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict
     )
     t_recover = time.perf_counter() - t0
     specs = catalog.specs
-    kw = dict(estimator="knn", k=args.k, n_bootstrap=args.bootstrap, ci_level=0.95, seed=args.seed)
+    kw = dict(
+        estimator="knn",
+        k=args.k,
+        n_bootstrap=args.bootstrap,
+        ci_level=0.95,
+        seed=args.seed,
+        n_permutations=args.permutations,
+    )
     t0 = time.perf_counter()
     rows = importance_table(original, recovered, specs, shuffled_control=True, **kw)
     t_mi = time.perf_counter() - t0
     again = importance_table(original, recovered, specs, shuffled_control=True, **kw)
-    same = [(r.attribute, r.mi, r.ci_low, r.ci_high, r.control_mi) for r in rows] == [
-        (r.attribute, r.mi, r.ci_low, r.ci_high, r.control_mi) for r in again
-    ]
+    same = rows == again
+    t0 = time.perf_counter()
+    probe = _template_probe(args, ctx, catalog, idx, original)
+    mirror = _mirror_cosine(ctx, idx, args.batch_size)
+    t_probe = time.perf_counter() - t0
     finite = [r for r in rows if math.isfinite(r.mi)]
     smallest = min(r.mi for r in finite)
     largest_control = max(r.control_mi for r in finite)
@@ -89,18 +105,70 @@ def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict
         "context": ctx.info,
         "faces": len(idx),
         "identities": len({ctx.faces.identities[i] for i in idx}),
-        "seconds": {"recover": round(t_recover, 1), "importance": round(t_mi, 1)},
+        "seconds": {"recover": round(t_recover, 1), "importance": round(t_mi, 1), "template_probe": round(t_probe, 1)},
         "rows": [r.__dict__ for r in rows],
+        "template_probe": probe,
+        "mirror": mirror,
         "checks": {
             "attributes": len(rows),
             "finite": len(finite),
             "smallest_mi": smallest,
             "largest_control_mi": largest_control,
             "control_below_smallest": bool(largest_control < smallest),
+            "not_significant_p_over_0_05": [r.attribute for r in finite if r.p_value > 0.05],
             "reproducible_same_seed": same,
         },
         "group_mean_mi": {g: float(np.mean(v)) for g, v in by_group.items()},
         "_rows": rows,
+    }
+
+
+def _template_probe(
+    args: argparse.Namespace, ctx: Any, catalog: Any, idx: np.ndarray, original: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Ridge from templates to each attribute of the original faces: fitted on up to ``--probe-train``
+    faces of the decoder's training identities, scored on the test faces above (other people)."""
+    from facexplain.attributes.template_probe import linear_decodability
+
+    fit_idx = pick(ctx.a_idx, ctx.faces.identities, args.probe_train, args.seed)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(fit_idx), args.batch_size):
+        rows = fit_idx[start : start + args.batch_size]
+        for name, v in catalog.estimate(ctx.faces.chips[rows].float() / 255.0).items():
+            parts.setdefault(name, []).append(np.asarray(v, dtype=np.float64).reshape(len(rows), -1))
+    fit_values = {name: np.concatenate(p) for name, p in parts.items()}
+    fit_t, test_t = ctx.faces.templates[fit_idx].numpy(), ctx.faces.templates[idx].numpy()
+    out: dict[str, Any] = {"alpha": 1.0, "fit_faces": len(fit_idx), "attributes": {}}
+    for spec in catalog.specs:
+        if spec.discrete:  # category codes have no linear order to regress on
+            continue
+        score = linear_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name])
+        out["attributes"][spec.name] = score.__dict__
+    return out
+
+
+def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, float]:
+    """How alike the model finds a face and its mirror image (cosine of templates), next to how alike it
+    finds two photos of one person: a model trained with mirrored copies makes the first ~1, and then
+    no attribute that flips sign under mirroring (yaw, roll) can survive in its templates."""
+    chips = ctx.faces.chips[idx]
+    with torch.no_grad():
+        flipped = torch.cat(
+            [
+                ctx.pipeline.embed_chips(torch.flip(chips[s : s + batch_size], dims=[-1]).float()).float().cpu()
+                for s in range(0, len(idx), batch_size)
+            ]
+        )
+    own = ctx.faces.templates[idx].float()
+    cos = torch.nn.functional.cosine_similarity(own, flipped, dim=1)
+    unit = torch.nn.functional.normalize(own, dim=1)
+    ids = np.array([ctx.faces.identities[i] for i in idx])
+    same = (ids[:, None] == ids[None, :]) & ~np.eye(len(ids), dtype=bool)
+    sims = (unit @ unit.T).numpy()
+    return {
+        "face_vs_mirror_cosine_mean": float(cos.mean()),
+        "face_vs_mirror_cosine_min": float(cos.min()),
+        "same_person_other_photo_cosine_mean": float(sims[same].mean()) if same.any() else math.nan,
     }
 
 
@@ -132,6 +200,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=400, help="test-identity faces (0 = all)")
     ap.add_argument("--bootstrap", type=int, default=50, help="half-sample resamples for the intervals")
     ap.add_argument("--k", type=int, default=3, help="KSG neighbours")
+    ap.add_argument("--permutations", type=int, default=20, help="shuffles of the control (mean and p-value)")
+    ap.add_argument("--probe-train", type=int, default=1500, help="training-identity faces for the template probe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
@@ -178,6 +248,13 @@ def main() -> int:
         )
         top = sorted(payload["models"][lab]["rows"], key=lambda d: -d["mi"] if math.isfinite(d["mi"]) else 1e9)[:10]
         print("  top 10:", ", ".join(f"{d['attribute']} {d['mi']:.2f}" for d in top))
+        probe, mirror = payload["models"][lab]["template_probe"]["attributes"], payload["models"][lab]["mirror"]
+        print(
+            "  template probe R² (held-out identities): "
+            + ", ".join(f"{a} {probe[a]['r2']:.2f}" for a in ("yaw", "pitch", "roll", "age") if a in probe)
+            + f"; face vs mirror cosine {mirror['face_vs_mirror_cosine_mean']:.3f} "
+            f"(same person, other photo {mirror['same_person_other_photo_cosine_mean']:.3f})"
+        )
     return 0
 
 
