@@ -16,7 +16,7 @@ from facexplain.losses.dfd import DFDLossWeights
 from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
 from training.decoder.config import PRESETS, TrainDecoderConfig
 from training.decoder.data import DecoderSplit, split_faceset
-from training.decoder.run import check_gates, parse_model_spec
+from training.decoder.run import check_gates, parse_model_spec, perceptual_network
 from training.decoder.trainer import fit
 
 W = DFDLossWeights(perceptual_global=0.0, perceptual_local=0.0)
@@ -199,3 +199,22 @@ def test_mirrored_faces_only_augment_training(sample_faceset: FaceSet, tmp_path:
     # the region mask of a mirrored face is the mirrored mask (landmark set 17..67 maps onto itself)
     n = len(plain["train"])
     assert torch.allclose(aug["train"].masks[n:], torch.flip(plain["train"].masks, dims=[-1]), atol=0.15)
+
+
+def test_perceptual_network_for_another_fr_model() -> None:
+    from facexplain.models.recognition import FaceRecognitionNet
+    from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
+
+    sadfad = SADFADEmbedder(SADFADNet(SADFADConfig(input_size=48, base_width=4, n_filters=16)))
+    base = TrainDecoderConfig()
+    assert perceptual_network(base.replace(perceptual="none"), sadfad, "x v1") is None
+    # white box means the inverted model's own layer: a SAD/FAD net has none of that name
+    with pytest.raises(ValueError, match="x v1 is not the dlib ResNet: use --perceptual dlib_resnet"):
+        perceptual_network(base, sadfad, "x v1")
+    # dlib_resnet: the default model's layer whatever is inverted, equal to the white box of the default model
+    images = torch.rand(2, 3, 64, 64)
+    shared = perceptual_network(base.replace(perceptual="dlib_resnet"), sadfad, "x v1")
+    own = perceptual_network(base, FaceRecognitionNet.from_faceapi(), "dlib v1")
+    assert shared is not None and own is not None
+    with torch.no_grad():
+        torch.testing.assert_close(shared(images), own(images))

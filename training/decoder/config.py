@@ -41,7 +41,10 @@ class TrainDecoderConfig:
     gradient_local: float = 1.0
     perceptual_global: float = 1.0
     perceptual_local: float = 1.0
-    perceptual: Literal["white_box", "none"] = "white_box"
+    # white_box: a layer of the FR model being inverted (needs the dlib ResNet's layers); dlib_resnet: that
+    # layer of the default model's net whatever model is inverted (one perceptual loss for decoders of
+    # different FR models, so their reconstructions compare); none: pixel and gradient terms only
+    perceptual: Literal["white_box", "dlib_resnet", "none"] = "white_box"
     perceptual_layer: str = "conv64_3"
     # optimisation (paper: Adam, lr 1e-3, early stopping on validation)
     lr: float = 1e-3

