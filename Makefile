@@ -52,7 +52,7 @@ clean:
 
 # -- Model registry (MLflow tracking server + Model Registry on loopback; see README "Model registry") ------
 # Settings: mlflow/server.env (overridable by the environment, e.g. `MLFLOW_PORT=5001 make mlflow`).
-.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder train-sadfad train-probes
+.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder train-sadfad train-sadfad-decoder train-probes
 
 mlflow: setup  ## start the MLflow server in the background (sqlite + local artifacts in var/mlflow/), wait for /health
 	$(BIN)/python scripts/mlflow_server.py start
@@ -77,6 +77,11 @@ SADFAD_VARIANT ?= sad+fad
 train-sadfad: mlflow  ## interpretable FR net (SAD/FAD) on ../shared/data/celeba_subset, registered as an embedder (SADFAD_PRESET=gpu on a GPU)
 	$(BIN)/python -m services.client.cli train sadfad --preset $(SADFAD_PRESET) --variant $(SADFAD_VARIANT) \
 		--registry $(REGISTRY_URI) --out var/train/sadfad-$(SADFAD_PRESET)-$(SADFAD_VARIANT)
+
+train-sadfad-decoder: mlflow  ## a decoder for the SAD/FAD model (the default decoder's recipe; re-embeds a cached CelebA face set)
+	$(BIN)/python -m services.client.cli train decoder --preset $(DECODER_PRESET) \
+		--fr-model facexplain-sadfad-casia@champion --register-as facexplain-dfd-sadfad --perceptual dlib_resnet \
+		--chips-from auto --registry $(REGISTRY_URI) --out var/train/decoder-sadfad-$(DECODER_PRESET)
 
 train-probes: mlflow  ## accessory/appearance probes (eyeglasses, smiling, ...) on ../shared/data/celeba_subset, registered as facexplain-probes-faceapi
 	$(BIN)/python -m services.client.cli train probes --registry $(REGISTRY_URI) --out var/train/probes

@@ -291,6 +291,27 @@ def build_faceset(
     return fs
 
 
+def find_front_end(cache_dir: Path, manifest: str, chip_size: int, chip_padding: float) -> Path | None:
+    """A cached set of the same images at this chip geometry (any FR model), newest first; None if none.
+
+    Only the sets' metadata is read (an .npz member is loaded on access). Mirrored sets do not count:
+    their chips are flipped.
+    """
+    found: list[tuple[float, Path]] = []
+    for path in cache_dir.glob("*.npz") if cache_dir.is_dir() else []:
+        if path.name.endswith(".hflip.npz"):
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+        except (OSError, ValueError, KeyError):
+            continue
+        same = meta.get("manifest_sha256") == manifest and not meta.get("mirrored")
+        if same and (meta.get("chip_size"), meta.get("chip_padding")) == (chip_size, chip_padding):
+            found.append((path.stat().st_mtime, path))
+    return max(found)[1] if found else None
+
+
 def _embed_chips_batched(
     chips_u8: torch.Tensor,
     embed_chips: Callable[[torch.Tensor], torch.Tensor],

@@ -88,9 +88,15 @@ def _sadfad_pipeline(default_pipeline, **info_changes):  # type: ignore[no-untyp
 
 
 def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-untyped-def]
-    sample_faceset: FaceSet, default_pipeline, tmp_path: Path
+    sample_faceset: FaceSet, default_pipeline, faceset_cache: Path, tmp_path: Path
 ) -> None:
-    from facexplain.data.faceset import reembed_faceset
+    from facexplain.data.faceset import find_front_end, reembed_faceset
+
+    # --chips-from auto finds the sample set in the cache by its images and chip geometry
+    found = find_front_end(faceset_cache, sample_faceset.meta["manifest_sha256"], 150, 0.25)
+    assert found is not None and FaceSet.load(found).paths == sample_faceset.paths
+    assert find_front_end(faceset_cache, sample_faceset.meta["manifest_sha256"], 112, 0.25) is None
+    assert find_front_end(faceset_cache, "0" * 64, 150, 0.25) is None
 
     root, recs, _ = records_from_spec(str(REPO / "data" / "sample"))
     other = _sadfad_pipeline(default_pipeline)

@@ -22,7 +22,8 @@ class TrainDecoderConfig:
     fr_model: str = "facexplain-fr-dlib128@champion"
     data: str = "data/sample"
     # a cached face set of DATA made by another FR model with the same front end (detector, landmarks,
-    # chip geometry): its chips are re-embedded instead of detecting every face again ("" = detect)
+    # chip geometry): its chips are re-embedded instead of detecting every face again ("" = detect;
+    # "auto" = the newest such set in the face-set cache, if any)
     chips_from: str = ""
     # split: identity-disjoint, hash-based (facexplain.data.splits)
     seed: int = 0

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 import facexplain
-from facexplain.data.faceset import FaceSet, build_faceset, cache_key, mirror_faceset, records_from_spec
+from facexplain.data.faceset import (
+    FaceSet,
+    build_faceset,
+    cache_key,
+    find_front_end,
+    manifest_hash,
+    mirror_faceset,
+    records_from_spec,
+)
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
@@ -159,6 +167,17 @@ def train_decoder(
     root, records, label_names = records_from_spec(cfg.data)
     if not dist.main:
         barrier(dist)
+    front_end = None
+    if cfg.chips_from and dist.main:
+        front_path = (
+            find_front_end(faceset_cache, manifest_hash(root, records), chip_size, pipeline.info.chip_padding)
+            if cfg.chips_from == "auto"
+            else Path(cfg.chips_from)
+        )
+        if front_path is None:
+            print("chips_from auto: no cached face set of these images yet; detecting every face")
+        else:
+            front_end = FaceSet.load(front_path)
     faces: FaceSet = build_faceset(
         root,
         records,
@@ -167,7 +186,7 @@ def train_decoder(
         label_names=label_names,
         cache_dir=faceset_cache,
         progress=progress and dist.main,
-        front_end=FaceSet.load(Path(cfg.chips_from)) if cfg.chips_from and dist.main else None,
+        front_end=front_end,
     )
     mirrored = None
     if cfg.hflip:
