@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from facexplain.attributes.catalog import AttributeCatalog
-from facexplain.models.bundle import KIND_ATTRIBUTE_PROBES
 from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import attributes_pb2_grpc
-from services.attributes.service import SERVICE_NAME, AttributesServicer, Catalogs, ReferenceStats
+from services.attributes.service import SERVICE_NAME, AttributesServicer, ReferenceStats
 from services.attributes.settings import AttributesSettings
 from services.kit.config import ServiceSettings
 from services.kit.decoder import serve_decoder
@@ -32,48 +28,10 @@ from services.kit.embedder import serve_embedder
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
-from services.kit.registry import VersionInfo
-from services.kit.reload import ModelWatcher, serve_from_registry
+from services.kit.probes import Catalogs, default_catalog_factory, serve_probes
 from services.kit.server import GrpcServer
 
 log = logging.getLogger("facexplain.attributes")
-
-
-def _catalog(device: str, probes: Any) -> AttributeCatalog:
-    from facexplain.attributes.defaults import default_catalog
-
-    return default_catalog(device, probes)
-
-
-def load_probes_version(path: Path, info: VersionInfo, device: str) -> Any:
-    """Watcher loader: a downloaded probe-set bundle as an accessory estimator (checksums verified, and its
-    golden probabilities re-computed and compared: a version that fails is never served)."""
-    from facexplain.attributes.accessory import load_probe_bundle
-
-    return load_probe_bundle(path, device)
-
-
-def validate_probes_version(model: Any, path: Path, meta: dict[str, Any]) -> dict[str, str]:
-    """Watcher validator: the golden check already ran in the loader; report what the set estimates."""
-    return {"attributes": ",".join(s.name for s in model.specs)}
-
-
-def serve_probes(
-    settings: AttributesSettings, metrics: ServiceMetrics
-) -> tuple[ModelSlot[Any] | None, ModelWatcher[Any] | None]:
-    if not settings.probes_model_name:
-        log.info("no accessory probe set configured (FACEXPLAIN_PROBES_MODEL_NAME is empty): no accessory attributes")
-        return None, None
-    return serve_from_registry(
-        settings,
-        metrics,
-        kind=KIND_ATTRIBUTE_PROBES,
-        loader=load_probes_version,
-        validator=validate_probes_version,
-        fallback=None,
-        name=settings.probes_model_name,
-        alias=settings.probes_model_alias,
-    )
 
 
 def _warm_up(servicer: AttributesServicer) -> None:
@@ -104,8 +62,10 @@ def build_server(
     decoder_slot, _decoder_watcher = serve_decoder(
         base, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
     )
-    probes_slot, _probes_watcher = serve_probes(settings, metrics)
-    catalogs = Catalogs(_catalog, settings.torch_device(), probes_slot)
+    probes_slot, _probes_watcher = serve_probes(
+        settings, metrics, name=settings.probes_model_name, alias=settings.probes_model_alias
+    )
+    catalogs = Catalogs(default_catalog_factory, settings.torch_device(), probes_slot)
     reference = ReferenceStats(settings.reference_dir, settings)
     servicer = AttributesServicer(fr_slot, decoder_slot, probes_slot, catalogs, reference, settings, metrics)
     if warm_up:

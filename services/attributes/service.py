@@ -31,7 +31,7 @@ import logging
 import math
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from services.kit.errors import (
 from services.kit.images import decode_encoded, decode_image, png_image
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
+from services.kit.probes import Catalogs
 from services.kit.registry import Registry, RegistryError
 from services.kit.reload import reload_response
 from services.kit.rpc import check_deadline, streaming, unary
@@ -74,9 +75,6 @@ ESTIMATORS = ("knn", "discrete")
 DEFAULT_K = 3
 DEFAULT_CI_LEVEL = 0.95
 MIN_REFERENCE_FACES = 3
-
-# (device, probe estimator or None) -> catalogue; facexplain.attributes.defaults.default_catalog in production.
-CatalogFactory = Callable[[str, Any], AttributeCatalog]
 
 
 def _png01(image: torch.Tensor) -> common_pb2.Image:
@@ -92,30 +90,6 @@ def _values(
         )
         for s in specs
     ]
-
-
-# -- the catalogue, per served probe set -------------------------------------------------------------------
-
-
-class Catalogs:
-    """The catalogue for the served accessory probe set (rebuilt when that version changes; the rest is fixed)."""
-
-    def __init__(self, factory: CatalogFactory, device: str, probes_slot: ModelSlot[Any] | None) -> None:
-        self._factory = factory
-        self._device = device
-        self._probes_slot = probes_slot
-        self._lock = threading.Lock()
-        self._key: tuple[str, str] | None = None
-        self._catalog: AttributeCatalog | None = None
-
-    def current(self) -> tuple[AttributeCatalog, ServedModel[Any] | None, tuple[str, str]]:
-        probes = self._probes_slot.peek() if self._probes_slot is not None else None
-        key = (probes.name, probes.version) if probes is not None else ("", "")
-        with self._lock:
-            if self._catalog is None or self._key != key:
-                self._catalog = self._factory(self._device, probes.model if probes is not None else None)
-                self._key = key
-            return self._catalog, probes, key
 
 
 # -- reference faces for DiffAttributes ------------------------------------------------------------------

@@ -5,8 +5,9 @@ embedding service loads it, local face-api weights included; it is the white-box
 default target, so Attack works as soon as the server is up. The decoder
 (``FACEXPLAIN_DECODER_MODEL_NAME`` at ``FACEXPLAIN_DECODER_MODEL_ALIAS``) comes from the registry only:
 until one for the served FR version is loaded, Explain and DefenceReport answer FAILED_PRECONDITION.
-Both follow their aliases and hot-swap. The attribute catalogue (no accessory probes) is built on
-first use by Explain.
+The accessory probe set (``FACEXPLAIN_PROBES_MODEL_NAME`` at ``FACEXPLAIN_PROBES_MODEL_ALIAS``) is
+optional, as in the attributes service: with it Explain also reports s_a for eyeglasses, smiling, ...
+All follow their aliases and hot-swap. The attribute catalogue is built on first use by Explain.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 
 import torch
 
-from facexplain.attributes.catalog import AttributeCatalog
 from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import counterfactual_pb2_grpc
@@ -27,15 +27,10 @@ from services.kit.embedder import serve_embedder
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
+from services.kit.probes import Catalogs, default_catalog_factory, serve_probes
 from services.kit.server import GrpcServer
 
 log = logging.getLogger("facexplain.counterfactual")
-
-
-def _catalog(device: str) -> AttributeCatalog:
-    from facexplain.attributes.defaults import default_catalog
-
-    return default_catalog(device, None)
 
 
 def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None = None) -> GrpcServer:
@@ -51,7 +46,11 @@ def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None
     decoder_slot, _decoder_watcher = serve_decoder(
         base, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
     )
-    servicer = CounterfactualServicer(fr_slot, decoder_slot, _catalog, settings, metrics)
+    probes_slot, _probes_watcher = serve_probes(
+        settings, metrics, name=settings.probes_model_name, alias=settings.probes_model_alias
+    )
+    catalogs = Catalogs(default_catalog_factory, settings.torch_device(), probes_slot)
+    servicer = CounterfactualServicer(fr_slot, decoder_slot, catalogs, settings, metrics)
     return GrpcServer(
         settings,
         SERVICE_NAME,

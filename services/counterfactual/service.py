@@ -23,7 +23,8 @@ and so does the server's own time limit (``FACEXPLAIN_MAX_ATTACK_SECONDS``, DEAD
 
 Explain decodes the surrogate templates of probe, reference and adversarial probe with the served
 decoder (which must invert the served FR version: FAILED_PRECONDITION otherwise), recovers attributes
-with the default catalogue (no accessory probes) and reports s_a (see
+with the default catalogue (plus the accessory probe set when one is configured and loaded,
+``FACEXPLAIN_PROBES_MODEL_NAME``) and reports s_a (see
 :mod:`facexplain.counterfactual.explain` for zero denominators: ``inf`` / ``NaN``). Random controls are
 uniform-sign (L-inf) or Gaussian-direction (L2) perturbations with the same norm as the returned
 perturbation, seeded by the spec's seed. DefenceReport is a streaming job (the directions' job
@@ -63,7 +64,7 @@ from facexplain.attacks import (
     pgd,
     quantise,
 )
-from facexplain.attributes.catalog import AttributeCatalog, UnknownAttributeError
+from facexplain.attributes.catalog import UnknownAttributeError
 from facexplain.counterfactual.defence import defence_summary
 from facexplain.counterfactual.explain import explain_counterfactual, heatmap_png
 from facexplain.faces.align import align_faces
@@ -88,6 +89,7 @@ from services.kit.errors import (
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
+from services.kit.probes import Catalogs
 from services.kit.reload import reload_response
 from services.kit.rpc import check_batch, check_deadline, streaming, unary
 
@@ -99,7 +101,6 @@ DEFAULT_N_RANDOM = 10
 _METHOD_NAMES = {Spec.METHOD_FGSM: "fgsm", Spec.METHOD_IFGSM: "ifgsm", Spec.METHOD_PGD: "pgd", Spec.METHOD_CW: "cw"}
 _DEFAULT_STEPS = {Spec.METHOD_FGSM: 1, Spec.METHOD_IFGSM: 10, Spec.METHOD_PGD: 10, Spec.METHOD_CW: 100}
 
-CatalogFactory = Callable[[str], AttributeCatalog]
 StopFn = Callable[[], bool]
 
 
@@ -299,25 +300,24 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         self,
         fr_slot: ModelSlot[FacePipeline],
         decoder_slot: ModelSlot[LoadedDecoder],
-        catalog_factory: CatalogFactory,
+        catalogs: Catalogs,
         settings: CounterfactualSettings,
         metrics: ServiceMetrics,
     ) -> None:
         self.fr_slot = fr_slot
         self.decoder_slot = decoder_slot
+        self.catalogs = catalogs
         self.settings = settings
         self.metrics = metrics
-        self._catalog_factory = catalog_factory
-        self._catalog: AttributeCatalog | None = None
         self._dlib: DlibDescriptor | None = None
         self._lock = threading.Lock()
 
     # -- models ------------------------------------------------------------------------------------------
-    def catalog(self) -> AttributeCatalog:
-        with self._lock:
-            if self._catalog is None:
-                self._catalog = self._catalog_factory(self.settings.torch_device())
-            return self._catalog
+    def _slots(self) -> list[ModelSlot[Any]]:
+        slots: list[ModelSlot[Any]] = [self.fr_slot, self.decoder_slot]
+        if self.catalogs.probes_slot is not None:
+            slots.append(self.catalogs.probes_slot)
+        return slots
 
     def _dlib_model(self) -> DlibDescriptor:
         with self._lock:
@@ -605,7 +605,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         fr = self.fr_slot.current()
         surrogate, target = self._roles(request.spec, fr)
         decoder = self._decoder(fr)
-        catalog = self.catalog()
+        catalog, _probes, _key = self.catalogs.current()
         try:
             specs = catalog.resolve(list(request.attributes))
         except UnknownAttributeError as exc:
@@ -807,7 +807,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
     def ModelStatus(
         self, request: common_pb2.ModelStatusRequest, context: grpc.ServicerContext
     ) -> common_pb2.ModelStatusResponse:
-        resp = combined_status([self.fr_slot, self.decoder_slot])
+        resp = combined_status(self._slots())
         if dlib_available():
             resp.models.append(
                 common_pb2.LoadedModel(
@@ -828,4 +828,4 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
 
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
-        return reload_response([self.fr_slot, self.decoder_slot], request)
+        return reload_response(self._slots(), request)

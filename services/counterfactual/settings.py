@@ -4,7 +4,8 @@ It serves two registered models, each following its own alias in ``FACEXPLAIN_RE
 model (``FACEXPLAIN_FR_MODEL_NAME`` / ``FACEXPLAIN_FR_MODEL_ALIAS``; local face-api weights without a
 registry), which is both the default white-box surrogate and the default target, and the decoder for
 exactly that FR version (``FACEXPLAIN_DECODER_MODEL_NAME`` / ``FACEXPLAIN_DECODER_MODEL_ALIAS``;
-registry only): Explain and DefenceReport need it, Attack does not. dlib's own descriptor
+registry only): Explain and DefenceReport need it, Attack does not; and optionally an accessory probe
+set (``FACEXPLAIN_PROBES_MODEL_NAME`` / ``_ALIAS``) whose attributes Explain then reports too. dlib's own descriptor
 (``dlib`` as a ModelRef name) is available as a black-box target when ``dlib`` is installed.
 
 Limits (RESOURCE_EXHAUSTED when a request goes over them; a malformed value is INVALID_ARGUMENT):
@@ -18,7 +19,7 @@ from pydantic import Field
 
 from facexplain.attacks import BudgetLimits
 from services.kit.config import ServiceSettings
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
+from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, DEFAULT_PROBES_MODEL
 
 
 class CounterfactualSettings(ServiceSettings):
@@ -38,6 +39,12 @@ class CounterfactualSettings(ServiceSettings):
         description="registered decoder (kind decoder) inverting the served FR version; registry only",
     )
     decoder_model_alias: str = Field(default=CHAMPION, description="alias of the decoder to serve and follow")
+    probes_model_name: str = Field(
+        default="",
+        description=f"registered accessory probe set (kind attribute_probes) Explain also measures, e.g. "
+        f"{DEFAULT_PROBES_MODEL}; empty = none",
+    )
+    probes_model_alias: str = Field(default=CHAMPION, description="alias of the probe set to serve and follow")
 
     max_attack_steps: int = Field(default=1000, ge=1, description="most iterations one attack run may ask for")
     max_total_steps: int = Field(

@@ -97,12 +97,31 @@ def _img(path: Path) -> common_pb2.Image:
     return image_from_path(path)
 
 
+PROBES_MODEL = "facexplain-probes-cf-test"  # its own name: test_probes_registry checks the default's first version
+
+
+@pytest.fixture(scope="module")
+def probes_v1(celeba_attr_faceset, mlflow: RunningMlflow, tmp_path_factory: pytest.TempPathFactory) -> str:  # type: ignore[no-untyped-def]
+    """A small accessory probe set (eyeglasses, smiling) trained by the real pipeline and registered, so
+    Explain's catalogue includes the probes."""
+    from training.probes.config import TrainProbesConfig
+    from training.probes.run import train_probes
+
+    faces = celeba_attr_faceset.subset(range(0, len(celeba_attr_faceset), 3))
+    cfg = TrainProbesConfig(labels="Eyeglasses,Smiling", device="cpu", c_grid="0.01", register_as=PROBES_MODEL)
+    out = tmp_path_factory.mktemp("cf-probes")
+    summary = train_probes(cfg, out_dir=out, tracking_uri=mlflow.uri, progress=False, faces=faces)
+    assert summary.registered["alias"] == CHAMPION
+    return str(summary.registered["version"])
+
+
 @pytest.fixture(scope="module")
 def svc(
-    mlflow: RunningMlflow, decoder_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory
+    mlflow: RunningMlflow, decoder_v1: VersionInfo, probes_v1: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningService]:
     logs = tmp_path_factory.mktemp("counterfactual-svc")
-    service = start_service("counterfactual", logs, env=_env(mlflow.uri, logs / "cache"), timeout=300)
+    env = _env(mlflow.uri, logs / "cache", FACEXPLAIN_PROBES_MODEL_NAME=PROBES_MODEL)
+    service = start_service("counterfactual", logs, env=env, timeout=300)
     yield service
     code = service.stop()
     assert code == 0, f"counterfactual service exit {code}; log tail:\n{service.log_text()[-2000:]}"
@@ -114,8 +133,13 @@ def svc(
 def client(svc: RunningService) -> Iterator[CounterfactualClient]:
     c = CounterfactualClient(svc.address, timeout=600)
     wait_ready(c.channel, 30)
-    # the decoder arrives through the watcher; Explain needs it
+    # the decoder and the probe set arrive through the watchers; Explain needs the decoder
     _wait(lambda: any(m.kind == "decoder" and m.serving for m in c.model_status().models), 120, "the decoder to load")
+    _wait(
+        lambda: any(m.kind == "attribute_probes" and m.serving for m in c.model_status().models),
+        120,
+        "the probe set to load",
+    )
     yield c
     c.close()
 
@@ -129,6 +153,8 @@ def test_model_status_and_reload(client: CounterfactualClient, mlflow: RunningMl
     assert (fr.model.version, fr.model.alias, fr.serving) == ("1", CHAMPION, True)
     decoder = kinds["decoder"][0]
     assert (decoder.model.name, decoder.model.version) == (DEFAULT_DECODER_MODEL, "1")
+    probes = kinds["attribute_probes"][0]
+    assert (probes.model.name, probes.model.alias, probes.serving) == (PROBES_MODEL, CHAMPION, True)
     assert status.registry_reachable and status.registry_uri == mlflow.uri
     reload = client.reload()
     assert reload.error == "" and not reload.changed
@@ -209,9 +235,13 @@ def test_explain_is_deterministic_under_a_seed(client: CounterfactualClient) -> 
     assert (first.decoder.name, first.decoder.version) == (DEFAULT_DECODER_MODEL, "1")
     top = ", ".join(f"{r.attribute} {r.s_a:.2f}" for r in rows[:10])
     print(f"top-10 s_a (PGD, demo decoder): {top}")
+    # the served probe set's attributes are explained too
+    assert {"eyeglasses", "smiling"} <= {r.attribute for r in rows}
+    assert all(r.group == "accessory" for r in rows if r.attribute in ("eyeglasses", "smiling"))
     # a subset of attributes, in the catalogue's terms
-    sub = client.explain(_img(PROBE), _img(REF), spec, attributes=["yaw", "age", "lbp_r3_c3"], n_random=1)
-    assert sorted(s.attribute for s in sub.significance) == ["age", "lbp_r3_c3", "yaw"]
+    names = ["yaw", "age", "lbp_r3_c3", "eyeglasses"]
+    sub = client.explain(_img(PROBE), _img(REF), spec, attributes=names, n_random=1)
+    assert sorted(s.attribute for s in sub.significance) == sorted(names)
 
 
 def test_defence_report_streams_progress_then_the_result(client: CounterfactualClient) -> None:
