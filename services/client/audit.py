@@ -14,7 +14,10 @@ collects, for one served FR model on one folder of faces:
                  them, a yaw regression (yaw estimated by the attributes service) when there are enough
                  faces; each one that cannot be made is skipped with the reason
 (e) importance   I(a; â) per attribute with a shuffled control (attributes Importance, seeded) and a chart
-(f) counterfactual  pairs scored by the embedding service (Verify), then counterfactual Explain for the
+(f) mirror       how alike the model finds each face and its mirror image (embedding Embed), beside two
+                 photos of one person: a model that treats them alike cannot keep which way a face turns or
+                 tilts (the sign of yaw and roll), nor which side an asymmetric feature is on
+(g) counterfactual  pairs scored by the embedding service (Verify), then counterfactual Explain for the
                  worst-scored genuine and best-scored impostor pairs
 
 Every random choice takes ``seed``; two runs with the same seed give the same ``audit.json`` except
@@ -632,7 +635,70 @@ class Audit:
             sec["csv"] = "importance/importance.csv"
             sec["chart"] = "importance/importance.png"
 
-    # (f) counterfactuals ---------------------------------------------------------------------------------
+    # (f) mirror invariance ------------------------------------------------------------------------------
+    def mirror(self, faces: list[Face]) -> None:
+        """Cosine of each face's template and its mirror image's, against same-person and other-person pairs."""
+        from PIL import Image as PILImage
+
+        from services.api.v1 import common_pb2
+
+        def unit(t: Any) -> np.ndarray:
+            v = np.asarray(t.values, dtype=np.float64)
+            return v / max(float(np.linalg.norm(v)), 1e-12)
+
+        with self.step("mirror") as sec:
+            rows: list[dict[str, Any]] = []
+            units: dict[str, tuple[str, np.ndarray]] = {}
+            with self.bar(len(faces), "mirror images") as bar:
+                for f in faces:
+                    t = self.template(f)
+                    if t is None:
+                        bar.update()
+                        continue
+                    with PILImage.open(f.path) as im:
+                        buf = io.BytesIO()
+                        im.convert("RGB").transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+                    try:
+                        tm = self.clients["embedding"].embed(common_pb2.Image(encoded=buf.getvalue()), timeout=300)
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        bar.update()
+                        continue
+                    units[f.rel] = (f.identity, unit(t))
+                    rows.append({"path": f.rel, "mirror_cosine": finite(float(unit(t) @ unit(tm.template)))})
+                    bar.update()
+            same: list[float] = []
+            other: list[float] = []
+            for (ia, ua), (ib, ub) in combinations(units.values(), 2):
+                (same if ia == ib else other).append(float(ua @ ub))
+            mirror = [float(r["mirror_cosine"]) for r in rows if r["mirror_cosine"] is not None]
+            summary = {
+                "n_faces": len(mirror),
+                "mirror_cosine_mean": finite(float(np.mean(mirror))) if mirror else None,
+                "mirror_cosine_min": finite(float(np.min(mirror))) if mirror else None,
+                "same_person_pairs": len(same),
+                "same_person_cosine_mean": finite(float(np.mean(same))) if same else None,
+                "other_person_pairs": len(other),
+                "other_person_cosine_mean": finite(float(np.mean(other))) if other else None,
+            }
+            sec["faces"] = rows
+            sec["summary"] = summary
+            m, p = summary["mirror_cosine_mean"], summary["same_person_cosine_mean"]
+            if m is None or p is None:
+                sec["reading"] = "not enough faces (or no two photos of one person) to compare"
+            elif m >= p:
+                sec["reading"] = (
+                    "the model finds a face and its mirror image at least as alike as two photos of one person: "
+                    "its templates cannot keep the sign of yaw or roll, nor which side of the face a feature is on"
+                )
+            else:
+                sec["reading"] = (
+                    "the model tells a face from its mirror image more than it tells two photos of one person "
+                    "apart: its templates can keep left/right information (the sign of yaw, asymmetries)"
+                )
+
+    # (g) counterfactuals ---------------------------------------------------------------------------------
     def template(self, f: Face) -> Any:
         from services.client.sdk import image_from_path
 
@@ -806,6 +872,7 @@ class Audit:
             self.ssi(faces, probe)
             self.labels(faces, probe, label_names)
             self.importance(faces)
+            self.mirror(faces)
             self.counterfactuals(faces_all)
         self.result["audit"]["finished"] = now()
         return self.result

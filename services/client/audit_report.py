@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_SCOPED = ("started", "finished")
-SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "counterfactuals")
+SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "mirror", "counterfactuals")
 
 
 def is_run_scoped(key: str) -> bool:
@@ -206,6 +206,22 @@ def _importance(r: dict[str, Any]) -> str:
     return out + _table(["attribute", "group", "MI", "interval", "control", "p", "n"], rows, "compact")
 
 
+def _mirror(r: dict[str, Any]) -> str:
+    sec = r["mirror"]
+    m = sec["summary"]
+    out = (
+        "<p>Cosine between the template of each face and the template of its mirror image (left and right "
+        "swapped, which negates head yaw and roll), beside the cosine of two photos of one person and of two "
+        f"people. Reading: <b>{_e(sec['reading'])}</b>.</p>"
+    )
+    rows = [
+        ["face vs its mirror image", str(m["n_faces"]), _num(m["mirror_cosine_mean"]), _num(m["mirror_cosine_min"])],
+        ["two photos of one person", str(m["same_person_pairs"]), _num(m["same_person_cosine_mean"]), ""],
+        ["two people", str(m["other_person_pairs"]), _num(m["other_person_cosine_mean"]), ""],
+    ]
+    return out + _table(["templates compared", "n", "mean cosine", "lowest"], rows)
+
+
 def _counterfactuals(r: dict[str, Any]) -> str:
     sec = r["counterfactuals"]
     rule = sec["rule"]
@@ -247,6 +263,7 @@ TITLES = {
     "ssi": "SSI directions (eyes, nose, lower face)",
     "labels": "Label directions",
     "importance": "Attribute importance",
+    "mirror": "Mirror invariance: what a template cannot keep",
     "counterfactuals": "Counterfactual explanations",
 }
 RENDER = {
@@ -255,6 +272,7 @@ RENDER = {
     "ssi": _ssi,
     "labels": _labels,
     "importance": _importance,
+    "mirror": _mirror,
     "counterfactuals": _counterfactuals,
 }
 CSS = """

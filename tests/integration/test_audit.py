@@ -201,7 +201,13 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
     assert any(row["control_mi"] > 0 for row in imp["rows"])
     assert (folder / imp["chart"]).stat().st_size > 5000 and (folder / imp["csv"]).is_file()
 
-    # (f) pairs scored; the worst genuine and best impostor pair explained
+    # (f) mirror invariance: dlib's model finds a face and its mirror more alike than two photos of one person
+    mi = r["mirror"]["summary"]
+    assert mi["n_faces"] >= 10 and mi["same_person_pairs"] > 0 and mi["other_person_pairs"] > 0
+    assert mi["mirror_cosine_mean"] > mi["same_person_cosine_mean"] > mi["other_person_cosine_mean"]
+    assert "cannot keep the sign of yaw" in r["mirror"]["reading"]
+
+    # (g) pairs scored; the worst genuine and best impostor pair explained
     cf = r["counterfactuals"]
     assert cf["n_pairs"]["genuine"] > 0 and cf["n_pairs"]["impostor"] > 0
     kinds = [x["kind"] for x in cf["explanations"]]
