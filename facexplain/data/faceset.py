@@ -218,6 +218,10 @@ def build_faceset(
             on_cached(cached)
         return FaceSet.load(cached)
     if front_end is not None:
+        if front_end.label_names != list(label_names):
+            raise ValueError(
+                f"the front-end face set has labels {front_end.label_names}, the data gives {list(label_names)}"
+            )
         fs = reembed_faceset(front_end, pipeline, root=root, manifest=manifest, fr_key=fr_key, progress=progress)
         if cached is not None:
             fs.save(cached)

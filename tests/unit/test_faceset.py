@@ -111,6 +111,8 @@ def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-unty
     assert (tmp_path / next(p.name for p in tmp_path.glob("*.npz"))).is_file()  # cached under its own key
 
     manifest = sample_faceset.meta["manifest_sha256"]
+    with pytest.raises(ValueError, match="labels"):
+        build_faceset(root, recs, other, fr_key="x", label_names=["Smiling"], progress=False, front_end=sample_faceset)
     with pytest.raises(ValueError, match="other images"):
         reembed_faceset(sample_faceset, other, root=root, manifest="0" * 64, fr_key="x", progress=False)
     with pytest.raises(ValueError, match="size/padding"):
