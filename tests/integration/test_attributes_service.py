@@ -41,6 +41,7 @@ from services.client.sdk import (
     wait_ready,
 )
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from tests.integration.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -61,18 +62,15 @@ BOOTSTRAP = 20
 
 
 def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return {
-        "FACEXPLAIN_REGISTRY_URI": uri,
-        "FACEXPLAIN_POLL_INTERVAL_S": "5",
-        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
-        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
-        "FACEXPLAIN_TORCH_THREADS": "1",
-        "FACEXPLAIN_MAX_DATASET_ITEMS": "200",
-        "FACEXPLAIN_BATCH_SIZE": "8",
-        "FACEXPLAIN_MAX_BOOTSTRAP": "500",
-        "FACEXPLAIN_MAX_PERMUTATIONS": "300",
+    return registry_service_env(
+        uri,
+        cache,
+        FACEXPLAIN_MAX_DATASET_ITEMS="200",
+        FACEXPLAIN_BATCH_SIZE="8",
+        FACEXPLAIN_MAX_BOOTSTRAP="500",
+        FACEXPLAIN_MAX_PERMUTATIONS="300",
         **extra,
-    }
+    )
 
 
 def _rejected(svc: RunningService, method: str, request: Any) -> grpc.RpcError:

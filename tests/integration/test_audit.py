@@ -30,6 +30,7 @@ from services.client.audit_report import SECTIONS, strip_timestamps
 from services.client.launcher import REPO, RunningMlflow, RunningService, free_port, start_service
 from services.kit.registry import DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
 from tests.conftest import shared_data_dir
+from tests.integration.service_env import registry_service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
@@ -44,17 +45,14 @@ AUDIT_ARGS = [
 
 
 def _env(uri: str, cache: Path) -> dict[str, str]:
-    return {
-        "FACEXPLAIN_REGISTRY_URI": uri,
-        "FACEXPLAIN_POLL_INTERVAL_S": "5",
-        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
-        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
-        "FACEXPLAIN_TORCH_THREADS": "1",
-        "FACEXPLAIN_MAX_DATASET_ITEMS": "100",
-        "FACEXPLAIN_MAX_SSI_PAIRS": "100",
-        "FACEXPLAIN_MIN_LABEL_ITEMS": "2",
-        "FACEXPLAIN_BATCH_SIZE": "6",
-    }
+    return registry_service_env(
+        uri,
+        cache,
+        FACEXPLAIN_MAX_DATASET_ITEMS="100",
+        FACEXPLAIN_MAX_SSI_PAIRS="100",
+        FACEXPLAIN_MIN_LABEL_ITEMS="2",
+        FACEXPLAIN_BATCH_SIZE="6",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_g
 from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
 from services.client.sdk import CounterfactualClient, image_from_path, image_pair, wait_ready
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+from tests.integration.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +48,7 @@ SEED = 5
 
 
 def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return {
-        "FACEXPLAIN_REGISTRY_URI": uri,
-        "FACEXPLAIN_POLL_INTERVAL_S": "5",
-        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
-        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
-        "FACEXPLAIN_TORCH_THREADS": "1",
-        "FACEXPLAIN_MAX_DEFENCE_PAIRS": "8",
-        **extra,
-    }
+    return registry_service_env(uri, cache, FACEXPLAIN_MAX_DEFENCE_PAIRS="8", **extra)
 
 
 def _rejected(svc: RunningService, method: str, request: Any, timeout: float = 120) -> grpc.RpcError:

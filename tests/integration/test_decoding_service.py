@@ -38,6 +38,7 @@ from services.client.launcher import REPO, RunningMlflow, RunningService, start_
 from services.client.sdk import DecodingClient, image_from_path, wait_ready
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
 from tests.integration.conftest import retarget_decoder_bundle
+from tests.integration.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -55,16 +56,14 @@ LATE_DECODER = "facexplain-dfd-late"
 
 
 def _server_env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return {
-        "FACEXPLAIN_REGISTRY_URI": uri,
-        "FACEXPLAIN_POLL_INTERVAL_S": str(POLL_S),
-        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
-        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
-        "FACEXPLAIN_MAX_BATCH_SIZE": str(MAX_BATCH),
-        "FACEXPLAIN_MAX_INTERPOLATION_STEPS": str(MAX_STEPS),
-        "FACEXPLAIN_TORCH_THREADS": "1",
+    return registry_service_env(
+        uri,
+        cache,
+        poll_s=POLL_S,
+        FACEXPLAIN_MAX_BATCH_SIZE=str(MAX_BATCH),
+        FACEXPLAIN_MAX_INTERPOLATION_STEPS=str(MAX_STEPS),
         **extra,
-    }
+    )
 
 
 def _stub(svc: RunningService) -> tuple[grpc.Channel, decoding_pb2_grpc.DecodingServiceStub]:

@@ -47,6 +47,7 @@ from services.kit.registry import (
     RegistryNotFound,
     VersionInfo,
 )
+from tests.integration.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -67,20 +68,17 @@ FR_V1 = common_pb2.ModelRef(name=DEFAULT_FR_MODEL, version="1")
 
 
 def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return {
-        "FACEXPLAIN_REGISTRY_URI": uri,
-        "FACEXPLAIN_POLL_INTERVAL_S": "5",
-        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "5",
-        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
-        "FACEXPLAIN_TORCH_THREADS": "1",
-        "FACEXPLAIN_MAX_ALPHAS": str(MAX_ALPHAS),
-        "FACEXPLAIN_MAX_DATASET_ITEMS": str(MAX_ITEMS),
-        "FACEXPLAIN_MAX_SSI_PAIRS": str(MAX_PAIRS),
-        "FACEXPLAIN_MIN_LABEL_ITEMS": str(MIN_LABEL_ITEMS),
-        "FACEXPLAIN_BATCH_SIZE": "6",
-        "FACEXPLAIN_MAX_BATCH_SIZE": "16",
+    return registry_service_env(
+        uri,
+        cache,
+        FACEXPLAIN_MAX_ALPHAS=str(MAX_ALPHAS),
+        FACEXPLAIN_MAX_DATASET_ITEMS=str(MAX_ITEMS),
+        FACEXPLAIN_MAX_SSI_PAIRS=str(MAX_PAIRS),
+        FACEXPLAIN_MIN_LABEL_ITEMS=str(MIN_LABEL_ITEMS),
+        FACEXPLAIN_BATCH_SIZE="6",
+        FACEXPLAIN_MAX_BATCH_SIZE="16",
         **extra,
-    }
+    )
 
 
 def _rejected(svc: RunningService, method: str, request: Any) -> grpc.RpcError:
