@@ -148,9 +148,11 @@ def _template_probe(
 
 
 def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, float]:
-    """How alike the model finds a face and its mirror image (cosine of templates), next to how alike it
-    finds two photos of one person: a model trained with mirrored copies makes the first ~1, and then
-    no attribute that flips sign under mirroring (yaw, roll) can survive in its templates."""
+    """How alike the model finds a face and its mirror image, next to two photos of one person
+    (:mod:`facexplain.metrics.invariance`): a model that finds the first at least as alike cannot keep
+    the sign of yaw or roll in its templates."""
+    from facexplain.metrics.invariance import mirror_invariance
+
     chips = ctx.faces.chips[idx]
     with torch.no_grad():
         flipped = torch.cat(
@@ -159,16 +161,11 @@ def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, floa
                 for s in range(0, len(idx), batch_size)
             ]
         )
-    own = ctx.faces.templates[idx].float()
-    cos = torch.nn.functional.cosine_similarity(own, flipped, dim=1)
-    unit = torch.nn.functional.normalize(own, dim=1)
-    ids = np.array([ctx.faces.identities[i] for i in idx])
-    same = (ids[:, None] == ids[None, :]) & ~np.eye(len(ids), dtype=bool)
-    sims = (unit @ unit.T).numpy()
+    m = mirror_invariance(ctx.faces.templates[idx].numpy(), flipped.numpy(), [ctx.faces.identities[i] for i in idx])
     return {
-        "face_vs_mirror_cosine_mean": float(cos.mean()),
-        "face_vs_mirror_cosine_min": float(cos.min()),
-        "same_person_other_photo_cosine_mean": float(sims[same].mean()) if same.any() else math.nan,
+        "face_vs_mirror_cosine_mean": m.mirror_cosine_mean,
+        "face_vs_mirror_cosine_min": m.mirror_cosine_min,
+        "same_person_other_photo_cosine_mean": m.same_person_cosine_mean,
     }
 
 

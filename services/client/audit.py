@@ -245,6 +245,24 @@ class Audit:
 
         return on_progress, close
 
+    def discover(self, stream: Any, desc: str) -> Any:
+        """Drain a directions discovery stream with progress bars; returns its result."""
+        on_progress, close = self.progress_callback(desc)
+        try:
+            return self.clients["directions"].run(stream, on_progress)
+        finally:
+            close()
+
+    def discover_or_skip(self, stream: Any, desc: str, entry: dict[str, Any]) -> Any | None:
+        """``discover``, or None with the reason in ``entry["skipped"]`` when the data cannot make the set."""
+        try:
+            return self.discover(stream, desc)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            entry["skipped"] = f"{err.code().name}: {err.details()}"
+            return None
+
     def save(self, name: str, data: bytes) -> str:
         path = self.images / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,12 +512,7 @@ class Audit:
                 seed=self.cfg.seed,
                 max_pairs=self.cfg.ssi_max_pairs,
             )
-            on_progress, close = self.progress_callback("ssi")
-            client = self.clients["directions"]
-            try:
-                result = client.run(client.discover_ssi(req), on_progress)
-            finally:
-                close()
+            result = self.discover(self.clients["directions"].discover_ssi(req), "ssi")
             sec["regions"] = list(SSI_REGIONS)
             sec["max_pairs"] = self.cfg.ssi_max_pairs
             sec["n_components"] = self.cfg.ssi_components
@@ -530,16 +543,9 @@ class Audit:
                 req = directions_pb2.DiscoverCentroidRequest(
                     dataset=self.dataset(faces, f"audit-{label}"), label=label, positive_values=[1.0]
                 )
-                on_progress, close = self.progress_callback(f"centroid {label}")
-                try:
-                    result = client.run(client.discover_centroid(req), on_progress)
-                except grpc.RpcError as err:
-                    if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
-                        raise
-                    entry["skipped"] = f"{err.code().name}: {err.details()}"
+                result = self.discover_or_skip(client.discover_centroid(req), f"centroid {label}", entry)
+                if result is None:
                     continue
-                finally:
-                    close()
                 s = result.sets[0]
                 entry["set"] = self.direction_set(s)
                 entry["traversal"] = self.traverse(probe, s.id, 0, f"centroid-{label}")
@@ -579,19 +585,11 @@ class Audit:
                         seed=self.cfg.seed,
                         cv_folds=min(5, len(with_yaw) // 2),
                     )
-                    on_progress, close = self.progress_callback("regression yaw")
-                    try:
-                        result = client.run(client.discover_regression(rreq), on_progress)
-                    except grpc.RpcError as err:
-                        if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
-                            raise
-                        yaw["skipped"] = f"{err.code().name}: {err.details()}"
-                    else:
+                    result = self.discover_or_skip(client.discover_regression(rreq), "regression yaw", yaw)
+                    if result is not None:
                         s = result.sets[0]
                         yaw["set"] = self.direction_set(s)
                         yaw["traversal"] = self.traverse(probe, s.id, 0, "regression-yaw")
-                    finally:
-                        close()
             sec["directions"] = entries
 
     # (e) importance ---------------------------------------------------------------------------------------
@@ -637,57 +635,37 @@ class Audit:
 
     # (f) mirror invariance ------------------------------------------------------------------------------
     def mirror(self, faces: list[Face]) -> None:
-        """Cosine of each face's template and its mirror image's, against same-person and other-person pairs."""
+        """Cosine of each face's template and its mirror image's, against same-person and other-person pairs
+        (:func:`facexplain.metrics.invariance.mirror_invariance` on the services' templates)."""
         from PIL import Image as PILImage
 
+        from facexplain.metrics.invariance import mirror_cosines, mirror_invariance
         from services.api.v1 import common_pb2
 
-        def unit(t: Any) -> np.ndarray:
-            v = np.asarray(t.values, dtype=np.float64)
-            return v / max(float(np.linalg.norm(v)), 1e-12)
-
         with self.step("mirror") as sec:
-            rows: list[dict[str, Any]] = []
-            units: dict[str, tuple[str, np.ndarray]] = {}
+            kept: list[tuple[Face, Any, Any]] = []
             with self.bar(len(faces), "mirror images") as bar:
                 for f in faces:
                     t = self.template(f)
-                    if t is None:
-                        bar.update()
-                        continue
-                    with PILImage.open(f.path) as im:
-                        buf = io.BytesIO()
-                        im.convert("RGB").transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
-                    try:
-                        tm = self.clients["embedding"].embed(common_pb2.Image(encoded=buf.getvalue()), timeout=300)
-                    except grpc.RpcError as err:
-                        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                            raise
-                        bar.update()
-                        continue
-                    units[f.rel] = (f.identity, unit(t))
-                    rows.append({"path": f.rel, "mirror_cosine": finite(float(unit(t) @ unit(tm.template)))})
+                    if t is not None:
+                        with PILImage.open(f.path) as im:
+                            buf = io.BytesIO()
+                            im.convert("RGB").transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+                        tm = self.embed_or_none(common_pb2.Image(encoded=buf.getvalue()))
+                        if tm is not None:
+                            kept.append((f, t, tm))
                     bar.update()
-            same: list[float] = []
-            other: list[float] = []
-            for (ia, ua), (ib, ub) in combinations(units.values(), 2):
-                (same if ia == ib else other).append(float(ua @ ub))
-            mirror = [float(r["mirror_cosine"]) for r in rows if r["mirror_cosine"] is not None]
-            summary = {
-                "n_faces": len(mirror),
-                "mirror_cosine_mean": finite(float(np.mean(mirror))) if mirror else None,
-                "mirror_cosine_min": finite(float(np.min(mirror))) if mirror else None,
-                "same_person_pairs": len(same),
-                "same_person_cosine_mean": finite(float(np.mean(same))) if same else None,
-                "other_person_pairs": len(other),
-                "other_person_cosine_mean": finite(float(np.mean(other))) if other else None,
-            }
-            sec["faces"] = rows
-            sec["summary"] = summary
-            m, p = summary["mirror_cosine_mean"], summary["same_person_cosine_mean"]
-            if m is None or p is None:
+            own = np.array([list(t.values) for _, t, _ in kept]).reshape(len(kept), -1)
+            flip = np.array([list(tm.values) for _, _, tm in kept]).reshape(len(kept), -1)
+            m = mirror_invariance(own, flip, [f.identity for f, _, _ in kept])
+            per_face = mirror_cosines(own, flip)
+            sec["faces"] = [
+                {"path": f.rel, "mirror_cosine": finite(float(c))} for (f, _, _), c in zip(kept, per_face, strict=True)
+            ]
+            sec["summary"] = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
+            if not kept or math.isnan(m.same_person_cosine_mean):
                 sec["reading"] = "not enough faces (or no two photos of one person) to compare"
-            elif m >= p:
+            elif m.keeps_no_side:
                 sec["reading"] = (
                     "the model finds a face and its mirror image at least as alike as two photos of one person: "
                     "its templates cannot keep the sign of yaw or roll, nor which side of the face a feature is on"
@@ -699,16 +677,20 @@ class Audit:
                 )
 
     # (g) counterfactuals ---------------------------------------------------------------------------------
+    def embed_or_none(self, image: Any) -> Any | None:
+        """The template of the face in ``image`` (a common_pb2.Image), or None when the service finds none."""
+        try:
+            return self.clients["embedding"].embed(image, timeout=300).template
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            return None
+
     def template(self, f: Face) -> Any:
         from services.client.sdk import image_from_path
 
         if f.rel not in self.templates:
-            try:
-                self.templates[f.rel] = self.clients["embedding"].embed(image_from_path(f.path), timeout=300).template
-            except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise
-                self.templates[f.rel] = None
+            self.templates[f.rel] = self.embed_or_none(image_from_path(f.path))
         return self.templates[f.rel]
 
     def counterfactuals(self, faces: list[Face]) -> None:
