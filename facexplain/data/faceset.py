@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -198,14 +198,15 @@ def build_faceset(
     batch_size: int = 16,
     progress: bool = True,
     on_cached: Callable[[Path], None] | None = None,
-    front_end: FaceSet | None = None,
+    front_end: FaceSet | Path | Literal["auto"] | None = None,
 ) -> FaceSet:
     """Run ``pipeline`` (a :class:`~facexplain.pipeline.FacePipeline`) over ``records`` once; reuse the cache.
 
     ``fr_key`` must change whenever the FR weights change (see module docstring). With ``cache_dir``
     the set is read from / written to ``cache_dir/<key>.npz``. ``front_end``, a set of the same
-    images made by another FR model with the same front end, is re-embedded instead of detecting
-    again (see :func:`reembed_faceset`).
+    images made by another FR model with the same front end (or its .npz, or ``"auto"``: the newest
+    such set in ``cache_dir``, see :func:`find_front_end`), is re-embedded instead of detecting again
+    (see :func:`reembed_faceset`); it is only read when the cache misses.
     """
     from facexplain.faces.regions import landmarks_to_chip
 
@@ -217,7 +218,14 @@ def build_faceset(
         if on_cached is not None:
             on_cached(cached)
         return FaceSet.load(cached)
-    if front_end is not None:
+    if front_end == "auto":
+        found = find_front_end(cache_dir, manifest, info.chip_size, info.chip_padding) if cache_dir else None
+        if found is None and progress:
+            print("no cached face set of these images to re-embed: detecting every face", flush=True)
+        front_end = found
+    if isinstance(front_end, Path):
+        front_end = FaceSet.load(front_end)
+    if isinstance(front_end, FaceSet):
         if front_end.label_names != list(label_names):
             raise ValueError(
                 f"the front-end face set has labels {front_end.label_names}, the data gives {list(label_names)}"

@@ -109,6 +109,15 @@ def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-unty
         torch.testing.assert_close(made.templates[:4], other.embed_chips(sample_faceset.chips[:4].float()))
     assert made.meta["fr_key"] == "sadfad-test" and made.meta["front_end_from"]["fr_key"] == "default-local"
     assert (tmp_path / next(p.name for p in tmp_path.glob("*.npz"))).is_file()  # cached under its own key
+    # "auto" finds the sample set in its cache; a path is read only on a cache miss
+    auto = build_faceset(
+        root, recs, other, fr_key="sadfad-auto", cache_dir=faceset_cache, progress=False, front_end="auto"
+    )
+    assert torch.equal(auto.templates, made.templates)
+    again = build_faceset(
+        root, recs, other, fr_key="sadfad-test", cache_dir=tmp_path, progress=False, front_end=tmp_path / "missing.npz"
+    )
+    assert torch.equal(again.templates, made.templates)
 
     manifest = sample_faceset.meta["manifest_sha256"]
     with pytest.raises(ValueError, match="labels"):

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,8 +25,6 @@ from facexplain.data.faceset import (
     FaceSet,
     build_faceset,
     cache_key,
-    find_front_end,
-    manifest_hash,
     mirror_faceset,
     records_from_spec,
 )
@@ -167,17 +165,9 @@ def train_decoder(
     root, records, label_names = records_from_spec(cfg.data)
     if not dist.main:
         barrier(dist)
-    front_end = None
+    front_end: Path | Literal["auto"] | None = None
     if cfg.chips_from and dist.main:
-        front_path = (
-            find_front_end(faceset_cache, manifest_hash(root, records), chip_size, pipeline.info.chip_padding)
-            if cfg.chips_from == "auto"
-            else Path(cfg.chips_from)
-        )
-        if front_path is None:
-            print("chips_from auto: no cached face set of these images yet; detecting every face")
-        else:
-            front_end = FaceSet.load(front_path)
+        front_end = "auto" if cfg.chips_from == "auto" else Path(cfg.chips_from)
     faces: FaceSet = build_faceset(
         root,
         records,
