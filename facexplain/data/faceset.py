@@ -479,3 +479,89 @@ def concat_facesets(first: FaceSet, second: FaceSet) -> FaceSet:
         failed=first.failed + second.failed,
         meta=dict(first.meta),
     )
+
+
+def blend_faceset(
+    faces: FaceSet,
+    embed_chips: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    groups: Sequence[str],
+    seed: int,
+    regions: Sequence[str] = ("eyes", "nose", "lower_face"),
+    cache_path: Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> FaceSet:
+    """Each face with one facial region pasted in from another face of its group, re-embedded.
+
+    Why: a decoder trained on natural faces only learns how features co-vary across people (a nose
+    comes with a face shape, a skin tone, a gender), so a template change caused by one region is
+    rendered all over the face. The region blends of direction discovery
+    (:mod:`facexplain.faces.blend`) are (template, image) pairs in which exactly one region differs
+    from a real face; training on them shows the decoder that such a template change is a local image
+    change. Index-aligned with ``faces`` (face ``i`` is the face donor of blend ``i``) so it can be
+    added to the training split like the mirrored faces; the region donor and the region are drawn
+    with a generator seeded by ``seed``, the donor from faces of the same ``groups`` label (pass the
+    split side, so no blend of a training face carries a test identity's region). A group of one face
+    keeps that face unblended. Landmarks and labels stay the face donor's (the landmarks serve the
+    loss's face-region mask; a pasted region's own labels, e.g. Smiling with a lower face, do not follow).
+    """
+    from facexplain.faces.blend import blend, pair_masks, region_mask, region_points
+
+    if len(groups) != len(faces):
+        raise ValueError(f"{len(faces)} faces but {len(groups)} group labels")
+    if not regions:
+        raise ValueError("need at least one region to blend")
+    for region in regions:
+        region_points(region)  # unknown names fail here, before any work
+    names = [f"{p}#blend{seed}" for p in faces.paths]
+    if cache_path is not None and cache_path.is_file():
+        cached = FaceSet.load(cache_path)
+        if cached.paths == names and cached.meta.get("blend_regions") == list(regions):
+            return cached
+    gen = torch.Generator().manual_seed(int(seed))
+    donor = torch.arange(len(faces))
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        pool = torch.tensor(idx)
+        pick = torch.randint(0, len(idx) - 1, (len(idx),), generator=gen)
+        own = torch.arange(len(idx))
+        donor[pool] = pool[pick + (pick >= own).long()]  # any other face of the group
+    which = torch.randint(0, len(regions), (len(faces),), generator=gen)
+    chips = faces.chips.clone()
+    size = chips.shape[-1]
+    for r, region in enumerate(regions):
+        sel = torch.nonzero((which == r) & (donor != torch.arange(len(faces)))).flatten()
+        for s in range(0, len(sel), batch_size):
+            fi = sel[s : s + batch_size]
+            ri = donor[fi]
+            masks = region_mask(torch.cat([faces.landmarks[fi], faces.landmarks[ri]]), region, size)
+            pm = pair_masks(masks, torch.arange(len(fi)), torch.arange(len(fi), 2 * len(fi)))
+            chips[fi] = blend(faces.chips[fi], faces.chips[ri], pm).round().clamp(0, 255).to(torch.uint8)
+    templates = _embed_chips_batched(
+        chips, embed_chips, batch_size=batch_size, desc="embedding region blends", progress=progress
+    )
+    blended = FaceSet(
+        paths=names,
+        identities=list(faces.identities),
+        templates=templates if len(faces) else torch.zeros(0, faces.templates.shape[1]),
+        chips=chips,
+        landmarks=faces.landmarks.clone(),
+        label_names=list(faces.label_names),
+        labels=None if faces.labels is None else faces.labels.clone(),
+        failed=[],
+        meta={
+            **faces.meta,
+            "blend_regions": list(regions),
+            "blend_seed": int(seed),
+            "blend_donor": donor.tolist(),  # region donor of each face (itself: unblended)
+            "blend_region": which.tolist(),  # index into blend_regions
+        },
+    )
+    if cache_path is not None:
+        blended.save(cache_path)
+    return blended

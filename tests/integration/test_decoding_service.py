@@ -37,7 +37,7 @@ from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
 from services.client.sdk import DecodingClient, image_from_path, wait_ready
 from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
-from tests.integration.conftest import retarget_decoder_bundle
+from tests.integration.conftest import retarget_decoder_bundle, train_decoder_cli
 from tests.integration.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
@@ -183,6 +183,20 @@ def test_training_run_is_tracked_and_registered(
     assert decoder_v1.tags["data_manifest_sha256"] == params["data_manifest_sha256"]
     # identity-disjoint split of the sample's 10 people
     assert summary["faces"]["train"] > 0 and summary["faces"]["test"] > 0
+
+
+def test_training_adds_mirrored_and_blended_faces_to_the_training_side_only(
+    training: dict[str, Any], mlflow: RunningMlflow, fr_v1: VersionInfo, registry: Registry, tmp_path: Path
+) -> None:
+    plain = training["summary"]["faces"]
+    summary = train_decoder_cli(
+        mlflow.uri, DEFAULT_FR_MODEL, fr_v1.version, tmp_path, "--no-register", "--epochs", "1",
+        "--hflip", "true", "--region-blends", "true",
+    )  # fmt: skip
+    assert summary["faces"]["train"] == 3 * plain["train"]  # each training face, its mirror image, its blend
+    assert summary["faces"]["test"] == plain["test"] and summary["faces"]["val"] == plain["val"]
+    params = registry.client.get_run(summary["run_id"]).data.params
+    assert params["hflip"] == "True" and params["region_blends"] == "True"
 
 
 # -- the happy paths ------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_mirrored_faces_only_augment_training(sample_faceset: FaceSet, tmp_path:
     assert len(calls) == n_calls and torch.equal(again.templates, mirrored.templates)  # read from the cache
 
     plain = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0)
-    aug = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0, train_extra=mirrored)
+    aug = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0, train_extra=[mirrored])
     assert len(aug["train"]) == 2 * len(plain["train"])
     assert all(p.endswith("#hflip") for p in aug["train"].paths[len(plain["train"]) :])
     for side in ("val", "test"):
@@ -199,6 +199,53 @@ def test_mirrored_faces_only_augment_training(sample_faceset: FaceSet, tmp_path:
     # the region mask of a mirrored face is the mirrored mask (landmark set 17..67 maps onto itself)
     n = len(plain["train"])
     assert torch.allclose(aug["train"].masks[n:], torch.flip(plain["train"].masks, dims=[-1]), atol=0.15)
+
+
+def test_region_blends_stay_within_their_group(sample_faceset: FaceSet, tmp_path: Path) -> None:
+    from facexplain.data.faceset import blend_faceset
+    from facexplain.data.splits import split_identities
+    from facexplain.faces.blend import blend, region_mask
+
+    dim = sample_faceset.templates.shape[1]
+
+    def embed(chips: torch.Tensor) -> torch.Tensor:  # a stand-in FR model: a fixed function of the pixels
+        return torch.nn.functional.adaptive_avg_pool2d(chips, 8).flatten(1)[:, :dim]
+
+    side = split_identities(sample_faceset.identities, test_fraction=0.3, val_fraction=0.2, seed=0)
+    groups = [side[i] for i in sample_faceset.identities]
+    cache = tmp_path / "b.npz"
+    blended = blend_faceset(sample_faceset, embed, groups=groups, seed=3, cache_path=cache, progress=False)
+    assert blended.identities == sample_faceset.identities and len(blended) == len(sample_faceset)
+    assert torch.equal(blended.landmarks, sample_faceset.landmarks)
+    assert torch.allclose(blended.templates, embed(blended.chips.float()))  # re-embedded, not copied
+    donors, regions = blended.meta["blend_donor"], blended.meta["blend_region"]
+    names = blended.meta["blend_regions"]
+    assert set(regions) <= set(range(len(names)))
+    for i, j in enumerate(donors):
+        assert groups[j] == groups[i], "a region comes from a face of the same split side"
+        if j == i:  # only a face alone in its group stays as it was
+            assert groups.count(groups[i]) == 1 and torch.equal(blended.chips[i], sample_faceset.chips[i])
+            continue
+        marks = sample_faceset.landmarks[[i, j]]
+        m = region_mask(marks, names[regions[i]], sample_faceset.chips.shape[-1]).amax(0, keepdim=True)
+        want = blend(sample_faceset.chips[i : i + 1], sample_faceset.chips[j : j + 1], m)
+        assert (blended.chips[i : i + 1].float() - want).abs().max() <= 0.5  # uint8 rounding only
+        assert (m < 1e-3).any() and (m > 0.99).any()  # a local change: part of the face untouched
+    again = blend_faceset(sample_faceset, embed, groups=groups, seed=3, cache_path=cache, progress=False)
+    assert torch.equal(again.chips, blended.chips)
+    other = blend_faceset(sample_faceset, embed, groups=groups, seed=4, progress=False)
+    assert not torch.equal(other.chips, blended.chips)  # the seed picks donors and regions
+    assert other.paths != blended.paths
+    with pytest.raises(ValueError, match="group labels"):
+        blend_faceset(sample_faceset, embed, groups=groups[:-1], seed=0, progress=False)
+    with pytest.raises(ValueError, match="region"):
+        blend_faceset(sample_faceset, embed, groups=groups, seed=0, regions=("ears",), progress=False)
+
+    plain = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0)
+    aug = split_faceset(sample_faceset, 32, test_fraction=0.3, val_fraction=0.2, seed=0, train_extra=[blended])
+    assert len(aug["train"]) == 2 * len(plain["train"])
+    for name in ("val", "test"):
+        assert aug[name].paths == plain[name].paths
 
 
 def test_perceptual_network_for_another_fr_model() -> None:

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
         "ema": "moving average of the weights, e.g. 0.998; validated, kept and registered (0 = off)",
         "hflip": "true: add every training face mirrored, re-embedded by the FR model (doubles the data)",
+        "region_blends": "true: add every training face with one region of another training face blended in, "
+        "re-embedded (teaches local rendering of region changes)",
         "chips_from": "a face set .npz of DATA from another FR model with the same front end: re-embed its chips "
         "(auto: the newest cached one)",
     }

@@ -57,6 +57,10 @@ class TrainDecoderConfig:
     ema: float = 0.0  # 0 = off; e.g. 0.998 = validate, keep and ship a moving average of the weights
     # data augmentation: add every training face mirrored, with the FR model's template of the mirrored chip
     hflip: bool = False
+    # data augmentation: add every training face with one region (eyes, nose or lower face) of another
+    # training face pasted in, re-embedded (facexplain.data.faceset.blend_faceset): shows the decoder that a
+    # template change caused by one region is a local image change
+    region_blends: bool = False
     # where
     device: str = "auto"
     threads: int = 0
@@ -107,16 +111,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # in PSNR while fooling the FR model with texture; at 0.03 the terms are of one order. The
     # ablation (bench/bench_decoder.py) keeps the all-1 setting as a row.
     # Mirrored training faces (hflip) and a moving average of the weights (ema) close most of the gap
-    # between training and unseen identities (train pixel MSE 0.036 vs 0.046 without them); 8 epochs of
-    # the doubled set are ~2,060 steps.
+    # between training and unseen identities (train pixel MSE 0.036 vs 0.046 without them). Region blends
+    # (one region of another training face pasted in, re-embedded) make the decoder render a region's
+    # template change inside that region (README, "Directions": SSI locality). 6 epochs of the tripled set
+    # are ~2,320 steps, about the 2,060 of the earlier 8 epochs of the doubled set.
     "celeba-cpu": {
         "data": "../shared/data/celeba_subset",
         "base_channels": 16,
         "perceptual_global": 0.03,
         "perceptual_local": 0.03,
         "hflip": True,
+        "region_blends": True,
         "ema": 0.998,
-        "epochs": 8,
+        "epochs": 6,
     },
     "celeba-gpu": {
         "data": "../shared/data/celeba_subset",

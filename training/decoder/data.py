@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,22 +61,23 @@ def split_faceset(
     test_fraction: float,
     val_fraction: float,
     seed: int,
-    train_extra: FaceSet | None = None,
+    train_extra: Sequence[FaceSet] = (),
 ) -> dict[str, DecoderSplit]:
     """Identity-disjoint train / val / test (val or test may be empty for tiny sets).
 
-    ``train_extra`` (e.g. the mirrored faces, index-aligned with ``faces``) adds its training-side
-    faces to the training split only: validation and test stay the original, unaugmented faces.
+    Each of ``train_extra`` (the mirrored faces, the region blends: index-aligned with ``faces``) adds
+    its training-side faces to the training split only: validation and test stay the original,
+    unaugmented faces.
     """
     side = split_identities(faces.identities, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     out = {}
     for name in ("train", "val", "test"):
         idx = [i for i, ident in enumerate(faces.identities) if side[ident] == name]
         part = faces.subset(idx)
-        if name == "train" and train_extra is not None:
-            if train_extra.identities != faces.identities:
+        for extra in train_extra if name == "train" else ():
+            if extra.identities != faces.identities:
                 raise ValueError("train_extra must be index-aligned with the face set")
-            part = concat_facesets(part, train_extra.subset(idx))
+            part = concat_facesets(part, extra.subset(idx))
         out[name] = make_split(part, name, size)
     if len(out["train"]) == 0:
         raise ValueError("the split left no training faces: use more identities or smaller test/val fractions")

@@ -23,11 +23,13 @@ import torch
 import facexplain
 from facexplain.data.faceset import (
     FaceSet,
+    blend_faceset,
     build_faceset,
     cache_key,
     mirror_faceset,
     records_from_spec,
 )
+from facexplain.data.splits import split_identities
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
@@ -187,6 +189,22 @@ def train_decoder(
             cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
             progress=progress and dist.main,
         )
+    extras = [mirrored] if mirrored is not None else []
+    if cfg.region_blends:
+        side = split_identities(
+            faces.identities, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
+        key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
+        extras.append(
+            blend_faceset(
+                faces,
+                pipeline.embed_chips,
+                groups=[side[i] for i in faces.identities],
+                seed=cfg.seed,
+                cache_path=faceset_cache / f"{key}.blend{cfg.seed}-{cfg.test_fraction}-{cfg.val_fraction}.npz",
+                progress=progress and dist.main,
+            )
+        )
     if dist.main:
         barrier(dist)
     splits = split_faceset(
@@ -195,7 +213,7 @@ def train_decoder(
         test_fraction=cfg.test_fraction,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
-        train_extra=mirrored,
+        train_extra=extras,
     )
     sizes = {k: len(v) for k, v in splits.items()}
     sizes["identities_train"] = len(set(splits["train"].identities))
