@@ -24,7 +24,9 @@ What each subcommand measures (a gate is a minimum the issue asks for; the JSON 
   deviations along each of the top-3 directions, and compare the mean absolute pixel change (64 px)
   inside the region mask (:func:`facexplain.faces.blend.region_mask` on the probe's landmarks scaled
   to 64 px, soft weights) with the change outside it. Gate: ratio >= 2 for every region. Random
-  directions of the same scale are the control (their ratio is what "not local" looks like).
+  directions of the same scale are the control (their ratio is what "not local" looks like); the
+  decoded template of a real region blend of two B faces is the ceiling (how local the decoder renders
+  a change that *is* confined to the region).
 * ``labels``: centroid directions for Smiling and Eyeglasses and a regression direction for yaw
   (estimated on A's real chips by :mod:`facexplain.attributes.pose`), all found on A's templates. B
   probes that lack the attribute (Smiling = 0 / Eyeglasses = 0; any probe for yaw) are moved along
@@ -89,7 +91,15 @@ from facexplain.directions.equivariance import (
 from facexplain.directions.labels import alpha_to_target, centroid_directions, regression_direction
 from facexplain.directions.ssi import discover_ssi
 from facexplain.directions.traverse import projected_std, traverse, traverse_std, unit
-from facexplain.faces.blend import DEFAULT_DILATE, DEFAULT_FEATHER, REGIONS, region_mask, sample_pairs
+from facexplain.faces.blend import (
+    DEFAULT_DILATE,
+    DEFAULT_FEATHER,
+    REGIONS,
+    blend,
+    pair_masks,
+    region_mask,
+    sample_pairs,
+)
 from facexplain.metrics.reconstruction import embed_images
 from facexplain.metrics.verification import roc_auc
 from facexplain.paths import var_dir
@@ -260,6 +270,32 @@ def _r(x: Any, nd: int = 4) -> float | None:
 # -- locality ------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def decoded_blend_ratio(
+    ctx: Context, probes: np.ndarray, region: str, masks: torch.Tensor, base: torch.Tensor, seed: int
+) -> float:
+    """The same in/out ratio for the decoded template of a *real* blend: each probe with the region of
+    another probe pasted in (region donors are held-out faces too), against the probe's own reconstruction.
+
+    The template change of a real blend is caused by the region alone, so this is about the most local
+    change the decoder renders for that region: a ceiling for the directions, which are averages of
+    such changes. It tells a decoder that spreads every change over the face from directions that are
+    not local.
+    """
+    faces = ctx.faces
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, len(probes), (1,), generator=gen).item() if len(probes) > 1 else 0
+    donors = np.roll(probes, -int(shift))  # every probe donates to another, none to itself
+    marks = torch.cat([faces.landmarks[probes], faces.landmarks[donors]])
+    n = len(probes)
+    pm = pair_masks(region_mask(marks, region, faces.chips.shape[-1]), torch.arange(n), torch.arange(n, 2 * n))
+    blended = blend(faces.chips[probes], faces.chips[donors], pm)
+    delta = (decode(ctx, embed(ctx, blended)) - base).abs().mean(dim=1, keepdim=True)
+    inside = (delta * masks).sum(dim=(1, 2, 3)) / masks.sum(dim=(1, 2, 3))
+    outside = (delta * (1 - masks)).sum(dim=(1, 2, 3)) / (1 - masks).sum(dim=(1, 2, 3))
+    return float(inside.mean() / outside.mean())
+
+
 def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     faces = ctx.faces
     disc = pick(ctx.a_idx, faces.identities, args.n, args.seed)
@@ -313,6 +349,7 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             st.update({"direction": k, "explained_variance": _r(res.explained_variance[k], 4)})
             per_dir.append(st)
         control = [ratio_stats(random_dirs[k], float(random_std[k]), masks) for k in range(3)]
+        ceiling = decoded_blend_ratio(ctx, probes, region, masks, base, args.seed)
         pooled = sum(d["_in"] for d in per_dir) / sum(d["_out"] for d in per_dir)
         pooled_ctrl = sum(d["_in"] for d in control) / sum(d["_out"] for d in control)
         for d in per_dir + control:
@@ -321,6 +358,7 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "ratio_top3": _r(pooled, 3),
             "min_direction_ratio": min(d["ratio"] for d in per_dir if d["ratio"] is not None),
             "random_control_ratio": _r(pooled_ctrl, 3),
+            "decoded_blends_ratio": _r(ceiling, 3),
             "passes": bool(pooled >= LOCALITY_GATE),
             "directions": per_dir,
             "random_control": control,
@@ -328,7 +366,8 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "discovery": {"faces": res.n_faces, "blends": res.n_blends, "seconds": round(seconds, 1)},
         }
         print(
-            f"{region}: in/out ratio top-3 {pooled:.2f} (random directions {pooled_ctrl:.2f}),"
+            f"{region}: in/out ratio top-3 {pooled:.2f} (random directions {pooled_ctrl:.2f},"
+            f" decoded real blends {ceiling:.2f}),"
             f" {res.n_blends} blends in {seconds:.0f}s"
         )
     return {
