@@ -306,8 +306,8 @@ def build_faceset(
 def find_front_end(cache_dir: Path, manifest: str, chip_size: int, chip_padding: float) -> Path | None:
     """A cached set of the same images at this chip geometry (any FR model), newest first; None if none.
 
-    Only the sets' metadata is read (an .npz member is loaded on access). Mirrored sets do not count:
-    their chips are flipped.
+    Only the sets' metadata is read (an .npz member is loaded on access). Augmented sets (mirrored,
+    region blends) do not count: their chips are not the images' faces.
     """
     found: list[tuple[float, Path]] = []
     for path in cache_dir.glob("*.npz") if cache_dir.is_dir() else []:
@@ -318,7 +318,8 @@ def find_front_end(cache_dir: Path, manifest: str, chip_size: int, chip_padding:
                 meta = json.loads(str(z["meta"]))
         except (OSError, ValueError, KeyError):
             continue
-        same = meta.get("manifest_sha256") == manifest and not meta.get("mirrored")
+        augmented = meta.get("mirrored") or meta.get("blend_regions")
+        same = meta.get("manifest_sha256") == manifest and not augmented
         if same and (meta.get("chip_size"), meta.get("chip_padding")) == (chip_size, chip_padding):
             found.append((path.stat().st_mtime, path))
     return max(found)[1] if found else None

@@ -90,8 +90,15 @@ def _sadfad_pipeline(default_pipeline, **info_changes):  # type: ignore[no-untyp
 def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-untyped-def]
     sample_faceset: FaceSet, default_pipeline, faceset_cache: Path, tmp_path: Path
 ) -> None:
-    from facexplain.data.faceset import find_front_end, reembed_faceset
+    from facexplain.data.faceset import blend_faceset, find_front_end, mirror_faceset, reembed_faceset
 
+    # augmented sets of the same images beside it (newer) are never a front end: their chips are not the faces'
+    def stand_in(chips: torch.Tensor) -> torch.Tensor:
+        return chips.mean(dim=(2, 3))
+
+    mirror_faceset(sample_faceset, stand_in, cache_path=faceset_cache / "aug.hflip.npz", progress=False)
+    groups = ["all"] * len(sample_faceset)
+    blend_faceset(sample_faceset, stand_in, groups=groups, seed=0, cache_path=faceset_cache / "aug.blend.npz")
     # --chips-from auto finds the sample set in the cache by its images and chip geometry
     found = find_front_end(faceset_cache, sample_faceset.meta["manifest_sha256"], 150, 0.25)
     assert found is not None and FaceSet.load(found).paths == sample_faceset.paths
