@@ -95,8 +95,7 @@ from facexplain.faces.blend import (
     DEFAULT_DILATE,
     DEFAULT_FEATHER,
     REGIONS,
-    blend,
-    pair_masks,
+    blend_region,
     region_mask,
     sample_pairs,
 )
@@ -286,14 +285,21 @@ def decoded_blend_ratio(
     gen = torch.Generator().manual_seed(seed)
     shift = torch.randint(1, len(probes), (1,), generator=gen).item() if len(probes) > 1 else 0
     donors = np.roll(probes, -int(shift))  # every probe donates to another, none to itself
-    marks = torch.cat([faces.landmarks[probes], faces.landmarks[donors]])
-    n = len(probes)
-    pm = pair_masks(region_mask(marks, region, faces.chips.shape[-1]), torch.arange(n), torch.arange(n, 2 * n))
-    blended = blend(faces.chips[probes], faces.chips[donors], pm)
-    delta = (decode(ctx, embed(ctx, blended)) - base).abs().mean(dim=1, keepdim=True)
+    blended = blend_region(
+        faces.chips[probes], faces.landmarks[probes], faces.chips[donors], faces.landmarks[donors], region
+    )
+    inside, outside = change_in_and_out(decode(ctx, embed(ctx, blended)), base, masks)
+    return float(inside.mean() / outside.mean())
+
+
+def change_in_and_out(
+    moved: torch.Tensor, base: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per probe, the mean absolute pixel change (over channels) inside the soft region mask and outside it."""
+    delta = (moved - base).abs().mean(dim=1, keepdim=True)  # (P, 1, S, S)
     inside = (delta * masks).sum(dim=(1, 2, 3)) / masks.sum(dim=(1, 2, 3))
     outside = (delta * (1 - masks)).sum(dim=(1, 2, 3)) / (1 - masks).sum(dim=(1, 2, 3))
-    return float(inside.mean() / outside.mean())
+    return inside, outside
 
 
 def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -312,9 +318,9 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         ins, outs = [], []
         for sign in (-1.0, 1.0):
             moved = traverse_std(t_probe, direction, [sign * args.alpha], std)[:, 0]
-            delta = (decode(ctx, moved) - base).abs().mean(dim=1, keepdim=True)  # (P, 1, S, S)
-            ins.append((delta * masks).sum(dim=(1, 2, 3)) / masks.sum(dim=(1, 2, 3)))
-            outs.append((delta * (1 - masks)).sum(dim=(1, 2, 3)) / (1 - masks).sum(dim=(1, 2, 3)))
+            inside, outside = change_in_and_out(decode(ctx, moved), base, masks)
+            ins.append(inside)
+            outs.append(outside)
         inside, outside = torch.cat(ins), torch.cat(outs)
         return {
             "inside": _r(inside.mean(), 5),

@@ -507,7 +507,7 @@ def blend_faceset(
     keeps that face unblended. Landmarks and labels stay the face donor's (the landmarks serve the
     loss's face-region mask; a pasted region's own labels, e.g. Smiling with a lower face, do not follow).
     """
-    from facexplain.faces.blend import blend, pair_masks, region_mask, region_points
+    from facexplain.faces.blend import blend_region, region_points
 
     if len(groups) != len(faces):
         raise ValueError(f"{len(faces)} faces but {len(groups)} group labels")
@@ -534,15 +534,13 @@ def blend_faceset(
         donor[pool] = pool[pick + (pick >= own).long()]  # any other face of the group
     which = torch.randint(0, len(regions), (len(faces),), generator=gen)
     chips = faces.chips.clone()
-    size = chips.shape[-1]
     for r, region in enumerate(regions):
         sel = torch.nonzero((which == r) & (donor != torch.arange(len(faces)))).flatten()
         for s in range(0, len(sel), batch_size):
             fi = sel[s : s + batch_size]
             ri = donor[fi]
-            masks = region_mask(torch.cat([faces.landmarks[fi], faces.landmarks[ri]]), region, size)
-            pm = pair_masks(masks, torch.arange(len(fi)), torch.arange(len(fi), 2 * len(fi)))
-            chips[fi] = blend(faces.chips[fi], faces.chips[ri], pm).round().clamp(0, 255).to(torch.uint8)
+            made = blend_region(faces.chips[fi], faces.landmarks[fi], faces.chips[ri], faces.landmarks[ri], region)
+            chips[fi] = made.round().clamp(0, 255).to(torch.uint8)
     templates = _embed_chips_batched(
         chips, embed_chips, batch_size=batch_size, desc="embedding region blends", progress=progress
     )

@@ -197,6 +197,25 @@ def pair_masks(
     raise ValueError(f"unknown mask mode {mode!r}")
 
 
+def blend_region(
+    face_chips: torch.Tensor,
+    face_landmarks: torch.Tensor,
+    region_chips: torch.Tensor,
+    region_landmarks: torch.Tensor,
+    region: str | Sequence[Sequence[int]] | Sequence[int],
+) -> torch.Tensor:
+    """Pairwise blends: face ``k`` of ``face_chips`` with the region of face ``k`` of ``region_chips``.
+
+    The union mask of both faces' regions (default dilation and feathering), as in the discovery
+    blends; float32 (B, 3, S, S) in [0, 255]. For one-off pairs; discovery itself streams all N(N-1)
+    pairs with :func:`iter_blends`, which builds each face's mask once.
+    """
+    n = face_chips.shape[0]
+    masks = region_mask(torch.cat([face_landmarks, region_landmarks]), region, face_chips.shape[-1])
+    both = pair_masks(masks, torch.arange(n, device=masks.device), torch.arange(n, 2 * n, device=masks.device))
+    return blend(face_chips, region_chips, both)
+
+
 def n_ordered_pairs(n: int) -> int:
     """N(N-1): the number of ordered (face donor, region donor) pairs of different faces."""
     return n * (n - 1)

@@ -54,6 +54,12 @@ def make_split(faces: FaceSet, name: str, size: int) -> DecoderSplit:
     )
 
 
+def face_sides(faces: FaceSet, *, test_fraction: float, val_fraction: float, seed: int) -> list[str]:
+    """Each face's side of the identity-disjoint split ("train", "val" or "test"), by index."""
+    side = split_identities(faces.identities, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    return [side[i] for i in faces.identities]
+
+
 def split_faceset(
     faces: FaceSet,
     size: int,
@@ -69,10 +75,10 @@ def split_faceset(
     its training-side faces to the training split only: validation and test stay the original,
     unaugmented faces.
     """
-    side = split_identities(faces.identities, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    sides = face_sides(faces, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     out = {}
     for name in ("train", "val", "test"):
-        idx = [i for i, ident in enumerate(faces.identities) if side[ident] == name]
+        idx = [i for i, s in enumerate(sides) if s == name]
         part = faces.subset(idx)
         for extra in train_extra if name == "train" else ():
             if extra.identities != faces.identities:

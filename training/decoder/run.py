@@ -29,7 +29,6 @@ from facexplain.data.faceset import (
     mirror_faceset,
     records_from_spec,
 )
-from facexplain.data.splits import split_identities
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
@@ -42,7 +41,7 @@ from facexplain.viz import pairs_grid, save_png
 from services.kit.registry import CHAMPION, Registry, VersionInfo
 from training.common import TrackedRun, barrier, default_alias, init_distributed, resolve_device
 from training.decoder.config import TrainDecoderConfig
-from training.decoder.data import DecoderSplit, split_faceset
+from training.decoder.data import DecoderSplit, face_sides, split_faceset
 from training.decoder.trainer import EpochLog, fit
 
 EXPERIMENT = "facexplain-decoders"
@@ -180,9 +179,9 @@ def train_decoder(
         progress=progress and dist.main,
         front_end=front_end,
     )
+    key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
     mirrored = None
     if cfg.hflip:
-        key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
         mirrored = mirror_faceset(
             faces,
             pipeline.embed_chips,
@@ -191,15 +190,11 @@ def train_decoder(
         )
     extras = [mirrored] if mirrored is not None else []
     if cfg.region_blends:
-        side = split_identities(
-            faces.identities, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
-        )
-        key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
         extras.append(
             blend_faceset(
                 faces,
                 pipeline.embed_chips,
-                groups=[side[i] for i in faces.identities],
+                groups=face_sides(faces, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed),
                 seed=cfg.seed,
                 cache_path=faceset_cache / f"{key}.blend{cfg.seed}-{cfg.test_fraction}-{cfg.val_fraction}.npz",
                 progress=progress and dist.main,
