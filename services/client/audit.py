@@ -57,6 +57,9 @@ SSI_REGIONS = ("eyes", "nose", "lower_face")
 LABEL_CENTROIDS = ("Smiling", "Eyeglasses")
 # Keys whose values legitimately differ between two runs with the same seed.
 RUN_SCOPED_KEYS = ("started", "finished")
+# What a service answers when the request's data cannot be used (no face, too few faces for a label):
+# the audit records the reason and goes on; any other status stops it.
+DATA_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class AuditError(Exception):
@@ -258,7 +261,7 @@ class Audit:
         try:
             return self.discover(stream, desc)
         except grpc.RpcError as err:
-            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+            if err.code() not in DATA_REFUSED:
                 raise
             entry["skipped"] = f"{err.code().name}: {err.details()}"
             return None
@@ -388,7 +391,7 @@ class Audit:
                     try:
                         resp = self.clients["decoding"].reconstruct(image_from_path(f.path), timeout=300)
                     except grpc.RpcError as err:
-                        if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                        if err.code() in DATA_REFUSED:
                             failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
                             bar.update()
                             continue
@@ -682,7 +685,7 @@ class Audit:
         try:
             return self.clients["embedding"].embed(image, timeout=300).template
         except grpc.RpcError as err:
-            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+            if err.code() not in DATA_REFUSED:
                 raise
             return None
 
