@@ -3,6 +3,10 @@
 The pipeline is the "FR model" the rest of facexplain explains: decoders invert its templates,
 attacks differentiate through it. Landmarks fix the alignment (they are treated as constants), and
 the chip is sampled from the image with a differentiable warp, so gradients reach the input pixels.
+
+The default landmarks are dlib's: face-api's landmark net on the detector box gives rough points,
+and dlib's shape predictor (in torch) runs on the box dlib's detector would have drawn around them.
+So the default model is dlib's face_recognition pipeline except for the detector.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from facexplain.faces.detect import FaceDetector
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
 from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_image_boxes
 from facexplain.models.recognition import FaceRecognitionNet
+from facexplain.models.shape_predictor import ShapePredictor68, refine_landmarks
 
 
 class FaceSelection(Enum):
@@ -47,6 +52,11 @@ DEFAULT_EMBEDDER = EmbedderInfo(
 )
 
 
+# Face-set cache key (``fr_key``) of templates made by ``FacePipeline.default()`` outside the registry.
+# It names the front end too: sets made before dlib's shape predictor joined it were "default-local".
+DEFAULT_FR_KEY = "default-local-dlib68"
+
+
 @dataclass(frozen=True)
 class DetectedFace:
     box: torch.Tensor  # (4,) x1, y1, x2, y2 in input pixels
@@ -71,23 +81,39 @@ class FacePipeline:
         recognition_net: FaceRecognitionNet,
         info: EmbedderInfo = DEFAULT_EMBEDDER,
         device: str | torch.device = "cpu",
+        shape_predictor: ShapePredictor68 | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.detector = detector
         self.landmark_net = landmark_net.to(self.device).eval()
+        self.shape_predictor = shape_predictor.to(self.device).eval() if shape_predictor is not None else None
         self.recognition_net = recognition_net.to(self.device).eval()
         self.info = info
         self._lock = threading.Lock()
 
     @classmethod
     def default(cls, device: str | torch.device = "cpu") -> FacePipeline:
-        """The face-api ports of the SSD detector, 68-point landmarks and dlib's 128-d ResNet."""
+        """face-api's SSD detector, dlib's 68-point shape predictor (seeded by face-api's landmark net)
+        and dlib's 128-d ResNet, all in torch: dlib's face_recognition pipeline up to the detector."""
         return cls(
             FaceDetector.default(device),
             FaceLandmark68Net.from_faceapi(),
             FaceRecognitionNet.from_faceapi(),
             DEFAULT_EMBEDDER,
             device,
+            ShapePredictor68.from_dlib(),
+        )
+
+    def with_recognition(self, recognition_net: torch.nn.Module, info: EmbedderInfo) -> FacePipeline:
+        """Another FR model on this pipeline's front end (detector, landmarks, alignment), e.g. a trained
+        SAD/FAD net. Anything that maps (N, 3, S, S) chips to (N, dim) templates serves."""
+        return FacePipeline(
+            self.detector,
+            self.landmark_net,
+            recognition_net,  # type: ignore[arg-type]
+            info,
+            self.device,
+            self.shape_predictor,
         )
 
     def _to_device(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,7 +134,10 @@ class FacePipeline:
         boxes = torch.cat([d.boxes for d in dets])
         scores = torch.cat([d.scores for d in dets]).tolist()
         # one landmark batch over every face of every image: batches of one cost several times more per face
-        lms = landmarks_for_image_boxes(self.landmark_net, images, index, boxes).cpu()
+        lms = landmarks_for_image_boxes(self.landmark_net, images, index, boxes)
+        if self.shape_predictor is not None:
+            lms = refine_landmarks(self.shape_predictor, images, index, lms).float()
+        lms = lms.cpu()
         for k, i in enumerate(index.tolist()):
             out[i].append(DetectedFace(boxes[k].cpu(), scores[k], lms[k]))
         return out

@@ -35,7 +35,7 @@ def celeba_dir(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def default_pipeline():  # type: ignore[no-untyped-def]
-    """The default FR pipeline (face-api ports), loaded once per test session."""
+    """The default FR pipeline (face-api detector, dlib landmarks and descriptor, in torch), loaded once."""
     from facexplain.pipeline import FacePipeline
 
     return FacePipeline.default()
@@ -48,12 +48,13 @@ def faceset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_faceset(default_pipeline, faceset_cache: Path):  # type: ignore[no-untyped-def]
-    """The bundled sample faces (data/sample) run through the default pipeline once (FR key "default-local")."""
+    """The bundled sample faces (data/sample) run through the default pipeline once (FR key DEFAULT_FR_KEY)."""
     from facexplain.data.faceset import build_faceset, records_from_spec
+    from facexplain.pipeline import DEFAULT_FR_KEY
 
     root, records, _ = records_from_spec(str(REPO / "data" / "sample"))
     return build_faceset(
-        root, records, default_pipeline, fr_key="default-local", cache_dir=faceset_cache, progress=False
+        root, records, default_pipeline, fr_key=DEFAULT_FR_KEY, cache_dir=faceset_cache, progress=False
     )
 
 
@@ -72,6 +73,7 @@ def celeba_attr_faceset(default_pipeline, celeba_dir: Path):  # type: ignore[no-
     import hashlib
 
     from facexplain.data.faceset import build_faceset, records_from_spec
+    from facexplain.pipeline import DEFAULT_FR_KEY
 
     root, records, names = records_from_spec(str(celeba_dir))
 
@@ -91,7 +93,7 @@ def celeba_attr_faceset(default_pipeline, celeba_dir: Path):  # type: ignore[no-
         root,
         picked,  # type: ignore[arg-type]
         default_pipeline,
-        fr_key="default-local",
+        fr_key=DEFAULT_FR_KEY,
         label_names=names,
         cache_dir=REPO / "var" / "cache" / "facesets",
         progress=False,

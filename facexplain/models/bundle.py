@@ -324,6 +324,7 @@ def save_embedder_bundle(
             "fallback_margin": det.fallback_margin,
         },
         "components": components,
+        **({"landmark_refiner": refiner_spec(pipeline.shape_predictor)} if pipeline.shape_predictor else {}),
         "golden": {"image": "golden/face.png", "min_cosine": DEFAULT_MIN_GOLDEN_COSINE},
         "source": ", ".join(
             f"{comp}: "
@@ -474,7 +475,49 @@ def load_bundle(
         max_results=int(dcfg.get("max_results", 100)),
         fallback_margin=float(dcfg.get("fallback_margin", 0.5)),
     )
-    return FacePipeline(detector, nets["landmarks"], nets["recognition"], info, device)  # type: ignore[arg-type]
+    refiner = load_refiner(meta["landmark_refiner"]) if "landmark_refiner" in meta else None
+    return FacePipeline(detector, nets["landmarks"], nets["recognition"], info, device, refiner)  # type: ignore[arg-type]
+
+
+def refiner_spec(predictor: Any) -> dict[str, Any]:
+    """dlib's shape predictor, pinned by checksum rather than copied: the bundle names the installed
+    ``face-recognition-models`` file (100 MB) that every facexplain install has, and records how the
+    pipeline places its box, so a later change of the code's defaults does not change this version."""
+    from facexplain.models.shape_predictor import dlib_predictor_path
+
+    path = dlib_predictor_path()
+    return {
+        "arch": "dlib_shape_predictor_68",
+        "format": "dlib",
+        "package": "face-recognition-models",
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "passes": int(predictor.passes),
+        "box_from_points": [float(v) for v in predictor.box_from_points],
+    }
+
+
+def load_refiner(spec: dict[str, Any]) -> Any:
+    from facexplain.models.shape_predictor import (
+        BOX_FROM_POINTS,
+        REFINE_PASSES,
+        ShapePredictor68,
+        dlib_predictor_path,
+    )
+
+    if spec.get("format") != "dlib":
+        raise BundleError(f"landmark_refiner: unknown format {spec.get('format')!r}")
+    path = dlib_predictor_path()
+    if path.name != spec.get("file") or file_sha256(path) != spec.get("sha256"):
+        raise BundleError(
+            f"landmark_refiner: the installed {path.name} is not the file this bundle was made with "
+            f"(sha256 {spec.get('sha256')}); install the pinned face-recognition-models"
+        )
+    try:
+        passes, box = int(spec.get("passes", REFINE_PASSES)), tuple(spec.get("box_from_points", BOX_FROM_POINTS))
+        return ShapePredictor68.from_dlib(path, passes, box)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"landmark_refiner: {exc}") from None
 
 
 # -- validation ----------------------------------------------------------------------------------------

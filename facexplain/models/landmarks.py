@@ -9,7 +9,9 @@ the crop to a square with black, centred, and resizing with tf's legacy bilinear
 Checked against face-api 1.7.15 itself (its tfjs cpu backend under node) on 24 ORL/CelebA faces:
 identical 112x112 net inputs, raw outputs within 2.4e-7. Against dlib's shape predictor the net
 is a different model: ~4-5% of the inter-ocular distance apart even with the best box (see
-``DLIB_BOX_SCALE``), the jaw line disagreeing most.
+``DLIB_BOX_SCALE``), the jaw line disagreeing most. So the default pipeline only uses its points to
+place the box for dlib's own predictor (:mod:`facexplain.models.shape_predictor`); chip-based
+estimators (pose, geometry) use the net directly.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ import torch
 
 from facexplain.attributes import accessory as acc
 from facexplain.attributes.catalog import FaceBatch, UnknownAttributeError
+from facexplain.attributes.pose import image_landmarks
 from facexplain.attributes.probe import identity_split
+from facexplain.models.landmarks import FaceLandmark68Net
 
 LABELS = list(acc.DEFAULT_LABELS)
 TEST_FRACTION = 0.3
@@ -32,10 +34,11 @@ def fitted(celeba_attr_faceset) -> dict[str, Any]:  # type: ignore[no-untyped-de
     train, test = identity_split(fs.identities, TEST_FRACTION, SPLIT_SEED)
     assert not set(ids[train]) & set(ids[test])
     ext = acc.FeatureExtractor()
-    clean = ext(fs.chips, fs.landmarks)
+    lms = image_landmarks(FaceLandmark68Net.from_faceapi(), fs.chips)  # as the catalogue finds them
+    clean = ext(fs.chips, lms)
     sigma = acc.random_sigmas(len(fs), seed=0)
     sigma[torch.as_tensor(test)] = acc.EVAL_SIGMA
-    d_img, d_lm = acc.degrade_faces(fs.chips, fs.landmarks, sigma)
+    d_img, d_lm = acc.degrade_faces(fs.chips, lms, sigma)
     degraded = ext(d_img, d_lm)
     probes = acc.fit_probe_set(
         np.concatenate([clean[train], degraded[train]]),
@@ -49,6 +52,7 @@ def fitted(celeba_attr_faceset) -> dict[str, Any]:  # type: ignore[no-untyped-de
         "ext": ext,
         "probes": probes,
         "clean": clean,
+        "lms": lms,
         "degraded": degraded,
         "d_img": d_img,
         "d_lm": d_lm,
@@ -101,7 +105,7 @@ def test_bundle_round_trip(fitted: dict[str, Any], tmp_path: Path) -> None:
     assert meta["kind"] == KIND_ATTRIBUTE_PROBES and read_metadata(tmp_path / "b")["labels"] == LABELS
     est = acc.AccessoryEstimator.default(tmp_path / "b")
     fs = fitted["fs"]
-    faces = FaceBatch(fs.chips[:6].float() / 255.0, fs.landmarks[:6])
+    faces = FaceBatch(fs.chips[:6].float() / 255.0, fitted["lms"][:6])
     got = est.estimate(faces, ["eyeglasses", "smiling"])
     want = p.probabilities(fitted["clean"][:6])
     np.testing.assert_allclose(got["eyeglasses"][:, 0], want[:, LABELS.index("Eyeglasses")], atol=1e-5)

@@ -83,6 +83,30 @@ def test_torch_format_round_trip_and_tags(bundle: Path, tmp_path: Path) -> None:
     assert bundle_digest(read_metadata(bundle)) == bundle_digest(json.loads((bundle / BUNDLE_JSON).read_text()))
 
 
+def test_landmark_refiner_is_pinned_not_copied(bundle: Path, tmp_path: Path) -> None:
+    from facexplain.models.bundle import file_sha256
+    from facexplain.models.shape_predictor import dlib_predictor_path
+
+    spec = read_metadata(bundle)["landmark_refiner"]
+    assert spec["sha256"] == file_sha256(dlib_predictor_path()) and spec["passes"] == 2
+    assert not any(p.suffix == ".dat" for p in bundle.rglob("*")), "the 100 MB predictor is referenced, not copied"
+    pipe = load_bundle(bundle)
+    assert pipe.shape_predictor is not None and pipe.shape_predictor.passes == 2
+    other = _copy(bundle, tmp_path / "one-pass", landmark_refiner={**spec, "passes": 1})
+    assert load_bundle(other).shape_predictor.passes == 1  # type: ignore[union-attr]
+    moved = _copy(bundle, tmp_path / "sha", landmark_refiner={**spec, "sha256": "0" * 64})
+    with pytest.raises(BundleError, match=r"installed shape_predictor_68_face_landmarks\.dat is not the file"):
+        load_bundle(moved)
+    with pytest.raises(BundleError, match="passes must be >= 1"):
+        load_bundle(_copy(bundle, tmp_path / "zero", landmark_refiner={**spec, "passes": 0}))
+    # a version registered before the refiner existed keeps face-api's points, as it was made
+    meta = read_metadata(bundle)
+    del meta["landmark_refiner"]
+    old = _copy(bundle, tmp_path / "old")
+    (old / BUNDLE_JSON).write_text(json.dumps(meta))
+    assert load_bundle(old).shape_predictor is None
+
+
 def test_wrong_template_dimension_is_rejected(bundle: Path, tmp_path: Path) -> None:
     bad = _copy(bundle, tmp_path / "dim64", template_dim=64)
     pipe = load_bundle(bad)
@@ -180,9 +204,7 @@ def test_a_trained_recognition_net_of_another_architecture_round_trips(bundle: P
     net = SADFADNet(SADFADConfig(input_size=48, base_width=4, n_filters=16))
     base = load_bundle(bundle)
     rule = VerificationRule("cosine", 0.5, accept_below=False, source="test")
-    pipe = FacePipeline(
-        base.detector, base.landmark_net, SADFADEmbedder(net).eval(), replace(base.info, dim=16, rule=rule)
-    )
+    pipe = base.with_recognition(SADFADEmbedder(net).eval(), replace(base.info, dim=16, rule=rule))
     meta = save_embedder_bundle(tmp_path / "sadfad", pipe, name="facexplain-sadfad-test")
     comps = meta["components"]
     assert comps["detector"]["format"] == comps["landmarks"]["format"] == "faceapi"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from facexplain.data.faceset import FaceSet, build_faceset, manifest_hash, read_labels, records_from_spec
+from facexplain.pipeline import DEFAULT_FR_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +68,7 @@ def test_sample_faceset_contents_and_cache(  # type: ignore[no-untyped-def]
             raise AssertionError("cache missed")
 
     again = build_faceset(
-        root, recs, Exploding(), fr_key="default-local", cache_dir=faceset_cache, progress=False, on_cached=hits.append
+        root, recs, Exploding(), fr_key=DEFAULT_FR_KEY, cache_dir=faceset_cache, progress=False, on_cached=hits.append
     )
     assert hits and len(again) == n
     with pytest.raises(AssertionError, match="cache missed"):  # another FR key is another set
@@ -79,12 +80,11 @@ def _sadfad_pipeline(default_pipeline, **info_changes):  # type: ignore[no-untyp
     from dataclasses import replace
 
     from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
-    from facexplain.pipeline import FacePipeline
 
     torch.manual_seed(0)
     net = SADFADEmbedder(SADFADNet(SADFADConfig(input_size=48, base_width=4, n_filters=16))).eval()
     info = replace(default_pipeline.info, name="sadfad-test", dim=16, **info_changes)
-    return FacePipeline(default_pipeline.detector, default_pipeline.landmark_net, net, info)
+    return default_pipeline.with_recognition(net, info)
 
 
 def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-untyped-def]
@@ -114,7 +114,7 @@ def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-unty
     assert made.failed == sample_faceset.failed and made.templates.shape == (len(sample_faceset), 16)
     with torch.no_grad():  # the other model's templates of the very chips
         torch.testing.assert_close(made.templates[:4], other.embed_chips(sample_faceset.chips[:4].float()))
-    assert made.meta["fr_key"] == "sadfad-test" and made.meta["front_end_from"]["fr_key"] == "default-local"
+    assert made.meta["fr_key"] == "sadfad-test" and made.meta["front_end_from"]["fr_key"] == DEFAULT_FR_KEY
     assert (tmp_path / next(p.name for p in tmp_path.glob("*.npz"))).is_file()  # cached under its own key
     # "auto" finds the sample set in its cache; a path is read only on a cache miss
     auto = build_faceset(

@@ -3,11 +3,14 @@
 Both get dlib's HOG detector box for the same face. The figure is mean point error over the 68
 points divided by the outer-eye-corner distance (points 36 and 45), per data set.
 
-The 3% target is not met. The port itself is exact: run against face-api 1.7.15 in node (tfjs cpu
-backend) on 24 of these faces, its 112x112 inputs were identical and raw outputs agreed to 2e-7.
-What remains is two different models disagreeing: even boxes cut from dlib's own landmarks (an
-oracle) give 3.8% (ORL) / 4.7% (CelebA) at best, and the jaw line (points 0-16) accounts for most
-of the CelebA error.
+The port itself is exact: run against face-api 1.7.15 in node (tfjs cpu backend) on 24 of these
+faces, its 112x112 inputs were identical and raw outputs agreed to 2e-7. Against dlib it is a
+different model, 3.9 % (ORL) / 5.4 % (CelebA) apart, the jaw line disagreeing most; even boxes
+cut from dlib's own landmarks (an oracle) give 3.8 % / 4.7 % at best. So the pipeline does not
+take its points: it uses them only to place the box for dlib's own predictor, run in torch
+(``test_shape_predictor.py`` holds that one to issue 2's 3 % target). These tests keep the
+net's figures from regressing, since the box, and the chip-based pose and geometry estimators,
+depend on them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from facexplain.models.landmarks import (
 )
 from tests.unit.faces_ref import RefFace, faces_for, to_tensor
 
-TARGET = 0.03
 # Regression bounds a little above the measured figures (ORL 3.94%, CelebA 5.44% with the
 # dlib-box adjustment; 4.88% / 7.30% with face-api's plain crop of the dlib box).
 BOUND = {"orl": 0.042, "celeba": 0.058}
@@ -67,12 +69,6 @@ def test_landmarks_close_to_dlib(errors: dict[str, tuple[float, float]], dataset
     plain, adjusted = errors[dataset]
     assert adjusted < plain, "the dlib-box adjustment should help on dlib boxes"
     assert adjusted < BOUND[dataset]
-
-
-@pytest.mark.xfail(strict=True, reason="face-api's landmark net disagrees with dlib by ~4-5% IOD; see module doc")
-@pytest.mark.parametrize("dataset", ["orl", "celeba"])
-def test_landmarks_meet_three_percent_target(errors: dict[str, tuple[float, float]], dataset: str) -> None:
-    assert errors[dataset][1] < TARGET
 
 
 def test_batched_boxes_match_single(net: FaceLandmark68Net, data_dir: Path) -> None:

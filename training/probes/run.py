@@ -6,6 +6,8 @@ Tracked in the MLflow experiment ``facexplain-probes`` when a tracking URI is gi
 fits and writes its files only (``OUT/bundle``, ``OUT/summary.json``). The face set is the one every
 pipeline shares (default FR pipeline, cached under ``var/cache/facesets``): probes read pixels and
 landmarks, so which FR model aligned the chips only fixes the frame, the dlib chip every estimator reads.
+The landmarks are the landmark net's on the chip itself, as the attribute catalogue finds them on any
+face it measures (original or decoded), not the ones the FR pipeline aligned the chip with.
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ from facexplain.attributes.accessory import (
     random_sigmas,
     save_probe_bundle,
 )
+from facexplain.attributes.pose import image_landmarks
 from facexplain.attributes.probe import identity_split
 from facexplain.data.faces import FaceRecord
 from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.models.landmarks import FaceLandmark68Net
 from facexplain.paths import var_dir
 from training.common import NullRun, TrackedRun, default_alias, resolve_device
 from training.probes.config import TrainProbesConfig
 
 EXPERIMENT = "facexplain-probes"
 FACESET_CACHE = var_dir() / "cache" / "facesets"
-DEFAULT_FACESET_KEY = "default-local"  # FR key of face sets built by FacePipeline.default() (as tests/conftest.py)
 # Issue 6's bar on held-out identities (clean chips): the run records whether it is met.
 GATES = {"Eyeglasses": 0.85, "Smiling": 0.85}
 
@@ -85,7 +88,7 @@ def select_records(records: Sequence[FaceRecord], labels: Sequence[str], max_ima
 
 def load_faces(cfg: TrainProbesConfig, cache_dir: Path, progress: bool) -> FaceSet:
     """The face set of ``cfg.data`` (or its stratified sample), built once with the default pipeline and cached."""
-    from facexplain.pipeline import FacePipeline
+    from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
 
     if cfg.faceset:
         faces = FaceSet.load(Path(cfg.faceset))
@@ -104,7 +107,7 @@ def load_faces(cfg: TrainProbesConfig, cache_dir: Path, progress: bool) -> FaceS
         root,
         picked,
         FacePipeline.default(),
-        fr_key=DEFAULT_FACESET_KEY,
+        fr_key=DEFAULT_FR_KEY,
         label_names=names,
         cache_dir=cache_dir,
         progress=progress,
@@ -164,7 +167,8 @@ def train_probes(
     # 2. frozen features: clean chips, degraded copies (test copies at the fixed eval blur), mirrored chips
     t0 = time.perf_counter()
     extractor = FeatureExtractor(blocks, device=device)
-    chips, lms = faces.chips, faces.landmarks
+    chips = faces.chips
+    lms = image_landmarks(FaceLandmark68Net.from_faceapi().to(device), chips, batch_size=cfg.batch_size)
 
     def feats(images: torch.Tensor, landmarks: torch.Tensor) -> np.ndarray:
         return extractor(images, landmarks, batch_size=cfg.batch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from facexplain.metrics.verification import VerificationRule
 from facexplain.models.bundle import save_embedder_bundle
@@ -37,8 +37,7 @@ def sadfad_pipeline(model_file: Path) -> tuple[FacePipeline, dict[str, Any]]:
     base = FacePipeline.default()
     recognition = SADFADEmbedder(net).eval().requires_grad_(False)
     info = replace(base.info, name=f"sadfad-{data['variant']}", dim=net.config.n_filters, rule=rule)
-    # FacePipeline only calls its recognition stage on chips: any module with that interface serves.
-    return FacePipeline(base.detector, base.landmark_net, cast(Any, recognition), info, base.device), data
+    return base.with_recognition(recognition, info), data
 
 
 def export_bundle(model_file: Path, out_dir: Path, *, name: str) -> dict[str, Any]:

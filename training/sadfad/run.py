@@ -43,7 +43,6 @@ from training.sadfad.trainer import evaluate, fit
 EXPERIMENT = "facexplain-sadfad"
 MODEL_FILE = "model.pt"
 MODEL_FORMAT = 1
-DEFAULT_FACESET_KEY = "default-local"  # FR key of face sets built by FacePipeline.default() (as tests/conftest.py)
 
 
 @dataclass
@@ -80,10 +79,10 @@ def load_faces(cfg: TrainSADFADConfig, cache_dir: Path, progress: bool) -> FaceS
     if not first.is_absolute() and not first.exists() and (REPO_ROOT / first).exists():
         spec = ",".join(str(REPO_ROOT / p) if not Path(p).is_absolute() else p for p in spec.split(","))
     root, records, _ = records_from_spec(spec)
-    from facexplain.pipeline import FacePipeline
+    from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
 
     return build_faceset(
-        root, records, FacePipeline.default(), fr_key=DEFAULT_FACESET_KEY, cache_dir=cache_dir, progress=progress
+        root, records, FacePipeline.default(), fr_key=DEFAULT_FR_KEY, cache_dir=cache_dir, progress=progress
     )
 
 
