@@ -139,11 +139,16 @@ def test_cw_l2_finds_smaller_perturbations_than_pgd_l2(setup) -> None:  # type: 
     """Same pairs, both flip: CW's L2 is below the first flip of a fine-stepped PGD-L2 from the clean chip.
 
     The PGD-L2 baseline is deliberately strong (no random start, which alone would cost ~epsilon, steps
-    of 0.05 and early stop, so it returns the first flip along the gradient path). Measured on these two
-    pairs with 60 steps x 4 rounds: CW 0.57 / 0.10 vs PGD-L2 0.65 / 0.15. It is not a law: on 8 CelebA
-    pairs (bench, cw_vs_pgd_l2) CW was smaller on 7, mean ratio 0.88, and tied (0.0996 vs 0.0991) on one.
+    of 0.05 and early stop, so it returns the first flip along the gradient path). The pairs are the two
+    most clearly accepted ones, where a flip takes a real perturbation: measured CW 0.67 / 0.39 vs PGD-L2
+    0.84 / 0.46. Where a pair sits near the threshold, a couple of gradient steps flip it and CW's Adam
+    steps (every pixel moves at first) do no better: on a pair at distance 0.46, PGD 0.098 vs CW 0.10-0.13.
+    So it is not a law: on 8 CelebA pairs (bench, cw_vs_pgd_l2) CW was smaller on 7, mean ratio 0.88.
     """
-    probe, refs = _pairs(setup, "genuine", 2)
+    d = setup["t"][[a for a, _ in setup["genuine"]]] - setup["t"][[b for _, b in setup["genuine"]]]
+    clearest = [setup["genuine"][k] for k in d.norm(dim=1).argsort()[:2].tolist()]
+    probe = setup["x"][[a for a, _ in clearest]]
+    refs = setup["t"][[b for _, b in clearest]]
     obj = VerificationObjective(DLIB_L2_RULE, "dodge")
     cw = cw_l2(
         setup["embed"],
