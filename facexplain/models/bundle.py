@@ -494,6 +494,7 @@ def refiner_spec(predictor: Any) -> dict[str, Any]:
         "sha256": file_sha256(path),
         "passes": int(predictor.passes),
         "box_from_points": [float(v) for v in predictor.box_from_points],
+        "max_shift": float(predictor.max_shift),
     }
 
 
@@ -515,7 +516,9 @@ def load_refiner(spec: dict[str, Any]) -> Any:
         )
     try:
         passes, box = int(spec.get("passes", REFINE_PASSES)), tuple(spec.get("box_from_points", BOX_FROM_POINTS))
-        return ShapePredictor68.from_dlib(path, passes, box)  # type: ignore[arg-type]
+        # bundles made before the fallback existed never fell back
+        max_shift = float(spec.get("max_shift", math.inf))
+        return ShapePredictor68.from_dlib(path, passes, box, max_shift)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise BundleError(f"landmark_refiner: {exc}") from None
 

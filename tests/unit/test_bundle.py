@@ -88,7 +88,7 @@ def test_landmark_refiner_is_pinned_not_copied(bundle: Path, tmp_path: Path) -> 
     from facexplain.models.shape_predictor import dlib_predictor_path
 
     spec = read_metadata(bundle)["landmark_refiner"]
-    assert spec["sha256"] == file_sha256(dlib_predictor_path()) and spec["passes"] == 2
+    assert spec["sha256"] == file_sha256(dlib_predictor_path()) and spec["passes"] == 2 and spec["max_shift"] == 0.15
     assert not any(p.suffix == ".dat" for p in bundle.rglob("*")), "the 100 MB predictor is referenced, not copied"
     pipe = load_bundle(bundle)
     assert pipe.shape_predictor is not None and pipe.shape_predictor.passes == 2
@@ -105,6 +105,10 @@ def test_landmark_refiner_is_pinned_not_copied(bundle: Path, tmp_path: Path) -> 
     old = _copy(bundle, tmp_path / "old")
     (old / BUNDLE_JSON).write_text(json.dumps(meta))
     assert load_bundle(old).shape_predictor is None
+    # and one made before the fallback to the seed points never falls back
+    spec.pop("max_shift")
+    before = load_bundle(_copy(bundle, tmp_path / "no-fallback", landmark_refiner=spec)).shape_predictor
+    assert before is not None and before.max_shift == float("inf")
 
 
 def test_wrong_template_dimension_is_rejected(bundle: Path, tmp_path: Path) -> None:

@@ -115,6 +115,20 @@ def test_refine_keeps_missing_faces_missing(predictor: ShapePredictor68, data_di
     assert float((out[0] - torch.tensor(face.landmarks)).norm(dim=1).mean()) < 2.0  # pixels; IOD ~45 px
 
 
+def test_refine_keeps_the_seed_where_the_predictor_strays(data_dir: Path) -> None:
+    face = faces_for("celeba", data_dir)[1]
+    image = [to_tensor(face.image)]
+    seed = torch.tensor(face.landmarks, dtype=torch.float32)[None] + torch.tensor([1.5, -1.0])
+    index = torch.zeros(1, dtype=torch.long)
+    strict = ShapePredictor68.from_dlib(max_shift=1e-6)
+    torch.testing.assert_close(refine_landmarks(strict, image, index, seed), seed.double())
+    lenient = ShapePredictor68.from_dlib(max_shift=float("inf"))
+    moved = refine_landmarks(lenient, image, index, seed)
+    assert float((moved - seed.double()).norm(dim=2).mean()) > 0.5  # dlib's points, not the seed's
+    with pytest.raises(ValueError, match="max_shift"):
+        ShapePredictor68.from_dlib(max_shift=0.0)
+
+
 def test_box_from_points_lands_near_dlibs_box(data_dir: Path) -> None:
     faces = faces_for("orl", data_dir) + faces_for("celeba", data_dir)
     boxes = dlib_box_from_points(torch.tensor(np.stack([f.landmarks for f in faces])))
