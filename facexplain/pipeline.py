@@ -11,6 +11,8 @@ So the default model is dlib's face_recognition pipeline except for the detector
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass
 from enum import Enum
@@ -22,7 +24,13 @@ from facexplain.faces.detect import FaceDetector
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
 from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_image_boxes
 from facexplain.models.recognition import FaceRecognitionNet
-from facexplain.models.shape_predictor import ShapePredictor68, refine_landmarks
+from facexplain.models.shape_predictor import (
+    BOX_FROM_POINTS,
+    MAX_SHIFT,
+    REFINE_PASSES,
+    ShapePredictor68,
+    refine_landmarks,
+)
 
 
 class FaceSelection(Enum):
@@ -53,8 +61,12 @@ DEFAULT_EMBEDDER = EmbedderInfo(
 
 
 # Face-set cache key (``fr_key``) of templates made by ``FacePipeline.default()`` outside the registry.
-# It names the front end too: sets made before dlib's shape predictor joined it were "default-local".
-DEFAULT_FR_KEY = "default-local-dlib68"
+# It names the front end too (sets made before dlib's shape predictor joined it were "default-local"),
+# and changes with any of the constants that say how the predictor is placed and trusted.
+DEFAULT_FR_KEY = (
+    "default-local-dlib68-"
+    + hashlib.sha256(json.dumps([BOX_FROM_POINTS, REFINE_PASSES, MAX_SHIFT]).encode()).hexdigest()[:8]
+)
 
 
 @dataclass(frozen=True)
