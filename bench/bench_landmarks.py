@@ -11,8 +11,11 @@ face; dlib's detector box, 68 points and 150-px chip are the reference. Measured
   68 points are identical to dlib's (integer) points;
 * **pipeline**: ``FacePipeline`` with its own SSD detector (its detection of dlib's face, IoU >= 0.3):
   face-api's landmark net alone (what the pipeline used before) and dlib's predictor placed by it
-  after 1, 2 and 3 passes; plus the cosine of the resulting template to dlib's descriptor of dlib's
-  chip (the same ResNet, so this is front-end agreement only);
+  after 1, 2 and 3 passes, and after 2 without the fallback to the seed points (``MAX_SHIFT``); plus
+  the cosine of the resulting template to dlib's descriptor of dlib's chip (the same ResNet, so this is
+  front-end agreement only);
+* **verification**: per landmark stage, pair AUC and the dlib rule's TAR / FAR on the held-apart CelebA
+  identities of ``tests/integration/test_verification_quality.py`` (in-process here);
 * **box**: ``BOX_FROM_POINTS`` refitted from dlib's boxes and points (the constants the code uses);
 * **speed**: faces/s of the torch predictor in batches, face-api's net, and dlib's own predictor.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +39,29 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import machine, write  # noqa: E402
+from facexplain.data.faces import celeba_records  # noqa: E402
+from facexplain.data.splits import split_identities  # noqa: E402
 from facexplain.faces.align import align_faces_from_images  # noqa: E402
+from facexplain.metrics.verification import DLIB_L2_RULE, pair_scores, roc_auc  # noqa: E402
 from facexplain.models.landmarks import landmarks_for_image_boxes  # noqa: E402
 from facexplain.models.shape_predictor import (  # noqa: E402
     BOX_FROM_POINTS,
+    MAX_SHIFT,
+    ShapePredictor68,
     refine_landmarks,
     shape_landmarks,
 )
-from facexplain.pipeline import FacePipeline  # noqa: E402
+from facexplain.pipeline import FacePipeline, FaceSelection  # noqa: E402
 from tests.conftest import shared_data_dir  # noqa: E402
-from tests.unit.faces_ref import RefFace, celeba_faces, dlib_descriptors, dlib_models, orl_faces, to_tensor  # noqa: E402
+from tests.unit.faces_ref import (  # noqa: E402
+    RefFace,
+    celeba_faces,
+    dlib_descriptors,
+    dlib_models,
+    load_rgb,
+    orl_faces,
+    to_tensor,
+)
 
 TARGET = 0.03
 MIN_IOU = 0.3  # a pipeline detection overlapping dlib's box less than this is another face (or none)
@@ -100,12 +117,71 @@ def rate(fn: Any, n: int, repeats: int = 3) -> float:
     return round(n / best, 1)
 
 
+def landmark_variants(
+    pipe: FacePipeline, images: list[torch.Tensor], idx: torch.Tensor, boxes: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The landmark stages compared: face-api's net alone, dlib's predictor after 1-3 passes, and the
+    default (2 passes) without the fallback to the seed points."""
+    predictor = pipe.shape_predictor
+    assert predictor is not None
+    seed = landmarks_for_image_boxes(pipe.landmark_net, images, idx, boxes)
+    out = {"faceapi_net": seed.double()}
+    for passes in (1, 2, 3):
+        out[f"dlib_predictor_{passes}_pass"] = refine_landmarks(predictor, images, idx, seed, passes)
+    never = ShapePredictor68.from_dlib(passes=predictor.passes, max_shift=float("inf"))
+    out["dlib_predictor_2_pass_no_fallback"] = refine_landmarks(never, images, idx, seed)
+    return out
+
+
+def templates_of(
+    pipe: FacePipeline, images: list[torch.Tensor], idx: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    chips = align_faces_from_images(images, idx, points.float(), size=150, padding=0.25)
+    with torch.no_grad():
+        return pipe.embed_chips(chips).double()
+
+
+def verification(pipe: FacePipeline, celeba: Path) -> dict[str, Any]:
+    """Pair AUC and the dlib rule's TAR / FAR on the held-apart identities of the gRPC quality test
+    (40 test-side identities, 6 images each), in-process, per landmark stage."""
+    records = celeba_records(celeba)
+    split = split_identities((r.identity for r in records), test_fraction=0.2, seed=0)
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for r in records:
+        if split[r.identity] == "test":
+            by_id[r.identity].append(r.path)
+    idents = sorted(by_id)[:40]
+    paths = [p for i in idents for p in sorted(by_id[i])[:6]]
+    labels = np.array([i for i in idents for _ in sorted(by_id[i])[:6]])
+    images = [to_tensor(load_rgb(p)) for p in paths]
+    chosen = [pipe.select(d, FaceSelection.LARGEST) for d in pipe.detect(images)]
+    idx = torch.tensor([k for k, c in enumerate(chosen) if c is not None])
+    boxes = torch.stack([chosen[k].box for k in idx.tolist()])  # type: ignore[union-attr]
+    ids = labels[idx.numpy()]
+    out: dict[str, Any] = {"images": len(paths), "faces_found": len(idx)}
+    for label, pts in landmark_variants(pipe, images, idx, boxes).items():
+        t = templates_of(pipe, images, idx, pts)
+        sims, i, j = pair_scores(t, DLIB_L2_RULE)
+        genuine = ids[i] == ids[j]
+        accepted = DLIB_L2_RULE.accepts(t[i], t[j]).numpy()
+        out[label] = {
+            "pair_auc": round(float(roc_auc(sims, genuine)), 4),
+            "tar_dlib_rule": round(float(accepted[genuine].mean()), 4),
+            "far_dlib_rule": round(float(accepted[~genuine].mean()), 4),
+        }
+    print(
+        "verification (pair AUC): " + ", ".join(f"{k} {v['pair_auc']}" for k, v in out.items() if isinstance(v, dict))
+    )
+    return out
+
+
 def measure(name: str, faces: list[RefFace], pipe: FacePipeline) -> dict[str, Any]:
     images = [to_tensor(f.image) for f in faces]
     n = len(faces)
     index = torch.arange(n)
     ref = np.stack([f.landmarks for f in faces])
-    on_box = shape_landmarks(pipe.shape_predictor, images, index, torch.tensor([f.box for f in faces])).numpy()  # type: ignore[arg-type]
+    assert pipe.shape_predictor is not None
+    on_box = shape_landmarks(pipe.shape_predictor, images, index, torch.tensor([f.box for f in faces])).numpy()
     rounded = np.floor(on_box + 0.5)
     model = summary(errors(rounded, faces)) | {
         "identical_faces": round(float((rounded == ref).all(axis=(1, 2)).mean()), 4)
@@ -124,16 +200,11 @@ def measure(name: str, faces: list[RefFace], pipe: FacePipeline) -> dict[str, An
     boxes = torch.stack(picked)
     idx = torch.tensor(found)
     kept = [faces[i] for i in found]
-    seed = landmarks_for_image_boxes(pipe.landmark_net, images, idx, boxes)
-    variants = {"faceapi_net": seed.double()}
-    for passes in (1, 2, 3):
-        variants[f"dlib_predictor_{passes}_pass"] = refine_landmarks(pipe.shape_predictor, images, idx, seed, passes)  # type: ignore[arg-type]
+    variants = landmark_variants(pipe, images, idx, boxes)
     dlib_ref = dlib_descriptors([f.chip for f in kept])
     pipeline: dict[str, Any] = {}
     for label, pts in variants.items():
-        chips = align_faces_from_images(images, idx, pts.float(), size=150, padding=0.25)
-        with torch.no_grad():
-            templates = pipe.embed_chips(chips).double().numpy()
+        templates = templates_of(pipe, images, idx, pts).numpy()
         cos = cosine(templates, dlib_ref)
         pipeline[label] = summary(errors(pts.numpy(), kept)) | {
             "template_cosine_to_dlib": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}
@@ -162,19 +233,20 @@ def main() -> int:
     }
     pipe = FacePipeline.default(args.device)
     results = {name: measure(name, faces, pipe) for name, faces in sets.items()}
+    verify = verification(pipe, data / "celeba_subset")
 
     faces = sets["celeba"][:64]
     images = [to_tensor(f.image).to(args.device) for f in faces]
     index, boxes = torch.arange(len(faces)), torch.tensor([f.box for f in faces])
     _, dlib_predictor, _ = dlib_models()
+    predictor = pipe.shape_predictor
+    assert predictor is not None
     import dlib
 
     rects = [dlib.rectangle(*[int(v) for v in (f.box[0], f.box[1], f.box[2] - 1, f.box[3] - 1)]) for f in faces]
     speed = {
         "batch": len(faces),
-        "torch_predictor_faces_per_s": rate(
-            lambda: shape_landmarks(pipe.shape_predictor, images, index, boxes), len(faces)
-        ),  # type: ignore[arg-type]
+        "torch_predictor_faces_per_s": rate(lambda: shape_landmarks(predictor, images, index, boxes), len(faces)),  # type: ignore[arg-type]
         "faceapi_net_faces_per_s": rate(
             lambda: landmarks_for_image_boxes(pipe.landmark_net, images, index, boxes.to(args.device)), len(faces)
         ),
@@ -187,11 +259,13 @@ def main() -> int:
         "machine": machine(),
         "metric": "mean over 68 points of |p - dlib| / |dlib[36] - dlib[45]|, per face; summarised over faces",
         "target": TARGET,
+        "max_shift": MAX_SHIFT,
         "box_from_points": {
             "in_code": dict(zip(("dx", "dy", "k"), BOX_FROM_POINTS, strict=True)),
             "refit": refit_box(sets["orl"] + sets["celeba"]),
         },
         "results": results,
+        "verification_held_apart_celeba": verify,
         "speed": speed,
         "seconds": round(time.perf_counter() - t0, 1),
     }

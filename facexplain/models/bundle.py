@@ -296,7 +296,13 @@ def save_embedder_bundle(
         "kind": KIND_EMBEDDER,
         "name": name,
         "architecture": info.name,
-        "description": description or "face-api SSD detector + 68 landmarks + dlib 128-d ResNet descriptor",
+        "description": description
+        or (
+            "face-api SSD detector + dlib's 68-point shape predictor placed by face-api's landmark net"
+            if pipeline.shape_predictor
+            else "face-api SSD detector + 68 landmarks"
+        )
+        + " + dlib 128-d ResNet descriptor",
         "template_dim": info.dim,
         "input": {
             "chip_size": info.chip_size,
