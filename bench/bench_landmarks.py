@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine, write  # noqa: E402
 from facexplain.data.faces import celeba_records  # noqa: E402
-from facexplain.data.splits import split_identities  # noqa: E402
+from facexplain.data.splits import held_apart_sample  # noqa: E402
 from facexplain.faces.align import align_faces_from_images  # noqa: E402
 from facexplain.metrics.verification import DLIB_L2_RULE, pair_scores, roc_auc  # noqa: E402
 from facexplain.models.landmarks import landmarks_for_image_boxes  # noqa: E402
@@ -144,15 +143,8 @@ def templates_of(
 def verification(pipe: FacePipeline, celeba: Path) -> dict[str, Any]:
     """Pair AUC and the dlib rule's TAR / FAR on the held-apart identities of the gRPC quality test
     (40 test-side identities, 6 images each), in-process, per landmark stage."""
-    records = celeba_records(celeba)
-    split = split_identities((r.identity for r in records), test_fraction=0.2, seed=0)
-    by_id: dict[str, list[Path]] = defaultdict(list)
-    for r in records:
-        if split[r.identity] == "test":
-            by_id[r.identity].append(r.path)
-    idents = sorted(by_id)[:40]
-    paths = [p for i in idents for p in sorted(by_id[i])[:6]]
-    labels = np.array([i for i in idents for _ in sorted(by_id[i])[:6]])
+    paths, names = held_apart_sample(celeba_records(celeba), n_identities=40, per_identity=6)
+    labels = np.array(names)
     images = [to_tensor(load_rgb(p)) for p in paths]
     chosen = [pipe.select(d, FaceSelection.LARGEST) for d in pipe.detect(images)]
     idx = torch.tensor([k for k, c in enumerate(chosen) if c is not None])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from facexplain.data.splits import split_identities
+from facexplain.data.splits import held_apart_sample, split_identities
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule, rank1_accuracy, roc_auc
 
 
@@ -47,3 +47,16 @@ def test_identity_split_is_stable_and_disjoint() -> None:
     frac = np.mean([v == "test" for v in s1.values()])
     assert 0.14 < frac < 0.26
     assert split_identities(ids, seed=4) != split_identities(ids, seed=3)
+
+
+def test_held_apart_sample_takes_test_identities_in_order() -> None:
+    from pathlib import Path
+
+    from facexplain.data.faces import FaceRecord
+
+    records = [FaceRecord(Path(f"{i:03d}_{k}.jpg"), f"id{i:03d}") for i in range(60) for k in range(9)]
+    paths, labels = held_apart_sample(records, n_identities=5, per_identity=3)
+    split = split_identities({r.identity for r in records})
+    assert len(paths) == 15 and len(set(labels)) == 5
+    assert all(split[i] == "test" for i in labels) and labels == sorted(labels)
+    assert [p.name for p in paths[:3]] == [f"{labels[0][2:]}_{k}.jpg" for k in range(3)]
