@@ -131,19 +131,6 @@ def _crop_square(image: torch.Tensor, box: tuple[float, float, float, float]) ->
     return resized, _Crop(x0, y0, side, pad_left, pad_top)
 
 
-def net_input(
-    image: torch.Tensor, box: Sequence[float], box_scale: float = 1.0, shift_y: float = 0.0, square: bool = False
-) -> tuple[torch.Tensor, tuple[float, float], float] | None:
-    """The net's (3, 112, 112) input for one box, with the frame to read its points in: a point ``p`` of
-    the net's output (input-square units) is at ``origin + p * side`` in the image. ``None`` for a box
-    that is empty after clipping. The box is adjusted and cropped as :func:`landmarks_for_boxes` does."""
-    made = _crop_square(image, _prepare_box(list(box), box_scale, shift_y, square))
-    if made is None:
-        return None
-    x, c = made
-    return x, (float(c.x0 - c.pad_left), float(c.y0 - c.pad_top)), float(c.side)
-
-
 def landmarks_for_boxes(
     net: FaceLandmark68Net,
     image: torch.Tensor,
@@ -187,16 +174,17 @@ def landmarks_for_image_boxes(
     points = torch.full((boxes.shape[0], NUM_POINTS, 2), float("nan"), device=ref.device, dtype=ref.dtype)
     kept: list[int] = []
     inputs: list[torch.Tensor] = []
-    frames: list[tuple[tuple[float, float], float]] = []
+    crops: list[_Crop] = []
     for k, (i, box) in enumerate(zip(image_index.tolist(), boxes.tolist(), strict=True)):
-        made = net_input(images[i], box, box_scale, shift_y, square)
+        made = _crop_square(images[i], _prepare_box(box, box_scale, shift_y, square))
         if made is not None:
             kept.append(k)
             inputs.append(made[0])
-            frames.append(made[1:])
+            crops.append(made[1])
     if not kept:
         return points
     rel = net(torch.stack(inputs))
-    side = torch.tensor([f[1] for f in frames], device=rel.device, dtype=rel.dtype).view(-1, 1, 1)
-    offset = torch.tensor([f[0] for f in frames], device=rel.device, dtype=rel.dtype).view(-1, 1, 2)
+    side = torch.tensor([c.side for c in crops], device=rel.device, dtype=rel.dtype).view(-1, 1, 1)
+    origin = [[c.x0 - c.pad_left, c.y0 - c.pad_top] for c in crops]
+    offset = torch.tensor(origin, device=rel.device, dtype=rel.dtype).view(-1, 1, 2)
     return points.index_put((torch.tensor(kept, device=points.device),), rel * side + offset)

@@ -62,7 +62,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().contiguous()
 
 
-def reference_face(path: Path) -> RefFace | None:
+def _reference_face(path: Path) -> RefFace | None:
     detector, predictor, _ = dlib_models()
     image = load_rgb(path)
     dets = detector(image, _UPSAMPLE)
@@ -79,7 +79,7 @@ def reference_face(path: Path) -> RefFace | None:
 @functools.lru_cache(maxsize=4)
 def orl_faces(orl_dir: Path) -> tuple[RefFace, ...]:
     """First image of each ORL person where dlib finds exactly one face (all 40 at the time of writing)."""
-    faces = (reference_face(orl_dir / f"s{i}" / "1.pgm") for i in range(1, N_ORL + 1))
+    faces = (_reference_face(orl_dir / f"s{i}" / "1.pgm") for i in range(1, N_ORL + 1))
     return tuple(f for f in faces if f is not None)
 
 
@@ -88,7 +88,7 @@ def celeba_faces(celeba_dir: Path, count: int = N_CELEBA) -> tuple[RefFace, ...]
     """The first ``count`` CelebA images (sorted by name) where dlib finds exactly one face."""
     found: list[RefFace] = []
     for path in sorted((celeba_dir / "images").glob("*.jpg")):
-        face = reference_face(path)
+        face = _reference_face(path)
         if face is not None:
             found.append(face)
             if len(found) == count:
