@@ -70,26 +70,30 @@ class _Reader:
         return -value if head & 0x80 else value
 
     def real(self) -> float:
-        mantissa = self.integer()
-        exponent = self.integer()
-        return math.ldexp(mantissa, exponent) if abs(exponent) < 10000 else math.nan
+        return self.floats(1)[0]
 
     def floats(self, n: int) -> list[float]:
-        # The hot loop of the reader (about 16 million floats): int() inlined.
+        """``n`` floats, each a mantissa and a base-2 exponent integer. This is the reader's hot loop
+        (about 16 million floats), so :meth:`integer` is inlined and bounds are caught, not checked."""
         data, pos = self.data, self.pos
         out = [0.0] * n
         ldexp = math.ldexp
         from_bytes = int.from_bytes
-        for k in range(n):
-            h = data[pos]
-            e = pos + 1 + (h & 0x0F)
-            m = from_bytes(data[pos + 1 : e], "little")
-            if h & 0x80:
-                m = -m
-            h = data[e]
-            pos = e + 1 + (h & 0x0F)
-            x = from_bytes(data[e + 1 : pos], "little")
-            out[k] = ldexp(m, -x if h & 0x80 else x)
+        try:
+            for k in range(n):
+                h = data[pos]
+                e = pos + 1 + (h & 0x0F)
+                m = from_bytes(data[pos + 1 : e], "little")
+                if h & 0x80:
+                    m = -m
+                h = data[e]
+                pos = e + 1 + (h & 0x0F)
+                x = from_bytes(data[e + 1 : pos], "little")
+                out[k] = ldexp(m, -x if h & 0x80 else x)
+        except IndexError:
+            raise DlibFormatError(f"unexpected end of data inside a float run at byte {pos}") from None
+        except OverflowError:  # dlib's encoding of inf / nan: never in a usable predictor
+            raise DlibFormatError(f"non-finite value at byte {pos}") from None
         if pos > len(data):
             raise DlibFormatError("unexpected end of data inside a float run")
         self.pos = pos
