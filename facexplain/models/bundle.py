@@ -489,7 +489,7 @@ def refiner_spec(predictor: Any) -> dict[str, Any]:
     """dlib's shape predictor, pinned by checksum rather than copied: the bundle names the installed
     ``face-recognition-models`` file (100 MB) that every facexplain install has, and records how the
     pipeline places its box, so a later change of the code's defaults does not change this version."""
-    from facexplain.models.shape_predictor import dlib_predictor_path
+    from facexplain.models.shape_predictor import dlib_predictor_path, predictor_sha256
 
     path = dlib_predictor_path()
     return {
@@ -497,7 +497,7 @@ def refiner_spec(predictor: Any) -> dict[str, Any]:
         "format": "dlib",
         "package": "face-recognition-models",
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": predictor_sha256(path),
         "passes": int(predictor.passes),
         "box_from_points": [float(v) for v in predictor.box_from_points],
         "max_shift": float(predictor.max_shift),
@@ -510,12 +510,13 @@ def load_refiner(spec: dict[str, Any]) -> Any:
         REFINE_PASSES,
         ShapePredictor68,
         dlib_predictor_path,
+        predictor_sha256,
     )
 
     if spec.get("format") != "dlib":
         raise BundleError(f"landmark_refiner: unknown format {spec.get('format')!r}")
     path = dlib_predictor_path()
-    if path.name != spec.get("file") or file_sha256(path) != spec.get("sha256"):
+    if path.name != spec.get("file") or predictor_sha256(path) != spec.get("sha256"):
         raise BundleError(
             f"landmark_refiner: the installed {path.name} is not the file this bundle was made with "
             f"(sha256 {spec.get('sha256')}); install the pinned face-recognition-models"

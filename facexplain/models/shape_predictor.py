@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,9 +55,24 @@ def dlib_predictor_path() -> Path:
     return Path(face_recognition_models.pose_predictor_model_location())
 
 
+def predictor_sha256(path: Path | None = None) -> str:
+    """sha256 of the predictor file (100 MB): hashed once per process and file version. Bundles pin
+    the predictor by it, and the parsed arrays are cached under it."""
+    path = path or dlib_predictor_path()
+    st = path.stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    from facexplain.models.bundle import file_sha256
+
+    return file_sha256(Path(path))
+
+
 def _cached_arrays(source: Path) -> ShapePredictorArrays:
-    """Parse once (about 10 s), then load the arrays from ``var/weights`` keyed by the file's size."""
-    cache = var_dir() / "weights" / f"dlib-shape-predictor-{source.stat().st_size}.npz"
+    """Parse once (about 10 s), then load the arrays from ``var/weights``, keyed by the file's checksum."""
+    cache = var_dir() / "weights" / f"dlib-shape-predictor-{predictor_sha256(source)[:16]}.npz"
     if cache.exists():
         return ShapePredictorArrays.load(cache)
     arrays = read_shape_predictor(source)
@@ -195,33 +211,47 @@ def dlib_rects(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([b[:, 0], b[:, 1], b[:, 2] - 1, b[:, 3] - 1], dim=1).round()
 
 
+@dataclass(frozen=True)
+class GreyImages:
+    """dlib grey levels of several images, flattened into one tensor so one gather reads them all."""
+
+    flat: torch.Tensor  # every image's (H * W) grey levels, concatenated
+    starts: torch.Tensor  # (I,) where each image begins in ``flat``
+    sizes: torch.Tensor  # (I, 2) height, width
+
+    @classmethod
+    def of(cls, images: Sequence[torch.Tensor], device: torch.device) -> GreyImages:
+        grey = [intensity(im.to(device, torch.float32)) for im in images]
+        starts = torch.tensor([0] + [g.numel() for g in grey], device=device).cumsum(0)[:-1]
+        sizes = torch.tensor([list(g.shape) for g in grey], device=device)
+        return cls(torch.cat([g.reshape(-1) for g in grey]), starts, sizes)
+
+
 @torch.no_grad()
 def shape_landmarks(
     predictor: ShapePredictor68,
-    images: Sequence[torch.Tensor],
+    images: Sequence[torch.Tensor] | GreyImages,
     image_index: torch.Tensor,
     boxes: torch.Tensor,
 ) -> torch.Tensor:
     """68 landmarks per face box, in pixel coordinates, for faces spread over several images.
 
-    ``images`` are (3, H, W) RGB in [0, 255]; ``boxes`` (N, 4) x1, y1, x2, y2 with exclusive
-    right/bottom, on the integer grid as dlib's detector gives them (others are rounded);
-    ``image_index[k]`` names the image of ``boxes[k]``. Runs on the predictor's device.
+    ``images`` are (3, H, W) RGB in [0, 255] (or already :class:`GreyImages`); ``boxes`` (N, 4)
+    x1, y1, x2, y2 with exclusive right/bottom, on the integer grid as dlib's detector gives them
+    (others are rounded); ``image_index[k]`` names the image of ``boxes[k]``. Runs on the
+    predictor's device.
     """
     device = predictor.initial.device
     out = torch.empty((boxes.shape[0], NUM_POINTS, 2), dtype=torch.float64)
     if boxes.shape[0] == 0:
         return out
-    grey = [intensity(im.to(device, torch.float32)) for im in images]
-    starts = torch.tensor([0] + [g.numel() for g in grey], device=device).cumsum(0)[:-1]
-    sizes = torch.tensor([list(g.shape) for g in grey], device=device)
-    flat = torch.cat([g.reshape(-1) for g in grey])
+    grey = images if isinstance(images, GreyImages) else GreyImages.of(images, device)
     index = image_index.to(device)
     rects = dlib_rects(boxes).to(device)
     for lo in range(0, boxes.shape[0], _BATCH):
         sl = slice(lo, lo + _BATCH)
         i = index[sl]
-        out[sl] = predictor(flat, sizes[i], starts[i], rects[sl]).cpu()
+        out[sl] = predictor(grey.flat, grey.sizes[i], grey.starts[i], rects[sl]).cpu()
     return out
 
 
@@ -257,9 +287,10 @@ def refine_landmarks(
         return out
     seed = points[ok.to(points.device)].cpu().double()
     index = image_index.cpu()[ok]
+    grey = GreyImages.of(images, predictor.initial.device)  # once for all passes
     current = seed
     for _ in range(passes or predictor.passes):
-        current = shape_landmarks(predictor, images, index, dlib_box_from_points(current, predictor.box_from_points))
+        current = shape_landmarks(predictor, grey, index, dlib_box_from_points(current, predictor.box_from_points))
     shift = (current - seed).norm(dim=2).mean(1) / (seed[:, 36] - seed[:, 45]).norm(dim=1)
     out[ok] = torch.where((shift > predictor.max_shift)[:, None, None], seed, current)
     return out
