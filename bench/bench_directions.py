@@ -31,14 +31,20 @@ What each subcommand measures (a gate is a minimum the issue asks for; the JSON 
   (estimated on A's real chips by :mod:`facexplain.attributes.pose`), all found on A's templates. B
   probes that lack the attribute (Smiling = 0 / Eyeglasses = 0; any probe for yaw) are moved along
   ``--alphas`` (centroid: ``t + alpha d``) or to ``--yaw-targets`` (regression, eq. 12-13), decoded,
-  and measured by independent estimators on the decoded pixels: face-api's P(happy), a pixel probe
-  for Eyeglasses trained on A's chips (:mod:`facexplain.attributes.probe`), yaw from the landmark
-  net. Reported: the fraction of probes whose measure is non-decreasing over alpha (strictly, and
-  within ``--mono-tol``) and, the gated figure (>= 0.8), non-decreasing within the tolerance *and*
-  higher at the last alpha than at the first by more than it (a flat measure shows nothing); the
-  mean change; and identity: the FR model's own rule
+  and measured by independent estimators on the decoded pixels: the log-odds of ``happy`` from
+  face-api's expression net, the log-odds of a pixel probe for Eyeglasses trained on A's chips
+  (:mod:`facexplain.attributes.probe`), yaw from the landmark net. Reported: the fraction of probes
+  whose measure is non-decreasing over alpha (strictly, and within ``--mono-tol``) and, the gated
+  figure (>= 0.8), non-decreasing within the tolerance *and* higher at the last alpha than at the
+  first by more than it (a flat measure shows nothing); the mean change; and identity: the FR model's own rule
   between the probe template and the template of the decoded face at alpha = 1 (and at alpha = 0,
   the decoder's own baseline).
+  Why log-odds: both estimators end in a logit, and the probability after it saturates. A smile
+  direction takes some decoded faces from P(happy) 0.002 to 0.0075 (odds x 3.3), others from 0.9999 to
+  1.0; an absolute tolerance on probabilities (0.01) calls both "no increase", while a step from 0.50
+  to 0.51 counts. Rising and falling are the same on both scales (the sigmoid is strictly increasing);
+  only the tolerance needs a scale, and the log-odds is the one on which it means the same everywhere.
+  The probability view with ``--mono-tol-p`` is reported beside each gated figure.
 * ``equivariance`` (DFD §4.3.1, Table 2): a linear map per rotation / translation / scaling, fitted on
   A; on B, transformed probes verified against the un-transformed faces (same face; other faces of
   the same identity = genuine, other identities = impostors) with and without the map: accept rate,
@@ -69,13 +75,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
 from facexplain.attributes.crops import scale_points
-from facexplain.attributes.expression import FaceExpressionNet, happy_probability
+from facexplain.attributes.expression import FaceExpressionNet, happy_log_odds, happy_probability
 from facexplain.attributes.pose import image_pose
 from facexplain.attributes.probe import (
     PixelProbe,
     ProbeConfig,
     binary_metrics,
     load_probe,
+    probe_logits,
     probe_probabilities,
     save_probe,
     train_probe,
@@ -438,6 +445,13 @@ def _monotone(values: torch.Tensor, tol: float) -> dict[str, Any]:
     }
 
 
+def _probability_view(log_odds: torch.Tensor, tol: float) -> dict[str, Any]:
+    """The same probes read as probabilities (the sigmoid of the log-odds), with an absolute tolerance
+    ``tol``: near 0 or 1 a probability cannot rise by ``tol`` however much surer the estimator gets,
+    which is why the gate reads the log-odds. Reported so both views can be compared."""
+    return {"tolerance": tol, **_monotone(torch.sigmoid(log_odds), tol)}
+
+
 def _identity(ctx: Context, probe_t: torch.Tensor, decoded: torch.Tensor) -> dict[str, Any]:
     rule = ctx.pipeline.info.rule
     t = embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
@@ -460,13 +474,15 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     glasses, glasses_info = _probe(ctx, args, "Eyeglasses")
     smiling, smiling_info = _probe(ctx, args, "Smiling")
 
+    # Gated on the estimators' log-odds (their last layer's evidence, which does not saturate; see
+    # happy_log_odds); the probability view of the same values is reported beside it.
     measures = {
-        "Smiling": ("P(happy), face-api expression net", lambda x: happy_probability(expr, x)),
-        "Eyeglasses": ("P(eyeglasses), pixel probe trained on A", lambda x: probe_probabilities(glasses, x)),
+        "Smiling": ("log-odds of happy, face-api expression net", lambda x: happy_log_odds(expr, x)),
+        "Eyeglasses": ("log-odds of eyeglasses, pixel probe trained on A", lambda x: probe_logits(glasses, x)),
     }
     # Reported beside the gated measure, not gated: P(happy) reads a 7-class expression, the direction is
     # CelebA's Smiling label, which a pixel probe of that label (trained like the Eyeglasses one) reads.
-    second = {"Smiling": ("P(smiling), pixel probe trained on A", lambda x: probe_probabilities(smiling, x))}
+    second = {"Smiling": ("log-odds of smiling, pixel probe trained on A", lambda x: probe_logits(smiling, x))}
     out: dict[str, Any] = {}
     for attr in ("Smiling", "Eyeglasses"):
         y = faces.labels[disc, col[attr]]
@@ -490,6 +506,7 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "alphas": alphas,
             "measure": name,
             **_monotone(values, args.mono_tol),
+            "probability_scale": _probability_view(values, args.mono_tol_p),
             "identity_at_alpha_1": _identity(ctx, t_p, dec[:, last]),
             "identity_at_alpha_0": _identity(ctx, t_p, dec[:, alphas.index(0.0) if 0.0 in alphas else 0]),
         }
@@ -498,10 +515,16 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             name2, fn2 = second[attr]
             flat = dec.reshape(-1, *dec.shape[2:])
             values2 = fn2(flat).reshape(len(probes), len(alphas)).double()
-            res["second_measure"] = {"measure": name2, "gated": False, **_monotone(values2, args.mono_tol)}
+            res["second_measure"] = {
+                "measure": name2,
+                "gated": False,
+                **_monotone(values2, args.mono_tol),
+                "probability_scale": _probability_view(values2, args.mono_tol_p),
+            }
             print(f"{attr} ({name2}): monotone+increased {res['second_measure']['monotone_and_increased']}")
         out[attr] = res
-        print(f"{attr}: monotone+increased {res['monotone_and_increased']}, accepted at alpha=1 "
+        print(f"{attr}: monotone+increased {res['monotone_and_increased']} (probability scale "
+              f"{res['probability_scale']['monotone_and_increased']}), accepted at alpha=1 "
               f"{res['identity_at_alpha_1']['accepted']}, mean by alpha {res['mean_by_alpha']}")  # fmt: skip
 
     # yaw: regression on A's chips' estimated yaw, probes moved to target yaws
@@ -540,6 +563,7 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "what": "attribute measured on decoded faces by independent estimators, along label directions",
         "discovery_faces": len(disc),
         "mono_tol": args.mono_tol,
+        "mono_tol_probability": args.mono_tol_p,
         "gate": f"monotone_and_increased >= {MONOTONE_GATE} for Smiling, Eyeglasses and yaw",
         "passes": all(r["passes"] for r in out.values()),
         "eyeglasses_probe": glasses_info,
@@ -716,7 +740,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     lab.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="centroid steps (must include 0 and 1)")
     lab.add_argument("--yaw-targets", default="-20,-10,0,10,20", help="regression targets, degrees, increasing")
     lab.add_argument("--ridge", type=float, default=1e-3, help="ridge of the yaw regression")
-    lab.add_argument("--mono-tol", type=float, default=0.01, help="allowed dip of a probability between steps")
+    lab.add_argument("--mono-tol", type=float, default=0.01, help="allowed dip (and least rise) of a log-odds")
+    lab.add_argument("--mono-tol-p", type=float, default=0.01, help="the same for probabilities (reported, not gated)")
     lab.add_argument("--mono-tol-deg", type=float, default=1.0, help="allowed dip of yaw between steps (deg)")
     eq = sub.add_parser("equivariance", parents=[common], help="equivariance maps, verification with/without")
     # Ranges where the FR model starts to fail (measured on 48 B faces, no map: cross-image TAR 0.91 clean,

@@ -84,13 +84,13 @@ def expression_inputs(images: torch.Tensor, landmarks: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def expression_probabilities(
+def expression_logits(
     net: FaceExpressionNet,
     images: torch.Tensor,
     landmarks: torch.Tensor | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """(N, 3, S, S) chips or decoded faces -> (N, 7) float32 probabilities on the CPU, columns as :data:`EXPRESSIONS`.
+    """(N, 3, S, S) chips or decoded faces -> (N, 7) float32 logits on the CPU, columns as :data:`EXPRESSIONS`.
 
     Runs on the net's device in batches of ``batch_size``; see :func:`expression_inputs` for the crop.
     """
@@ -101,12 +101,38 @@ def expression_probabilities(
     for s in range(0, images.shape[0], batch_size):
         lm = None if landmarks is None else landmarks[s : s + batch_size]
         inp = expression_inputs(images[s : s + batch_size].to(device), lm)
-        out.append(net.probabilities(inp).float().cpu())
+        out.append(net(inp).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, len(EXPRESSIONS))
+
+
+def expression_probabilities(
+    net: FaceExpressionNet,
+    images: torch.Tensor,
+    landmarks: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N, 3, S, S) chips or decoded faces -> (N, 7) float32 probabilities (face-api's softmax) on the CPU."""
+    return torch.softmax(expression_logits(net, images, landmarks, batch_size), dim=-1)
 
 
 def happy_probability(
     net: FaceExpressionNet, images: torch.Tensor, landmarks: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(N,) probability of ``happy``: the smile measure the label-direction benchmark reads."""
+    """(N,) probability of ``happy``: the smile measure the estimators report."""
     return expression_probabilities(net, images, landmarks)[:, EXPRESSIONS.index("happy")]
+
+
+def happy_log_odds(net: FaceExpressionNet, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) float64 log-odds of ``happy`` against the six other expressions: ``log P(happy) / (1 - P(happy))``.
+
+    Computed from the logits (``z_happy - logsumexp(z_others)``), not from the probability, because a
+    float32 softmax rounds to exactly 0 or 1 well before the net stops getting surer: a face moved along a
+    smile direction can go from P = 0.002 to 0.0075 (odds x 3.3) or from 0.9999 to 1.0 and the
+    probability scale shows almost nothing. The log-odds is the net's own evidence scale, on which equal
+    steps mean the same near 0.5 as near saturation, and it is a strictly increasing function of
+    P(happy), so whether a sequence rises or falls is the same on both scales.
+    """
+    z = expression_logits(net, images, landmarks).double()
+    k = EXPRESSIONS.index("happy")
+    others = torch.cat([z[:, :k], z[:, k + 1 :]], dim=1)
+    return z[:, k] - torch.logsumexp(others, dim=1)

@@ -198,17 +198,23 @@ def _resize01(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_probabilities(probe: PixelProbe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, 3, H, W) images -> (N,) float32 probabilities of the attribute, on the CPU."""
+def probe_logits(probe: PixelProbe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, 3, H, W) images -> (N,) float32 logits (log-odds) of the attribute, on the CPU.
+
+    The log-odds, not the probability, is what to follow along a direction: it does not saturate (see
+    :func:`facexplain.attributes.expression.happy_log_odds`).
+    """
     was = probe.training
     probe.eval()
     device = next(probe.parameters()).device
-    out = [
-        torch.sigmoid(probe(images[s : s + batch_size].to(device))).float().cpu()
-        for s in range(0, len(images), batch_size)
-    ]
+    out = [probe(images[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(images), batch_size)]
     probe.train(was)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def probe_probabilities(probe: PixelProbe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, 3, H, W) images -> (N,) float32 probabilities of the attribute, on the CPU."""
+    return torch.sigmoid(probe_logits(probe, images, batch_size))
 
 
 def binary_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str, float]:

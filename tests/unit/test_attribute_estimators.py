@@ -7,6 +7,7 @@ synthetic poses for the pose estimate, a held-out identity split for the probes.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from facexplain.attributes.expression import (
     EXPRESSIONS,
     FaceExpressionNet,
     expression_probabilities,
+    happy_log_odds,
     happy_probability,
 )
 from facexplain.attributes.pose import (
@@ -42,6 +44,7 @@ from facexplain.attributes.probe import (
     ProbeConfig,
     binary_metrics,
     load_probe,
+    probe_logits,
     probe_probabilities,
     save_probe,
     train_probe,
@@ -139,6 +142,34 @@ def test_happy_separates_smiling_celeba_faces(
     auc64 = roc_auc(happy_probability(expression_net, small).numpy(), smiling)
     assert auc >= 0.85, auc
     assert auc64 >= 0.85, auc64
+
+
+def test_happy_log_odds_is_the_probability_unsaturated(
+    sample_faceset: Any, sample_smiling: tuple[list[int], np.ndarray], expression_net: FaceExpressionNet
+) -> None:
+    """The log-odds orders faces exactly as P(happy) does, equals log(p / (1 - p)) where float32 can tell,
+    and stays finite and ordered where the probability has rounded to 0 or 1."""
+    idx, smiling = sample_smiling
+    chips = sample_faceset.chips[idx]
+    p = happy_probability(expression_net, chips).double()
+    lo = happy_log_odds(expression_net, chips)
+    assert lo.dtype == torch.float64 and torch.isfinite(lo).all()
+    mid = (p > 1e-4) & (p < 1 - 1e-4)
+    assert mid.sum() >= 5
+    assert torch.allclose(lo[mid], torch.log(p[mid] / (1 - p[mid])), atol=2e-3)
+    assert roc_auc(lo.numpy(), smiling) == roc_auc(p.numpy(), smiling)
+    # A surer net (the same one with its last layer x 40): its float32 probabilities round to exactly
+    # 0 or 1 for several faces, its log-odds still tell every face apart.
+    sharp = copy.deepcopy(expression_net)
+    with torch.no_grad():
+        sharp.fc.weight.mul_(40)
+        sharp.fc.bias.mul_(40)
+    p_sharp = happy_probability(sharp, chips)
+    lo_sharp = happy_log_odds(sharp, chips)
+    assert int(((p_sharp == 0) | (p_sharp == 1)).sum()) >= 2
+    assert torch.isfinite(lo_sharp).all() and len(set(lo_sharp.tolist())) == len(lo_sharp)
+    unsaturated = (p_sharp > 0) & (p_sharp < 1)
+    assert torch.equal(p_sharp[unsaturated] > 0.5, lo_sharp[unsaturated] > 0)
 
 
 # -- pose ------------------------------------------------------------------------------------------------
@@ -245,6 +276,7 @@ def test_probe_learns_a_pixel_attribute_on_held_out_identities(
     loaded, rep = load_probe(path)
     assert rep == report and loaded.config == cfg
     assert torch.allclose(probe_probabilities(loaded, images), probe_probabilities(probe, images), atol=1e-6)
+    assert torch.allclose(torch.sigmoid(probe_logits(probe, images)), probe_probabilities(probe, images))
     # seeded: the same recipe trains the same probe
     again, _ = train_probe(images, labels, ids, cfg)
     assert torch.allclose(probe_probabilities(again, images[:8]), probe_probabilities(probe, images[:8]), atol=1e-5)
