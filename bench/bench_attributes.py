@@ -10,8 +10,9 @@ shuffles: their mean and a permutation p-value per attribute). The run is repeat
 the same estimates to check the table is reproducible.
 
 Two measurements without the decoder say whether a low I(a; â) is the template's or the decoder's:
-a ridge probe from templates to each attribute of the original faces, fitted on the decoder's training
-identities and scored (R²) on the test faces (:mod:`facexplain.attributes.template_probe`), and the
+probes from templates to each attribute of the original faces, a ridge fit and a 20-nearest-neighbour
+average (which sees non-linear dependence, e.g. on |yaw|), fitted on the decoder's training identities
+and scored (R²) on the test faces (:mod:`facexplain.attributes.template_probe`), and the
 cosine between the templates of a face and of its mirror image next to that of two photos of one
 person (a mirror-invariant model cannot keep yaw's or roll's sign).
 
@@ -98,6 +99,17 @@ def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict
     finite = [r for r in rows if math.isfinite(r.mi)]
     smallest = min(r.mi for r in finite)
     largest_control = max(r.control_mi for r in finite)
+    # Which attributes sit at the control, and whether either template probe finds them (R² > 0.02 on
+    # held-out identities): found -> the decoder or the estimator lost it; not found -> the template.
+    at_control = {
+        r.attribute: {
+            "mi": r.mi,
+            "linear_r2": probe["attributes"].get(r.attribute, {}).get("r2"),
+            "knn_r2": probe["attributes"].get(r.attribute, {}).get("knn_r2"),
+        }
+        for r in sorted(finite, key=lambda r: r.mi)
+        if r.mi <= largest_control
+    }
     by_group: dict[str, list[float]] = {}
     for r in finite:
         by_group.setdefault(r.group, []).append(r.mi)
@@ -115,6 +127,7 @@ def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict
             "smallest_mi": smallest,
             "largest_control_mi": largest_control,
             "control_below_smallest": bool(largest_control < smallest),
+            "at_or_below_control": at_control,
             "not_significant_p_over_0_05": [r.attribute for r in finite if r.p_value > 0.05],
             "reproducible_same_seed": same,
         },
@@ -128,7 +141,7 @@ def _template_probe(
 ) -> dict[str, Any]:
     """Ridge from templates to each attribute of the original faces: fitted on up to ``--probe-train``
     faces of the decoder's training identities, scored on the test faces above (other people)."""
-    from facexplain.attributes.template_probe import linear_decodability
+    from facexplain.attributes.template_probe import knn_decodability, linear_decodability
 
     fit_idx = pick(ctx.a_idx, ctx.faces.identities, args.probe_train, args.seed)
     parts: dict[str, list[np.ndarray]] = {}
@@ -138,12 +151,13 @@ def _template_probe(
             parts.setdefault(name, []).append(np.asarray(v, dtype=np.float64).reshape(len(rows), -1))
     fit_values = {name: np.concatenate(p) for name, p in parts.items()}
     fit_t, test_t = ctx.faces.templates[fit_idx].numpy(), ctx.faces.templates[idx].numpy()
-    out: dict[str, Any] = {"alpha": 1.0, "fit_faces": len(fit_idx), "attributes": {}}
+    out: dict[str, Any] = {"alpha": 1.0, "knn_k": 20, "fit_faces": len(fit_idx), "attributes": {}}
     for spec in catalog.specs:
         if spec.discrete:  # category codes have no linear order to regress on
             continue
         score = linear_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name])
-        out["attributes"][spec.name] = score.__dict__
+        knn = knn_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name], k=20)
+        out["attributes"][spec.name] = {**score.__dict__, "knn_r2": knn.r2, "knn_r": knn.r}
     return out
 
 
@@ -243,12 +257,18 @@ def main() -> int:
             f"{lab}: {c['finite']}/{c['attributes']} attributes, smallest MI {c['smallest_mi']:.3f}, "
             f"largest control {c['largest_control_mi']:.3f}, reproducible {c['reproducible_same_seed']}"
         )
+        for name, v in c["at_or_below_control"].items():
+            print(f"  at/below control: {name} {v['mi']:.3f} (template R² linear {v['linear_r2']}, k-NN {v['knn_r2']})")
         top = sorted(payload["models"][lab]["rows"], key=lambda d: -d["mi"] if math.isfinite(d["mi"]) else 1e9)[:10]
         print("  top 10:", ", ".join(f"{d['attribute']} {d['mi']:.2f}" for d in top))
         probe, mirror = payload["models"][lab]["template_probe"]["attributes"], payload["models"][lab]["mirror"]
         print(
             "  template probe R² (held-out identities): "
-            + ", ".join(f"{a} {probe[a]['r2']:.2f}" for a in ("yaw", "pitch", "roll", "age") if a in probe)
+            + ", ".join(
+                f"{a} {probe[a]['r2']:.2f} (k-NN {probe[a]['knn_r2']:.2f})"
+                for a in ("yaw", "pitch", "roll", "age")
+                if a in probe
+            )
             + f"; face vs mirror cosine {mirror['face_vs_mirror_cosine_mean']:.3f} "
             f"(same person, other photo {mirror['same_person_other_photo_cosine_mean']:.3f})"
         )

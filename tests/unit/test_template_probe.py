@@ -1,4 +1,4 @@
-"""The linear template probe: finds an attribute a template carries, scores ~0 for one it does not."""
+"""The template probes: find an attribute a template carries, score ~0 for one it does not."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from facexplain.attributes.template_probe import linear_decodability
+from facexplain.attributes.template_probe import knn_decodability, linear_decodability
 
 
 def _templates(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -51,3 +51,33 @@ def test_nan_rows_are_dropped_and_bad_input_refused() -> None:
         linear_decodability(ta, ya[:5], tb, yb)
     with pytest.raises(ValueError, match="dimension"):
         linear_decodability(ta, ya, tb[:, :10], yb)
+
+
+def test_knn_probe_finds_what_the_linear_one_cannot() -> None:
+    """An attribute carried only in magnitude (like |yaw| under mirror invariance: t and its mirror are one
+    template, the sign is lost) is invisible to a linear fit and plain to the k-NN probe."""
+    rng = np.random.default_rng(2)
+    mixing = rng.standard_normal((4, 64))  # templates near a 4-D subspace, as real ones are far from isotropic
+    latent_a, latent_b = rng.standard_normal((1500, 4)), rng.standard_normal((500, 4))
+    ta = latent_a @ mixing + 0.05 * rng.standard_normal((1500, 64))
+    tb = latent_b @ mixing + 0.05 * rng.standard_normal((500, 64))
+    direction = np.linalg.pinv(mixing)[:, 0]  # reads the first latent back from a template
+    direction /= np.linalg.norm(direction)
+
+    def magnitude(t: np.ndarray) -> np.ndarray:
+        u = t / np.linalg.norm(t, axis=1, keepdims=True)
+        return np.abs(u @ direction) * 10 + 0.1 * rng.standard_normal(len(t))
+
+    lin = linear_decodability(ta, magnitude(ta), tb, magnitude(tb))
+    knn = knn_decodability(ta, magnitude(ta), tb, magnitude(tb), k=10)
+    assert lin.r2 < 0.05 and knn.r2 > 0.2 and knn.r > 0.5, (lin, knn)
+    absent = knn_decodability(ta, rng.standard_normal(1500), tb, rng.standard_normal(500))
+    assert -0.15 < absent.r2 < 0.05 and abs(absent.r) < 0.15
+    # deterministic, NaN rows dropped, too few training faces for k -> NaN, bad k refused
+    ya, yb = magnitude(ta), magnitude(tb)
+    assert knn_decodability(ta, ya, tb, yb) == knn_decodability(ta, ya, tb, yb)
+    ya[:100] = np.nan
+    assert knn_decodability(ta, ya, tb, yb).n_train == 1400
+    assert math.isnan(knn_decodability(ta[:5], ya[100:105], tb, yb, k=10).r2)
+    with pytest.raises(ValueError, match="k must"):
+        knn_decodability(ta, ya, tb, yb, k=0)
