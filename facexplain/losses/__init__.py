@@ -1,4 +1,4 @@
-"""Training losses: the Deep Face Decoder's pixel, gradient-domain and perceptual terms."""
+"""Training losses: the Deep Face Decoder's pixel, gradient-domain and perceptual terms, and the region-pair term."""
 
 from facexplain.faces.regions import face_region_mask, landmarks_to_chip
 from facexplain.losses.dfd import (
@@ -6,6 +6,7 @@ from facexplain.losses.dfd import (
     PerceptualFeatures,
     dfd_loss,
     gradient_loss,
+    pair_difference_loss,
     pixel_loss,
 )
 
@@ -16,5 +17,6 @@ __all__ = [
     "face_region_mask",
     "gradient_loss",
     "landmarks_to_chip",
+    "pair_difference_loss",
     "pixel_loss",
 ]

@@ -205,3 +205,22 @@ def dfd_loss(
     components = {name: value.detach() for name, (_, value) in terms.items()}
     components["total"] = total.detach()
     return total, components
+
+
+def pair_difference_loss(
+    recon_face: torch.Tensor, recon_blend: torch.Tensor, face: torch.Tensor, blend: torch.Tensor
+) -> torch.Tensor:
+    """Squared L2 between the decoded change and the real change of a (face, region blend) pair.
+
+    A blend differs from its face in one region only, so ``blend - face`` is zero outside it; asking
+    ``decoder(z_blend) - decoder(z_face)`` to match it teaches the decoder to render the template change
+    one region causes *in that region*. The per-image terms alone do not: each reconstruction may be off
+    by a different global error (skin tone, background), and their difference then spreads over the
+    face, which is what an SSI direction (an average of such changes) looks like when decoded.
+    """
+    if not (recon_face.shape == recon_blend.shape == face.shape == blend.shape):
+        raise ValueError(
+            f"pair shapes differ: {tuple(recon_face.shape)}, {tuple(recon_blend.shape)}, "
+            f"{tuple(face.shape)}, {tuple(blend.shape)}"
+        )
+    return ((recon_blend - recon_face) - (blend - face).detach()).square().mean()

@@ -9,7 +9,14 @@ import torch
 
 from facexplain.faces.align import ALIGNMENT_POINTS, chip_template
 from facexplain.faces.regions import REGION_POINTS, face_region_mask, landmarks_to_chip
-from facexplain.losses import DFDLossWeights, PerceptualFeatures, dfd_loss, gradient_loss, pixel_loss
+from facexplain.losses import (
+    DFDLossWeights,
+    PerceptualFeatures,
+    dfd_loss,
+    gradient_loss,
+    pair_difference_loss,
+    pixel_loss,
+)
 from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
 from facexplain.models.recognition import FaceRecognitionNet
 
@@ -168,3 +175,16 @@ def test_adam_steps_decrease_total_loss(perceptual: PerceptualFeatures) -> None:
         optimiser.step()
         losses.append(total.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_pair_difference_loss_reads_the_change_not_the_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    face, blend = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    offset = 0.3 * torch.ones(2, 3, 8, 8)
+    # both reconstructions off by the same error: the change is right, the term is 0
+    assert pair_difference_loss(face + offset, blend + offset, face, blend).item() == pytest.approx(0.0, abs=1e-12)
+    # a change rendered everywhere instead of where it is: hand-computed mean squared error
+    got = pair_difference_loss(face, face + 0.1, face, blend)
+    assert got.item() == pytest.approx(float(((0.1 - (blend - face)) ** 2).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="pair shapes"):
+        pair_difference_loss(face, blend[:1], face, blend)

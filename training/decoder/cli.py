@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "hflip": "true: add every training face mirrored, re-embedded by the FR model (doubles the data)",
         "region_blends": "true: add every training face with one region of another training face blended in, "
         "re-embedded (teaches local rendering of region changes)",
+        "region_pairs": "weight of the pair-difference term: the decoded change from a face to its region blend "
+        "should equal the real one (needs --region-blends true; 0 = off)",
         "chips_from": "a face set .npz of DATA from another FR model with the same front end: re-embed its chips "
         "(auto: the newest cached one)",
     }

@@ -23,6 +23,8 @@ class DecoderSplit:
     masks: torch.Tensor  # (N, 1, S, S) face-region masks
     identities: list[str]
     paths: list[str]
+    # (P, 2) row indices (face, its region blend) for the pair-difference term; None: no pairs
+    pairs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.templates.shape[0])
@@ -68,13 +70,18 @@ def split_faceset(
     val_fraction: float,
     seed: int,
     train_extra: Sequence[FaceSet] = (),
+    pair_with: Sequence[int] = (),
 ) -> dict[str, DecoderSplit]:
     """Identity-disjoint train / val / test (val or test may be empty for tiny sets).
 
     Each of ``train_extra`` (the mirrored faces, the region blends: index-aligned with ``faces``) adds
     its training-side faces to the training split only: validation and test stay the original,
-    unaugmented faces.
+    unaugmented faces. ``pair_with`` names (by position) the extras whose rows pair with the original
+    faces for the pair-difference term (the region blends): the training split then lists each
+    (face row, extra row) pair in ``pairs``.
     """
+    if any(not 0 <= k < len(train_extra) for k in pair_with):
+        raise ValueError(f"pair_with {list(pair_with)} names no extra of {len(train_extra)}")
     sides = face_sides(faces, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     out = {}
     for name in ("train", "val", "test"):
@@ -85,6 +92,9 @@ def split_faceset(
                 raise ValueError("train_extra must be index-aligned with the face set")
             part = concat_facesets(part, extra.subset(idx))
         out[name] = make_split(part, name, size)
+        if name == "train" and pair_with:
+            own = torch.arange(len(idx))
+            out[name].pairs = torch.cat([torch.stack([own, own + (k + 1) * len(idx)], 1) for k in pair_with])
     if len(out["train"]) == 0:
         raise ValueError("the split left no training faces: use more identities or smaller test/val fractions")
     return out

@@ -145,6 +145,8 @@ def train_decoder(
     faceset_cache: Path = FACESET_CACHE,
 ) -> RunSummary:
     """Run the whole pipeline (see module docstring); returns what it measured and registered."""
+    if cfg.region_pairs < 0 or (cfg.region_pairs > 0 and not cfg.region_blends):
+        raise ValueError(f"region_pairs {cfg.region_pairs} needs region_blends and a weight >= 0")
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -209,6 +211,7 @@ def train_decoder(
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         train_extra=extras,
+        pair_with=[len(extras) - 1] if cfg.region_pairs > 0 else [],  # the blends are the last extra
     )
     sizes = {k: len(v) for k, v in splits.items()}
     sizes["identities_train"] = len(set(splits["train"].identities))
@@ -238,6 +241,7 @@ def train_decoder(
         max_minutes=cfg.max_minutes,
         lr_decay=cfg.lr_decay,
         ema=cfg.ema,
+        pair_weight=cfg.region_pairs,
     )
     if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
         result = train(progress=False)

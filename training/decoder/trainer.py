@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss
+from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss, pair_difference_loss
 from facexplain.metrics.image import psnr, ssim
 from facexplain.models.decoder import DeepFaceDecoder
 from training.common import epoch_batches, init_distributed, save_atomic
@@ -130,6 +130,7 @@ def fit(
     max_minutes: float = 0.0,
     lr_decay: float = 0.0,
     ema: float = 0.0,
+    pair_weight: float = 0.0,
     on_epoch: Callable[[EpochLog, torch.Tensor], None] | None = None,
     run_state: dict[str, Any] | None = None,
     progress: bool = True,
@@ -138,6 +139,10 @@ def fit(
 
     With ``ema`` in (0, 1) the weights validated, kept as best and returned are the moving average
     (``WeightAverage``), not the last step's.
+
+    With ``pair_weight`` > 0 and ``splits["train"].pairs`` set, every step also decodes ``batch_size // 2``
+    (face, region blend) pairs, drawn with a generator seeded by ``seed``, the epoch and the rank, and adds
+    ``pair_weight`` x :func:`~facexplain.losses.dfd.pair_difference_loss` (logged as ``pair_difference``).
 
     ``on_epoch(log, val_recons)`` runs on rank 0 after each epoch (logging, images). ``run_state`` is
     stored in every checkpoint and handed back on resume (the MLflow run id lives there).
@@ -161,6 +166,10 @@ def fit(
     scored = copy.deepcopy(decoder) if average is not None else decoder
     train, val = splits["train"], splits["val"]
     has_val = len(val) > 0
+    pairs = train.pairs if pair_weight > 0 else None
+    if pair_weight > 0 and (pairs is None or len(pairs) == 0):
+        raise ValueError("pair_weight > 0 needs (face, blend) pairs in the training split")
+    n_pairs = max(1, batch_size // 2)
     start_epoch, best_val, best_epoch, bad = 0, math.inf, -1, 0
     best_state = copy.deepcopy(decoder.state_dict())
     history: list[EpochLog] = []
@@ -192,6 +201,7 @@ def fit(
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         batches = epoch_batches(len(train), batch_size, gen, dist)
+        pair_gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7919 + dist.rank)
         decoder.train()
         sums: dict[str, float] = {}
         seen = 0
@@ -204,6 +214,14 @@ def fit(
             y = train.targets[idx].to(device, non_blocking=True)
             m = train.masks[idx].to(device, non_blocking=True)
             loss, comps = dfd_loss(model(t), y, m, perceptual, weights)
+            if pairs is not None:
+                pick = pairs[torch.randint(len(pairs), (n_pairs,), generator=pair_gen)]
+                both = pick.T.reshape(-1)  # faces, then their blends
+                decoded = model(train.templates[both].to(device, non_blocking=True))
+                real = train.targets[both].to(device, non_blocking=True)
+                diff = pair_difference_loss(decoded[:n_pairs], decoded[n_pairs:], real[:n_pairs], real[n_pairs:])
+                loss = loss + pair_weight * diff
+                comps = {**comps, "pair_difference": diff.detach(), "total": loss.detach()}
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
