@@ -158,6 +158,13 @@ def _template_probe(
         score = linear_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name])
         knn = knn_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name], k=20)
         out["attributes"][spec.name] = {**score.__dict__, "knn_r2": knn.r2, "knn_r": knn.r}
+    # A mirror-invariant model cannot keep the sign of yaw or roll but could keep its size.
+    for angle in ("yaw", "roll"):
+        if angle in fit_values and angle in original:
+            fit_abs, test_abs = np.abs(fit_values[angle]), np.abs(original[angle])
+            score = linear_decodability(fit_t, fit_abs, test_t, test_abs)
+            knn = knn_decodability(fit_t, fit_abs, test_t, test_abs, k=20)
+            out["attributes"][f"|{angle}|"] = {**score.__dict__, "knn_r2": knn.r2, "knn_r": knn.r}
     return out
 
 
@@ -266,7 +273,7 @@ def main() -> int:
             "  template probe R² (held-out identities): "
             + ", ".join(
                 f"{a} {probe[a]['r2']:.2f} (k-NN {probe[a]['knn_r2']:.2f})"
-                for a in ("yaw", "pitch", "roll", "age")
+                for a in ("yaw", "|yaw|", "pitch", "roll", "age")
                 if a in probe
             )
             + f"; face vs mirror cosine {mirror['face_vs_mirror_cosine_mean']:.3f} "
