@@ -31,7 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +182,20 @@ class FaceSet:
             )
 
 
+def relabel_faceset(fs: FaceSet, root: Path, records: Sequence[FaceRecord], label_names: Sequence[str]) -> FaceSet:
+    """``fs`` with its labels taken from ``records`` (matched by path under ``root``); NaN where one is missing."""
+    by_path = {rec.path.relative_to(root).as_posix(): rec for rec in records}
+    missing = [p for p in fs.paths if p not in by_path]
+    if missing:
+        raise ValueError(f"{len(missing)} faces of the set are not in the data, e.g. {missing[0]}")
+    labels = [[by_path[p].labels.get(n, float("nan")) for n in label_names] for p in fs.paths]
+    return replace(
+        fs,
+        label_names=list(label_names),
+        labels=torch.tensor(labels, dtype=torch.float32) if label_names else None,
+    )
+
+
 def cache_key(manifest: str, fr_key: str, chip_size: int, padding: float) -> str:
     raw = json.dumps([FACESET_FORMAT, manifest, fr_key, chip_size, padding])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
@@ -226,11 +240,11 @@ def build_faceset(
     if isinstance(front_end, Path):
         front_end = FaceSet.load(front_end)
     if isinstance(front_end, FaceSet):
-        if front_end.label_names != list(label_names):
-            raise ValueError(
-                f"the front-end face set has labels {front_end.label_names}, the data gives {list(label_names)}"
-            )
         fs = reembed_faceset(front_end, pipeline, root=root, manifest=manifest, fr_key=fr_key, progress=progress)
+        if fs.label_names != list(label_names):
+            # the front end gives chips; labels belong to the data (a set built without its labels.csv,
+            # e.g. by SAD/FAD training, is as good a front end as one built with it)
+            fs = relabel_faceset(fs, root, records, label_names)
         if cached is not None:
             fs.save(cached)
         return fs

@@ -90,7 +90,15 @@ def _sadfad_pipeline(default_pipeline, **info_changes):  # type: ignore[no-untyp
 def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-untyped-def]
     sample_faceset: FaceSet, default_pipeline, faceset_cache: Path, tmp_path: Path
 ) -> None:
-    from facexplain.data.faceset import blend_faceset, find_front_end, mirror_faceset, reembed_faceset
+    from dataclasses import replace
+
+    from facexplain.data.faceset import (
+        blend_faceset,
+        find_front_end,
+        mirror_faceset,
+        reembed_faceset,
+        relabel_faceset,
+    )
 
     # augmented sets of the same images beside it (newer) are never a front end: their chips are not the faces'
     def stand_in(chips: torch.Tensor) -> torch.Tensor:
@@ -127,8 +135,17 @@ def test_reembedding_another_model_reuses_the_front_end(  # type: ignore[no-unty
     assert torch.equal(again.templates, made.templates)
 
     manifest = sample_faceset.meta["manifest_sha256"]
-    with pytest.raises(ValueError, match="labels"):
-        build_faceset(root, recs, other, fr_key="x", label_names=["Smiling"], progress=False, front_end=sample_faceset)
+    # labels come from the data, not the front end: a set built without labels.csv still gives the chips
+    labelled = [replace(r, labels={"Smiling": float(i % 2)}) for i, r in enumerate(recs)]
+    relabelled = build_faceset(
+        root, labelled, other, fr_key="x", label_names=["Smiling"], progress=False, front_end=sample_faceset
+    )
+    want = {r.path.relative_to(root).as_posix(): r.labels["Smiling"] for r in labelled}
+    assert relabelled.label_names == ["Smiling"] and relabelled.labels is not None
+    assert relabelled.labels[:, 0].tolist() == [want[p] for p in relabelled.paths]
+    assert torch.equal(relabelled.templates, made.templates)
+    with pytest.raises(ValueError, match="not in the data"):
+        relabel_faceset(sample_faceset, root, labelled[1:], ["Smiling"])
     with pytest.raises(ValueError, match="other images"):
         reembed_faceset(sample_faceset, other, root=root, manifest="0" * 64, fr_key="x", progress=False)
     with pytest.raises(ValueError, match="size/padding"):
