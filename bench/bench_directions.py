@@ -38,7 +38,9 @@ What each subcommand measures (a gate is a minimum the issue asks for; the JSON 
   figure (>= 0.8), non-decreasing within the tolerance *and* higher at the last alpha than at the
   first by more than it (a flat measure shows nothing); the mean change; and identity: the FR model's own rule
   between the probe template and the template of the decoded face at alpha = 1 (and at alpha = 0,
-  the decoder's own baseline).
+  the decoder's own baseline), gated too: of the probes accepted at alpha = 0, >= 0.8 still accepted
+  at alpha = 1 (yaw: at every target); also reported: the unconditional share, and the moved
+  template itself against the probe (no decoder).
   Why log-odds: both estimators end in a logit, and the probability after it saturates. A smile
   direction takes some decoded faces from P(happy) 0.002 to 0.0075 (odds x 3.3), others from 0.9999 to
   1.0; an absolute tolerance on probabilities (0.01) calls both "no increase", while a step from 0.50
@@ -118,6 +120,11 @@ TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 LOCALITY_GATE = 2.0
 MONOTONE_GATE = 0.8
+# "identity similarity to the probe stays above the verification threshold at alpha = 1": the share of
+# probes the FR model's own rule still accepts against their decoded, moved face, among those whose
+# unmoved template decodes to an accepted face (a probe the decoder loses at alpha = 0 cannot show what
+# the direction does). The share is the monotone gate's; the unconditional share is reported beside it.
+IDENTITY_GATE = 0.8
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "locality": {"n": 64, "max_probes": 50},
@@ -452,13 +459,42 @@ def _probability_view(log_odds: torch.Tensor, tol: float) -> dict[str, Any]:
     return {"tolerance": tol, **_monotone(torch.sigmoid(log_odds), tol)}
 
 
-def _identity(ctx: Context, probe_t: torch.Tensor, decoded: torch.Tensor) -> dict[str, Any]:
+def _identity(
+    ctx: Context,
+    probe_t: torch.Tensor,
+    decoded: torch.Tensor,
+    moved: torch.Tensor,
+    baseline: torch.Tensor,
+) -> dict[str, Any]:
+    """Is the probe's identity kept at this step? Three views, each by the FR model's own rule:
+
+    * ``accepted``: the probe template against the template of the decoded, moved face (what an
+      auditor sees; includes what the decoder alone loses);
+    * ``accepted_of_baseline`` (gated): the same, over the probes whose *unmoved* template decodes to
+      an accepted face (``baseline``, a bool per probe): a probe the decoder already loses at alpha = 0
+      says nothing about the direction;
+    * ``template_accepted``: the probe template against the moved template itself (no decoder).
+    """
     rule = ctx.pipeline.info.rule
     t = embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
+    ok = rule.accepts(probe_t, t)
     return {
-        "accepted": _r(rule.accepts(probe_t, t).double().mean()),
+        "accepted": _r(ok.double().mean()),
         f"mean_{rule.metric}": _r(rule.score(probe_t, t).mean()),
+        "accepted_of_baseline": _r(ok[baseline].double().mean()) if bool(baseline.any()) else None,
+        "baseline_accepted": _r(baseline.double().mean()),
+        "template_accepted": _r(rule.accepts(probe_t, moved.to(probe_t.dtype)).double().mean()),
     }
+
+
+def _decoded_accepts(ctx: Context, probe_t: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """Per probe: does the FR model accept the decoded face against the probe template?"""
+    t = embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
+    return ctx.pipeline.info.rule.accepts(probe_t, t)
+
+
+def _identity_gate(view: dict[str, Any]) -> bool:
+    return bool((view["accepted_of_baseline"] or 0.0) >= IDENTITY_GATE)
 
 
 def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -507,10 +543,11 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "measure": name,
             **_monotone(values, args.mono_tol),
             "probability_scale": _probability_view(values, args.mono_tol_p),
-            "identity_at_alpha_1": _identity(ctx, t_p, dec[:, last]),
-            "identity_at_alpha_0": _identity(ctx, t_p, dec[:, alphas.index(0.0) if 0.0 in alphas else 0]),
         }
-        res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE)
+        base = _decoded_accepts(ctx, t_p, dec[:, alphas.index(0.0) if 0.0 in alphas else 0])
+        res["identity_at_alpha_1"] = _identity(ctx, t_p, dec[:, last], moved[:, last], base)
+        res["identity_passes"] = _identity_gate(res["identity_at_alpha_1"])
+        res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE and res["identity_passes"])
         if attr in second:
             name2, fn2 = second[attr]
             flat = dec.reshape(-1, *dec.shape[2:])
@@ -525,7 +562,8 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         out[attr] = res
         print(f"{attr}: monotone+increased {res['monotone_and_increased']} (probability scale "
               f"{res['probability_scale']['monotone_and_increased']}), accepted at alpha=1 "
-              f"{res['identity_at_alpha_1']['accepted']}, mean by alpha {res['mean_by_alpha']}")  # fmt: skip
+              f"{res['identity_at_alpha_1']['accepted']} ({res['identity_at_alpha_1']['accepted_of_baseline']} of "
+              f"those accepted at 0), mean by alpha {res['mean_by_alpha']}")  # fmt: skip
 
     # yaw: regression on A's chips' estimated yaw, probes moved to target yaws
     t0 = time.perf_counter()
@@ -535,6 +573,7 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     t_p = faces.templates[probes]
     steps = torch.stack([alpha_to_target(t_p, reg, tgt) for tgt in targets], dim=1)  # (P, T)
     moved = t_p.double()[:, None, :] + steps[..., None] * reg.coef[None, None, :]
+    base = _decoded_accepts(ctx, t_p, decode(ctx, t_p))
     dec = decode(ctx, moved.reshape(-1, moved.shape[-1]).float())
     yaw = image_pose(lm_net, dec, batch_size=args.batch_size)[:, 0].reshape(len(probes), len(targets))
     dec = dec.reshape(len(probes), len(targets), *dec.shape[1:])
@@ -553,18 +592,27 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         **_monotone(yaw, args.mono_tol_deg),
         "corr_target_vs_measured": _corr(np.repeat([targets], len(probes), 0), yaw.numpy()),
         "probe_real_yaw_mean_deg": _r(np.nanmean(yaw_b_real.numpy())),
-        "identity_at_targets": {str(t): _identity(ctx, t_p, dec[:, k]) for k, t in enumerate(targets)},
+        "identity_at_targets": {
+            str(t): _identity(ctx, t_p, dec[:, k], moved[:, k], base) for k, t in enumerate(targets)
+        },
         "mono_tol_deg": args.mono_tol_deg,
     }
-    res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE)
+    # a regression has no alpha = 1 (eq. 12-13 solve for alpha per target): every target must keep identity
+    worst = min(res["identity_at_targets"].values(), key=lambda r: r["accepted_of_baseline"] or 0.0)
+    res["identity_worst_target"] = worst
+    res["identity_passes"] = _identity_gate(worst)
+    res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE and res["identity_passes"])
     out["yaw"] = res
-    print(f"yaw: monotone+increased {res['monotone_and_increased']}, mean by target {res['mean_by_alpha']}")
+    print(f"yaw: monotone+increased {res['monotone_and_increased']}, mean by target {res['mean_by_alpha']}, "
+          f"identity at the worst target {worst['accepted']} ({worst['accepted_of_baseline']} of those accepted "
+          "unmoved)")  # fmt: skip
     return {
         "what": "attribute measured on decoded faces by independent estimators, along label directions",
         "discovery_faces": len(disc),
         "mono_tol": args.mono_tol,
         "mono_tol_probability": args.mono_tol_p,
-        "gate": f"monotone_and_increased >= {MONOTONE_GATE} for Smiling, Eyeglasses and yaw",
+        "gate": f"monotone_and_increased >= {MONOTONE_GATE} for Smiling, Eyeglasses and yaw, and identity "
+        f"accepted >= {IDENTITY_GATE} at alpha = 1 of the probes accepted at alpha = 0 (yaw: at every target)",
         "passes": all(r["passes"] for r in out.values()),
         "eyeglasses_probe": glasses_info,
         "smiling_probe": smiling_info,
