@@ -476,7 +476,7 @@ def _identity(
     * ``template_accepted``: the probe template against the moved template itself (no decoder).
     """
     rule = ctx.pipeline.info.rule
-    t = embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
+    t = _embed_decoded(ctx, decoded)
     ok = rule.accepts(probe_t, t)
     return {
         "accepted": _r(ok.double().mean()),
@@ -487,10 +487,13 @@ def _identity(
     }
 
 
+def _embed_decoded(ctx: Context, decoded: torch.Tensor) -> torch.Tensor:
+    return embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
+
+
 def _decoded_accepts(ctx: Context, probe_t: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     """Per probe: does the FR model accept the decoded face against the probe template?"""
-    t = embed_images(ctx.pipeline.embed_chips, decoded, ctx.pipeline.info.chip_size)
-    return ctx.pipeline.info.rule.accepts(probe_t, t)
+    return ctx.pipeline.info.rule.accepts(probe_t, _embed_decoded(ctx, decoded))
 
 
 def _identity_gate(view: dict[str, Any]) -> bool:

@@ -188,12 +188,16 @@ def relabel_faceset(fs: FaceSet, root: Path, records: Sequence[FaceRecord], labe
     missing = [p for p in fs.paths if p not in by_path]
     if missing:
         raise ValueError(f"{len(missing)} faces of the set are not in the data, e.g. {missing[0]}")
-    labels = [[by_path[p].labels.get(n, float("nan")) for n in label_names] for p in fs.paths]
-    return replace(
-        fs,
-        label_names=list(label_names),
-        labels=torch.tensor(labels, dtype=torch.float32) if label_names else None,
-    )
+    rows = [_label_row(by_path[p], label_names) for p in fs.paths]
+    return replace(fs, label_names=list(label_names), labels=_labels_tensor(rows, label_names))
+
+
+def _label_row(rec: FaceRecord, label_names: Sequence[str]) -> list[float]:
+    return [rec.labels.get(n, float("nan")) for n in label_names]
+
+
+def _labels_tensor(rows: list[list[float]], label_names: Sequence[str]) -> torch.Tensor | None:
+    return torch.tensor(rows, dtype=torch.float32) if label_names else None
 
 
 def cache_key(manifest: str, fr_key: str, chip_size: int, padding: float) -> str:
@@ -241,10 +245,9 @@ def build_faceset(
         front_end = FaceSet.load(front_end)
     if isinstance(front_end, FaceSet):
         fs = reembed_faceset(front_end, pipeline, root=root, manifest=manifest, fr_key=fr_key, progress=progress)
-        if fs.label_names != list(label_names):
-            # the front end gives chips; labels belong to the data (a set built without its labels.csv,
-            # e.g. by SAD/FAD training, is as good a front end as one built with it)
-            fs = relabel_faceset(fs, root, records, label_names)
+        # the front end gives chips; labels belong to the data (a set built without its labels.csv, e.g. by
+        # SAD/FAD training, is as good a front end as one built with it)
+        fs = relabel_faceset(fs, root, records, label_names)
         if cached is not None:
             fs.save(cached)
         return fs
@@ -282,7 +285,7 @@ def build_faceset(
             chips.append(res.chip.round().clamp(0, 255).to(torch.uint8))
             lm = landmarks_to_chip(res.face.landmarks[None].float(), info.chip_size, info.chip_padding)[0]
             landmarks.append(lm)
-            labels.append([rec.labels.get(n, float("nan")) for n in label_names])
+            labels.append(_label_row(rec, label_names))
         bar.update(len(batch))
     bar.close()
     if not paths:
@@ -308,7 +311,7 @@ def build_faceset(
         chips=torch.stack(chips),
         landmarks=torch.stack(landmarks),
         label_names=list(label_names),
-        labels=torch.tensor(labels, dtype=torch.float32) if label_names else None,
+        labels=_labels_tensor(labels, label_names),
         failed=failed,
         meta=meta,
     )
