@@ -39,12 +39,12 @@ demo: setup  ## registry + embedding and decoding services on the bundled sample
 bench: setup  ## benchmarks (not tests): writes bench/results/*.json
 	$(BIN)/python bench/bench_embedding.py
 
-LINT_DIRS := $(wildcard facexplain services training scripts tests bench)
+LINT_DIRS := $(wildcard facexplain registry services training sdk cli scripts tests bench)
 
 lint:  ## ruff (lint + format check) and mypy on the core, the services and the training pipelines
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
-	$(BIN)/mypy facexplain services training
+	$(BIN)/mypy facexplain registry services training sdk cli
 
 
 clean:
@@ -62,29 +62,29 @@ mlflow-stop:  ## stop the MLflow server that `make mlflow` started
 
 register-defaults: mlflow  ## register the default face models as a version (champion if none yet)
 	FACEXPLAIN_REGISTRY_URI=$${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)} \
-		$(BIN)/python -m services.client.cli registry register-defaults
+		$(BIN)/python -m cli.main registry register-defaults
 
 REGISTRY_URI = $${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)}
 DECODER_PRESET ?= celeba-cpu
 
 train-decoder: register-defaults  ## train the default decoder on ../shared/data/celeba_subset (DECODER_PRESET=celeba-gpu on a GPU)
-	$(BIN)/python -m services.client.cli train decoder --preset $(DECODER_PRESET) --registry $(REGISTRY_URI) \
+	$(BIN)/python -m cli.main train decoder --preset $(DECODER_PRESET) --registry $(REGISTRY_URI) \
 		--out var/train/decoder-$(DECODER_PRESET)
 
 SADFAD_PRESET ?= cpu
 SADFAD_VARIANT ?= sad+fad
 
 train-sadfad: mlflow  ## interpretable FR net (SAD/FAD) on ../shared/data/celeba_subset, registered as an embedder (SADFAD_PRESET=gpu on a GPU)
-	$(BIN)/python -m services.client.cli train sadfad --preset $(SADFAD_PRESET) --variant $(SADFAD_VARIANT) \
+	$(BIN)/python -m cli.main train sadfad --preset $(SADFAD_PRESET) --variant $(SADFAD_VARIANT) \
 		--registry $(REGISTRY_URI) --out var/train/sadfad-$(SADFAD_PRESET)-$(SADFAD_VARIANT)
 
 train-sadfad-decoder: mlflow  ## a decoder for the SAD/FAD model (the default decoder's recipe; re-embeds a cached CelebA face set)
-	$(BIN)/python -m services.client.cli train decoder --preset $(DECODER_PRESET) \
+	$(BIN)/python -m cli.main train decoder --preset $(DECODER_PRESET) \
 		--fr-model facexplain-sadfad-casia@champion --register-as facexplain-dfd-sadfad --perceptual dlib_resnet \
 		--chips-from auto --registry $(REGISTRY_URI) --out var/train/decoder-sadfad-$(DECODER_PRESET)
 
 train-probes: mlflow  ## accessory/appearance probes (eyeglasses, smiling, ...) on ../shared/data/celeba_subset, registered as facexplain-probes-faceapi
-	$(BIN)/python -m services.client.cli train probes --registry $(REGISTRY_URI) --out var/train/probes
+	$(BIN)/python -m cli.main train probes --registry $(REGISTRY_URI) --out var/train/probes
 
 bench-decoder: register-defaults  ## decoder throughput, loss ablation, recipe quality (~1 h CPU) -> bench/results/decoder-*.json
 	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py throughput

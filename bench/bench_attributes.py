@@ -48,7 +48,7 @@ def _probes(spec: str, uri: str, device: torch.device) -> tuple[Any, dict[str, A
     """The registered accessory probes, or (None, reason) when none is registered."""
     from facexplain.attributes.accessory import load_probe_bundle
     from facexplain.paths import var_dir
-    from services.kit.registry import Registry, RegistryError
+    from registry.client import Registry, RegistryError
 
     if not spec:
         return None, {"used": False, "reason": "--probes empty"}
@@ -241,7 +241,7 @@ def main() -> int:
     models = [(args.fr_model, args.decoder)] + ([(args.compare, args.compare_decoder)] if args.compare else [])
     results = [_one_model(args, fr, dec, probes) for fr, dec in models]
 
-    from services.attributes.report import importance_chart, write_compare_csv
+    from facexplain.attributes.report import importance_chart, write_compare_csv
 
     stem = Path(args.out) if args.out else RESULTS / f"attributes-importance-{device.type}"
     labels = [f"{r['context']['fr_model']['name']} v{r['context']['fr_model']['version']}" for r in results]

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_attacks import DEFAULT_FACESET, batched, genuine_pairs, impostor_pairs  # noqa: E402
 from bench.common import machine, write  # noqa: E402
+from facexplain.artifacts.decoder import LoadedDecoder, load_decoder_bundle  # noqa: E402
 from facexplain.attacks import AttackBudget, AttackResult, VerificationObjective, chip_embedder, cw_l2, pgd  # noqa: E402
 from facexplain.counterfactual import (  # noqa: E402
     Explanation,
@@ -48,7 +49,6 @@ from facexplain.counterfactual import (  # noqa: E402
 )
 from facexplain.data.faceset import FaceSet  # noqa: E402
 from facexplain.metrics.verification import DLIB_L2_RULE  # noqa: E402
-from facexplain.models.decoder_bundle import LoadedDecoder, load_decoder_bundle  # noqa: E402
 from facexplain.models.recognition import FaceRecognitionNet  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def load_decoder(args: argparse.Namespace, device: str) -> tuple[LoadedDecoder, 
     if args.decoder_bundle:
         dec = load_decoder_bundle(Path(args.decoder_bundle), device)
         return dec, {"bundle": str(args.decoder_bundle), "fr_model": f"{dec.fr_name}@{dec.fr_version}"}
-    from services.kit.registry import Registry
+    from registry.client import Registry
 
     name, _, alias = args.decoder.partition("@")
     registry = Registry(args.registry, timeout_s=30)

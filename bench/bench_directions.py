@@ -143,7 +143,7 @@ class Context:
     """Everything a subcommand needs: models, faces, the A/B split and where it came from."""
 
     pipeline: Any  # facexplain.pipeline.FacePipeline
-    decoder: Any  # facexplain.models.decoder_bundle.LoadedDecoder
+    decoder: Any  # facexplain.artifacts.decoder.LoadedDecoder
     faces: FaceSet
     a_idx: np.ndarray
     b_idx: np.ndarray
@@ -164,10 +164,10 @@ def _spec(spec: str) -> tuple[str, str]:
 
 def load_context(args: argparse.Namespace) -> Context:
     """Resolve and load the FR model and decoder from the registry, the face set, and the A/B split."""
+    from facexplain.artifacts.bundle import bundle_digest, load_bundle, read_metadata
+    from facexplain.artifacts.decoder import load_decoder_bundle
     from facexplain.data.faceset import build_faceset, records_from_spec
-    from facexplain.models.bundle import bundle_digest, load_bundle, read_metadata
-    from facexplain.models.decoder_bundle import load_decoder_bundle
-    from services.kit.registry import Registry
+    from registry.client import Registry
 
     uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "") or "http://127.0.0.1:5000"
     device = _device(args.device)

@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import latency_summary, machine, write  # noqa: E402
+from cli.launcher import start_service  # noqa: E402
 from facexplain.data.faces import list_images, load_image  # noqa: E402
 from facexplain.pipeline import FacePipeline  # noqa: E402
-from services.client.launcher import start_service  # noqa: E402
-from services.client.sdk import EmbeddingClient, image_from_path, wait_ready  # noqa: E402
+from sdk.client import EmbeddingClient, image_from_path, wait_ready  # noqa: E402
 
 
 def bench_inprocess(paths: list[Path], n: int, batch: int, device: str) -> dict:

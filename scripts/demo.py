@@ -25,8 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.client.launcher import RunningService, start_mlflow, start_service  # noqa: E402
-from services.kit.registry import (  # noqa: E402
+from cli.launcher import RunningService, start_mlflow, start_service  # noqa: E402
+from registry.client import (  # noqa: E402
     CHAMPION,
     DEFAULT_DECODER_MODEL,
     DEFAULT_FR_MODEL,
@@ -38,7 +38,7 @@ AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
 
 
 def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "services.client.cli", *args], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=True)
 
 
 def ensure_decoder(uri: str) -> str:
@@ -84,7 +84,7 @@ def main() -> int:
     try:
         print(f"MLflow UI: {mlflow.uri}")
         subprocess.run(
-            [sys.executable, "-m", "services.client.cli", "registry", "register-defaults", "--uri", mlflow.uri],
+            [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--uri", mlflow.uri],
             cwd=REPO,
             check=True,
         )
@@ -100,7 +100,7 @@ def main() -> int:
             [
                 sys.executable,
                 "-m",
-                "services.client.cli",
+                "cli.main",
                 "embed",
                 str(sample),
                 "--target",

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.client.launcher import (  # noqa: E402
+from cli.launcher import (  # noqa: E402
     MLFLOW_SERVER_ENV,
     RunningMlflow,
     _http_ok,

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Real MLflow and gRPC servers shared by tests/integration and tests/e2e (started only when a test asks).
+pytest_plugins = ["tests.servers"]
+
 
 def shared_data_dir() -> Path:
     """../shared/data next to the checkout (as CI lays it out) unless FACEXPLAIN_DATA says otherwise."""

@@ -496,7 +496,7 @@ def save_probe_bundle(
     The face-api weights the features come from are copied byte for byte, so a registered version
     keeps reading the same features even if the installed face-api files change."""
     import facexplain
-    from facexplain.models.bundle import (
+    from facexplain.artifacts.bundle import (
         BUNDLE_FORMAT,
         KIND_ATTRIBUTE_PROBES,
         BundleError,
@@ -550,7 +550,7 @@ def load_probe_bundle(
     bundle_dir: Path | str, device: str | torch.device = "cpu", *, verify: bool = True, validate: bool = True
 ) -> AccessoryEstimator:
     """An ``attribute_probes`` bundle -> its :class:`AccessoryEstimator`; checksums, then the golden check."""
-    from facexplain.models.bundle import KIND_ATTRIBUTE_PROBES, BundleError, read_metadata, verify_files
+    from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES, BundleError, read_metadata, verify_files
 
     root = Path(bundle_dir)
     meta = read_metadata(root)

@@ -65,7 +65,7 @@ def predictor_sha256(path: Path | None = None) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
-    from facexplain.models.bundle import file_sha256
+    from facexplain.artifacts.bundle import file_sha256
 
     return file_sha256(Path(path))
 

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from facexplain.models.decoder_bundle import LoadedDecoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import attributes_pb2_grpc
 from services.attributes.service import SERVICE_NAME, AttributesServicer, ReferenceStats

@@ -39,17 +39,17 @@ import grpc
 import numpy as np
 import torch
 
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.attributes import importance as imp
+from facexplain.attributes import report
 from facexplain.attributes.catalog import AttributeCatalog, AttributeSpec, UnknownAttributeError
 from facexplain.attributes.recovery import attribute_deltas, recover_dataset, reference_scales
-from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
+from registry.client import Registry, RegistryError
 from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
-from services.attributes import report
 from services.attributes.settings import AttributesSettings
-from services.directions.datasets import check_items, embed_dataset, list_items
-from services.directions.jobs import JobContext, run_job
 from services.directions.settings import DirectionsSettings
+from services.kit.datasets import check_items, embed_dataset, list_items
 from services.kit.embedder import face_selection
 from services.kit.errors import (
     Cancelled,
@@ -61,10 +61,10 @@ from services.kit.errors import (
     Unavailable,
 )
 from services.kit.images import decode_encoded, decode_image, png_image
+from services.kit.jobs import JobContext, run_job
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
 from services.kit.probes import Catalogs
-from services.kit.registry import Registry, RegistryError
 from services.kit.reload import reload_response
 from services.kit.rpc import check_deadline, streaming, unary
 from services.kit.templates import template_from_proto, template_to_proto

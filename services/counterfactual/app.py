@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from facexplain.models.decoder_bundle import LoadedDecoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import counterfactual_pb2_grpc
 from services.counterfactual.service import SERVICE_NAME, CounterfactualServicer

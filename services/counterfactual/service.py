@@ -50,6 +50,7 @@ import grpc
 import numpy as np
 import torch
 
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.attacks import (
     AttackBudget,
     AttackCancelled,
@@ -70,11 +71,9 @@ from facexplain.counterfactual.explain import explain_counterfactual, heatmap_pn
 from facexplain.faces.align import align_faces
 from facexplain.metrics.reconstruction import resize01
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
-from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline, FaceSelection
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 from services.counterfactual.settings import CounterfactualSettings
-from services.directions.jobs import JobContext, run_job
 from services.kit.embedder import face_selection, rule_to_proto
 from services.kit.errors import (
     Cancelled,
@@ -87,6 +86,7 @@ from services.kit.errors import (
     ServiceError,
 )
 from services.kit.images import decode_image, png_image
+from services.kit.jobs import JobContext, run_job
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
 from services.kit.probes import Catalogs

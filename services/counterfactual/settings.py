@@ -18,8 +18,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from facexplain.attacks import BudgetLimits
+from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, DEFAULT_PROBES_MODEL
 from services.kit.config import ServiceSettings
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, DEFAULT_PROBES_MODEL
 
 
 class CounterfactualSettings(ServiceSettings):

@@ -19,10 +19,10 @@ import grpc
 import torch
 import torch.nn.functional as F
 
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.directions.interpolation import lerp, positions, slerp
 from facexplain.metrics.image import SSIM_WINDOW, psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, resize01
-from facexplain.models.decoder_bundle import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from services.decoding.settings import DecodingSettings

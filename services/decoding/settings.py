@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
 from services.kit.config import ServiceSettings
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
 
 
 class DecodingSettings(ServiceSettings):

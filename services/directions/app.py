@@ -14,8 +14,9 @@ import logging
 
 import torch
 
-from facexplain.models.decoder_bundle import LoadedDecoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
+from registry.client import Registry
 from services.api.v1 import directions_pb2_grpc
 from services.directions.service import SERVICE_NAME, DirectionsServicer
 from services.directions.settings import DirectionsSettings
@@ -25,7 +26,6 @@ from services.kit.embedder import serve_embedder
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
-from services.kit.registry import Registry
 from services.kit.server import GrpcServer
 
 log = logging.getLogger("facexplain.directions")

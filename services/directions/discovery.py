@@ -2,9 +2,9 @@
 
 Each job is split in two: ``plan_*`` checks the request against the proto's rules and the server's
 limits (cheap, runs before any face is embedded, so a bad request fails in milliseconds), and
-``run_*`` does the work on a :class:`~services.directions.datasets.ResolvedDataset` with the methods of
+``run_*`` does the work on a :class:`~services.kit.datasets.ResolvedDataset` with the methods of
 :mod:`facexplain.directions`, reporting progress and polling for cancellation through a
-:class:`~services.directions.jobs.JobContext`. Results are :mod:`facexplain.models.direction_bundle`
+:class:`~services.kit.jobs.JobContext`. Results are :mod:`facexplain.artifacts.direction_set`
 dataclasses carrying everything needed to cite them: FR model, data manifest, seed, parameters.
 """
 
@@ -21,19 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facexplain.artifacts.direction_set import DirectionSetData, EquivarianceMapData, EquivarianceSetData
 from facexplain.directions.equivariance import apply_map, embed_transformed, fit_linear_map
 from facexplain.directions.labels import alpha_to_target, centroid_directions, regression_direction
 from facexplain.directions.ssi import DiscoveryCancelled, discover_ssi
 from facexplain.directions.traverse import projected_std
 from facexplain.faces.blend import DEFAULT_DILATE, REGIONS, MaskMode, n_ordered_pairs, region_points, sample_pairs
-from facexplain.models.direction_bundle import DirectionSetData, EquivarianceMapData, EquivarianceSetData
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, directions_pb2
-from services.directions.datasets import ResolvedDataset
-from services.directions.jobs import JobContext
 from services.directions.sets import CheckedTransform, check_transform
 from services.directions.settings import DirectionsSettings
+from services.kit.datasets import ResolvedDataset
 from services.kit.errors import Cancelled, InvalidArgument, ResourceExhausted
+from services.kit.jobs import JobContext
 from services.kit.models import ServedModel
 
 SetData = TypeVar("SetData", DirectionSetData, EquivarianceSetData)

@@ -14,7 +14,7 @@ import io
 import torch
 from PIL import Image as PILImage
 
-from facexplain.models.decoder_bundle import LoadedDecoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline, FaceSelection
 from facexplain.viz import image_grid
 from services.api.v1 import common_pb2

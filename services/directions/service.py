@@ -2,7 +2,7 @@
 
 The RPCs are thin: validate the request against directions.proto (every rejection with the code the
 proto names), snapshot the FR slot once, and hand the work to :mod:`services.directions.discovery`
-(discovery jobs, streamed through :mod:`services.directions.jobs`) or to the small apply-side methods
+(discovery jobs, streamed through :mod:`services.kit.jobs`) or to the small apply-side methods
 below (Traverse, ApplyEquivariance, Aggregate, CentroidMDS). Sets live in a
 :class:`~services.directions.store.DirectionStore`.
 
@@ -22,16 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facexplain.artifacts.decoder import LoadedDecoder
+from facexplain.artifacts.direction_set import DirectionSetData, EquivarianceSetData
 from facexplain.directions.aggregate import agglomerative_clusters, mean_template
 from facexplain.directions.labels import classical_mds
 from facexplain.directions.traverse import traverse
-from facexplain.models.decoder_bundle import LoadedDecoder
-from facexplain.models.direction_bundle import DirectionSetData, EquivarianceSetData
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, directions_pb2, directions_pb2_grpc
 from services.directions import discovery
-from services.directions.datasets import DatasetItem, ResolvedDataset, check_items, embed_dataset, list_items
-from services.directions.jobs import JobContext, run_job
 from services.directions.probes import check_same_fr, decoder_for, png01, probe_template, strip_png
 from services.directions.sets import (
     StoredSet,
@@ -48,6 +46,7 @@ from services.directions.store import (
     DirectionStore,
     check_registered_name,
 )
+from services.kit.datasets import DatasetItem, ResolvedDataset, check_items, embed_dataset, list_items
 from services.kit.embedder import face_selection
 from services.kit.errors import (
     Cancelled,
@@ -58,6 +57,7 @@ from services.kit.errors import (
     ServiceError,
 )
 from services.kit.images import decode_image
+from services.kit.jobs import JobContext, run_job
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel, combined_status
 from services.kit.reload import reload_response

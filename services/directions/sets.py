@@ -1,6 +1,6 @@
 """Direction sets and equivariance maps on the wire: the bundle dataclasses <-> directions.proto messages.
 
-The service keeps sets as :mod:`facexplain.models.direction_bundle` dataclasses (plain numbers, the
+The service keeps sets as :mod:`facexplain.artifacts.direction_set` dataclasses (plain numbers, the
 form a registry artifact stores) and builds messages only for responses, so a set read back from the
 registry and one computed a minute ago answer through the same code.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from facexplain.artifacts.direction_set import DirectionSetData, EquivarianceMapData, EquivarianceSetData
 from facexplain.directions.equivariance import GeometricTransform
-from facexplain.models.direction_bundle import DirectionSetData, EquivarianceMapData, EquivarianceSetData
 from services.api.v1 import common_pb2, directions_pb2
 from services.kit.errors import InvalidArgument
 

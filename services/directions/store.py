@@ -2,8 +2,8 @@
 
 Memory holds every set a job computed, by id, until the server restarts (bounded by
 ``FACEXPLAIN_MAX_STORED_SETS``: beyond it the oldest is dropped, with a log line). ``register`` writes
-a set as a self-contained bundle of kind ``direction_set`` (:mod:`facexplain.models.direction_bundle`)
-and registers it through :meth:`services.kit.registry.Registry.register_bundle`, tagged with its id,
+a set as a self-contained bundle of kind ``direction_set`` (:mod:`facexplain.artifacts.direction_set`)
+and registers it through :meth:`registry.client.Registry.register_bundle`, tagged with its id,
 method, target and data manifest so the registry UI shows what it is and an id outlives the server:
 ``get`` looks an id it does not hold up in the registry by that tag. Registered versions never change,
 so a version read once is kept (by name and version) and an alias costs one resolve call.
@@ -21,8 +21,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from facexplain.models.bundle import BundleError
-from facexplain.models.direction_bundle import (
+from facexplain.artifacts.bundle import BundleError
+from facexplain.artifacts.direction_set import (
     KIND_DIRECTION_SET,
     DirectionSetData,
     EquivarianceSetData,
@@ -31,11 +31,7 @@ from facexplain.models.direction_bundle import (
     save_direction_set,
     save_equivariance_set,
 )
-from services.api.v1 import common_pb2
-from services.directions.sets import StoredSet
-from services.directions.settings import DirectionsSettings
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.kit.registry import (
+from registry.client import (
     Registry,
     RegistryError,
     RegistryNotFound,
@@ -43,6 +39,10 @@ from services.kit.registry import (
     VersionInfo,
     check_model_name,
 )
+from services.api.v1 import common_pb2
+from services.directions.sets import StoredSet
+from services.directions.settings import DirectionsSettings
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger("facexplain.directions")
 

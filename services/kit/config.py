@@ -30,7 +30,7 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight requests may finish")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
-    # Model registry (services/kit/registry.py, services/kit/reload.py). Empty registry_uri = no registry:
+    # Model registry (registry/client.py, services/kit/reload.py). Empty registry_uri = no registry:
     # the service serves the local default weights and never polls.
     registry_uri: str = Field(
         default="", description="MLflow tracking/registry URI, e.g. http://127.0.0.1:5000; empty = none"

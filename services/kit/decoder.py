@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from facexplain.models.bundle import KIND_DECODER
-from facexplain.models.decoder_bundle import LoadedDecoder, load_decoder_bundle, validate_decoder
+from facexplain.artifacts.bundle import KIND_DECODER
+from facexplain.artifacts.decoder import LoadedDecoder, load_decoder_bundle, validate_decoder
+from registry.client import VersionInfo
 from services.kit.config import ServiceSettings
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
-from services.kit.registry import VersionInfo
 from services.kit.reload import ModelWatcher, serve_from_registry
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from facexplain.artifacts.bundle import KIND_EMBEDDER
 from facexplain.metrics.verification import VerificationRule
-from facexplain.models.bundle import KIND_EMBEDDER
 from facexplain.pipeline import FacePipeline, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2
 from services.kit.config import ServiceSettings

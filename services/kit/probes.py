@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES
 from facexplain.attributes.catalog import AttributeCatalog
-from facexplain.models.bundle import KIND_ATTRIBUTE_PROBES
+from registry.client import VersionInfo
 from services.kit.config import ServiceSettings
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
-from services.kit.registry import VersionInfo
 from services.kit.reload import ModelWatcher, serve_from_registry
 
 log = logging.getLogger("facexplain.probes")

@@ -30,13 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from facexplain.models.bundle import BundleError, flat_metadata, read_metadata, validate_embedder
-from services.api.v1 import common_pb2
-from services.kit.config import ServiceSettings
-from services.kit.errors import NotFound
-from services.kit.metrics import ServiceMetrics
-from services.kit.models import ModelSlot, ServedModel
-from services.kit.registry import (
+from facexplain.artifacts.bundle import BundleError, flat_metadata, read_metadata, validate_embedder
+from registry.client import (
     DEFAULT_MODEL_FOR_KIND,
     Registry,
     RegistryError,
@@ -45,6 +40,11 @@ from services.kit.registry import (
     missing_tags,
     public_uri,
 )
+from services.api.v1 import common_pb2
+from services.kit.config import ServiceSettings
+from services.kit.errors import NotFound
+from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot, ServedModel
 
 log = logging.getLogger("facexplain.reload")
 T = TypeVar("T")
@@ -311,7 +311,7 @@ def metadata_problems(
 
 
 def load_embedder(path: Path, info: VersionInfo, device: str) -> Any:
-    from facexplain.models.bundle import load_bundle
+    from facexplain.artifacts.bundle import load_bundle
 
     return load_bundle(path, device, name=info.name, version=info.version)
 

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
-from services.client.sdk import (
+from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from sdk.client import (
     AttributesClient,
     folder_dataset,
     image_from_path,
@@ -40,8 +40,8 @@ from services.client.sdk import (
     server_dataset,
     wait_ready,
 )
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
-from tests.integration.service_env import registry_service_env
+from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
+from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -539,7 +539,7 @@ def test_every_rejection_has_its_code_and_a_clear_message(
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.client.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=600
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.client.launcher import REPO, RunningService
+from cli.launcher import REPO, RunningService
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_embed_dir_writes_npz(embedding_service: RunningService, orl_dir: Path, 
         [
             sys.executable,
             "-m",
-            "services.client.cli",
+            "cli.main",
             "embed",
             str(src),
             "--target",
@@ -58,7 +58,7 @@ def test_embed_reports_unreachable_service(tmp_path: Path, orl_dir: Path) -> Non
         [
             sys.executable,
             "-m",
-            "services.client.cli",
+            "cli.main",
             "embed",
             str(orl_dir / "s1"),
             "--target",

@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+from sdk.client import CounterfactualClient, image_from_path, image_pair, wait_ready
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
-from services.client.sdk import CounterfactualClient, image_from_path, image_pair, wait_ready
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
-from tests.integration.service_env import registry_service_env
+from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -347,7 +347,7 @@ def test_a_deadline_stops_a_running_attack_and_the_server_keeps_serving(
 
 def test_cli_explain_and_defence_write_their_files(svc: RunningService, tmp_path: Path) -> None:
     out = tmp_path / "explain"
-    cmd = [sys.executable, "-m", "services.client.cli", "counterfactual"]
+    cmd = [sys.executable, "-m", "cli.main", "counterfactual"]
     proc = subprocess.run(
         [*cmd, "explain", str(PROBE), str(REF), "--target", svc.address, "--out", str(out), "--seed", "3",
          "--attributes", "yaw", "age", "skin_colour", "lbp_r3_c3", "--n-random", "2"],

@@ -33,12 +33,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from sdk.client import DecodingClient, image_from_path, wait_ready
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
-from services.client.sdk import DecodingClient, image_from_path, wait_ready
-from services.kit.registry import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
-from tests.integration.conftest import retarget_decoder_bundle, train_decoder_cli
-from tests.integration.service_env import registry_service_env
+from tests.servers import retarget_decoder_bundle, train_decoder_cli
+from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -501,7 +501,7 @@ def test_without_a_decoder_the_server_answers_unavailable_until_one_is_registere
 
 def _reconstruct_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.client.cli", "reconstruct", *args],
+        [sys.executable, "-m", "cli.main", "reconstruct", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -28,18 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facexplain.models.direction_bundle import DirectionSetData, bundle_tags, save_direction_set
-from services.api.v1 import common_pb2, directions_pb2, directions_pb2_grpc
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
-from services.client.sdk import (
-    DirectionsClient,
-    image_from_path,
-    inline_dataset,
-    labeled_image,
-    server_dataset,
-    wait_ready,
-)
-from services.kit.registry import (
+from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from facexplain.artifacts.direction_set import DirectionSetData, bundle_tags, save_direction_set
+from registry.client import (
     CHAMPION,
     DEFAULT_DECODER_MODEL,
     DEFAULT_FR_MODEL,
@@ -47,7 +38,16 @@ from services.kit.registry import (
     RegistryNotFound,
     VersionInfo,
 )
-from tests.integration.service_env import registry_service_env
+from sdk.client import (
+    DirectionsClient,
+    image_from_path,
+    inline_dataset,
+    labeled_image,
+    server_dataset,
+    wait_ready,
+)
+from services.api.v1 import common_pb2, directions_pb2, directions_pb2_grpc
+from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def _versions(registry: Registry, name: str) -> list[VersionInfo]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.client.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 

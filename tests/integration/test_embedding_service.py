@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from cli.launcher import RunningService
+from sdk.client import EmbeddingClient, image_from_path, open_channel
 from services.api.v1 import common_pb2
-from services.client.launcher import RunningService
-from services.client.sdk import EmbeddingClient, image_from_path, open_channel
 
 pytestmark = pytest.mark.integration
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from services.kit.registry import CHAMPION, DEFAULT_PROBES_MODEL, REQUIRED_TAGS, Registry
+from registry.client import CHAMPION, DEFAULT_PROBES_MODEL, REQUIRED_TAGS, Registry
 
 pytestmark = pytest.mark.integration
 
 
 def test_cli_parses_train_probes() -> None:
-    from services.client.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser(with_training=True).parse_args(
         ["train", "probes", "--data", "d", "--labels", "Eyeglasses,Smiling", "--max-images", "300", "--out", "o"]
@@ -30,9 +30,9 @@ def test_cli_parses_train_probes() -> None:
 
 
 def test_train_register_and_load(celeba_attr_faceset, mlflow, registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES
     from facexplain.attributes.accessory import load_probe_bundle
     from facexplain.attributes.catalog import FaceBatch
-    from facexplain.models.bundle import KIND_ATTRIBUTE_PROBES
     from training.probes.config import TrainProbesConfig
     from training.probes.run import train_probes
 

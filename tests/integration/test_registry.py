@@ -31,10 +31,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from facexplain.models.bundle import BUNDLE_JSON, bundle_digest, load_bundle, read_metadata, save_embedder_bundle
+from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
+from facexplain.artifacts.bundle import BUNDLE_JSON, bundle_digest, load_bundle, read_metadata, save_embedder_bundle
+from registry.client import DEFAULT_FR_MODEL, Registry
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
-from services.kit.registry import DEFAULT_FR_MODEL, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,7 @@ def _serving(svc: RunningService) -> common_pb2.LoadedModel:
 
 def _cli(*args: str, uri: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.client.cli", "registry", *args, "--uri", uri],
+        [sys.executable, "-m", "cli.main", "registry", *args, "--uri", uri],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -519,7 +519,7 @@ def test_fresh_process_loads_by_alias_from_the_artifact_alone(
 ) -> None:
     code = (
         "import json, sys\n"
-        "from services.client.cli import main\n"
+        "from cli.main import main\n"
         f"rc = main(['registry', 'check', {NAME!r}, '--alias', 'champion', '--uri', {mlflow.uri!r}, '--json',"
         f" '--cache-dir', {str(tmp_path / 'cache')!r}])\n"
         "bad = sorted(m for m in sys.modules if m == 'training' or m.startswith('training.'))\n"
@@ -541,7 +541,7 @@ def test_cli_list_and_refusals(
     mlflow: MlflowHandle, versions: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # in-process (the subprocess path is exercised above): main() is what the console script runs
-    from services.client.cli import main
+    from cli.main import main
 
     capsys.readouterr()
     assert main(["registry", "list", "--json", "--uri", mlflow.uri]) == 0

@@ -20,11 +20,11 @@ from typing import Any
 import grpc
 import pytest
 
+from cli.launcher import REPO, RunningMlflow, RunningService, start_service
 from facexplain.data.faceset import FaceSet
+from registry.client import CHAMPION, Registry
+from sdk.client import EmbeddingClient, wait_ready
 from services.api.v1 import common_pb2
-from services.client.launcher import REPO, RunningMlflow, RunningService, start_service
-from services.client.sdk import EmbeddingClient, wait_ready
-from services.kit.registry import CHAMPION, Registry
 from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ OTHER_PERSON = REPO / "data" / "sample" / "celeba" / "id7202" / "006155.jpg"
 def _train_cli(uri: str, out: Path) -> dict[str, Any]:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "services.client.cli", "train", "sadfad", "--preset", "smoke",
+            sys.executable, "-m", "cli.main", "train", "sadfad", "--preset", "smoke",
             "--variant", "sad+fad", "--registry", uri, "--out", str(out), "--quiet", "--alias", CHAMPION,
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -16,7 +16,7 @@ import torch
 from facexplain.data.faces import celeba_records, orl_records
 from facexplain.data.splits import held_apart_sample
 from facexplain.metrics.verification import DLIB_L2_RULE, pair_scores, rank1_accuracy, roc_auc
-from services.client.sdk import EmbeddingClient, image_from_path, template_array
+from sdk.client import EmbeddingClient, image_from_path, template_array
 
 pytestmark = pytest.mark.integration
 

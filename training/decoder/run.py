@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 
 import facexplain
+from facexplain.artifacts.bundle import GOLDEN_IMAGE, bundle_digest, load_bundle, load_golden_image, read_metadata
+from facexplain.artifacts.decoder import save_decoder_bundle
 from facexplain.data.faceset import (
     FaceSet,
     blend_faceset,
@@ -32,13 +34,11 @@ from facexplain.data.faceset import (
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
-from facexplain.models.bundle import GOLDEN_IMAGE, bundle_digest, load_bundle, load_golden_image, read_metadata
 from facexplain.models.decoder import DeepFaceDecoder
-from facexplain.models.decoder_bundle import save_decoder_bundle
 from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
 from facexplain.viz import pairs_grid, save_png
-from services.kit.registry import CHAMPION, Registry, VersionInfo
+from registry.client import CHAMPION, Registry, VersionInfo
 from training.common import TrackedRun, barrier, default_alias, init_distributed, resolve_device
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, face_sides, split_faceset

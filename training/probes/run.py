@@ -306,7 +306,7 @@ def _register(
     cfg: TrainProbesConfig, bundle: Path, uri: str, run_id: str, metrics: dict[str, float], gates: dict[str, bool]
 ) -> dict[str, str]:
     """Register the bundle from the training run itself, so the version links to its figures."""
-    from services.kit.registry import Registry
+    from registry.client import Registry
 
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
     alias = default_alias(registry, cfg.register_as, cfg.alias)
@@ -319,7 +319,7 @@ def _register(
 def load_registered(uri: str, name: str, ref: str, cache_dir: Path, device: str = "cpu") -> Any:
     """A registered probe version (``ref`` = alias or version number) as an ``AccessoryEstimator``."""
     from facexplain.attributes.accessory import load_probe_bundle
-    from services.kit.registry import Registry
+    from registry.client import Registry
 
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
     info = registry.get_version(name, ref) if ref.isdigit() else registry.resolve(name, ref)

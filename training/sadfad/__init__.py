@@ -1,7 +1,7 @@
 """Interpretable FR training with the spatial / feature activation diversity losses (Yin et al.):
 ``facexplain train sadfad`` (see ``training.sadfad.run``).
 
-Registration as a served embedder is not done here yet. ``facexplain.models.bundle.load_bundle``
+Registration as a served embedder is not done here yet. ``facexplain.artifacts.bundle.load_bundle``
 builds the ``recognition`` component as a ``FaceRecognitionNet`` whatever the bundle says, so a
 bundle holding a SAD/FAD net would not load (and ``save_embedder_bundle`` records the golden template
 by loading what it wrote). What the loader needs: for a ``recognition`` component with

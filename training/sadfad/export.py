@@ -3,7 +3,7 @@
 The bundle keeps face-api's detector and 68-point landmarks (byte for byte, as the default
 embedder has them: the net was trained on chips aligned by exactly those) and stores the SAD/FAD
 recognition net as a state dict with the config that rebuilds it
-(``facexplain.models.bundle._build_recognition``). Services then load it by alias like any other
+(``facexplain.artifacts.bundle._build_recognition``). Services then load it by alias like any other
 FR model, so decoders, directions, attributes and counterfactuals work on it unchanged.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from facexplain.artifacts.bundle import save_embedder_bundle
 from facexplain.metrics.verification import VerificationRule
-from facexplain.models.bundle import save_embedder_bundle
 from facexplain.models.sadfad import SADFADEmbedder
 from facexplain.pipeline import FacePipeline
 from training.sadfad.run import load_trained_model

@@ -11,7 +11,7 @@ Figures hold statistics (peak locations on the template mesh), never faces.
 The trained weights are written to ``OUT/model.pt`` (``save_trained_model``): architecture config,
 the embedder's weights (no identity head), the frontal template the occlusions and the peak maps
 use, the calibrated verification threshold, the seed and the run id. Registering that as a served
-embedder bundle needs a change in ``facexplain/models/bundle.py`` (see ``training/sadfad/__init__.py``).
+embedder bundle needs a change in ``facexplain/artifacts/bundle.py`` (see ``training/sadfad/__init__.py``).
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def _register(
     """Bundle the trained net and register it from its own run (the version links back to the run)."""
     import shutil
 
-    from services.kit.registry import Registry
+    from registry.client import Registry
     from training.sadfad.export import export_bundle
 
     if bundle.exists():

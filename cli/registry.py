@@ -1,0 +1,238 @@
+"""``facexplain registry ...``: register, promote, list and check model versions in the MLflow registry.
+
+facexplain registry register-defaults            # the default FR model as a version (champion if none yet)
+facexplain registry promote facexplain-fr-dlib128 3 --alias champion
+facexplain registry list
+facexplain registry check facexplain-fr-dlib128 --alias challenger   # download, load, validate: promote-ready?
+
+The registry URI comes from ``--uri``, else ``FACEXPLAIN_REGISTRY_URI``, else ``MLFLOW_TRACKING_URI``,
+else ``http://127.0.0.1:5000`` (what ``make mlflow`` starts). Heavy imports (MLflow, torch) happen
+inside the commands so ``facexplain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "http://127.0.0.1:5000"
+# Repeated from registry.client (a unit test holds them equal) so building the parser imports no torch.
+DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
+CHAMPION = "champion"
+
+
+def _uri(args: argparse.Namespace) -> str:
+    return str(
+        args.uri or os.environ.get("FACEXPLAIN_REGISTRY_URI") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    )
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from registry.client import Registry
+
+    # The CLI may wait a little longer than a service's poll, and retry a flaky network twice.
+    return Registry(_uri(args), timeout_s=args.timeout, max_retries=2)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _cmd_register_defaults(args: argparse.Namespace) -> int:
+    from facexplain.artifacts.bundle import bundle_digest, save_embedder_bundle
+    from registry.client import RegistryError, RegistryNotFound, RegistryUnreachable
+
+    reg = _registry(args)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fx-bundle-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        try:
+            meta = save_embedder_bundle(
+                bundle, name=args.name, faceapi_dir=Path(args.faceapi_dir) if args.faceapi_dir else None
+            )
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot build the default bundle: {exc}", 2)
+        try:
+            existing = None if args.force else reg.find_by_digest(args.name, bundle_digest(meta))
+            if existing is not None:
+                print(f"{args.name} version {existing.version} already holds these weights (--force registers again)")
+                info = existing
+            else:
+                info = reg.register_bundle(bundle, args.name, description=args.description)
+                print(f"registered {args.name} version {info.version} (kind embedder, dim {meta['template_dim']})")
+            alias = args.alias
+            if alias is None:  # champion only when nothing is served yet: never demote a promoted version
+                try:
+                    reg.resolve(args.name, CHAMPION)
+                except RegistryNotFound:
+                    alias = CHAMPION
+            if alias:
+                reg.set_alias(args.name, alias, info.version)
+                print(f"{args.name}@{alias} -> version {info.version}")
+        except RegistryUnreachable as exc:
+            return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+        except RegistryError as exc:
+            return _fail(str(exc))
+    print(f"done in {time.monotonic() - t0:.1f} s; registry UI: {_uri(args)}/#/models/{args.name}")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from registry.client import RegistryError, RegistryNotFound, RegistryUnreachable, missing_tags
+
+    reg = _registry(args)
+    try:
+        info = reg.get_version(args.name, args.version)
+        kind = info.tags.get("kind", "")
+        missing = missing_tags(kind, info.tags)
+        if missing and not args.force:
+            return _fail(
+                f"{args.name} v{args.version} lacks required tags ({', '.join(missing)}); services would reject it "
+                "(--force promotes anyway)"
+            )
+        try:
+            previous = reg.resolve(args.name, args.alias).version
+        except RegistryNotFound:
+            previous = None
+        reg.set_alias(args.name, args.alias, args.version)
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except RegistryError as exc:
+        return _fail(str(exc))
+    was = f" (was version {previous})" if previous else ""
+    print(f"{args.name}@{args.alias} -> version {args.version}{was}; services following it swap within their poll")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from registry.client import RegistryError, RegistryUnreachable
+
+    reg = _registry(args)
+    try:
+        models = reg.list_models()
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except RegistryError as exc:
+        return _fail(str(exc))
+    if args.json:
+        out = [
+            {
+                "name": m["name"],
+                "aliases": m["aliases"],
+                "versions": [{"version": v.version, "tags": v.tags, "run_id": v.run_id} for v in m["versions"]],
+            }
+            for m in models
+        ]
+        print(json.dumps(out, indent=1))
+        return 0
+    if not models:
+        print(f"no registered models at {_uri(args)} (try `facexplain registry register-defaults`)")
+        return 0
+    print(f"{'MODEL':28} {'VERSION':>7}  {'ALIASES':20} {'KIND':10} {'DIM':>4}  CREATED (UTC)")
+    for m in models:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in m["aliases"].items():
+            by_version.setdefault(str(version), []).append(alias)
+        for v in m["versions"]:
+            created = datetime.fromtimestamp(v.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            aliases = ",".join(sorted(by_version.get(v.version, []))) or "-"
+            print(
+                f"{m['name']:28} {v.version:>7}  {aliases:20} {v.tags.get('kind', '?'):10} "
+                f"{v.tags.get('template_dim', '?'):>4}  {created}"
+            )
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Load a version from its artifact alone, in this fresh process, and run the service's validation."""
+    from facexplain.artifacts.bundle import BundleError, read_metadata
+    from registry.client import RegistryError, RegistryUnreachable
+    from services.kit.reload import load_embedder, metadata_problems, validate_embedder_version
+
+    reg = _registry(args)
+    label = f"{args.name} v{args.version}" if args.version else f"{args.name}@{args.alias}"
+    try:
+        info = reg.get_version(args.name, args.version) if args.version else reg.resolve(args.name, args.alias)
+        label = f"{info.name} v{info.version}"
+        t0 = time.perf_counter()
+        cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="fx-check-"))
+        path = reg.download(info, cache)
+        t1 = time.perf_counter()
+        meta = read_metadata(path)
+        problems = metadata_problems(str(meta.get("kind")), info, meta)
+        if problems:
+            raise BundleError("; ".join(problems))
+        model = load_embedder(path, info, args.device)
+        t2 = time.perf_counter()
+        extra = validate_embedder_version(model, path, meta)
+        t3 = time.perf_counter()
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except (RegistryError, BundleError, OSError) as exc:
+        return _fail(f"{label} is not servable: {exc}", 4)
+    report = {
+        "name": info.name,
+        "version": info.version,
+        "alias": info.alias,
+        "kind": meta["kind"],
+        "template_dim": meta["template_dim"],
+        "golden_cosine": float(extra["golden_cosine"]),
+        "download_s": round(t1 - t0, 3),
+        "load_s": round(t2 - t1, 3),
+        "validate_s": round(t3 - t2, 3),
+        "path": str(path),
+    }
+    print(json.dumps(report) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+    return 0
+
+
+def add_registry_parser(sub: Any) -> None:
+    """Attach ``registry`` and its subcommands to the top-level ``facexplain`` parser."""
+    r = sub.add_parser("registry", help="register, promote, list and check model versions (MLflow registry)")
+    rsub = r.add_subparsers(dest="registry_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--uri", help=f"MLflow tracking URI (FACEXPLAIN_REGISTRY_URI, default {DEFAULT_URI})")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per registry call")
+
+    d = rsub.add_parser("register-defaults", help="register the default face models (face-api weights) as a version")
+    common(d)
+    d.add_argument("--name", default=DEFAULT_FR_MODEL, help=f"registered model name (default {DEFAULT_FR_MODEL})")
+    d.add_argument(
+        "--alias", default=None, help=f"alias to point at the version (default: {CHAMPION} if the model has none)"
+    )
+    d.add_argument("--force", action="store_true", help="register a new version even if one holds these weights")
+    d.add_argument("--faceapi-dir", help="face-api model folder (default .weights/face-api-1.7.15/model)")
+    d.add_argument("--description", default="", help="version description shown in the UI")
+    d.set_defaults(func=_cmd_register_defaults)
+
+    p = rsub.add_parser("promote", help="point an alias (default champion) at a version")
+    common(p)
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", default=CHAMPION, help=f"alias to move (default {CHAMPION})")
+    p.add_argument("--force", action="store_true", help="promote even if the version lacks required tags")
+    p.set_defaults(func=_cmd_promote)
+
+    ls = rsub.add_parser("list", help="registered models, versions and aliases")
+    common(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_list)
+
+    c = rsub.add_parser("check", help="download a version, load it from the artifact alone and validate it")
+    common(c)
+    c.add_argument("name")
+    c.add_argument("--alias", default=CHAMPION)
+    c.add_argument("--version", help="a version number instead of --alias")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--cache-dir", help="where to download (default: a fresh temporary folder)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_check)

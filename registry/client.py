@@ -1,0 +1,389 @@
+"""Model Registry conventions and the few MLflow client calls services and the CLI make.
+
+Conventions (the same for the UI, the CLI and the services):
+
+* Registered model names are ``facexplain-<role>-<architecture>``: ``facexplain-fr-dlib128`` for the
+  default FR model, ``facexplain-dfd-<fr model>`` for decoders, ``facexplain-sadfad-...`` for
+  interpretable FR nets. One registered model holds versions of one kind only.
+* Aliases, not stages: services serve ``champion``; ``challenger`` marks a candidate. Promotion is
+  moving an alias (UI: Models -> model -> version -> Aliases; CLI: ``facexplain registry promote``).
+* A version's artifact is a self-contained bundle directory (``facexplain.artifacts.bundle``) logged as
+  run artifacts under ``bundle/`` and registered from ``runs:/<run_id>/bundle``. Its tags repeat the
+  bundle's metadata (``REQUIRED_TAGS``) so the UI shows what a version is without downloading it.
+
+MLflow is imported lazily: a service without a registry never pays for it. MLflow's HTTP client
+reads its timeout and retry count from the environment on every request (there is no per-client
+setting), so :class:`Registry` sets them: by default a registry call fails in seconds instead of
+retrying for minutes, which is what lets a service notice an outage and keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from facexplain.artifacts.bundle import (
+    KIND_ATTRIBUTE_PROBES,
+    KIND_DECODER,
+    KIND_EMBEDDER,
+    BundleError,
+    bundle_digest,
+    flat_metadata,
+    read_metadata,
+    verify_files,
+)
+
+log = logging.getLogger("facexplain.registry")
+
+DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
+DEFAULT_DECODER_MODEL = "facexplain-dfd-dlib128"
+DEFAULT_PROBES_MODEL = "facexplain-probes-faceapi"  # accessory probes (facexplain.attributes.accessory)
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+ALIASES = (CHAMPION, CHALLENGER)
+EXPERIMENT = "facexplain-registry"
+ARTIFACT_PATH = "bundle"
+MODEL_NAME_RE = re.compile(r"^facexplain-[a-z0-9]+-[a-z0-9][a-z0-9._-]*$")
+KIND_DIRECTION_SET = "direction_set"
+# Registered names the API fixes as defaults (directions.proto) that name a role only: a direction set
+# belongs to an FR model through its metadata, not its name, so there is no architecture suffix.
+ROLE_ONLY_NAMES = ("facexplain-directions", "facexplain-equivariance")
+
+# The model a service serves when FACEXPLAIN_MODEL_NAME is empty, by the kind it serves.
+DEFAULT_MODEL_FOR_KIND = {KIND_EMBEDDER: DEFAULT_FR_MODEL, KIND_DECODER: DEFAULT_DECODER_MODEL}
+
+# Tags every model version carries, per kind (values come from the bundle's metadata).
+_COMMON_TAGS = ("kind", "bundle_format", "bundle_sha256")
+REQUIRED_TAGS: dict[str, tuple[str, ...]] = {
+    KIND_EMBEDDER: (
+        *_COMMON_TAGS,
+        "template_dim",
+        "input_size",
+        "normalisation",
+        "alignment",
+        "chip_padding",
+        "verification_metric",
+        "verification_threshold",
+    ),
+    KIND_DECODER: (*_COMMON_TAGS, "template_dim", "input_size", "fr_model_name", "fr_model_version"),
+    KIND_DIRECTION_SET: (*_COMMON_TAGS, "template_dim", "fr_model_name", "fr_model_version", "method"),
+    KIND_ATTRIBUTE_PROBES: (*_COMMON_TAGS, "architecture", "labels"),
+}
+
+# A RestException with one of these codes means the server answered "no such model/alias/version".
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
+# ... and with one of these, it answered but refuses: a configuration problem, not an outage.
+_REFUSED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST"}
+
+
+class RegistryError(Exception):
+    """The registry answered but the request cannot be served (refused, inconsistent metadata, ...)."""
+
+
+class RegistryUnreachable(RegistryError):
+    """No answer from the registry (connection refused, timeout, 5xx): keep serving what is loaded."""
+
+
+class RegistryNotFound(RegistryError):
+    """The registry answered: no such registered model, version or alias."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version as services need it (no MLflow types leak out of this module)."""
+
+    name: str
+    version: str
+    alias: str = ""
+    run_id: str = ""
+    source: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    created_ms: int = 0
+
+
+def public_uri(uri: str) -> str:
+    """The URI without credentials (user:password@ and query tokens), for logs and ModelStatus."""
+    parts = urlsplit(uri)
+    if not parts.netloc:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_model_name(name: str) -> None:
+    if name in ROLE_ONLY_NAMES:
+        return
+    if not MODEL_NAME_RE.match(name):
+        raise RegistryError(
+            f"model name {name!r} does not follow the convention facexplain-<role>-<architecture> "
+            f"(lower case, e.g. {DEFAULT_FR_MODEL})"
+        )
+
+
+def missing_tags(kind: str, tags: dict[str, str]) -> list[str]:
+    """Required tags absent or empty on a version of ``kind`` (unknown kinds need the common ones)."""
+    return [t for t in REQUIRED_TAGS.get(kind, _COMMON_TAGS) if not tags.get(t)]
+
+
+def _version_info(mv: Any, alias: str = "") -> VersionInfo:
+    return VersionInfo(
+        name=str(mv.name),
+        version=str(mv.version),
+        alias=alias,
+        run_id=str(mv.run_id or ""),
+        source=str(mv.source or ""),
+        tags=dict(mv.tags or {}),
+        aliases=tuple(getattr(mv, "aliases", None) or ()),
+        created_ms=int(mv.creation_timestamp or 0),
+    )
+
+
+class Registry:
+    """The MLflow Model Registry behind one tracking URI."""
+
+    def __init__(self, uri: str, *, timeout_s: float = 5.0, max_retries: int = 0) -> None:
+        if not uri:
+            raise ValueError("registry URI is empty")
+        self.uri = uri
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one client call, turning MLflow's exceptions into the three cases callers act on."""
+        from mlflow.exceptions import MlflowException, RestException
+
+        try:
+            return fn(*args, **kwargs)
+        except RestException as exc:
+            code = str(exc.error_code)
+            if code in _NOT_FOUND_CODES:
+                raise RegistryNotFound(f"{what}: {exc.message}") from None
+            if code in _REFUSED_CODES:
+                raise RegistryError(f"{what}: {code}: {exc.message}") from None
+            raise RegistryUnreachable(f"{what}: registry error {code}: {exc.message[:300]}") from None
+        except MlflowException as exc:
+            raise RegistryUnreachable(f"{what}: {public_uri(self.uri)} unreachable ({_short(exc.message)})") from None
+        except OSError as exc:  # requests' ConnectionError is an OSError
+            raise RegistryUnreachable(f"{what}: {public_uri(self.uri)} unreachable ({_short(str(exc))})") from None
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def resolve(self, name: str, alias: str) -> VersionInfo:
+        """Alias -> version: the one call a watcher makes per poll."""
+        mv = self._call(f"resolve {name}@{alias}", self.client.get_model_version_by_alias, name, alias)
+        return _version_info(mv, alias)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        return _version_info(self._call(f"get {name} v{version}", self.client.get_model_version, name, version))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        found = self._call(f"list versions of {name}", self.client.search_model_versions, f"name = '{name}'")
+        return sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def find_by_tag(self, key: str, value: str, max_results: int = 10) -> list[VersionInfo]:
+        """Versions of any registered model whose tag ``key`` equals ``value``, newest first."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key) or "'" in value:
+            raise ValueError(f"unsafe tag filter {key}={value!r}")
+        found = self._call(
+            f"find versions with {key}={value}",
+            self.client.search_model_versions,
+            f"tags.{key} = '{value}'",
+            max_results=max_results,
+        )
+        return sorted((_version_info(mv) for mv in found), key=lambda v: -v.created_ms)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every registered model with its aliases and versions (for ``facexplain registry list``)."""
+        models = self._call("list registered models", self.client.search_registered_models)
+        out = []
+        for rm in sorted(models, key=lambda m: m.name):
+            out.append(
+                {
+                    "name": rm.name,
+                    "description": rm.description or "",
+                    "tags": dict(rm.tags or {}),
+                    "aliases": dict(rm.aliases or {}),
+                    "versions": self.versions(rm.name),
+                }
+            )
+        return out
+
+    def download(self, info: VersionInfo, cache_dir: Path | str) -> Path:
+        """The version's bundle directory, from ``cache_dir/<name>/<version>`` or downloaded there first.
+
+        Downloads go to a temporary sibling and are renamed into place, so a crash mid-download never
+        leaves a half bundle that looks cached; checksums are verified by the loader either way.
+        """
+        import mlflow.artifacts
+
+        dest = Path(cache_dir) / info.name / info.version
+        if (dest / "bundle.json").is_file():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{info.version}-", dir=dest.parent))
+        try:
+            uri = self._call(
+                f"download URI of {info.name} v{info.version}",
+                self.client.get_model_version_download_uri,
+                info.name,
+                info.version,
+            )
+            got = Path(
+                self._call(
+                    f"download {info.name} v{info.version}",
+                    mlflow.artifacts.download_artifacts,
+                    artifact_uri=uri,
+                    dst_path=str(tmp),
+                    tracking_uri=self.uri,
+                    registry_uri=self.uri,
+                )
+            )
+            if not (got / "bundle.json").is_file():
+                raise RegistryError(f"{info.name} v{info.version}: artifact {uri} holds no bundle.json")
+            if dest.exists():  # another process won the race
+                return dest
+            got.rename(dest)
+            return dest
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def ensure_model(self, name: str, kind: str, description: str = "") -> None:
+        """Create the registered model if missing; refuse a name that already holds another kind."""
+        from mlflow.exceptions import RestException
+
+        try:
+            rm = self.client.get_registered_model(name)
+        except RestException as exc:
+            if str(exc.error_code) not in _NOT_FOUND_CODES:
+                raise RegistryError(f"get {name}: {exc.message}") from None
+            self._call(
+                f"create {name}",
+                self.client.create_registered_model,
+                name,
+                tags={"kind": kind, "convention": "facexplain-<role>-<architecture>"},
+                description=description,
+            )
+            return
+        existing = (rm.tags or {}).get("kind")
+        if existing and existing != kind:
+            raise RegistryError(f"registered model {name!r} holds {existing!r} versions, not {kind!r}")
+
+    def find_by_digest(self, name: str, digest: str) -> VersionInfo | None:
+        try:
+            versions = self.versions(name)
+        except RegistryNotFound:
+            return None
+        return next((v for v in versions if v.tags.get("bundle_sha256") == digest), None)
+
+    def register_bundle(
+        self,
+        bundle_dir: Path | str,
+        name: str,
+        *,
+        description: str = "",
+        alias: str | None = None,
+        extra_tags: dict[str, str] | None = None,
+        check: bool = True,
+        run_id: str | None = None,
+    ) -> VersionInfo:
+        """Log ``bundle_dir`` as the artifacts of a new run and register it as the next version of ``name``.
+
+        With ``run_id`` the bundle goes into that existing run instead (a training run registers what it
+        trained, so the version links to its parameters, curves and images); the run is left open.
+        ``check=False`` skips the bundle's own metadata and checksum checks (tests use it to register
+        deliberately broken versions; services must still reject them).
+        """
+        root = Path(bundle_dir)
+        check_model_name(name)
+        if check:
+            meta = read_metadata(root)
+            verify_files(root, meta)
+        else:
+            import json
+
+            meta = json.loads((root / "bundle.json").read_text())
+        kind = str(meta.get("kind", ""))
+        try:
+            tags = flat_metadata(meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"bundle metadata cannot be turned into tags: {exc}") from None
+        tags["bundle_sha256"] = bundle_digest(meta)
+        tags.update(extra_tags or {})
+        if check and (missing := missing_tags(kind, tags)):
+            raise RegistryError(f"bundle metadata lacks what {kind} versions must carry: {', '.join(missing)}")
+        client = self.client
+        own_run = run_id is None
+        if run_id is None:
+            exp = self._call("get experiment", client.get_experiment_by_name, EXPERIMENT)
+            exp_id = exp.experiment_id if exp else self._call("create experiment", client.create_experiment, EXPERIMENT)
+            run = self._call(
+                "create run",
+                client.create_run,
+                exp_id,
+                run_name=f"register-{name}",
+                tags={"facexplain.model_name": name, "facexplain.kind": kind},
+            )
+            run_id = run.info.run_id
+        try:
+            self._call("log bundle", client.log_artifacts, run_id, str(root), ARTIFACT_PATH)
+            if own_run:
+                from mlflow.entities import Param
+
+                params = [Param(k, v[:500]) for k, v in tags.items()]
+                self._call("log params", client.log_batch, run_id, params=params)
+        except Exception:
+            if own_run:
+                client.set_terminated(run_id, status="FAILED")
+            raise
+        if own_run:
+            client.set_terminated(run_id)
+        self.ensure_model(name, kind, description)
+        mv = self._call(
+            f"create version of {name}",
+            client.create_model_version,
+            name,
+            f"runs:/{run_id}/{ARTIFACT_PATH}",
+            run_id=run_id,
+            tags=tags,
+            description=description or str(meta.get("description", "")),
+        )
+        info = _version_info(mv)
+        log.info("registered %s version %s (run %s)", name, info.version, run_id)
+        if alias:
+            self.set_alias(name, alias, info.version)
+        return info
+
+    def set_alias(self, name: str, alias: str, version: str) -> VersionInfo:
+        """Point ``alias`` at ``version`` (the promotion); services following the alias pick it up."""
+        info = self.get_version(name, version)
+        self._call(f"set {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
+        return info
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(f"delete {name}@{alias}", self.client.delete_registered_model_alias, name, alias)
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """First line of an MLflow error, trimmed: its messages embed whole urllib3 reprs."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return first if len(first) <= limit else first[:limit] + "..."

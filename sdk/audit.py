@@ -1,0 +1,960 @@
+"""``facexplain audit``: what an FR model encodes and why it decided a pair, from the running services.
+
+facexplain audit --fr-model facexplain-fr-dlib128@champion --data data/sample --out report/ --seed 0
+
+The audit drives the five services through the SDK (nothing runs in-process but the report) and
+collects, for one served FR model on one folder of faces:
+
+(a) models       every model name + version each service serves (ModelStatus), the registry each follows
+(b) reconstruct  a sample of faces decoded from their templates (decoding Reconstruct): PSNR, SSIM and
+                 identity cosine as the decoding service reports them, and an image grid
+(c) ssi          spatially isolated directions for eyes / nose / lower face (directions DiscoverSSI) with a
+                 decoded traversal strip per region (Traverse, decode=True)
+(d) labels       label directions the data allows: centroids for Smiling / Eyeglasses when labels.csv has
+                 them, a yaw regression (yaw estimated by the attributes service) when there are enough
+                 faces; each one that cannot be made is skipped with the reason
+(e) importance   I(a; â) per attribute with a shuffled control (attributes Importance, seeded) and a chart
+(f) mirror       how alike the model finds each face and its mirror image (embedding Embed), beside two
+                 photos of one person: a model that treats them alike cannot keep which way a face turns or
+                 tilts (the sign of yaw and roll), nor which side an asymmetric feature is on
+(g) counterfactual  pairs scored by the embedding service (Verify), then counterfactual Explain for the
+                 worst-scored genuine and best-scored impostor pairs
+
+Every random choice takes ``seed``; two runs with the same seed give the same ``audit.json`` except
+timestamps (``*_at``, ``started``, ``finished``). Direction sets are cited by the id the directions
+service derives from their content (``set_id``, the same for the same request and data) and by the
+digest of their vectors (``sha256``).
+
+Exit status of the CLI: 0 done, 2 bad input, 3 a service or the registry is not reachable (or serves
+another FR model than ``--fr-model``), 4 a service failed a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from sdk.client import DEFAULT_PORTS
+
+SERVICES = tuple(DEFAULT_PORTS)
+DEFAULT_TARGETS = {name: f"127.0.0.1:{port}" for name, port in DEFAULT_PORTS.items()}
+SSI_REGIONS = ("eyes", "nose", "lower_face")
+LABEL_CENTROIDS = ("Smiling", "Eyeglasses")
+# Keys whose values legitimately differ between two runs with the same seed.
+RUN_SCOPED_KEYS = ("started", "finished")
+# What a service answers when the request's data cannot be used (no face, too few faces for a label):
+# the audit records the reason and goes on; any other status stops it.
+DATA_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class AuditError(Exception):
+    """A step that cannot go on; ``code`` is the CLI's exit status."""
+
+    def __init__(self, message: str, code: int = 4) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class AuditConfig:
+    fr_model: str
+    data: Path
+    out: Path
+    pairs: Path | None = None
+    seed: int = 0
+    targets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TARGETS))
+    max_faces: int = 30  # faces sent to SSI / labels / importance (seeded sample when there are more)
+    max_reconstructions: int = 8
+    ssi_max_pairs: int = 24
+    ssi_components: int = 2
+    traverse_alphas: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    min_yaw_faces: int = 10
+    importance_bootstrap: int = 20
+    max_pairs: int = 60  # pairs scored (seeded sample of all pairs when there are more)
+    explain_pairs: int = 2  # counterfactuals per kind: worst genuine, best impostor
+    attack_steps: int = 10
+    connect_timeout: float = 20.0
+    quiet: bool = False
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"] = Path(self.data).name
+        d["pairs"] = Path(self.pairs).name if self.pairs else None
+        d["traverse_alphas"] = list(self.traverse_alphas)
+        for k in ("out", "quiet", "connect_timeout", "targets"):
+            d.pop(k)
+        return d
+
+
+def parse_model_ref(text: str) -> tuple[str, str]:
+    name, sep, alias = text.partition("@")
+    if not name or not sep or not alias:
+        raise AuditError(f"--fr-model {text!r}: expected NAME@ALIAS, e.g. facexplain-fr-dlib128@champion", 2)
+    return name, alias
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def finite(x: float) -> float | None:
+    """A float for JSON; None where the service gave NaN/inf (the report says 'n/a')."""
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def model_ref(m: Any) -> dict[str, str]:
+    return {"name": m.name, "version": m.version, "alias": m.alias}
+
+
+# -- the data --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Face:
+    rel: str
+    path: Path
+    identity: str
+    labels: dict[str, float]
+
+
+def load_faces(data: Path) -> tuple[list[Face], list[str], str]:
+    """Every face under ``data`` (sorted), its label names, and the manifest digest of the whole folder."""
+    from facexplain.data.faceset import manifest_hash, records_from_spec
+
+    try:
+        root, records, names = records_from_spec(str(data))
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot read --data {data}: {exc}", 2) from None
+    faces = [
+        Face(
+            r.path.relative_to(root).as_posix(),
+            r.path,
+            r.identity,
+            {k: float(v) for k, v in r.labels.items() if not np.isnan(v)},
+        )
+        for r in records
+    ]
+    faces.sort(key=lambda f: f.rel)
+    return faces, names, manifest_hash(root, records)
+
+
+def sample(items: list[Any], n: int, rng: np.random.Generator) -> list[Any]:
+    """At most ``n`` items, in their original order; a seeded choice when there are more."""
+    if n <= 0 or len(items) <= n:
+        return list(items)
+    keep = sorted(rng.choice(len(items), size=n, replace=False).tolist())
+    return [items[i] for i in keep]
+
+
+def read_pairs(path: Path, data: Path, faces: list[Face]) -> list[tuple[Face, Face, bool]]:
+    """``a,b,genuine`` rows (header optional); paths relative to DATA, to the pairs file, or absolute."""
+    by_rel = {f.rel: f for f in faces}
+    by_path = {f.path.resolve(): f for f in faces}
+
+    def face(p: str) -> Face:
+        if p in by_rel:
+            return by_rel[p]
+        for cand in (Path(p), data / p, path.parent / p):
+            if cand.resolve() in by_path:
+                return by_path[cand.resolve()]
+            if cand.is_file():
+                return Face(p, cand, "", {})
+        raise AuditError(f"--pairs {path}: image {p!r} not found (relative to {data} or {path.parent})", 2)
+
+    out = []
+    try:
+        with path.open(newline="") as fh:
+            for i, row in enumerate(csv.reader(fh)):
+                if not row or row[0].startswith("#"):
+                    continue
+                if i == 0 and row[0].strip().lower() in ("a", "probe", "path_a"):
+                    continue
+                if len(row) < 3:
+                    raise AuditError(f"--pairs {path} line {i + 1}: expected a,b,genuine", 2)
+                g = row[2].strip().lower()
+                if g not in ("1", "0", "true", "false", "yes", "no"):
+                    raise AuditError(f"--pairs {path} line {i + 1}: genuine must be 1/0/true/false, not {g!r}", 2)
+                out.append((face(row[0].strip()), face(row[1].strip()), g in ("1", "true", "yes")))
+    except OSError as exc:
+        raise AuditError(f"cannot read --pairs {path}: {exc}", 2) from None
+    return out
+
+
+def pairs_from_identities(faces: list[Face]) -> list[tuple[Face, Face, bool]]:
+    """Every pair of faces; genuine when both have the same identity."""
+    return [(a, b, a.identity == b.identity) for a, b in combinations(faces, 2)]
+
+
+def png_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+class Audit:
+    def __init__(self, config: AuditConfig) -> None:
+        self.cfg = config
+        self.out = Path(config.out)
+        self.images = self.out / "images"
+        self.result: dict[str, Any] = {}
+        self.clients: dict[str, Any] = {}
+        self.templates: dict[str, Any] = {}
+
+    # helpers -----------------------------------------------------------------------------------------------
+    def rng(self, step: str) -> np.random.Generator:
+        """One generator per step, so a step's choices do not depend on the steps before it."""
+        return np.random.default_rng([self.cfg.seed, int(hashlib.sha256(step.encode()).hexdigest()[:8], 16)])
+
+    def bar(self, total: int | None, desc: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="item", disable=self.cfg.quiet, file=sys.stderr, leave=True)
+
+    def progress_callback(self, desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
+        """A server-progress callback that drives one tqdm bar per stage, and its closer."""
+        state: dict[str, Any] = {"bar": None, "stage": ""}
+
+        def on_progress(p: Any) -> None:
+            if state["bar"] is None or p.stage != state["stage"]:
+                if state["bar"] is not None:
+                    state["bar"].close()
+                state["stage"] = p.stage
+                state["bar"] = self.bar(p.total or None, desc if p.stage in ("", desc) else f"{desc}: {p.stage}")
+            bar = state["bar"]
+            bar.total = p.total or bar.total
+            bar.n = p.done
+            bar.refresh()
+
+        def close() -> None:
+            if state["bar"] is not None:
+                state["bar"].close()
+
+        return on_progress, close
+
+    def discover(self, stream: Any, desc: str) -> Any:
+        """Drain a directions discovery stream with progress bars; returns its result."""
+        on_progress, close = self.progress_callback(desc)
+        try:
+            return self.clients["directions"].run(stream, on_progress)
+        finally:
+            close()
+
+    def discover_or_skip(self, stream: Any, desc: str, entry: dict[str, Any]) -> Any | None:
+        """``discover``, or None with the reason in ``entry["skipped"]`` when the data cannot make the set."""
+        try:
+            return self.discover(stream, desc)
+        except grpc.RpcError as err:
+            if err.code() not in DATA_REFUSED:
+                raise
+            entry["skipped"] = f"{err.code().name}: {err.details()}"
+            return None
+
+    def save(self, name: str, data: bytes) -> str:
+        path = self.images / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return f"images/{name}"
+
+    def log(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[dict[str, Any]]:
+        section: dict[str, Any] = {"started": now()}
+        self.log(f"[audit] {name} ...")
+        t0 = time.perf_counter()
+        try:
+            yield section
+        except grpc.RpcError as err:
+            code = err.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise AuditError(
+                    f"step {name}: service not reachable or too slow: {code.name}: {err.details()}", 3
+                ) from None
+            raise AuditError(f"step {name} failed: {code.name}: {err.details()}", 4) from None
+        section["finished"] = now()
+        self.result[name] = section
+        self.log(f"[audit] {name} done in {time.perf_counter() - t0:.1f} s")
+
+    # connection ---------------------------------------------------------------------------------------------
+    def connect(self, stack: ExitStack) -> None:
+        from sdk import client as sdk
+
+        classes = {
+            "embedding": sdk.EmbeddingClient,
+            "decoding": sdk.DecodingClient,
+            "directions": sdk.DirectionsClient,
+            "attributes": sdk.AttributesClient,
+            "counterfactual": sdk.CounterfactualClient,
+        }
+        for name in SERVICES:
+            target = self.cfg.targets.get(name) or DEFAULT_TARGETS[name]
+            client = stack.enter_context(classes[name](target, timeout=1800.0))
+            try:
+                sdk.wait_ready(client.channel, self.cfg.connect_timeout)
+            except ConnectionError:
+                raise AuditError(
+                    f"the {name} service at {target} is not reachable within {self.cfg.connect_timeout:.0f} s "
+                    f"(is `facexplain serve {name}` running there? set its address with --targets {name}=HOST:PORT)",
+                    3,
+                ) from None
+            self.clients[name] = client
+
+    # (a) models ---------------------------------------------------------------------------------------------
+    def models(self) -> None:
+        fr_name, fr_alias = parse_model_ref(self.cfg.fr_model)
+        with self.step("models") as sec:
+            services: dict[str, Any] = {}
+            for name in SERVICES:
+                try:
+                    st = self.clients[name].model_status(timeout=30)
+                except grpc.RpcError as err:
+                    raise AuditError(
+                        f"{name} service: ModelStatus failed: {err.code().name}: {err.details()}", 3
+                    ) from None
+                models = [
+                    {
+                        "kind": m.kind,
+                        **model_ref(m.model),
+                        "serving": bool(m.serving),
+                        "device": m.device,
+                        "loaded_at": m.loaded_at.ToJsonString() if m.HasField("loaded_at") else "",
+                    }
+                    for m in st.models
+                ]
+                models.sort(key=lambda m: (m["kind"], m["name"], int(m["version"]) if m["version"].isdigit() else 0))
+                services[name] = {
+                    "target": self.cfg.targets.get(name) or DEFAULT_TARGETS[name],
+                    "registry_uri": st.registry_uri,
+                    "registry_reachable": bool(st.registry_reachable),
+                    "last_reload_error": st.last_reload_error,
+                    "models": models,
+                }
+                if not st.registry_uri:
+                    raise AuditError(
+                        f"the {name} service follows no model registry (FACEXPLAIN_REGISTRY_URI is empty): "
+                        f"it cannot serve {self.cfg.fr_model}",
+                        3,
+                    )
+                if not st.registry_reachable:
+                    raise AuditError(f"the {name} service cannot reach the model registry at {st.registry_uri}", 3)
+                served = [m for m in models if m["kind"] == "embedder" and m["serving"]]
+                if not any(m["name"] == fr_name and m["alias"] == fr_alias for m in served):
+                    have = ", ".join(f"{m['name']}@{m['alias'] or m['version']}" for m in served) or "none"
+                    raise AuditError(f"the {name} service does not serve {self.cfg.fr_model} (it serves {have})", 3)
+                if name != "embedding" and not any(m["kind"] == "decoder" and m["serving"] for m in models):
+                    raise AuditError(f"the {name} service has no decoder loaded (needed for the audit)", 3)
+            fr = next(m for m in services["embedding"]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+            versions = {
+                s: next(m["version"] for m in services[s]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+                for s in SERVICES
+            }
+            if len(set(versions.values())) != 1:
+                raise AuditError(f"services serve different versions of {fr_name}: {versions} (an alias is moving?)", 3)
+            sec["fr_model"] = {"name": fr_name, "alias": fr_alias, "version": fr["version"]}
+            sec["services"] = services
+
+    # (b) reconstructions ---------------------------------------------------------------------------------
+    def reconstructions(self, faces: list[Face]) -> None:
+        import torch
+        from PIL import Image
+
+        from facexplain.viz import pairs_grid, save_png
+        from sdk.client import image_from_path
+
+        chosen = sample(faces, self.cfg.max_reconstructions, self.rng("reconstructions"))
+        with self.step("reconstructions") as sec:
+            rows: list[dict[str, Any]] = []
+            failed: list[dict[str, str]] = []
+            originals: list[torch.Tensor] = []
+            recons: list[torch.Tensor] = []
+            with self.bar(len(chosen), "reconstructions") as bar:
+                for i, f in enumerate(chosen):
+                    try:
+                        resp = self.clients["decoding"].reconstruct(image_from_path(f.path), timeout=300)
+                    except grpc.RpcError as err:
+                        if err.code() in DATA_REFUSED:
+                            failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
+                            bar.update()
+                            continue
+                        raise
+                    m = resp.metrics
+                    rows.append(
+                        {
+                            "path": f.rel,
+                            "identity": f.identity,
+                            "psnr": finite(m.psnr),
+                            "ssim": finite(m.ssim),
+                            "identity_cosine": finite(m.identity_cosine),
+                            "same_person": bool(m.same_person),
+                            "aligned": self.save(f"recon/{i:03d}.aligned.png", resp.aligned.encoded),
+                            "reconstruction": self.save(f"recon/{i:03d}.recon.png", resp.reconstruction.encoded),
+                        }
+                    )
+                    sec["decoder"] = model_ref(resp.decoder)
+                    sec["fr_model"] = model_ref(resp.fr_model)
+                    for store, img in ((originals, resp.aligned), (recons, resp.reconstruction)):
+                        with Image.open(io.BytesIO(img.encoded)) as im:
+                            arr = np.asarray(im.convert("RGB").resize((112, 112)), dtype=np.float32) / 255
+                        store.append(torch.from_numpy(arr).permute(2, 0, 1))
+                    bar.update()
+            sec["faces"] = rows
+            sec["failed"] = failed
+            sec["summary"] = {
+                k: finite(float(np.mean([r[k] for r in rows if r[k] is not None]))) if rows else None
+                for k in ("psnr", "ssim", "identity_cosine")
+            }
+            sec["summary"]["same_person_rate"] = (
+                finite(float(np.mean([r["same_person"] for r in rows]))) if rows else None
+            )
+            sec["summary"]["n"] = len(rows)
+            if rows:
+                grid = pairs_grid(torch.stack(originals), torch.stack(recons), ncol=min(8, len(rows)))
+                save_png(grid, self.images / "recon" / "grid.png")
+                sec["grid"] = "images/recon/grid.png"
+            if not rows:
+                raise AuditError(f"no face could be reconstructed ({len(failed)} failed)", 4)
+
+    # datasets ---------------------------------------------------------------------------------------------
+    def dataset(self, faces: list[Face], name: str, labels: dict[str, dict[str, float]] | None = None) -> Any:
+        from sdk.client import image_from_path, inline_dataset, labeled_image
+
+        items = [
+            labeled_image(
+                f.rel,
+                image=image_from_path(f.path),
+                identity=f.identity,
+                labels=(labels or {}).get(f.rel, f.labels),
+            )
+            for f in faces
+        ]
+        return inline_dataset(items, name)
+
+    def direction_set(self, s: Any) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for d in s.directions:
+            digest.update(np.asarray(d.vector, dtype=np.float32).tobytes())
+        for c in s.centroids:
+            digest.update(np.asarray(c.template.values, dtype=np.float32).tobytes())
+        return {
+            "set_id": s.id,
+            "sha256": digest.hexdigest(),
+            "method": s.method,
+            "target": s.target,
+            "fr_model": model_ref(s.fr_model),
+            "registered": model_ref(s.registered) if s.registered.name else None,
+            "data_manifest_sha256": s.data_manifest_sha256,
+            "seed": int(s.seed),
+            "n_items": int(s.n_items),
+            "metrics": {k: finite(v) for k, v in sorted(s.metrics.items())},
+            "params": dict(sorted(s.params.items())),
+            "directions": [
+                {
+                    "name": d.name,
+                    "eigenvalue": finite(d.eigenvalue),
+                    "explained_variance": finite(d.explained_variance),
+                    "stddev": finite(d.stddev),
+                }
+                for d in s.directions
+            ],
+            "centroids": [{"name": c.name, "value": finite(c.value), "count": int(c.count)} for c in s.centroids],
+        }
+
+    def traverse(self, probe_face: Face, set_id: str, index: int, name: str) -> dict[str, Any]:
+        from sdk.client import image_from_path
+        from services.api.v1 import common_pb2, directions_pb2
+
+        resp = self.clients["directions"].traverse(
+            common_pb2.Probe(image=image_from_path(probe_face.path)),
+            set=set_id,
+            index=index,
+            alphas=list(self.cfg.traverse_alphas),
+            scale=directions_pb2.ALPHA_SCALE_STDDEV,
+            decode=True,
+            timeout=300,
+        )
+        return {
+            "probe": probe_face.rel,
+            "direction": resp.direction.name,
+            "index": index,
+            "scale": "stddev",
+            "alphas": [finite(a) for a in resp.alphas],
+            "multipliers": [finite(a) for a in resp.multipliers],
+            "cosine_to_probe": [finite(c) for c in resp.cosine_to_probe],
+            "decoder": model_ref(resp.decoder),
+            "strip": self.save(f"directions/{name}.png", resp.strip.encoded),
+        }
+
+    # (c) SSI --------------------------------------------------------------------------------------------
+    def ssi(self, faces: list[Face], probe: Face) -> None:
+        from services.api.v1 import directions_pb2
+
+        with self.step("ssi") as sec:
+            req = directions_pb2.DiscoverSSIRequest(
+                dataset=self.dataset(faces, "audit-ssi"),
+                regions=[directions_pb2.Region(name=r) for r in SSI_REGIONS],
+                n_components=self.cfg.ssi_components,
+                seed=self.cfg.seed,
+                max_pairs=self.cfg.ssi_max_pairs,
+            )
+            result = self.discover(self.clients["directions"].discover_ssi(req), "ssi")
+            sec["regions"] = list(SSI_REGIONS)
+            sec["max_pairs"] = self.cfg.ssi_max_pairs
+            sec["n_components"] = self.cfg.ssi_components
+            sec["seed"] = self.cfg.seed
+            sets = []
+            with self.bar(len(result.sets), "ssi traversals") as bar:
+                for s in result.sets:
+                    entry = self.direction_set(s)
+                    entry["traversal"] = self.traverse(probe, s.id, 0, f"ssi-{s.target}")
+                    sets.append(entry)
+                    bar.update()
+            sec["sets"] = sets
+
+    # (d) label directions ---------------------------------------------------------------------------------
+    def labels(self, faces: list[Face], probe: Face, label_names: list[str]) -> None:
+        from sdk.client import image_from_path
+        from services.api.v1 import common_pb2, directions_pb2
+
+        client = self.clients["directions"]
+        with self.step("labels") as sec:
+            entries: list[dict[str, Any]] = []
+            for label in LABEL_CENTROIDS:
+                entry: dict[str, Any] = {"label": label, "method": "centroid"}
+                entries.append(entry)
+                if label not in label_names:
+                    entry["skipped"] = f"the data has no {label} label (no labels.csv with that column)"
+                    continue
+                req = directions_pb2.DiscoverCentroidRequest(
+                    dataset=self.dataset(faces, f"audit-{label}"), label=label, positive_values=[1.0]
+                )
+                result = self.discover_or_skip(client.discover_centroid(req), f"centroid {label}", entry)
+                if result is None:
+                    continue
+                s = result.sets[0]
+                entry["set"] = self.direction_set(s)
+                entry["traversal"] = self.traverse(probe, s.id, 0, f"centroid-{label}")
+
+            yaw: dict[str, Any] = {"label": "yaw", "method": "regression"}
+            entries.append(yaw)
+            if len(faces) < self.cfg.min_yaw_faces:
+                yaw["skipped"] = f"{len(faces)} faces, fewer than the {self.cfg.min_yaw_faces} a yaw regression needs"
+            else:
+                values: dict[str, dict[str, float]] = {}
+                no_face = []
+                with self.bar(len(faces), "yaw estimates") as bar:
+                    for f in faces:
+                        try:
+                            r = self.clients["attributes"].recover_attributes(
+                                common_pb2.Probe(image=image_from_path(f.path)), attributes=["yaw"], timeout=300
+                            )
+                        except grpc.RpcError as err:
+                            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
+                                raise
+                            no_face.append(f.rel)
+                        else:
+                            v = [a.value[0] for a in r.original if a.name == "yaw" and a.value]
+                            if v and math.isfinite(v[0]):
+                                values[f.rel] = {**f.labels, "yaw": float(v[0])}
+                        bar.update()
+                with_yaw = [f for f in faces if f.rel in values]
+                yaw["yaw_source"] = "attributes service: yaw (deg) on the original aligned face"
+                yaw["yaw_values"] = {k: finite(v["yaw"]) for k, v in sorted(values.items())}
+                yaw["no_face"] = no_face
+                if len(with_yaw) < self.cfg.min_yaw_faces:
+                    yaw["skipped"] = f"yaw estimated on {len(with_yaw)} faces, fewer than {self.cfg.min_yaw_faces}"
+                else:
+                    rreq = directions_pb2.DiscoverRegressionRequest(
+                        dataset=self.dataset(with_yaw, "audit-yaw", values),
+                        label="yaw",
+                        seed=self.cfg.seed,
+                        cv_folds=min(5, len(with_yaw) // 2),
+                    )
+                    result = self.discover_or_skip(client.discover_regression(rreq), "regression yaw", yaw)
+                    if result is not None:
+                        s = result.sets[0]
+                        yaw["set"] = self.direction_set(s)
+                        yaw["traversal"] = self.traverse(probe, s.id, 0, "regression-yaw")
+            sec["directions"] = entries
+
+    # (e) importance ---------------------------------------------------------------------------------------
+    def importance(self, faces: list[Face]) -> None:
+        from facexplain.attributes.report import importance_chart, row_dict, write_csv
+
+        client = self.clients["attributes"]
+        with self.step("importance") as sec:
+            events = client.importance(
+                self.dataset(faces, "audit-importance"),
+                n_bootstrap=self.cfg.importance_bootstrap,
+                seed=self.cfg.seed,
+                shuffled_control=True,
+            )
+            on_progress, close = self.progress_callback("importance")
+            try:
+                table = client.run_importance(events, on_progress)
+            finally:
+                close()
+            rows = []
+            for r in table.rows:
+                d = row_dict(r)
+                rows.append({k: finite(v) if isinstance(v, float) else v for k, v in d.items()})
+            sec.update(
+                {
+                    "fr_model": model_ref(table.fr_model),
+                    "decoder": model_ref(table.decoder),
+                    "estimator": table.estimator,
+                    "seed": int(table.seed),
+                    "n_items": int(table.n_items),
+                    "n_bootstrap": int(table.n_bootstrap),
+                    "ci_level": finite(table.ci_level),
+                    "data_manifest_sha256": table.data_manifest_sha256,
+                    "rows": rows,
+                }
+            )
+            folder = self.out / "importance"
+            write_csv(table.rows, folder / "importance.csv")
+            label = f"{table.fr_model.name} v{table.fr_model.version}"
+            importance_chart([(label, list(table.rows))], folder / "importance.png", f"I(a; â): {label}")
+            sec["csv"] = "importance/importance.csv"
+            sec["chart"] = "importance/importance.png"
+
+    # (f) mirror invariance ------------------------------------------------------------------------------
+    def mirror(self, faces: list[Face]) -> None:
+        """Cosine of each face's template and its mirror image's, against same-person and other-person pairs
+        (:func:`facexplain.metrics.invariance.mirror_invariance` on the services' templates)."""
+        from PIL import Image as PILImage
+
+        from facexplain.metrics.invariance import mirror_cosines, mirror_invariance
+        from services.api.v1 import common_pb2
+
+        with self.step("mirror") as sec:
+            kept: list[tuple[Face, Any, Any]] = []
+            with self.bar(len(faces), "mirror images") as bar:
+                for f in faces:
+                    t = self.template(f)
+                    if t is not None:
+                        with PILImage.open(f.path) as im:
+                            buf = io.BytesIO()
+                            im.convert("RGB").transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+                        tm = self.embed_or_none(common_pb2.Image(encoded=buf.getvalue()))
+                        if tm is not None:
+                            kept.append((f, t, tm))
+                    bar.update()
+            own = np.array([list(t.values) for _, t, _ in kept]).reshape(len(kept), -1)
+            flip = np.array([list(tm.values) for _, _, tm in kept]).reshape(len(kept), -1)
+            m = mirror_invariance(own, flip, [f.identity for f, _, _ in kept])
+            per_face = mirror_cosines(own, flip)
+            sec["faces"] = [
+                {"path": f.rel, "mirror_cosine": finite(float(c))} for (f, _, _), c in zip(kept, per_face, strict=True)
+            ]
+            sec["summary"] = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
+            if not kept or math.isnan(m.same_person_cosine_mean):
+                sec["reading"] = "not enough faces (or no two photos of one person) to compare"
+            elif m.keeps_no_side:
+                sec["reading"] = (
+                    "the model finds a face and its mirror image at least as alike as two photos of one person: "
+                    "its templates cannot keep the sign of yaw or roll, nor which side of the face a feature is on"
+                )
+            else:
+                sec["reading"] = (
+                    "the model tells a face from its mirror image more than it tells two photos of one person "
+                    "apart: its templates can keep left/right information (the sign of yaw, asymmetries)"
+                )
+
+    # (g) counterfactuals ---------------------------------------------------------------------------------
+    def embed_or_none(self, image: Any) -> Any | None:
+        """The template of the face in ``image`` (a common_pb2.Image), or None when the service finds none."""
+        try:
+            return self.clients["embedding"].embed(image, timeout=300).template
+        except grpc.RpcError as err:
+            if err.code() not in DATA_REFUSED:
+                raise
+            return None
+
+    def template(self, f: Face) -> Any:
+        from sdk.client import image_from_path
+
+        if f.rel not in self.templates:
+            self.templates[f.rel] = self.embed_or_none(image_from_path(f.path))
+        return self.templates[f.rel]
+
+    def counterfactuals(self, faces: list[Face]) -> None:
+        """Score pairs (``--pairs``, or pairs of all the faces in DATA), explain the extreme ones."""
+        from sdk.client import image_from_path
+        from services.api.v1 import common_pb2, counterfactual_pb2
+
+        with self.step("counterfactuals") as sec:
+            if self.cfg.pairs is not None:
+                pairs = read_pairs(Path(self.cfg.pairs), Path(self.cfg.data), faces)
+                sec["pairs_source"] = f"pairs file {Path(self.cfg.pairs).name}"
+            else:
+                pairs = pairs_from_identities(faces)
+                sec["pairs_source"] = "pairs of the faces in the data; genuine when the identities agree"
+            # keep genuine and impostor pairs apart so a small max_pairs still has both kinds
+            gen = sample([p for p in pairs if p[2]], self.cfg.max_pairs // 2, self.rng("pairs-genuine"))
+            imp = sample([p for p in pairs if not p[2]], self.cfg.max_pairs - len(gen), self.rng("pairs-impostor"))
+            chosen = gen + imp
+            scored, skipped = [], []
+            rule: dict[str, Any] = {}
+            with self.bar(len(chosen), "scoring pairs") as bar:
+                for a, b, genuine in chosen:
+                    ta, tb = self.template(a), self.template(b)
+                    if ta is None or tb is None:
+                        skipped.append({"a": a.rel, "b": b.rel, "reason": "no face found"})
+                        bar.update()
+                        continue
+                    v = self.clients["embedding"].verify(
+                        common_pb2.Probe(template=ta), common_pb2.Probe(template=tb), timeout=60
+                    )
+                    rule = {
+                        "metric": v.rule.metric,
+                        "threshold": finite(v.rule.threshold),
+                        "accept_below": bool(v.rule.accept_below),
+                        "source": v.rule.source,
+                    }
+                    score = -v.l2_distance if v.rule.metric == "l2" else v.cosine
+                    scored.append(
+                        {
+                            "a": a.rel,
+                            "b": b.rel,
+                            "genuine": genuine,
+                            "cosine": finite(v.cosine),
+                            "l2_distance": finite(v.l2_distance),
+                            "score": finite(score),
+                            "same_person": bool(v.same_person),
+                            "_faces": (a, b),
+                        }
+                    )
+                    bar.update()
+            g = sorted((s for s in scored if s["genuine"]), key=lambda s: (s["score"], s["a"], s["b"]))
+            i = sorted((s for s in scored if not s["genuine"]), key=lambda s: (-s["score"], s["a"], s["b"]))
+            sec["rule"] = rule
+            sec["n_pairs"] = {"genuine": len(g), "impostor": len(i), "skipped": len(skipped)}
+            sec["rates"] = {
+                "genuine_accepted": finite(np.mean([s["same_person"] for s in g])) if g else None,
+                "impostor_accepted": finite(np.mean([s["same_person"] for s in i])) if i else None,
+            }
+            sec["skipped_pairs"] = skipped
+            picks = [("worst genuine", s) for s in g[: self.cfg.explain_pairs]]
+            picks += [("best impostor", s) for s in i[: self.cfg.explain_pairs]]
+            explanations = []
+            with self.bar(len(picks), "counterfactuals") as bar:
+                for n, (kind, s) in enumerate(picks):
+                    a, b = s.pop("_faces")
+                    spec = counterfactual_pb2.AttackSpec(
+                        method=counterfactual_pb2.AttackSpec.METHOD_PGD,
+                        goal=(
+                            counterfactual_pb2.AttackSpec.GOAL_DODGE
+                            if s["genuine"]
+                            else counterfactual_pb2.AttackSpec.GOAL_IMPERSONATE
+                        ),
+                        steps=self.cfg.attack_steps,
+                        seed=self.cfg.seed,
+                    )
+                    r = self.clients["counterfactual"].explain(
+                        image_from_path(a.path), image_from_path(b.path), spec, timeout=1200
+                    )
+                    at = r.attack
+                    sig = sorted(r.significance, key=lambda x: (-x.s_a if math.isfinite(x.s_a) else 0.0, x.attribute))
+                    tag = f"cf{n:02d}"
+                    explanations.append(
+                        {
+                            "kind": kind,
+                            "a": a.rel,
+                            "b": b.rel,
+                            "genuine": s["genuine"],
+                            "method": "pgd",
+                            "goal": "dodge" if s["genuine"] else "impersonate",
+                            "seed": int(at.seed),
+                            "score_before": finite(at.score_before),
+                            "score_after": finite(at.score_after),
+                            "same_before": bool(at.same_before),
+                            "same_after": bool(at.same_after),
+                            "flipped": bool(at.flipped),
+                            "linf": finite(at.linf),
+                            "l2": finite(at.l2),
+                            "epsilon_used": finite(at.epsilon_used),
+                            "steps_used": int(at.steps_used),
+                            "surrogate": model_ref(at.surrogate),
+                            "target": model_ref(at.target),
+                            "decoder": model_ref(r.decoder),
+                            "n_significant": sum(1 for x in r.significance if x.significant),
+                            "n_attributes": len(r.significance),
+                            "top": [
+                                {
+                                    "attribute": x.attribute,
+                                    "group": x.group,
+                                    "s_a": finite(x.s_a),
+                                    "significant": bool(x.significant),
+                                }
+                                for x in sig[:10]
+                            ],
+                            "images": {
+                                "adversarial": self.save(f"cf/{tag}.adversarial.png", at.adversarial.encoded),
+                                "decoded_probe": self.save(f"cf/{tag}.decoded_probe.png", r.decoded_probe.encoded),
+                                "decoded_reference": self.save(
+                                    f"cf/{tag}.decoded_reference.png", r.decoded_reference.encoded
+                                ),
+                                "decoded_adversarial": self.save(
+                                    f"cf/{tag}.decoded_adversarial.png", r.decoded_adversarial.encoded
+                                ),
+                                "lbp_map": self.save(f"cf/{tag}.lbp_map.png", r.lbp_significance_map.encoded),
+                            },
+                        }
+                    )
+                    bar.update()
+            for s in scored:
+                s.pop("_faces", None)
+            sec["pairs"] = scored
+            sec["explanations"] = explanations
+
+    # the whole audit ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        faces_all, label_names, manifest = load_faces(Path(cfg.data))
+        faces = sample(faces_all, cfg.max_faces, self.rng("faces"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.result["audit"] = {
+            "format": 1,
+            "started": now(),
+            "fr_model": cfg.fr_model,
+            "seed": cfg.seed,
+            "config": cfg.public(),
+        }
+        self.result["data"] = {
+            "name": Path(cfg.data).name,
+            "n_images": len(faces_all),
+            "n_identities": len({f.identity for f in faces_all}),
+            "labels": sorted(label_names),
+            "manifest_sha256": manifest,
+            "audited": [f.rel for f in faces],
+        }
+        with ExitStack() as stack:
+            self.connect(stack)
+            self.models()
+            self.reconstructions(faces)
+            # traversals start from a face the services found (the first reconstructed one)
+            done = {f["path"] for f in self.result["reconstructions"]["faces"]}
+            probe = next(f for f in faces if f.rel in done)
+            self.ssi(faces, probe)
+            self.labels(faces, probe, label_names)
+            self.importance(faces)
+            self.mirror(faces)
+            self.counterfactuals(faces_all)
+        self.result["audit"]["finished"] = now()
+        return self.result
+
+
+def run_audit(config: AuditConfig) -> dict[str, Any]:
+    """Run the audit against the running services, write REPORT_DIR/index.html and audit.json; return the result."""
+    from sdk.audit_report import write_report
+
+    result = Audit(config).run()
+    write_report(result, Path(config.out))
+    return result
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+
+
+def parse_targets(values: list[str] | None) -> dict[str, str]:
+    """``SERVICE=HOST:PORT`` items, or one ``HOST`` that all five default ports use."""
+    targets = dict(DEFAULT_TARGETS)
+    for v in values or []:
+        for item in v.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" in item:
+                svc, _, addr = item.partition("=")
+                if svc not in SERVICES:
+                    raise AuditError(f"--targets: unknown service {svc!r} (one of {', '.join(SERVICES)})", 2)
+                targets[svc] = addr
+            else:
+                targets = {s: f"{item}:{DEFAULT_PORTS[s]}" for s in SERVICES}
+    return targets
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        parse_model_ref(args.fr_model)
+        cfg = AuditConfig(
+            fr_model=args.fr_model,
+            data=Path(args.data),
+            out=Path(args.out),
+            pairs=Path(args.pairs) if args.pairs else None,
+            seed=args.seed,
+            targets=parse_targets(args.targets),
+            max_faces=args.max_faces,
+            max_reconstructions=args.max_reconstructions,
+            ssi_max_pairs=args.ssi_max_pairs,
+            ssi_components=args.ssi_components,
+            importance_bootstrap=args.bootstrap,
+            max_pairs=args.max_pairs,
+            explain_pairs=args.explain_pairs,
+            attack_steps=args.attack_steps,
+            connect_timeout=args.connect_timeout,
+            quiet=args.quiet,
+        )
+        t0 = time.perf_counter()
+        run_audit(cfg)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 4
+    print(f"audit done in {time.perf_counter() - t0:.0f} s -> {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def add_audit_parser(sub: Any) -> None:
+    """``facexplain audit``."""
+    d = AuditConfig(fr_model="", data=Path(), out=Path())
+    p = sub.add_parser(
+        "audit",
+        help="audit an FR model through the running services: HTML report + audit.json",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument(
+        "--fr-model", required=True, help="NAME@ALIAS the services must serve, e.g. facexplain-fr-dlib128@champion"
+    )
+    p.add_argument("--data", required=True, help="folder of face images (identity = sub-folder; optional labels.csv)")
+    p.add_argument("--pairs", help="CSV a,b,genuine (paths relative to DATA); default: pairs of the audited faces")
+    p.add_argument("--out", required=True, help="report folder: index.html, audit.json, images/, importance/")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (sampling, SSI, MI, attacks)")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        help="SERVICE=HOST:PORT (embedding, decoding, directions, attributes, counterfactual), or one HOST for the "
+        "default ports 50051-50055 (default 127.0.0.1)",
+    )
+    p.add_argument("--max-faces", type=int, default=d.max_faces, help="faces audited (0 = all)")
+    p.add_argument("--max-reconstructions", type=int, default=d.max_reconstructions)
+    p.add_argument("--ssi-max-pairs", type=int, default=d.ssi_max_pairs, help="donor pairs blended per SSI region")
+    p.add_argument("--ssi-components", type=int, default=d.ssi_components, help="SSI directions per region")
+    p.add_argument("--bootstrap", type=int, default=d.importance_bootstrap, help="importance subsamples (0 = none)")
+    p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="pairs scored for the counterfactual step")
+    p.add_argument("--explain-pairs", type=int, default=d.explain_pairs, help="counterfactuals per pair kind")
+    p.add_argument("--attack-steps", type=int, default=d.attack_steps)
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_audit)

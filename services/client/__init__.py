@@ -1,1 +1,0 @@
-"""Python SDK and the ``facexplain`` command line."""

@@ -1,0 +1,323 @@
+"""`facexplain audit` end to end: the five services on loopback, the session's registry, two runs, Chromium.
+
+The registry (conftest.py) holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo
+decoder trained for it as ``facexplain-dfd-dlib128`` v1, both champion. This module starts its own
+five services following both aliases (the shared embedding fixture serves local weights, which the
+audit rightly refuses), runs the CLI twice with the same seed on the bundled CelebA sample faces in
+the CelebA layout (images/ + labels.csv with their labels from the shared CelebA subset, so the
+Smiling / Eyeglasses centroids are attempted), checks the report, and renders index.html in headless
+Chromium (Debian's ``chromium``; missing is a failure, not a skip) with console capture and a screenshot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli.launcher import REPO, RunningMlflow, RunningService, free_port, start_service
+from registry.client import DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+from sdk.audit_report import SECTIONS, strip_timestamps
+from tests.conftest import shared_data_dir
+from tests.service_env import registry_service_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
+
+SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
+FR = f"{DEFAULT_FR_MODEL}@champion"
+SEED = 3
+CHROMIUM = Path("/usr/bin/chromium")
+AUDIT_ARGS = [
+    "--max-faces", "12", "--max-reconstructions", "4", "--ssi-max-pairs", "8", "--ssi-components", "2",
+    "--bootstrap", "5", "--max-pairs", "20", "--explain-pairs", "1", "--attack-steps", "5",
+]  # fmt: skip
+
+
+def _env(uri: str, cache: Path) -> dict[str, str]:
+    return registry_service_env(
+        uri,
+        cache,
+        FACEXPLAIN_MAX_DATASET_ITEMS="100",
+        FACEXPLAIN_MAX_SSI_PAIRS="100",
+        FACEXPLAIN_MIN_LABEL_ITEMS="2",
+        FACEXPLAIN_BATCH_SIZE="6",
+    )
+
+
+@pytest.fixture(scope="module")
+def services(
+    mlflow: RunningMlflow, decoder_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, RunningService]]:
+    logs = tmp_path_factory.mktemp("audit-svc")
+    cache = logs / "cache"
+
+    def start(name: str) -> RunningService:
+        (logs / name).mkdir()
+        return start_service(name, logs / name, env=_env(mlflow.uri, cache / name), timeout=600)
+
+    with ThreadPoolExecutor(len(SERVICES)) as pool:
+        started = dict(zip(SERVICES, pool.map(start, SERVICES), strict=True))
+    yield started
+    for name, svc in started.items():
+        code = svc.stop()
+        assert code == 0, f"{name} service exit {code}; log tail:\n{svc.log_text()[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def targets(services: dict[str, RunningService]) -> list[str]:
+    from sdk.client import DecodingClient, DirectionsClient
+
+    # the decoders arrive through the alias watchers; wait for each service that needs one
+    deadline = time.monotonic() + 300
+    for cls, name in ((DecodingClient, "decoding"), (DirectionsClient, "directions")):
+        with cls(services[name].address, timeout=30) as c:
+            while not any(m.kind == "decoder" and m.serving for m in c.model_status().models):
+                assert time.monotonic() < deadline, f"{name}: no decoder after 300 s"
+                time.sleep(0.5)
+    return [f"{n}={services[n].address}" for n in SERVICES]
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/sample's CelebA faces in the CelebA layout, with their labels from the shared subset."""
+    root = tmp_path_factory.mktemp("audit-data")
+    (root / "images").mkdir()
+    files = sorted((REPO / "data" / "sample" / "celeba").glob("id*/*.jpg"))
+    assert len(files) == 24
+    with open(shared_data_dir() / "celeba_subset" / "labels.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        labels = {row["file"]: row for row in reader}
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        for f in files:
+            shutil.copy(f, root / "images" / f.name)
+            w.writerow(labels[f.name])
+    return root
+
+
+def _audit(
+    out: Path, data: Path, targets: list[str], *extra: str, timeout: float = 1500
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cli.main", "audit", "--fr-model", FR, "--data", str(data)]
+    cmd += ["--out", str(out), "--seed", str(SEED), "--targets", *targets, *AUDIT_ARGS, *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(targets: list[str], sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = []
+    for i in range(2):
+        folder = tmp_path_factory.mktemp(f"audit-run{i}")
+        t0 = time.perf_counter()
+        proc = _audit(folder, sample_data, targets)
+        seconds = time.perf_counter() - t0
+        assert proc.returncode == 0, f"audit failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        print(f"audit run {i}: {seconds:.0f} s")
+        out.append({"dir": folder, "json": json.loads((folder / "audit.json").read_text()), "proc": proc})
+    return out
+
+
+def _numbers(d: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(d, int | float) and not isinstance(d, bool):
+        yield path, d
+
+
+def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
+    r = runs[0]["json"]
+    folder: Path = runs[0]["dir"]
+    for key in SECTIONS:
+        assert key in r, f"section {key} missing"
+        assert r[key]["started"] <= r[key]["finished"]
+    for path, v in _numbers(r):
+        assert math.isfinite(v), f"{path} is not finite: {v}"
+    # progress bars went to stderr, one per step
+    for desc in ("reconstructions", "ssi traversals", "scoring pairs", "counterfactuals"):
+        assert desc in runs[0]["proc"].stderr
+
+    # (a) every model with name and version; the FR model and decoder are the registry's v1
+    models = r["models"]
+    assert models["fr_model"] == {"name": DEFAULT_FR_MODEL, "alias": "champion", "version": "1"}
+    for name in SERVICES:
+        st = models["services"][name]
+        assert st["registry_reachable"] and st["models"], name
+        assert all(m["name"] and m["version"] for m in st["models"]), name
+        kinds = {(m["kind"], m["name"], m["version"]) for m in st["models"] if m["serving"]}
+        assert ("embedder", DEFAULT_FR_MODEL, "1") in kinds, name
+        if name != "embedding":
+            assert ("decoder", DEFAULT_DECODER_MODEL, "1") in kinds, name
+    # data manifest
+    assert re.fullmatch(r"[0-9a-f]{64}", r["data"]["manifest_sha256"])
+    assert r["data"]["n_images"] == 24 and len(r["data"]["audited"]) == 12
+    assert {"Smiling", "Eyeglasses"} <= set(r["data"]["labels"])
+
+    # (b) reconstructions with the service's metrics and a grid
+    rec = r["reconstructions"]
+    assert rec["summary"]["n"] >= 3 and rec["decoder"]["version"] == "1"
+    assert all(f["psnr"] > 5 and -1 <= f["ssim"] <= 1 and -1 <= f["identity_cosine"] <= 1 for f in rec["faces"])
+    assert (folder / rec["grid"]).stat().st_size > 1000
+
+    # (c) one SSI set per region, each with a decoded traversal strip
+    ssi = r["ssi"]
+    assert sorted(s["target"] for s in ssi["sets"]) == ["eyes", "lower_face", "nose"]
+    for s in ssi["sets"]:
+        assert s["method"] == "ssi" and s["seed"] == SEED and len(s["directions"]) == 2
+        assert s["fr_model"]["version"] == "1" and s["set_id"] and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])
+        t = s["traversal"]
+        assert len(t["alphas"]) == 5 and (folder / t["strip"]).stat().st_size > 1000
+
+    # (d) label directions: each made (with a strip) or skipped with a reason
+    labels = {d["label"]: d for d in r["labels"]["directions"]}
+    assert set(labels) == {"Smiling", "Eyeglasses", "yaw"}
+    for d in labels.values():
+        assert bool(d.get("skipped")) != ("set" in d), d
+        if "set" in d:
+            assert (folder / d["traversal"]["strip"]).is_file()
+    assert "set" in labels["yaw"], labels["yaw"].get("skipped")
+
+    # (e) importance: seeded, with the shuffled control, chart and CSV
+    imp = r["importance"]
+    assert imp["seed"] == SEED and imp["n_items"] >= 10 and len(imp["rows"]) > 20
+    assert any(row["control_mi"] > 0 for row in imp["rows"])
+    assert (folder / imp["chart"]).stat().st_size > 5000 and (folder / imp["csv"]).is_file()
+
+    # (f) mirror invariance: dlib's model finds a face and its mirror more alike than two photos of one person
+    mi = r["mirror"]["summary"]
+    assert mi["n_faces"] >= 10 and mi["same_person_pairs"] > 0 and mi["other_person_pairs"] > 0
+    assert mi["mirror_cosine_mean"] > mi["same_person_cosine_mean"] > mi["other_person_cosine_mean"]
+    assert "cannot keep the sign of yaw" in r["mirror"]["reading"]
+
+    # (g) pairs scored; the worst genuine and best impostor pair explained
+    cf = r["counterfactuals"]
+    assert cf["n_pairs"]["genuine"] > 0 and cf["n_pairs"]["impostor"] > 0
+    kinds = [x["kind"] for x in cf["explanations"]]
+    assert kinds == ["worst genuine", "best impostor"]
+    genuine = [p for p in cf["pairs"] if p["genuine"]]
+    assert cf["explanations"][0]["score_before"] is not None
+    worst = min(p["score"] for p in genuine)
+    assert cf["explanations"][0]["a"] == next(p["a"] for p in genuine if p["score"] == worst)
+    for x in cf["explanations"]:
+        assert x["seed"] == SEED and x["n_attributes"] > 0 and x["top"]
+        assert all((folder / p).stat().st_size > 100 for p in x["images"].values())
+
+    # the HTML names every section and references only files that exist, no external URLs, no scripts
+    page = (folder / "index.html").read_text()
+    for key in SECTIONS:
+        assert f'id="{key}"' in page
+    assert "<script" not in page.lower() and "url(" not in page
+    for src in re.findall(r'(?:src|href)="([^"#]+)"', page):
+        assert not re.match(r"[a-z]+:", src), f"index.html references an external URL {src}"
+        assert (folder / src).is_file(), f"index.html references a missing file {src}"
+
+
+def test_same_seed_same_json(runs: list[dict[str, Any]]) -> None:
+    a, b = (strip_timestamps(r["json"]) for r in runs)
+    if a != b:
+        diffs = [p for (p, x), (_, y) in zip(_numbers(a), _numbers(b), strict=False) if x != y][:20]
+        pytest.fail(f"audit.json differs between two runs with seed {SEED}; first differing numbers: {diffs}")
+    # and the timestamps were there to strip
+    assert runs[0]["json"]["audit"]["started"] and "loaded_at" in json.dumps(runs[0]["json"])
+
+
+def test_html_renders_in_chromium(runs: list[dict[str, Any]], tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup_system.sh does, as root)")
+    page = runs[0]["dir"] / "index.html"
+    shot = tmp_path / "report.png"
+    cmd = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri(),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, "console messages while rendering the report:\n" + "\n".join(console)
+    assert shot.is_file() and shot.stat().st_size > 20_000, "the screenshot is missing or blank"
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+        colours = im.convert("RGB").resize((64, 100)).getcolors(64 * 100)
+        assert colours is not None and len(colours) > 50, "the screenshot is nearly uniform"
+
+
+def test_unreachable_service_is_a_clear_error(sample_data: Path, tmp_path: Path) -> None:
+    port = free_port()
+    proc = _audit(tmp_path / "r", sample_data, [f"embedding=127.0.0.1:{port}"], "--connect-timeout", "2", timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert f"the embedding service at 127.0.0.1:{port} is not reachable" in proc.stderr
+
+
+def test_registry_not_reachable_is_a_clear_error(
+    targets: list[str], embedding_service: RunningService, sample_data: Path, tmp_path: Path
+) -> None:
+    """A service that follows no registry, or one that cannot reach it, stops the audit with exit 3."""
+    others = [t for t in targets if not t.startswith("embedding=")]
+    proc = _audit(tmp_path / "r1", sample_data, [*others, f"embedding={embedding_service.address}"], timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "the embedding service follows no model registry" in proc.stderr
+
+    down = f"http://127.0.0.1:{free_port()}"
+    env = {**_env(down, tmp_path / "cache"), "FACEXPLAIN_REGISTRY_TIMEOUT_S": "1"}
+    (tmp_path / "logs").mkdir()
+    svc = start_service("embedding", tmp_path / "logs", env=env, timeout=300)  # falls back to local weights
+    try:
+        proc = _audit(tmp_path / "r2", sample_data, [*others, f"embedding={svc.address}"], timeout=120)
+    finally:
+        assert svc.stop() == 0
+    assert proc.returncode == 3, proc.stderr
+    assert f"the embedding service cannot reach the model registry at {down}" in proc.stderr
+
+
+def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
+    from sdk.audit import AuditError, load_faces, parse_targets, read_pairs
+
+    faces, names, manifest = load_faces(sample_data)
+    assert len(faces) == 24 and "Smiling" in names and len(manifest) == 64
+    a, b, c = faces[0].rel, faces[1].rel, faces[5].rel
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"a,b,genuine\n{a},{b},1\nimages/{a},{c},false\n")
+    got = read_pairs(pairs, sample_data, faces)
+    assert [(x.rel, y.rel, g) for x, y, g in got] == [(a, b, True), (a, c, False)]
+    pairs.write_text(f"{a},missing.jpg,1\n")
+    with pytest.raises(AuditError, match=r"missing\.jpg"):
+        read_pairs(pairs, sample_data, faces)
+    t = parse_targets(["10.0.0.5"])
+    assert t["embedding"] == "10.0.0.5:50051" and t["counterfactual"] == "10.0.0.5:50055"
+    t = parse_targets(["decoding=h:1", "attributes=h:2"])
+    assert t["decoding"] == "h:1" and t["attributes"] == "h:2" and t["embedding"] == "127.0.0.1:50051"
+
+
+def test_sdk_facade_reaches_all_five_services(services: dict[str, RunningService], targets: list[str]) -> None:
+    from sdk.client import AttributesClient, EmbeddingClient, Facexplain
+
+    with Facexplain(targets={n: s.address for n, s in services.items()}, timeout=30) as fx:
+        assert isinstance(fx.embedding, EmbeddingClient) and fx.embedding is fx.embedding  # opened once
+        assert isinstance(fx.attributes, AttributesClient)
+        status = fx.model_status()
+        assert set(status) == {"embedding", "decoding", "directions", "attributes", "counterfactual"}
+        for name, resp in status.items():
+            fr = [m for m in resp.models if m.kind == "embedder" and m.model.name == "facexplain-fr-dlib128"]
+            assert fr and fr[0].model.version == "1", f"{name} does not serve the FR model v1: {resp}"
+    with pytest.raises(ValueError, match="unknown service"):
+        Facexplain(targets={"embeding": "127.0.0.1:1"})
+    assert Facexplain("10.0.0.9").targets["counterfactual"] == "10.0.0.9:50055"
