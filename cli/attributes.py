@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
+
+from facexplain.attributes import report
+from sdk.client import AttributesClient, folder_dataset, image_from_path, server_dataset, wait_ready
+from services.api.v1 import common_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50054"
 
@@ -41,8 +47,6 @@ def _fail(msg: str, code: int) -> int:
 
 def _client(target: str, args: argparse.Namespace) -> Any:
     """A connected AttributesClient, or None after saying the service is not reachable."""
-    from sdk.client import AttributesClient, wait_ready
-
     client = AttributesClient(target, timeout=args.timeout)
     try:
         wait_ready(client.channel, args.connect_timeout)
@@ -90,15 +94,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _probe(path: str) -> Any:
-    from sdk.client import image_from_path
-    from services.api.v1 import common_pb2
-
     return common_pb2.Probe(image=image_from_path(Path(path)))
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     try:
         probe = _probe(args.image)
     except OSError as exc:
@@ -130,8 +129,6 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     try:
         a, b = _probe(args.image_a), _probe(args.image_b)
     except OSError as exc:
@@ -161,8 +158,6 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _dataset(args: argparse.Namespace) -> Any:
-    from sdk.client import folder_dataset, server_dataset
-
     if args.server:
         path, _, labels = args.data.partition(",")
         return server_dataset(
@@ -182,8 +177,6 @@ class _Bar:
         self.stage = ""
 
     def __call__(self, p: Any) -> None:
-        from tqdm import tqdm
-
         if p.stage == "skipped":
             if not self.quiet:
                 tqdm.write(f"{self.label}: {p.message}", file=sys.stderr)
@@ -247,8 +240,6 @@ def _label(table: Any) -> str:
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:
-    from facexplain.attributes import report
-
     if args.k < 0 or args.bootstrap < 0 or args.permutations < 0:
         return _fail("--k, --bootstrap and --permutations must not be negative", 2)
     try:

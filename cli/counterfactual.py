@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+
+from sdk.client import CounterfactualClient, image_from_path, image_pair, wait_ready
+from services.api.v1 import common_pb2, counterfactual_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50055"
 _METHODS = {"fgsm": 1, "ifgsm": 2, "pgd": 3, "cw": 4}
@@ -52,8 +56,6 @@ def _number(text: str) -> float:
 
 
 def _model_ref(text: str) -> Any:
-    from services.api.v1 import common_pb2
-
     if not text:
         return common_pb2.ModelRef()
     name, _, version = text.partition("@")
@@ -61,8 +63,6 @@ def _model_ref(text: str) -> Any:
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from services.api.v1 import counterfactual_pb2
-
     return counterfactual_pb2.AttackSpec(
         method=_METHODS[args.method],  # type: ignore[arg-type]
         goal=_GOALS[args.goal],  # type: ignore[arg-type]
@@ -83,8 +83,6 @@ def _spec(args: argparse.Namespace) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sdk.client import CounterfactualClient, wait_ready
-
     client = CounterfactualClient(args.target, timeout=args.timeout)
     try:
         wait_ready(client.channel, args.connect_timeout)
@@ -104,8 +102,6 @@ def _rpc_error(what: str, err: grpc.RpcError) -> int:
 
 
 def _to_dict(msg: Any) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
@@ -138,8 +134,6 @@ def _print_attack(resp: Any) -> None:
 
 
 def _images(args: argparse.Namespace) -> tuple[Any, Any] | None:
-    from sdk.client import image_from_path
-
     try:
         return image_from_path(Path(args.image)), image_from_path(Path(args.reference))
     except OSError as exc:
@@ -257,8 +251,6 @@ def read_pairs(path: Path) -> list[tuple[Path, Path, bool, str]]:
 
 
 def _cmd_defence(args: argparse.Namespace) -> int:
-    from sdk.client import image_pair
-
     try:
         pairs = [image_pair(a, b, g, i) for a, b, g, i in read_pairs(Path(args.pairs))]
     except (OSError, ValueError) as exc:

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
+
+from sdk.client import DirectionsClient, folder_dataset, image_from_path, server_dataset, wait_ready
+from services.api.v1 import common_pb2, directions_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50053"
 
@@ -32,8 +37,6 @@ def _fail(msg: str, code: int) -> int:
 
 
 def _ready(client: Any, args: argparse.Namespace) -> bool:
-    from sdk.client import wait_ready
-
     try:
         wait_ready(client.channel, args.connect_timeout)
     except ConnectionError:
@@ -46,8 +49,6 @@ def _ready(client: Any, args: argparse.Namespace) -> bool:
 
 
 def _dataset(args: argparse.Namespace) -> Any:
-    from sdk.client import folder_dataset, server_dataset
-
     if args.server:
         path, _, labels = args.data.partition(",")
         return server_dataset(
@@ -58,9 +59,6 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 
 def _request(args: argparse.Namespace, dataset: Any) -> tuple[str, Any]:
-    from sdk.client import image_from_path
-    from services.api.v1 import common_pb2, directions_pb2
-
     common = {"dataset": dataset, "register": args.register, "registered_name": args.registered_name}
     if args.method == "ssi":
         regions = []
@@ -99,11 +97,6 @@ def _request(args: argparse.Namespace, dataset: Any) -> tuple[str, Any]:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-    from tqdm import tqdm
-
-    from sdk.client import DirectionsClient
-
     try:
         method, request = _request(args, _dataset(args))
     except (OSError, ValueError) as exc:
@@ -169,9 +162,6 @@ def _alphas(values: list[str]) -> list[float]:
 
 
 def _cmd_traverse(args: argparse.Namespace) -> int:
-    from sdk.client import DirectionsClient, image_from_path
-    from services.api.v1 import common_pb2, directions_pb2
-
     try:
         probe = common_pb2.Probe(image=image_from_path(Path(args.image)))
         alphas = _alphas(args.alphas or [])

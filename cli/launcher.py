@@ -1,4 +1,8 @@
-"""Start facexplain servers as subprocesses and stop them with SIGTERM (the demo and the tests use it).
+"""Start facexplain servers as subprocesses and stop them with SIGTERM.
+
+The demo (``scripts/demo.py``), ``scripts/mlflow_server.py``, the tests and the benchmarks share it, so
+it sits in the top layer. A service runs as ``python -m cli.main serve NAME`` with the repository root
+as its working directory, whatever the caller's.
 
 A server prints one readiness line (``... listening on HOST:PORT (metrics :PORT)``) once it serves;
 asking for port 0 and reading that line back is what lets many servers share one machine.
@@ -10,10 +14,13 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,17 +108,12 @@ MLFLOW_SERVER_ENV = REPO / "mlflow" / "server.env"
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (MLflow's server cannot report the one it bound to port 0)."""
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return int(resp.status) == 200

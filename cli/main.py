@@ -21,11 +21,52 @@ import csv
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import grpc
 import numpy as np
+from tqdm import tqdm
+
+from cli.attributes import add_attributes_parsers
+from cli.audit import add_audit_parser
+from cli.counterfactual import add_counterfactual_parsers
+from cli.directions import add_directions_parsers
+from cli.registry import add_registry_parser
+from sdk.client import DecodingClient, EmbeddingClient, image_from_path, template_array, wait_ready
+
+SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
+
+
+# -- serve --------------------------------------------------------------------------------------------------
+
+
+def service_main(service: str) -> Callable[[], None]:
+    """The entry point of ``service``. Imported only when `serve` runs: a server pulls torch, dlib and its
+    models, which the client commands neither pay for at start-up nor need installed."""
+    if service == "embedding":
+        from services.embedding.app import main as embedding_main
+
+        return embedding_main
+    if service == "decoding":
+        from services.decoding.app import main as decoding_main
+
+        return decoding_main
+    if service == "directions":
+        from services.directions.app import main as directions_main
+
+        return directions_main
+    if service == "attributes":
+        from services.attributes.app import main as attributes_main
+
+        return attributes_main
+    if service == "counterfactual":
+        from services.counterfactual.app import main as counterfactual_main
+
+        return counterfactual_main
+    raise KeyError(service)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -38,37 +79,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             os.environ[env] = str(value)
-    if args.service == "embedding":
-        from services.embedding.app import main
+    if args.service not in SERVICES:
+        print(f"unknown service {args.service!r}", file=sys.stderr)
+        return 2
+    service_main(args.service)()
+    return 0
 
-        main()
-        return 0
-    if args.service == "decoding":
-        from services.decoding.app import main as decoding_main
 
-        decoding_main()
-        return 0
-    if args.service == "directions":
-        from services.directions.app import main as directions_main
-
-        directions_main()
-        return 0
-    if args.service == "attributes":
-        from services.attributes.app import main as attributes_main
-
-        attributes_main()
-        return 0
-    if args.service == "counterfactual":
-        from services.counterfactual.app import main as counterfactual_main
-
-        counterfactual_main()
-        return 0
-    print(f"unknown service {args.service!r}", file=sys.stderr)
-    return 2
+# -- embed / reconstruct ------------------------------------------------------------------------------------
 
 
 def _input_images(folder: str) -> tuple[Path, list[Path]] | int:
     """The images under ``folder``, or exit code 2 after saying what is wrong."""
+    # facexplain.data.faces imports torch (its loaders make tensors): only embed and reconstruct pay for it
     from facexplain.data.faces import list_images
 
     root = Path(folder)
@@ -84,8 +107,6 @@ def _input_images(folder: str) -> tuple[Path, list[Path]] | int:
 
 def _ready(channel: grpc.Channel, service: str, args: argparse.Namespace) -> bool:
     """Wait for the service; say how to start it when it does not answer."""
-    from sdk.client import wait_ready
-
     try:
         wait_ready(channel, args.connect_timeout)
     except ConnectionError:
@@ -98,10 +119,6 @@ def _ready(channel: grpc.Channel, service: str, args: argparse.Namespace) -> boo
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from sdk.client import EmbeddingClient, image_from_path, template_array
-
     found = _input_images(args.dir)
     if isinstance(found, int):
         return found
@@ -189,11 +206,70 @@ def output_stems(paths: list[Path], root: Path) -> dict[Path, str]:
     return out
 
 
+@dataclass
+class _Reconstructed:
+    """What a reconstruct run gathered: metrics rows, failed images, the models that served them."""
+
+    rows: list[dict[str, str]]
+    failed: list[tuple[str, str]]
+    decoder: str = ""
+    fr_model: str = ""
+
+
+def _reconstruct_all(
+    client: DecodingClient, paths: list[Path], root: Path, out: Path, quiet: bool
+) -> _Reconstructed | int:
+    """Reconstruct each image, writing its chip and decoded face into ``out``; exit code 4 when the service
+    fails (an error that belongs to one image is recorded and the run goes on)."""
+    stems = output_stems(paths, root)
+    done = _Reconstructed([], [])
+    with tqdm(total=len(paths), unit="img", desc="reconstructing", disable=quiet) as bar:
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            try:
+                resp = client.reconstruct(image_from_path(path))
+            except OSError as exc:
+                done.failed.append((rel, f"cannot read the file: {exc.strerror or exc}"))
+                bar.update(1)
+                continue
+            except grpc.RpcError as err:
+                if err.code() not in _PER_IMAGE_CODES:
+                    print(f"error: Reconstruct failed on {rel}: {err.code().name}: {err.details()}", file=sys.stderr)
+                    return 4
+                done.failed.append((rel, f"{err.code().name}: {err.details()}"))
+                bar.update(1)
+                continue
+            stem = stems[path]
+            (out / f"{stem}.aligned.png").write_bytes(resp.aligned.encoded)
+            (out / f"{stem}.recon.png").write_bytes(resp.reconstruction.encoded)
+            m = resp.metrics
+            done.rows.append(
+                {
+                    "path": rel,
+                    "psnr": f"{m.psnr:.4f}",
+                    "ssim": f"{m.ssim:.5f}",
+                    "identity_cosine": f"{m.identity_cosine:.5f}",
+                    "same_person": str(m.same_person).lower(),
+                }
+            )
+            done.decoder = f"{resp.decoder.name} v{resp.decoder.version}"
+            done.fr_model = f"{resp.fr_model.name} v{resp.fr_model.version}"
+            bar.update(1)
+    return done
+
+
+def _write_reconstruct_csvs(done: _Reconstructed, out: Path) -> None:
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "psnr", "ssim", "identity_cosine", "same_person"])
+        writer.writeheader()
+        writer.writerows(done.rows)
+    with open(out / "failed.csv", "w", newline="") as fh:
+        fwriter = csv.writer(fh)
+        fwriter.writerow(["path", "reason"])
+        fwriter.writerows(done.failed)
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from sdk.client import DecodingClient, image_from_path
-
     found = _input_images(args.dir)
     if isinstance(found, int):
         return found
@@ -203,52 +279,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         return 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stems = output_stems(paths, root)
-    rows: list[dict[str, str]] = []
-    failed: list[tuple[str, str]] = []
-    decoder = fr_model = ""
-    with tqdm(total=len(paths), unit="img", desc="reconstructing", disable=args.quiet) as bar:
-        for path in paths:
-            rel = path.relative_to(root).as_posix()
-            try:
-                resp = client.reconstruct(image_from_path(path))
-            except OSError as exc:
-                failed.append((rel, f"cannot read the file: {exc.strerror or exc}"))
-                bar.update(1)
-                continue
-            except grpc.RpcError as err:
-                if err.code() not in _PER_IMAGE_CODES:
-                    client.close()
-                    print(f"error: Reconstruct failed on {rel}: {err.code().name}: {err.details()}", file=sys.stderr)
-                    return 4
-                failed.append((rel, f"{err.code().name}: {err.details()}"))
-                bar.update(1)
-                continue
-            stem = stems[path]
-            (out / f"{stem}.aligned.png").write_bytes(resp.aligned.encoded)
-            (out / f"{stem}.recon.png").write_bytes(resp.reconstruction.encoded)
-            m = resp.metrics
-            rows.append(
-                {
-                    "path": rel,
-                    "psnr": f"{m.psnr:.4f}",
-                    "ssim": f"{m.ssim:.5f}",
-                    "identity_cosine": f"{m.identity_cosine:.5f}",
-                    "same_person": str(m.same_person).lower(),
-                }
-            )
-            decoder = f"{resp.decoder.name} v{resp.decoder.version}"
-            fr_model = f"{resp.fr_model.name} v{resp.fr_model.version}"
-            bar.update(1)
-    client.close()
-    with open(out / "metrics.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "psnr", "ssim", "identity_cosine", "same_person"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "failed.csv", "w", newline="") as fh:
-        fwriter = csv.writer(fh)
-        fwriter.writerow(["path", "reason"])
-        fwriter.writerows(failed)
+    try:
+        done = _reconstruct_all(client, paths, root, out, args.quiet)
+    finally:
+        client.close()
+    if isinstance(done, int):
+        return done
+    _write_reconstruct_csvs(done, out)
+    rows, failed = done.rows, done.failed
     if not rows:
         reason = failed[0][1] if failed else "no result"
         print(
@@ -262,35 +300,86 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     same = sum(r["same_person"] == "true" for r in rows)
     print(
-        f"{len(rows)} reconstructed, {len(failed)} failed (decoder {decoder}, FR model {fr_model}): "
+        f"{len(rows)} reconstructed, {len(failed)} failed (decoder {done.decoder}, FR model {done.fr_model}): "
         f"mean PSNR {mean('psnr'):.2f} dB, SSIM {mean('ssim'):.3f}, identity cosine {mean('identity_cosine'):.3f}, "
         f"same person {same}/{len(rows)} -> {out}"
     )
     return 0
 
 
-def _train_command(pipeline: str) -> tuple[Any, Any]:
-    """(add_arguments, run) of ``training.<pipeline>.cli``, imported only when a `train` command runs: the
-    CLI is a client, and services never import training code."""
-    import importlib
-
-    def add(p: argparse.ArgumentParser) -> None:
-        importlib.import_module(f"training.{pipeline}.cli").add_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        return int(importlib.import_module(f"training.{pipeline}.cli").run_from_args(args))
-
-    return add, run
+# -- train --------------------------------------------------------------------------------------------------
 
 
-def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
-    """The whole command line; ``with_training=False`` leaves out the flags of ``train`` subcommands, whose
-    definitions live in training code that other commands must not import (a service host may not ship it)."""
-    p = argparse.ArgumentParser(prog="facexplain", description="Explainability for face-recognition models.")
-    sub = p.add_subparsers(dest="command", required=True)
+class TrainingCli(Protocol):
+    """What each ``training.<pipeline>.cli`` module gives the `train` command."""
 
+    def add_arguments(self, p: argparse.ArgumentParser) -> None: ...
+
+    def run_from_args(self, args: argparse.Namespace) -> int: ...
+
+
+# The pipelines' modules are imported only when a `train` command runs: training pulls torch and mlflow,
+# and no other command may import it (a service host need not ship it; `registry check` is tested for it).
+def _decoder_cli() -> TrainingCli:
+    from training.decoder import cli
+
+    return cli
+
+
+def _sadfad_cli() -> TrainingCli:
+    from training.sadfad import cli
+
+    return cli
+
+
+def _probes_cli() -> TrainingCli:
+    from training.probes import cli
+
+    return cli
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One `facexplain train <name>` subcommand: its help texts and where its flags and run live."""
+
+    help: str
+    description: str
+    load: Callable[[], TrainingCli]
+
+    def run(self, args: argparse.Namespace) -> int:
+        return int(self.load().run_from_args(args))
+
+
+TRAINING_PIPELINES = {
+    "decoder": Pipeline(
+        help="train a Deep Face Decoder for a registered FR model",
+        description="Train a Deep Face Decoder (DFD) for a registered FR model: face set, identity-disjoint "
+        "split, DFD losses, MLflow tracking, evaluation on unseen identities, registration.",
+        load=_decoder_cli,
+    ),
+    "sadfad": Pipeline(
+        help="train an interpretable FR net with the SAD/FAD losses (Yin et al.)",
+        description="Train the interpretable FR net (hypercolumn + filter bank, LMF) with the spatial / feature "
+        "activation diversity losses: identity-disjoint split, synthetic occlusion, MLflow tracking, "
+        "verification clean and occluded, registration as a servable embedder.",
+        load=_sadfad_cli,
+    ),
+    "probes": Pipeline(
+        help="fit accessory/appearance probes (eyeglasses, hat, smiling, ...) on CelebA labels",
+        description="Fit one logistic probe per CelebA label on frozen face-api features (not the FR model) of "
+        "clean and degraded chips: identity-disjoint split, L2 chosen on validation identities, held-out "
+        "balanced accuracy, MLflow tracking, registration as facexplain-probes-faceapi.",
+        load=_probes_cli,
+    ),
+}
+
+
+# -- the parser ---------------------------------------------------------------------------------------------
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run a gRPC service in the foreground (config from FACEXPLAIN_* env vars)")
-    s.add_argument("service", choices=["embedding", "decoding", "directions", "attributes", "counterfactual"])
+    s.add_argument("service", choices=list(SERVICES))
     s.add_argument(
         "--port",
         type=int,
@@ -301,6 +390,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FACEXPLAIN_METRICS_PORT, default: any free)")
     s.set_defaults(func=_cmd_serve)
 
+
+def _add_embed_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e = sub.add_parser("embed", help="embed every image under DIR through a running embedding service")
     e.add_argument("dir")
     e.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the embedding service")
@@ -312,6 +403,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_embed)
 
+
+def _add_reconstruct_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser(
         "reconstruct",
         help="reconstruct every face under DIR through a running decoding service (chips, decoded faces, metrics)",
@@ -340,53 +433,31 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_reconstruct)
 
-    from cli.directions import add_directions_parsers
 
-    add_directions_parsers(sub)
-
-    from cli.attributes import add_attributes_parsers
-
-    add_attributes_parsers(sub)
-
-    from cli.counterfactual import add_counterfactual_parsers
-
-    add_counterfactual_parsers(sub)
-
-    from sdk.audit import add_audit_parser
-
-    add_audit_parser(sub)
-
-    from cli.registry import add_registry_parser
-
-    add_registry_parser(sub)
-
+def _add_train_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_training: bool) -> None:
     t = sub.add_parser("train", help="train a model with an MLflow-tracked pipeline and register it")
     tsub = t.add_subparsers(dest="pipeline", required=True)
-    td = tsub.add_parser(
-        "decoder",
-        help="train a Deep Face Decoder for a registered FR model",
-        description="Train a Deep Face Decoder (DFD) for a registered FR model: face set, identity-disjoint "
-        "split, DFD losses, MLflow tracking, evaluation on unseen identities, registration.",
-    )
-    ts = tsub.add_parser(
-        "sadfad",
-        help="train an interpretable FR net with the SAD/FAD losses (Yin et al.)",
-        description="Train the interpretable FR net (hypercolumn + filter bank, LMF) with the spatial / feature "
-        "activation diversity losses: identity-disjoint split, synthetic occlusion, MLflow tracking, "
-        "verification clean and occluded, registration as a servable embedder.",
-    )
-    tp = tsub.add_parser(
-        "probes",
-        help="fit accessory/appearance probes (eyeglasses, hat, smiling, ...) on CelebA labels",
-        description="Fit one logistic probe per CelebA label on frozen face-api features (not the FR model) of "
-        "clean and degraded chips: identity-disjoint split, L2 chosen on validation identities, held-out "
-        "balanced accuracy, MLflow tracking, registration as facexplain-probes-faceapi.",
-    )
-    for name, parser in (("decoder", td), ("sadfad", ts), ("probes", tp)):
-        add, run = _train_command(name)
+    for name, pipeline in TRAINING_PIPELINES.items():
+        parser = tsub.add_parser(name, help=pipeline.help, description=pipeline.description)
         if with_training:
-            add(parser)
-        parser.set_defaults(func=run)
+            pipeline.load().add_arguments(parser)
+        parser.set_defaults(func=pipeline.run)
+
+
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_training=False`` leaves out the flags of ``train`` subcommands, whose
+    definitions live in training code that other commands must not import (a service host may not ship it)."""
+    p = argparse.ArgumentParser(prog="facexplain", description="Explainability for face-recognition models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
+    _add_embed_parser(sub)
+    _add_reconstruct_parser(sub)
+    add_directions_parsers(sub)
+    add_attributes_parsers(sub)
+    add_counterfactual_parsers(sub)
+    add_audit_parser(sub)
+    add_registry_parser(sub)
+    _add_train_parsers(sub, with_training)
     return p
 
 

@@ -71,6 +71,79 @@ def ensure_decoder(uri: str) -> str:
     return f"trained {dec.name} v{dec.version} (inverts {fr.name} v{fr.version})"
 
 
+def print_verification(npz: Path) -> None:
+    """Per-identity verification of the embedded samples under the model's L2 rule (0.6)."""
+    data = np.load(npz)
+    paths = data["paths"].tolist()
+    t = data["templates"]
+    ident = [p.rsplit("/", 1)[0] for p in paths]
+    same: list[float] = []
+    diff: list[float] = []
+    for i, j in combinations(range(len(paths)), 2):
+        (same if ident[i] == ident[j] else diff).append(float(np.linalg.norm(t[i] - t[j])))
+    acc_same = np.mean(np.asarray(same) < 0.6)
+    rej_diff = np.mean(np.asarray(diff) >= 0.6)
+    print(f"\nmodel {data['model']} version {data['version']}: {len(paths)} templates of {len(set(ident))} people")
+    print(f"same person  : {len(same):4d} pairs, mean L2 {np.mean(same):.3f}, accepted {acc_same:.1%} (L2 < 0.6)")
+    print(f"different    : {len(diff):4d} pairs, mean L2 {np.mean(diff):.3f}, rejected {rej_diff:.1%}")
+    if len(data["failed"]):
+        print("no face found in:", ", ".join(f for f, _ in data["failed"]))
+
+
+def embed_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService], t0: float) -> None:
+    """The embedding service on the registry's champion; the samples embedded with `facexplain embed`."""
+    print("starting the embedding service (serving champion from the registry) ...", flush=True)
+    svc = start_service(
+        "embedding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL}
+    )
+    running.append(svc)
+    print(f"embedding service on {svc.address}, metrics on :{svc.metrics_port}, log {svc.log_path}")
+    npz = out_dir / "templates.npz"
+    _cli("embed", str(sample), "--target", svc.address, "--out", str(npz))
+    print_verification(npz)
+    print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)\n")
+
+
+def reconstruct_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService], t0: float) -> None:
+    """A decoder for the FR champion (trained once), the decoding service, `facexplain reconstruct` on the samples."""
+    print(ensure_decoder(uri), flush=True)
+    print("starting the decoding service (decoder and FR model from the registry) ...", flush=True)
+    dsvc = start_service("decoding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri})
+    running.append(dsvc)
+    print(f"decoding service on {dsvc.address}, metrics on :{dsvc.metrics_port}, log {dsvc.log_path}")
+    recon_dir = out_dir / "reconstructions"
+    _cli("reconstruct", str(sample), "--target", dsvc.address, "--out", str(recon_dir))
+    print(f"\naligned chips, reconstructions and metrics.csv in {recon_dir}")
+    print(
+        "(the demo decoder saw 30 faces for a minute; `make train-decoder` trains the real one on the CelebA "
+        "subset, README 'Decoder quality')"
+    )
+    print(f"training curves, grids and the registered versions: {uri}  ({time.monotonic() - t0:.0f} s)")
+
+
+def audit_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService]) -> None:
+    """The other three services, then `facexplain audit` of the champion against all five."""
+    print("\nstarting the directions, attributes and counterfactual services for the audit ...", flush=True)
+    for name in AUDIT_SERVICES:
+        running.append(start_service(name, out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri}))
+    targets = [f"{svc.name}={svc.address}" for svc in running]
+    report = out_dir / "report"
+    _cli(
+        "audit",
+        "--fr-model",
+        f"{DEFAULT_FR_MODEL}@{CHAMPION}",
+        "--data",
+        str(sample),
+        "--out",
+        str(report),
+        "--seed",
+        "0",
+        "--targets",
+        *targets,
+    )
+    print(f"\naudit report: {report / 'index.html'}  (every number in {report / 'audit.json'})")
+
+
 def main() -> int:
     out_dir = REPO / "var" / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,96 +151,17 @@ def main() -> int:
     t0 = time.monotonic()
     print("starting the MLflow registry (10-20 s) ...", flush=True)
     mlflow = start_mlflow(out_dir / "mlflow")
-    svc = None
-    dsvc = None
-    others: list[RunningService] = []
+    running: list[RunningService] = []  # stopped last-started first
     try:
         print(f"MLflow UI: {mlflow.uri}")
-        subprocess.run(
-            [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--uri", mlflow.uri],
-            cwd=REPO,
-            check=True,
-        )
-        print("starting the embedding service (serving champion from the registry) ...", flush=True)
-        svc = start_service(
-            "embedding",
-            out_dir,
-            env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL},
-        )
-        print(f"embedding service on {svc.address}, metrics on :{svc.metrics_port}, log {svc.log_path}")
-        npz = out_dir / "templates.npz"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cli.main",
-                "embed",
-                str(sample),
-                "--target",
-                svc.address,
-                "--out",
-                str(npz),
-            ],
-            cwd=REPO,
-            check=True,
-        )
-        data = np.load(npz)
-        paths = data["paths"].tolist()
-        t = data["templates"]
-        ident = [p.rsplit("/", 1)[0] for p in paths]
-        same, diff = [], []
-        for i, j in combinations(range(len(paths)), 2):
-            (same if ident[i] == ident[j] else diff).append(float(np.linalg.norm(t[i] - t[j])))
-        acc_same = np.mean(np.asarray(same) < 0.6)
-        rej_diff = np.mean(np.asarray(diff) >= 0.6)
-        print(f"\nmodel {data['model']} version {data['version']}: {len(paths)} templates of {len(set(ident))} people")
-        print(f"same person  : {len(same):4d} pairs, mean L2 {np.mean(same):.3f}, accepted {acc_same:.1%} (L2 < 0.6)")
-        print(f"different    : {len(diff):4d} pairs, mean L2 {np.mean(diff):.3f}, rejected {rej_diff:.1%}")
-        if len(data["failed"]):
-            print("no face found in:", ", ".join(f for f, _ in data["failed"]))
-        print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)\n")
-
-        print(ensure_decoder(mlflow.uri), flush=True)
-        print("starting the decoding service (decoder and FR model from the registry) ...", flush=True)
-        dsvc = start_service("decoding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri})
-        print(f"decoding service on {dsvc.address}, metrics on :{dsvc.metrics_port}, log {dsvc.log_path}")
-        recon_dir = out_dir / "reconstructions"
-        _cli("reconstruct", str(sample), "--target", dsvc.address, "--out", str(recon_dir))
-        print(f"\naligned chips, reconstructions and metrics.csv in {recon_dir}")
-        print(
-            "(the demo decoder saw 30 faces for a minute; `make train-decoder` trains the real one on the CelebA "
-            "subset, README 'Decoder quality')"
-        )
-        print(f"training curves, grids and the registered versions: {mlflow.uri}  ({time.monotonic() - t0:.0f} s)")
-
-        print("\nstarting the directions, attributes and counterfactual services for the audit ...", flush=True)
-        for name in AUDIT_SERVICES:
-            others.append(start_service(name, out_dir, env={"FACEXPLAIN_REGISTRY_URI": mlflow.uri}))
-        targets = [f"embedding={svc.address}", f"decoding={dsvc.address}"]
-        targets += [f"{name}={running.address}" for name, running in zip(AUDIT_SERVICES, others, strict=True)]
-        report = out_dir / "report"
-        _cli(
-            "audit",
-            "--fr-model",
-            f"{DEFAULT_FR_MODEL}@{CHAMPION}",
-            "--data",
-            str(sample),
-            "--out",
-            str(report),
-            "--seed",
-            "0",
-            "--targets",
-            *targets,
-        )
-        print(f"\naudit report: {report / 'index.html'}  (every number in {report / 'audit.json'})")
+        _cli("registry", "register-defaults", "--uri", mlflow.uri)
+        embed_step(mlflow.uri, out_dir, sample, running, t0)
+        reconstruct_step(mlflow.uri, out_dir, sample, running, t0)
+        audit_step(mlflow.uri, out_dir, sample, running)
         print(f"demo finished in {time.monotonic() - t0:.0f} s")
     finally:
-        for name, running in zip(AUDIT_SERVICES, others, strict=False):
-            print(f"{name} service stopped (exit {running.stop()})")
-        if dsvc is not None:
-            print(f"decoding service stopped (exit {dsvc.stop()})")
-        if svc is not None:
-            print(f"embedding service stopped (exit {svc.stop()})")
+        for svc in reversed(running):
+            print(f"{svc.name} service stopped (exit {svc.stop()})")
         mlflow.stop()
         print("MLflow stopped")
     return 0

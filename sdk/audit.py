@@ -1,6 +1,4 @@
-"""``facexplain audit``: what an FR model encodes and why it decided a pair, from the running services.
-
-facexplain audit --fr-model facexplain-fr-dlib128@champion --data data/sample --out report/ --seed 0
+"""The audit: what an FR model encodes and why it decided a pair, from the running services.
 
 The audit drives the five services through the SDK (nothing runs in-process but the report) and
 collects, for one served FR model on one folder of faces:
@@ -25,13 +23,20 @@ timestamps (``*_at``, ``started``, ``finished``). Direction sets are cited by th
 service derives from their content (``set_id``, the same for the same request and data) and by the
 digest of their vectors (``sha256``).
 
-Exit status of the CLI: 0 done, 2 bad input, 3 a service or the registry is not reachable (or serves
-another FR model than ``--fr-model``), 4 a service failed a step.
+From Python (``facexplain audit`` is the command line over it, :mod:`cli.audit`)::
+
+    from pathlib import Path
+    from sdk.audit import AuditConfig, run_audit
+
+    config = AuditConfig("facexplain-fr-dlib128@champion", data=Path("data/sample"), out=Path("report"))
+    result = run_audit(config)  # the content of report/audit.json; report/index.html beside it
+
+:class:`AuditError` stops the audit; its ``code`` is the CLI's exit status: 2 bad input, 3 a service or
+the registry is not reachable (or serves another FR model than ``fr_model``), 4 a service failed a step.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -48,11 +53,35 @@ from typing import Any
 
 import grpc
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-from sdk.client import DEFAULT_PORTS
+from facexplain.attributes.report import importance_chart, row_dict, write_csv
+from facexplain.metrics.invariance import mirror_cosines, mirror_invariance
+from sdk.audit_report import write_report
+from sdk.client import (
+    DEFAULT_PORTS,
+    AttributesClient,
+    CounterfactualClient,
+    DecodingClient,
+    DirectionsClient,
+    EmbeddingClient,
+    image_from_path,
+    inline_dataset,
+    labeled_image,
+    wait_ready,
+)
+from services.api.v1 import common_pb2, counterfactual_pb2, directions_pb2
 
 SERVICES = tuple(DEFAULT_PORTS)
 DEFAULT_TARGETS = {name: f"127.0.0.1:{port}" for name, port in DEFAULT_PORTS.items()}
+CLIENTS: dict[str, Callable[..., Any]] = {
+    "embedding": EmbeddingClient,
+    "decoding": DecodingClient,
+    "directions": DirectionsClient,
+    "attributes": AttributesClient,
+    "counterfactual": CounterfactualClient,
+}
 SSI_REGIONS = ("eyes", "nose", "lower_face")
 LABEL_CENTROIDS = ("Smiling", "Eyeglasses")
 # Keys whose values legitimately differ between two runs with the same seed.
@@ -135,6 +164,7 @@ class Face:
 
 def load_faces(data: Path) -> tuple[list[Face], list[str], str]:
     """Every face under ``data`` (sorted), its label names, and the manifest digest of the whole folder."""
+    # facexplain.data.faceset imports torch (its face sets are tensors): paid by the audit, not by the SDK
     from facexplain.data.faceset import manifest_hash, records_from_spec
 
     try:
@@ -208,7 +238,18 @@ def png_digest(data: bytes) -> str:
 # -- the run ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class AuditInputs:
+    """What the steps read: every face of DATA, the seeded sample of them audited, the label names."""
+
+    everything: list[Face]
+    faces: list[Face]
+    label_names: list[str]
+
+
 class Audit:
+    """One audit run: the connected clients, the result built step by step, the images written."""
+
     def __init__(self, config: AuditConfig) -> None:
         self.cfg = config
         self.out = Path(config.out)
@@ -223,8 +264,6 @@ class Audit:
         return np.random.default_rng([self.cfg.seed, int(hashlib.sha256(step.encode()).hexdigest()[:8], 16)])
 
     def bar(self, total: int | None, desc: str) -> Any:
-        from tqdm import tqdm
-
         return tqdm(total=total, desc=desc, unit="item", disable=self.cfg.quiet, file=sys.stderr, leave=True)
 
     def progress_callback(self, desc: str) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -278,6 +317,7 @@ class Audit:
 
     @contextmanager
     def step(self, name: str) -> Iterator[dict[str, Any]]:
+        """The section ``name`` of the result, timed; a failed RPC becomes an AuditError with its exit status."""
         section: dict[str, Any] = {"started": now()}
         self.log(f"[audit] {name} ...")
         t0 = time.perf_counter()
@@ -296,20 +336,11 @@ class Audit:
 
     # connection ---------------------------------------------------------------------------------------------
     def connect(self, stack: ExitStack) -> None:
-        from sdk import client as sdk
-
-        classes = {
-            "embedding": sdk.EmbeddingClient,
-            "decoding": sdk.DecodingClient,
-            "directions": sdk.DirectionsClient,
-            "attributes": sdk.AttributesClient,
-            "counterfactual": sdk.CounterfactualClient,
-        }
         for name in SERVICES:
             target = self.cfg.targets.get(name) or DEFAULT_TARGETS[name]
-            client = stack.enter_context(classes[name](target, timeout=1800.0))
+            client = stack.enter_context(CLIENTS[name](target, timeout=1800.0))
             try:
-                sdk.wait_ready(client.channel, self.cfg.connect_timeout)
+                wait_ready(client.channel, self.cfg.connect_timeout)
             except ConnectionError:
                 raise AuditError(
                     f"the {name} service at {target} is not reachable within {self.cfg.connect_timeout:.0f} s "
@@ -319,124 +350,130 @@ class Audit:
             self.clients[name] = client
 
     # (a) models ---------------------------------------------------------------------------------------------
-    def models(self) -> None:
-        fr_name, fr_alias = parse_model_ref(self.cfg.fr_model)
-        with self.step("models") as sec:
-            services: dict[str, Any] = {}
-            for name in SERVICES:
-                try:
-                    st = self.clients[name].model_status(timeout=30)
-                except grpc.RpcError as err:
-                    raise AuditError(
-                        f"{name} service: ModelStatus failed: {err.code().name}: {err.details()}", 3
-                    ) from None
-                models = [
-                    {
-                        "kind": m.kind,
-                        **model_ref(m.model),
-                        "serving": bool(m.serving),
-                        "device": m.device,
-                        "loaded_at": m.loaded_at.ToJsonString() if m.HasField("loaded_at") else "",
-                    }
-                    for m in st.models
-                ]
-                models.sort(key=lambda m: (m["kind"], m["name"], int(m["version"]) if m["version"].isdigit() else 0))
-                services[name] = {
-                    "target": self.cfg.targets.get(name) or DEFAULT_TARGETS[name],
-                    "registry_uri": st.registry_uri,
-                    "registry_reachable": bool(st.registry_reachable),
-                    "last_reload_error": st.last_reload_error,
-                    "models": models,
-                }
-                if not st.registry_uri:
-                    raise AuditError(
-                        f"the {name} service follows no model registry (FACEXPLAIN_REGISTRY_URI is empty): "
-                        f"it cannot serve {self.cfg.fr_model}",
-                        3,
-                    )
-                if not st.registry_reachable:
-                    raise AuditError(f"the {name} service cannot reach the model registry at {st.registry_uri}", 3)
-                served = [m for m in models if m["kind"] == "embedder" and m["serving"]]
-                if not any(m["name"] == fr_name and m["alias"] == fr_alias for m in served):
-                    have = ", ".join(f"{m['name']}@{m['alias'] or m['version']}" for m in served) or "none"
-                    raise AuditError(f"the {name} service does not serve {self.cfg.fr_model} (it serves {have})", 3)
-                if name != "embedding" and not any(m["kind"] == "decoder" and m["serving"] for m in models):
-                    raise AuditError(f"the {name} service has no decoder loaded (needed for the audit)", 3)
-            fr = next(m for m in services["embedding"]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
-            versions = {
-                s: next(m["version"] for m in services[s]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
-                for s in SERVICES
+    def service_models(self, name: str) -> dict[str, Any]:
+        """What the ``name`` service reports serving (ModelStatus), models sorted by kind, name, version."""
+        try:
+            st = self.clients[name].model_status(timeout=30)
+        except grpc.RpcError as err:
+            raise AuditError(f"{name} service: ModelStatus failed: {err.code().name}: {err.details()}", 3) from None
+        models = [
+            {
+                "kind": m.kind,
+                **model_ref(m.model),
+                "serving": bool(m.serving),
+                "device": m.device,
+                "loaded_at": m.loaded_at.ToJsonString() if m.HasField("loaded_at") else "",
             }
-            if len(set(versions.values())) != 1:
-                raise AuditError(f"services serve different versions of {fr_name}: {versions} (an alias is moving?)", 3)
-            sec["fr_model"] = {"name": fr_name, "alias": fr_alias, "version": fr["version"]}
-            sec["services"] = services
+            for m in st.models
+        ]
+        models.sort(key=lambda m: (m["kind"], m["name"], int(m["version"]) if m["version"].isdigit() else 0))
+        return {
+            "target": self.cfg.targets.get(name) or DEFAULT_TARGETS[name],
+            "registry_uri": st.registry_uri,
+            "registry_reachable": bool(st.registry_reachable),
+            "last_reload_error": st.last_reload_error,
+            "models": models,
+        }
+
+    def check_serves(self, name: str, status: dict[str, Any], fr_name: str, fr_alias: str) -> None:
+        """Stop unless the ``name`` service follows a reachable registry, serves the FR model and a decoder."""
+        if not status["registry_uri"]:
+            raise AuditError(
+                f"the {name} service follows no model registry (FACEXPLAIN_REGISTRY_URI is empty): "
+                f"it cannot serve {self.cfg.fr_model}",
+                3,
+            )
+        if not status["registry_reachable"]:
+            raise AuditError(f"the {name} service cannot reach the model registry at {status['registry_uri']}", 3)
+        models = status["models"]
+        served = [m for m in models if m["kind"] == "embedder" and m["serving"]]
+        if not any(m["name"] == fr_name and m["alias"] == fr_alias for m in served):
+            have = ", ".join(f"{m['name']}@{m['alias'] or m['version']}" for m in served) or "none"
+            raise AuditError(f"the {name} service does not serve {self.cfg.fr_model} (it serves {have})", 3)
+        if name != "embedding" and not any(m["kind"] == "decoder" and m["serving"] for m in models):
+            raise AuditError(f"the {name} service has no decoder loaded (needed for the audit)", 3)
+
+    def models(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        fr_name, fr_alias = parse_model_ref(self.cfg.fr_model)
+        services: dict[str, Any] = {}
+        for name in SERVICES:
+            services[name] = self.service_models(name)
+            self.check_serves(name, services[name], fr_name, fr_alias)
+        fr = next(m for m in services["embedding"]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+        versions = {
+            s: next(m["version"] for m in services[s]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+            for s in SERVICES
+        }
+        if len(set(versions.values())) != 1:
+            raise AuditError(f"services serve different versions of {fr_name}: {versions} (an alias is moving?)", 3)
+        sec["fr_model"] = {"name": fr_name, "alias": fr_alias, "version": fr["version"]}
+        sec["services"] = services
 
     # (b) reconstructions ---------------------------------------------------------------------------------
-    def reconstructions(self, faces: list[Face]) -> None:
+    def reconstructions(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        chosen = sample(inputs.faces, self.cfg.max_reconstructions, self.rng("reconstructions"))
+        rows: list[dict[str, Any]] = []
+        failed: list[dict[str, str]] = []
+        chips: list[tuple[bytes, bytes]] = []  # (aligned, reconstruction) PNGs for the grid
+        with self.bar(len(chosen), "reconstructions") as bar:
+            for i, f in enumerate(chosen):
+                try:
+                    resp = self.clients["decoding"].reconstruct(image_from_path(f.path), timeout=300)
+                except grpc.RpcError as err:
+                    if err.code() in DATA_REFUSED:
+                        failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
+                        bar.update()
+                        continue
+                    raise
+                m = resp.metrics
+                rows.append(
+                    {
+                        "path": f.rel,
+                        "identity": f.identity,
+                        "psnr": finite(m.psnr),
+                        "ssim": finite(m.ssim),
+                        "identity_cosine": finite(m.identity_cosine),
+                        "same_person": bool(m.same_person),
+                        "aligned": self.save(f"recon/{i:03d}.aligned.png", resp.aligned.encoded),
+                        "reconstruction": self.save(f"recon/{i:03d}.recon.png", resp.reconstruction.encoded),
+                    }
+                )
+                sec["decoder"] = model_ref(resp.decoder)
+                sec["fr_model"] = model_ref(resp.fr_model)
+                chips.append((resp.aligned.encoded, resp.reconstruction.encoded))
+                bar.update()
+        sec["faces"] = rows
+        sec["failed"] = failed
+        sec["summary"] = {
+            k: finite(float(np.mean([r[k] for r in rows if r[k] is not None]))) if rows else None
+            for k in ("psnr", "ssim", "identity_cosine")
+        }
+        sec["summary"]["same_person_rate"] = finite(float(np.mean([r["same_person"] for r in rows]))) if rows else None
+        sec["summary"]["n"] = len(rows)
+        if rows:
+            self.save_grid(chips, "recon/grid.png")
+            sec["grid"] = "images/recon/grid.png"
+        if not rows:
+            raise AuditError(f"no face could be reconstructed ({len(failed)} failed)", 4)
+
+    def save_grid(self, chips: list[tuple[bytes, bytes]], name: str) -> None:
+        """Originals above their reconstructions, at most 8 a row, as one PNG."""
+        # torch and facexplain.viz (torch) only for this picture: the SDK's clients run without them
         import torch
-        from PIL import Image
 
         from facexplain.viz import pairs_grid, save_png
-        from sdk.client import image_from_path
 
-        chosen = sample(faces, self.cfg.max_reconstructions, self.rng("reconstructions"))
-        with self.step("reconstructions") as sec:
-            rows: list[dict[str, Any]] = []
-            failed: list[dict[str, str]] = []
-            originals: list[torch.Tensor] = []
-            recons: list[torch.Tensor] = []
-            with self.bar(len(chosen), "reconstructions") as bar:
-                for i, f in enumerate(chosen):
-                    try:
-                        resp = self.clients["decoding"].reconstruct(image_from_path(f.path), timeout=300)
-                    except grpc.RpcError as err:
-                        if err.code() in DATA_REFUSED:
-                            failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
-                            bar.update()
-                            continue
-                        raise
-                    m = resp.metrics
-                    rows.append(
-                        {
-                            "path": f.rel,
-                            "identity": f.identity,
-                            "psnr": finite(m.psnr),
-                            "ssim": finite(m.ssim),
-                            "identity_cosine": finite(m.identity_cosine),
-                            "same_person": bool(m.same_person),
-                            "aligned": self.save(f"recon/{i:03d}.aligned.png", resp.aligned.encoded),
-                            "reconstruction": self.save(f"recon/{i:03d}.recon.png", resp.reconstruction.encoded),
-                        }
-                    )
-                    sec["decoder"] = model_ref(resp.decoder)
-                    sec["fr_model"] = model_ref(resp.fr_model)
-                    for store, img in ((originals, resp.aligned), (recons, resp.reconstruction)):
-                        with Image.open(io.BytesIO(img.encoded)) as im:
-                            arr = np.asarray(im.convert("RGB").resize((112, 112)), dtype=np.float32) / 255
-                        store.append(torch.from_numpy(arr).permute(2, 0, 1))
-                    bar.update()
-            sec["faces"] = rows
-            sec["failed"] = failed
-            sec["summary"] = {
-                k: finite(float(np.mean([r[k] for r in rows if r[k] is not None]))) if rows else None
-                for k in ("psnr", "ssim", "identity_cosine")
-            }
-            sec["summary"]["same_person_rate"] = (
-                finite(float(np.mean([r["same_person"] for r in rows]))) if rows else None
-            )
-            sec["summary"]["n"] = len(rows)
-            if rows:
-                grid = pairs_grid(torch.stack(originals), torch.stack(recons), ncol=min(8, len(rows)))
-                save_png(grid, self.images / "recon" / "grid.png")
-                sec["grid"] = "images/recon/grid.png"
-            if not rows:
-                raise AuditError(f"no face could be reconstructed ({len(failed)} failed)", 4)
+        def tensor(png: bytes) -> torch.Tensor:
+            with Image.open(io.BytesIO(png)) as im:
+                arr = np.asarray(im.convert("RGB").resize((112, 112)), dtype=np.float32) / 255
+            return torch.from_numpy(arr).permute(2, 0, 1)
+
+        originals = torch.stack([tensor(a) for a, _ in chips])
+        recons = torch.stack([tensor(r) for _, r in chips])
+        save_png(pairs_grid(originals, recons, ncol=min(8, len(chips))), self.images / name)
 
     # datasets ---------------------------------------------------------------------------------------------
     def dataset(self, faces: list[Face], name: str, labels: dict[str, dict[str, float]] | None = None) -> Any:
-        from sdk.client import image_from_path, inline_dataset, labeled_image
-
         items = [
             labeled_image(
                 f.rel,
@@ -478,10 +515,12 @@ class Audit:
             "centroids": [{"name": c.name, "value": finite(c.value), "count": int(c.count)} for c in s.centroids],
         }
 
-    def traverse(self, probe_face: Face, set_id: str, index: int, name: str) -> dict[str, Any]:
-        from sdk.client import image_from_path
-        from services.api.v1 import common_pb2, directions_pb2
+    def probe(self, inputs: AuditInputs) -> Face:
+        """Where traversals start: the first audited face the services found (the first reconstructed one)."""
+        done = {f["path"] for f in self.result["reconstructions"]["faces"]}
+        return next(f for f in inputs.faces if f.rel in done)
 
+    def traverse(self, probe_face: Face, set_id: str, index: int, name: str) -> dict[str, Any]:
         resp = self.clients["directions"].traverse(
             common_pb2.Probe(image=image_from_path(probe_face.path)),
             set=set_id,
@@ -504,180 +543,175 @@ class Audit:
         }
 
     # (c) SSI --------------------------------------------------------------------------------------------
-    def ssi(self, faces: list[Face], probe: Face) -> None:
-        from services.api.v1 import directions_pb2
-
-        with self.step("ssi") as sec:
-            req = directions_pb2.DiscoverSSIRequest(
-                dataset=self.dataset(faces, "audit-ssi"),
-                regions=[directions_pb2.Region(name=r) for r in SSI_REGIONS],
-                n_components=self.cfg.ssi_components,
-                seed=self.cfg.seed,
-                max_pairs=self.cfg.ssi_max_pairs,
-            )
-            result = self.discover(self.clients["directions"].discover_ssi(req), "ssi")
-            sec["regions"] = list(SSI_REGIONS)
-            sec["max_pairs"] = self.cfg.ssi_max_pairs
-            sec["n_components"] = self.cfg.ssi_components
-            sec["seed"] = self.cfg.seed
-            sets = []
-            with self.bar(len(result.sets), "ssi traversals") as bar:
-                for s in result.sets:
-                    entry = self.direction_set(s)
-                    entry["traversal"] = self.traverse(probe, s.id, 0, f"ssi-{s.target}")
-                    sets.append(entry)
-                    bar.update()
-            sec["sets"] = sets
+    def ssi(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        probe = self.probe(inputs)
+        req = directions_pb2.DiscoverSSIRequest(
+            dataset=self.dataset(inputs.faces, "audit-ssi"),
+            regions=[directions_pb2.Region(name=r) for r in SSI_REGIONS],
+            n_components=self.cfg.ssi_components,
+            seed=self.cfg.seed,
+            max_pairs=self.cfg.ssi_max_pairs,
+        )
+        result = self.discover(self.clients["directions"].discover_ssi(req), "ssi")
+        sec["regions"] = list(SSI_REGIONS)
+        sec["max_pairs"] = self.cfg.ssi_max_pairs
+        sec["n_components"] = self.cfg.ssi_components
+        sec["seed"] = self.cfg.seed
+        sets = []
+        with self.bar(len(result.sets), "ssi traversals") as bar:
+            for s in result.sets:
+                entry = self.direction_set(s)
+                entry["traversal"] = self.traverse(probe, s.id, 0, f"ssi-{s.target}")
+                sets.append(entry)
+                bar.update()
+        sec["sets"] = sets
 
     # (d) label directions ---------------------------------------------------------------------------------
-    def labels(self, faces: list[Face], probe: Face, label_names: list[str]) -> None:
-        from sdk.client import image_from_path
-        from services.api.v1 import common_pb2, directions_pb2
+    def labels(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        probe = self.probe(inputs)
+        entries = [self.centroid_direction(label, inputs, probe) for label in LABEL_CENTROIDS]
+        entries.append(self.yaw_direction(inputs.faces, probe))
+        sec["directions"] = entries
 
-        client = self.clients["directions"]
-        with self.step("labels") as sec:
-            entries: list[dict[str, Any]] = []
-            for label in LABEL_CENTROIDS:
-                entry: dict[str, Any] = {"label": label, "method": "centroid"}
-                entries.append(entry)
-                if label not in label_names:
-                    entry["skipped"] = f"the data has no {label} label (no labels.csv with that column)"
-                    continue
-                req = directions_pb2.DiscoverCentroidRequest(
-                    dataset=self.dataset(faces, f"audit-{label}"), label=label, positive_values=[1.0]
-                )
-                result = self.discover_or_skip(client.discover_centroid(req), f"centroid {label}", entry)
-                if result is None:
-                    continue
-                s = result.sets[0]
-                entry["set"] = self.direction_set(s)
-                entry["traversal"] = self.traverse(probe, s.id, 0, f"centroid-{label}")
+    def centroid_direction(self, label: str, inputs: AuditInputs, probe: Face) -> dict[str, Any]:
+        """The centroid direction of ``label`` (value 1 against the rest) with its traversal, or why not."""
+        entry: dict[str, Any] = {"label": label, "method": "centroid"}
+        if label not in inputs.label_names:
+            entry["skipped"] = f"the data has no {label} label (no labels.csv with that column)"
+            return entry
+        req = directions_pb2.DiscoverCentroidRequest(
+            dataset=self.dataset(inputs.faces, f"audit-{label}"), label=label, positive_values=[1.0]
+        )
+        result = self.discover_or_skip(self.clients["directions"].discover_centroid(req), f"centroid {label}", entry)
+        if result is None:
+            return entry
+        s = result.sets[0]
+        entry["set"] = self.direction_set(s)
+        entry["traversal"] = self.traverse(probe, s.id, 0, f"centroid-{label}")
+        return entry
 
-            yaw: dict[str, Any] = {"label": "yaw", "method": "regression"}
-            entries.append(yaw)
-            if len(faces) < self.cfg.min_yaw_faces:
-                yaw["skipped"] = f"{len(faces)} faces, fewer than the {self.cfg.min_yaw_faces} a yaw regression needs"
-            else:
-                values: dict[str, dict[str, float]] = {}
-                no_face = []
-                with self.bar(len(faces), "yaw estimates") as bar:
-                    for f in faces:
-                        try:
-                            r = self.clients["attributes"].recover_attributes(
-                                common_pb2.Probe(image=image_from_path(f.path)), attributes=["yaw"], timeout=300
-                            )
-                        except grpc.RpcError as err:
-                            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
-                                raise
-                            no_face.append(f.rel)
-                        else:
-                            v = [a.value[0] for a in r.original if a.name == "yaw" and a.value]
-                            if v and math.isfinite(v[0]):
-                                values[f.rel] = {**f.labels, "yaw": float(v[0])}
-                        bar.update()
-                with_yaw = [f for f in faces if f.rel in values]
-                yaw["yaw_source"] = "attributes service: yaw (deg) on the original aligned face"
-                yaw["yaw_values"] = {k: finite(v["yaw"]) for k, v in sorted(values.items())}
-                yaw["no_face"] = no_face
-                if len(with_yaw) < self.cfg.min_yaw_faces:
-                    yaw["skipped"] = f"yaw estimated on {len(with_yaw)} faces, fewer than {self.cfg.min_yaw_faces}"
-                else:
-                    rreq = directions_pb2.DiscoverRegressionRequest(
-                        dataset=self.dataset(with_yaw, "audit-yaw", values),
-                        label="yaw",
-                        seed=self.cfg.seed,
-                        cv_folds=min(5, len(with_yaw) // 2),
+    def yaw_direction(self, faces: list[Face], probe: Face) -> dict[str, Any]:
+        """A regression direction of yaw as the attributes service estimates it, or why it cannot be made."""
+        yaw: dict[str, Any] = {"label": "yaw", "method": "regression"}
+        if len(faces) < self.cfg.min_yaw_faces:
+            yaw["skipped"] = f"{len(faces)} faces, fewer than the {self.cfg.min_yaw_faces} a yaw regression needs"
+            return yaw
+        values, no_face = self.yaw_values(faces)
+        with_yaw = [f for f in faces if f.rel in values]
+        yaw["yaw_source"] = "attributes service: yaw (deg) on the original aligned face"
+        yaw["yaw_values"] = {k: finite(v["yaw"]) for k, v in sorted(values.items())}
+        yaw["no_face"] = no_face
+        if len(with_yaw) < self.cfg.min_yaw_faces:
+            yaw["skipped"] = f"yaw estimated on {len(with_yaw)} faces, fewer than {self.cfg.min_yaw_faces}"
+            return yaw
+        req = directions_pb2.DiscoverRegressionRequest(
+            dataset=self.dataset(with_yaw, "audit-yaw", values),
+            label="yaw",
+            seed=self.cfg.seed,
+            cv_folds=min(5, len(with_yaw) // 2),
+        )
+        result = self.discover_or_skip(self.clients["directions"].discover_regression(req), "regression yaw", yaw)
+        if result is not None:
+            s = result.sets[0]
+            yaw["set"] = self.direction_set(s)
+            yaw["traversal"] = self.traverse(probe, s.id, 0, "regression-yaw")
+        return yaw
+
+    def yaw_values(self, faces: list[Face]) -> tuple[dict[str, dict[str, float]], list[str]]:
+        """Each face's labels plus its estimated yaw (by face path), and the faces where none was found."""
+        values: dict[str, dict[str, float]] = {}
+        no_face = []
+        with self.bar(len(faces), "yaw estimates") as bar:
+            for f in faces:
+                try:
+                    r = self.clients["attributes"].recover_attributes(
+                        common_pb2.Probe(image=image_from_path(f.path)), attributes=["yaw"], timeout=300
                     )
-                    result = self.discover_or_skip(client.discover_regression(rreq), "regression yaw", yaw)
-                    if result is not None:
-                        s = result.sets[0]
-                        yaw["set"] = self.direction_set(s)
-                        yaw["traversal"] = self.traverse(probe, s.id, 0, "regression-yaw")
-            sec["directions"] = entries
+                except grpc.RpcError as err:
+                    if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
+                        raise
+                    no_face.append(f.rel)
+                else:
+                    v = [a.value[0] for a in r.original if a.name == "yaw" and a.value]
+                    if v and math.isfinite(v[0]):
+                        values[f.rel] = {**f.labels, "yaw": float(v[0])}
+                bar.update()
+        return values, no_face
 
     # (e) importance ---------------------------------------------------------------------------------------
-    def importance(self, faces: list[Face]) -> None:
-        from facexplain.attributes.report import importance_chart, row_dict, write_csv
-
+    def importance(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
         client = self.clients["attributes"]
-        with self.step("importance") as sec:
-            events = client.importance(
-                self.dataset(faces, "audit-importance"),
-                n_bootstrap=self.cfg.importance_bootstrap,
-                seed=self.cfg.seed,
-                shuffled_control=True,
-            )
-            on_progress, close = self.progress_callback("importance")
-            try:
-                table = client.run_importance(events, on_progress)
-            finally:
-                close()
-            rows = []
-            for r in table.rows:
-                d = row_dict(r)
-                rows.append({k: finite(v) if isinstance(v, float) else v for k, v in d.items()})
-            sec.update(
-                {
-                    "fr_model": model_ref(table.fr_model),
-                    "decoder": model_ref(table.decoder),
-                    "estimator": table.estimator,
-                    "seed": int(table.seed),
-                    "n_items": int(table.n_items),
-                    "n_bootstrap": int(table.n_bootstrap),
-                    "ci_level": finite(table.ci_level),
-                    "data_manifest_sha256": table.data_manifest_sha256,
-                    "rows": rows,
-                }
-            )
-            folder = self.out / "importance"
-            write_csv(table.rows, folder / "importance.csv")
-            label = f"{table.fr_model.name} v{table.fr_model.version}"
-            importance_chart([(label, list(table.rows))], folder / "importance.png", f"I(a; â): {label}")
-            sec["csv"] = "importance/importance.csv"
-            sec["chart"] = "importance/importance.png"
+        events = client.importance(
+            self.dataset(inputs.faces, "audit-importance"),
+            n_bootstrap=self.cfg.importance_bootstrap,
+            seed=self.cfg.seed,
+            shuffled_control=True,
+        )
+        on_progress, close = self.progress_callback("importance")
+        try:
+            table = client.run_importance(events, on_progress)
+        finally:
+            close()
+        rows = []
+        for r in table.rows:
+            d = row_dict(r)
+            rows.append({k: finite(v) if isinstance(v, float) else v for k, v in d.items()})
+        sec.update(
+            {
+                "fr_model": model_ref(table.fr_model),
+                "decoder": model_ref(table.decoder),
+                "estimator": table.estimator,
+                "seed": int(table.seed),
+                "n_items": int(table.n_items),
+                "n_bootstrap": int(table.n_bootstrap),
+                "ci_level": finite(table.ci_level),
+                "data_manifest_sha256": table.data_manifest_sha256,
+                "rows": rows,
+            }
+        )
+        folder = self.out / "importance"
+        write_csv(table.rows, folder / "importance.csv")
+        label = f"{table.fr_model.name} v{table.fr_model.version}"
+        importance_chart([(label, list(table.rows))], folder / "importance.png", f"I(a; â): {label}")
+        sec["csv"] = "importance/importance.csv"
+        sec["chart"] = "importance/importance.png"
 
     # (f) mirror invariance ------------------------------------------------------------------------------
-    def mirror(self, faces: list[Face]) -> None:
+    def mirror(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
         """Cosine of each face's template and its mirror image's, against same-person and other-person pairs
         (:func:`facexplain.metrics.invariance.mirror_invariance` on the services' templates)."""
-        from PIL import Image as PILImage
-
-        from facexplain.metrics.invariance import mirror_cosines, mirror_invariance
-        from services.api.v1 import common_pb2
-
-        with self.step("mirror") as sec:
-            kept: list[tuple[Face, Any, Any]] = []
-            with self.bar(len(faces), "mirror images") as bar:
-                for f in faces:
-                    t = self.template(f)
-                    if t is not None:
-                        with PILImage.open(f.path) as im:
-                            buf = io.BytesIO()
-                            im.convert("RGB").transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
-                        tm = self.embed_or_none(common_pb2.Image(encoded=buf.getvalue()))
-                        if tm is not None:
-                            kept.append((f, t, tm))
-                    bar.update()
-            own = np.array([list(t.values) for _, t, _ in kept]).reshape(len(kept), -1)
-            flip = np.array([list(tm.values) for _, _, tm in kept]).reshape(len(kept), -1)
-            m = mirror_invariance(own, flip, [f.identity for f, _, _ in kept])
-            per_face = mirror_cosines(own, flip)
-            sec["faces"] = [
-                {"path": f.rel, "mirror_cosine": finite(float(c))} for (f, _, _), c in zip(kept, per_face, strict=True)
-            ]
-            sec["summary"] = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
-            if not kept or math.isnan(m.same_person_cosine_mean):
-                sec["reading"] = "not enough faces (or no two photos of one person) to compare"
-            elif m.keeps_no_side:
-                sec["reading"] = (
-                    "the model finds a face and its mirror image at least as alike as two photos of one person: "
-                    "its templates cannot keep the sign of yaw or roll, nor which side of the face a feature is on"
-                )
-            else:
-                sec["reading"] = (
-                    "the model tells a face from its mirror image more than it tells two photos of one person "
-                    "apart: its templates can keep left/right information (the sign of yaw, asymmetries)"
-                )
+        kept: list[tuple[Face, Any, Any]] = []
+        with self.bar(len(inputs.faces), "mirror images") as bar:
+            for f in inputs.faces:
+                t = self.template(f)
+                if t is not None:
+                    with Image.open(f.path) as im:
+                        buf = io.BytesIO()
+                        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+                    tm = self.embed_or_none(common_pb2.Image(encoded=buf.getvalue()))
+                    if tm is not None:
+                        kept.append((f, t, tm))
+                bar.update()
+        own = np.array([list(t.values) for _, t, _ in kept]).reshape(len(kept), -1)
+        flip = np.array([list(tm.values) for _, _, tm in kept]).reshape(len(kept), -1)
+        m = mirror_invariance(own, flip, [f.identity for f, _, _ in kept])
+        per_face = mirror_cosines(own, flip)
+        sec["faces"] = [
+            {"path": f.rel, "mirror_cosine": finite(float(c))} for (f, _, _), c in zip(kept, per_face, strict=True)
+        ]
+        sec["summary"] = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
+        if not kept or math.isnan(m.same_person_cosine_mean):
+            sec["reading"] = "not enough faces (or no two photos of one person) to compare"
+        elif m.keeps_no_side:
+            sec["reading"] = (
+                "the model finds a face and its mirror image at least as alike as two photos of one person: "
+                "its templates cannot keep the sign of yaw or roll, nor which side of the face a feature is on"
+            )
+        else:
+            sec["reading"] = (
+                "the model tells a face from its mirror image more than it tells two photos of one person "
+                "apart: its templates can keep left/right information (the sign of yaw, asymmetries)"
+            )
 
     # (g) counterfactuals ---------------------------------------------------------------------------------
     def embed_or_none(self, image: Any) -> Any | None:
@@ -690,147 +724,134 @@ class Audit:
             return None
 
     def template(self, f: Face) -> Any:
-        from sdk.client import image_from_path
-
         if f.rel not in self.templates:
             self.templates[f.rel] = self.embed_or_none(image_from_path(f.path))
         return self.templates[f.rel]
 
-    def counterfactuals(self, faces: list[Face]) -> None:
+    def counterfactuals(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
         """Score pairs (``--pairs``, or pairs of all the faces in DATA), explain the extreme ones."""
-        from sdk.client import image_from_path
-        from services.api.v1 import common_pb2, counterfactual_pb2
+        if self.cfg.pairs is not None:
+            pairs = read_pairs(Path(self.cfg.pairs), Path(self.cfg.data), inputs.everything)
+            sec["pairs_source"] = f"pairs file {Path(self.cfg.pairs).name}"
+        else:
+            pairs = pairs_from_identities(inputs.everything)
+            sec["pairs_source"] = "pairs of the faces in the data; genuine when the identities agree"
+        # keep genuine and impostor pairs apart so a small max_pairs still has both kinds
+        gen = sample([p for p in pairs if p[2]], self.cfg.max_pairs // 2, self.rng("pairs-genuine"))
+        imp = sample([p for p in pairs if not p[2]], self.cfg.max_pairs - len(gen), self.rng("pairs-impostor"))
+        scored, skipped, rule = self.score_pairs(gen + imp)
+        g = sorted((s for s in scored if s.row["genuine"]), key=lambda s: (s.row["score"], s.row["a"], s.row["b"]))
+        i = sorted((s for s in scored if not s.row["genuine"]), key=lambda s: (-s.row["score"], s.row["a"], s.row["b"]))
+        sec["rule"] = rule
+        sec["n_pairs"] = {"genuine": len(g), "impostor": len(i), "skipped": len(skipped)}
+        sec["rates"] = {
+            "genuine_accepted": finite(np.mean([s.row["same_person"] for s in g])) if g else None,
+            "impostor_accepted": finite(np.mean([s.row["same_person"] for s in i])) if i else None,
+        }
+        sec["skipped_pairs"] = skipped
+        picks = [("worst genuine", s) for s in g[: self.cfg.explain_pairs]]
+        picks += [("best impostor", s) for s in i[: self.cfg.explain_pairs]]
+        explanations = []
+        with self.bar(len(picks), "counterfactuals") as bar:
+            for n, (kind, s) in enumerate(picks):
+                explanations.append(self.explain(s, kind, f"cf{n:02d}"))
+                bar.update()
+        sec["pairs"] = [s.row for s in scored]
+        sec["explanations"] = explanations
 
-        with self.step("counterfactuals") as sec:
-            if self.cfg.pairs is not None:
-                pairs = read_pairs(Path(self.cfg.pairs), Path(self.cfg.data), faces)
-                sec["pairs_source"] = f"pairs file {Path(self.cfg.pairs).name}"
-            else:
-                pairs = pairs_from_identities(faces)
-                sec["pairs_source"] = "pairs of the faces in the data; genuine when the identities agree"
-            # keep genuine and impostor pairs apart so a small max_pairs still has both kinds
-            gen = sample([p for p in pairs if p[2]], self.cfg.max_pairs // 2, self.rng("pairs-genuine"))
-            imp = sample([p for p in pairs if not p[2]], self.cfg.max_pairs - len(gen), self.rng("pairs-impostor"))
-            chosen = gen + imp
-            scored, skipped = [], []
-            rule: dict[str, Any] = {}
-            with self.bar(len(chosen), "scoring pairs") as bar:
-                for a, b, genuine in chosen:
-                    ta, tb = self.template(a), self.template(b)
-                    if ta is None or tb is None:
-                        skipped.append({"a": a.rel, "b": b.rel, "reason": "no face found"})
-                        bar.update()
-                        continue
-                    v = self.clients["embedding"].verify(
-                        common_pb2.Probe(template=ta), common_pb2.Probe(template=tb), timeout=60
-                    )
-                    rule = {
-                        "metric": v.rule.metric,
-                        "threshold": finite(v.rule.threshold),
-                        "accept_below": bool(v.rule.accept_below),
-                        "source": v.rule.source,
-                    }
-                    score = -v.l2_distance if v.rule.metric == "l2" else v.cosine
-                    scored.append(
-                        {
-                            "a": a.rel,
-                            "b": b.rel,
-                            "genuine": genuine,
-                            "cosine": finite(v.cosine),
-                            "l2_distance": finite(v.l2_distance),
-                            "score": finite(score),
-                            "same_person": bool(v.same_person),
-                            "_faces": (a, b),
-                        }
-                    )
+    def score_pairs(
+        self, chosen: list[tuple[Face, Face, bool]]
+    ) -> tuple[list[ScoredPair], list[dict[str, Any]], dict[str, Any]]:
+        """Verify each pair on the embedding service: the scored pairs, those skipped, the decision rule."""
+        scored: list[ScoredPair] = []
+        skipped: list[dict[str, Any]] = []
+        rule: dict[str, Any] = {}
+        with self.bar(len(chosen), "scoring pairs") as bar:
+            for a, b, genuine in chosen:
+                ta, tb = self.template(a), self.template(b)
+                if ta is None or tb is None:
+                    skipped.append({"a": a.rel, "b": b.rel, "reason": "no face found"})
                     bar.update()
-            g = sorted((s for s in scored if s["genuine"]), key=lambda s: (s["score"], s["a"], s["b"]))
-            i = sorted((s for s in scored if not s["genuine"]), key=lambda s: (-s["score"], s["a"], s["b"]))
-            sec["rule"] = rule
-            sec["n_pairs"] = {"genuine": len(g), "impostor": len(i), "skipped": len(skipped)}
-            sec["rates"] = {
-                "genuine_accepted": finite(np.mean([s["same_person"] for s in g])) if g else None,
-                "impostor_accepted": finite(np.mean([s["same_person"] for s in i])) if i else None,
-            }
-            sec["skipped_pairs"] = skipped
-            picks = [("worst genuine", s) for s in g[: self.cfg.explain_pairs]]
-            picks += [("best impostor", s) for s in i[: self.cfg.explain_pairs]]
-            explanations = []
-            with self.bar(len(picks), "counterfactuals") as bar:
-                for n, (kind, s) in enumerate(picks):
-                    a, b = s.pop("_faces")
-                    spec = counterfactual_pb2.AttackSpec(
-                        method=counterfactual_pb2.AttackSpec.METHOD_PGD,
-                        goal=(
-                            counterfactual_pb2.AttackSpec.GOAL_DODGE
-                            if s["genuine"]
-                            else counterfactual_pb2.AttackSpec.GOAL_IMPERSONATE
-                        ),
-                        steps=self.cfg.attack_steps,
-                        seed=self.cfg.seed,
-                    )
-                    r = self.clients["counterfactual"].explain(
-                        image_from_path(a.path), image_from_path(b.path), spec, timeout=1200
-                    )
-                    at = r.attack
-                    sig = sorted(r.significance, key=lambda x: (-x.s_a if math.isfinite(x.s_a) else 0.0, x.attribute))
-                    tag = f"cf{n:02d}"
-                    explanations.append(
-                        {
-                            "kind": kind,
-                            "a": a.rel,
-                            "b": b.rel,
-                            "genuine": s["genuine"],
-                            "method": "pgd",
-                            "goal": "dodge" if s["genuine"] else "impersonate",
-                            "seed": int(at.seed),
-                            "score_before": finite(at.score_before),
-                            "score_after": finite(at.score_after),
-                            "same_before": bool(at.same_before),
-                            "same_after": bool(at.same_after),
-                            "flipped": bool(at.flipped),
-                            "linf": finite(at.linf),
-                            "l2": finite(at.l2),
-                            "epsilon_used": finite(at.epsilon_used),
-                            "steps_used": int(at.steps_used),
-                            "surrogate": model_ref(at.surrogate),
-                            "target": model_ref(at.target),
-                            "decoder": model_ref(r.decoder),
-                            "n_significant": sum(1 for x in r.significance if x.significant),
-                            "n_attributes": len(r.significance),
-                            "top": [
-                                {
-                                    "attribute": x.attribute,
-                                    "group": x.group,
-                                    "s_a": finite(x.s_a),
-                                    "significant": bool(x.significant),
-                                }
-                                for x in sig[:10]
-                            ],
-                            "images": {
-                                "adversarial": self.save(f"cf/{tag}.adversarial.png", at.adversarial.encoded),
-                                "decoded_probe": self.save(f"cf/{tag}.decoded_probe.png", r.decoded_probe.encoded),
-                                "decoded_reference": self.save(
-                                    f"cf/{tag}.decoded_reference.png", r.decoded_reference.encoded
-                                ),
-                                "decoded_adversarial": self.save(
-                                    f"cf/{tag}.decoded_adversarial.png", r.decoded_adversarial.encoded
-                                ),
-                                "lbp_map": self.save(f"cf/{tag}.lbp_map.png", r.lbp_significance_map.encoded),
-                            },
-                        }
-                    )
-                    bar.update()
-            for s in scored:
-                s.pop("_faces", None)
-            sec["pairs"] = scored
-            sec["explanations"] = explanations
+                    continue
+                v = self.clients["embedding"].verify(
+                    common_pb2.Probe(template=ta), common_pb2.Probe(template=tb), timeout=60
+                )
+                rule = {
+                    "metric": v.rule.metric,
+                    "threshold": finite(v.rule.threshold),
+                    "accept_below": bool(v.rule.accept_below),
+                    "source": v.rule.source,
+                }
+                score = -v.l2_distance if v.rule.metric == "l2" else v.cosine
+                row = {
+                    "a": a.rel,
+                    "b": b.rel,
+                    "genuine": genuine,
+                    "cosine": finite(v.cosine),
+                    "l2_distance": finite(v.l2_distance),
+                    "score": finite(score),
+                    "same_person": bool(v.same_person),
+                }
+                scored.append(ScoredPair(a, b, row))
+                bar.update()
+        return scored, skipped, rule
+
+    def explain(self, pair: ScoredPair, kind: str, tag: str) -> dict[str, Any]:
+        """Counterfactual Explain of one pair: a PGD attack that flips its decision, the attributes it moved."""
+        genuine = pair.row["genuine"]
+        spec = counterfactual_pb2.AttackSpec(
+            method=counterfactual_pb2.AttackSpec.METHOD_PGD,
+            goal=(
+                counterfactual_pb2.AttackSpec.GOAL_DODGE if genuine else counterfactual_pb2.AttackSpec.GOAL_IMPERSONATE
+            ),
+            steps=self.cfg.attack_steps,
+            seed=self.cfg.seed,
+        )
+        r = self.clients["counterfactual"].explain(
+            image_from_path(pair.a.path), image_from_path(pair.b.path), spec, timeout=1200
+        )
+        at = r.attack
+        sig = sorted(r.significance, key=lambda x: (-x.s_a if math.isfinite(x.s_a) else 0.0, x.attribute))
+        return {
+            "kind": kind,
+            "a": pair.a.rel,
+            "b": pair.b.rel,
+            "genuine": genuine,
+            "method": "pgd",
+            "goal": "dodge" if genuine else "impersonate",
+            "seed": int(at.seed),
+            "score_before": finite(at.score_before),
+            "score_after": finite(at.score_after),
+            "same_before": bool(at.same_before),
+            "same_after": bool(at.same_after),
+            "flipped": bool(at.flipped),
+            "linf": finite(at.linf),
+            "l2": finite(at.l2),
+            "epsilon_used": finite(at.epsilon_used),
+            "steps_used": int(at.steps_used),
+            "surrogate": model_ref(at.surrogate),
+            "target": model_ref(at.target),
+            "decoder": model_ref(r.decoder),
+            "n_significant": sum(1 for x in r.significance if x.significant),
+            "n_attributes": len(r.significance),
+            "top": [
+                {"attribute": x.attribute, "group": x.group, "s_a": finite(x.s_a), "significant": bool(x.significant)}
+                for x in sig[:10]
+            ],
+            "images": {
+                "adversarial": self.save(f"cf/{tag}.adversarial.png", at.adversarial.encoded),
+                "decoded_probe": self.save(f"cf/{tag}.decoded_probe.png", r.decoded_probe.encoded),
+                "decoded_reference": self.save(f"cf/{tag}.decoded_reference.png", r.decoded_reference.encoded),
+                "decoded_adversarial": self.save(f"cf/{tag}.decoded_adversarial.png", r.decoded_adversarial.encoded),
+                "lbp_map": self.save(f"cf/{tag}.lbp_map.png", r.lbp_significance_map.encoded),
+            },
+        }
 
     # the whole audit ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         faces_all, label_names, manifest = load_faces(Path(cfg.data))
-        faces = sample(faces_all, cfg.max_faces, self.rng("faces"))
+        inputs = AuditInputs(faces_all, sample(faces_all, cfg.max_faces, self.rng("faces")), label_names)
         self.out.mkdir(parents=True, exist_ok=True)
         self.result["audit"] = {
             "format": 1,
@@ -845,116 +866,42 @@ class Audit:
             "n_identities": len({f.identity for f in faces_all}),
             "labels": sorted(label_names),
             "manifest_sha256": manifest,
-            "audited": [f.rel for f in faces],
+            "audited": [f.rel for f in inputs.faces],
         }
         with ExitStack() as stack:
             self.connect(stack)
-            self.models()
-            self.reconstructions(faces)
-            # traversals start from a face the services found (the first reconstructed one)
-            done = {f["path"] for f in self.result["reconstructions"]["faces"]}
-            probe = next(f for f in faces if f.rel in done)
-            self.ssi(faces, probe)
-            self.labels(faces, probe, label_names)
-            self.importance(faces)
-            self.mirror(faces)
-            self.counterfactuals(faces_all)
+            for name, run_step in STEPS:
+                with self.step(name) as section:
+                    run_step(self, inputs, section)
         self.result["audit"]["finished"] = now()
         return self.result
 
 
+@dataclass
+class ScoredPair:
+    """A pair of faces and its row in ``audit.json`` (what the embedding service said of it)."""
+
+    a: Face
+    b: Face
+    row: dict[str, Any]
+
+
+# The steps in the order they run (the report's, sdk.audit_report.SECTIONS), each filling the result's
+# section of its name. The reconstructions come before the directions steps, which start their
+# traversals from a reconstructed face.
+STEPS: tuple[tuple[str, Callable[[Audit, AuditInputs, dict[str, Any]], None]], ...] = (
+    ("models", Audit.models),
+    ("reconstructions", Audit.reconstructions),
+    ("ssi", Audit.ssi),
+    ("labels", Audit.labels),
+    ("importance", Audit.importance),
+    ("mirror", Audit.mirror),
+    ("counterfactuals", Audit.counterfactuals),
+)
+
+
 def run_audit(config: AuditConfig) -> dict[str, Any]:
     """Run the audit against the running services, write REPORT_DIR/index.html and audit.json; return the result."""
-    from sdk.audit_report import write_report
-
     result = Audit(config).run()
     write_report(result, Path(config.out))
     return result
-
-
-# -- CLI -------------------------------------------------------------------------------------------------
-
-
-def parse_targets(values: list[str] | None) -> dict[str, str]:
-    """``SERVICE=HOST:PORT`` items, or one ``HOST`` that all five default ports use."""
-    targets = dict(DEFAULT_TARGETS)
-    for v in values or []:
-        for item in v.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if "=" in item:
-                svc, _, addr = item.partition("=")
-                if svc not in SERVICES:
-                    raise AuditError(f"--targets: unknown service {svc!r} (one of {', '.join(SERVICES)})", 2)
-                targets[svc] = addr
-            else:
-                targets = {s: f"{item}:{DEFAULT_PORTS[s]}" for s in SERVICES}
-    return targets
-
-
-def _cmd_audit(args: argparse.Namespace) -> int:
-    try:
-        parse_model_ref(args.fr_model)
-        cfg = AuditConfig(
-            fr_model=args.fr_model,
-            data=Path(args.data),
-            out=Path(args.out),
-            pairs=Path(args.pairs) if args.pairs else None,
-            seed=args.seed,
-            targets=parse_targets(args.targets),
-            max_faces=args.max_faces,
-            max_reconstructions=args.max_reconstructions,
-            ssi_max_pairs=args.ssi_max_pairs,
-            ssi_components=args.ssi_components,
-            importance_bootstrap=args.bootstrap,
-            max_pairs=args.max_pairs,
-            explain_pairs=args.explain_pairs,
-            attack_steps=args.attack_steps,
-            connect_timeout=args.connect_timeout,
-            quiet=args.quiet,
-        )
-        t0 = time.perf_counter()
-        run_audit(cfg)
-    except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 4
-    print(f"audit done in {time.perf_counter() - t0:.0f} s -> {Path(args.out) / 'index.html'}")
-    return 0
-
-
-def add_audit_parser(sub: Any) -> None:
-    """``facexplain audit``."""
-    d = AuditConfig(fr_model="", data=Path(), out=Path())
-    p = sub.add_parser(
-        "audit",
-        help="audit an FR model through the running services: HTML report + audit.json",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    p.add_argument(
-        "--fr-model", required=True, help="NAME@ALIAS the services must serve, e.g. facexplain-fr-dlib128@champion"
-    )
-    p.add_argument("--data", required=True, help="folder of face images (identity = sub-folder; optional labels.csv)")
-    p.add_argument("--pairs", help="CSV a,b,genuine (paths relative to DATA); default: pairs of the audited faces")
-    p.add_argument("--out", required=True, help="report folder: index.html, audit.json, images/, importance/")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (sampling, SSI, MI, attacks)")
-    p.add_argument(
-        "--targets",
-        nargs="+",
-        help="SERVICE=HOST:PORT (embedding, decoding, directions, attributes, counterfactual), or one HOST for the "
-        "default ports 50051-50055 (default 127.0.0.1)",
-    )
-    p.add_argument("--max-faces", type=int, default=d.max_faces, help="faces audited (0 = all)")
-    p.add_argument("--max-reconstructions", type=int, default=d.max_reconstructions)
-    p.add_argument("--ssi-max-pairs", type=int, default=d.ssi_max_pairs, help="donor pairs blended per SSI region")
-    p.add_argument("--ssi-components", type=int, default=d.ssi_components, help="SSI directions per region")
-    p.add_argument("--bootstrap", type=int, default=d.importance_bootstrap, help="importance subsamples (0 = none)")
-    p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="pairs scored for the counterfactual step")
-    p.add_argument("--explain-pairs", type=int, default=d.explain_pairs, help="counterfactuals per pair kind")
-    p.add_argument("--attack-steps", type=int, default=d.attack_steps)
-    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_audit)

@@ -254,6 +254,7 @@ def folder_dataset(spec: str, name: str = "") -> tuple[common_pb2.Dataset, list[
     """``DIR`` or ``DIR,LABELS.csv`` on this machine as an inline dataset, read as training reads folders
     (:func:`facexplain.data.faceset.records_from_spec`); returns the dataset and its label names.
     Item ids are the image paths relative to the image root."""
+    # facexplain.data.faceset imports torch: only a caller reading a local folder pays for it
     from facexplain.data.faceset import records_from_spec
 
     root, records, names = records_from_spec(spec)

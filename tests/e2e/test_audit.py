@@ -289,7 +289,8 @@ def test_registry_not_reachable_is_a_clear_error(
 
 
 def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
-    from sdk.audit import AuditError, load_faces, parse_targets, read_pairs
+    from cli.audit import parse_targets
+    from sdk.audit import AuditError, load_faces, read_pairs
 
     faces, names, manifest = load_faces(sample_data)
     assert len(faces) == 24 and "Smiling" in names and len(manifest) == 64
