@@ -19,7 +19,7 @@ def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("check_layers", SCRIPT)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("check_layers", module)
+    sys.modules["check_layers"] = module
     spec.loader.exec_module(module)
     return module
 
