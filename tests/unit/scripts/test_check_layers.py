@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ CLEAN = {
 }
 
 
-def problems(root: Path) -> tuple[list[str], list[list[object]]]:
+def problems(root: Path) -> tuple[list[str], list[list[Any]]]:
     graph = check_layers.build_graph(root)
     return check_layers.layer_violations(graph), check_layers.cycles(graph)
 
