@@ -41,9 +41,10 @@ bench: setup  ## benchmarks (not tests): writes bench/results/*.json
 
 LINT_DIRS := $(wildcard facexplain registry services training sdk cli scripts tests bench)
 
-lint:  ## ruff (lint + format check) and mypy on the core, the services and the training pipelines
+lint:  ## ruff (lint + format check), the import layers (scripts/check_layers.py) and mypy
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/python scripts/check_layers.py
 	$(BIN)/mypy facexplain registry services training sdk cli
 
 

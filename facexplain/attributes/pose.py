@@ -109,7 +109,7 @@ def head_pose(
     (a very blurred decoded face) they may not be a face at all (the chin above the eyes), which
     solvePnP would still turn into some "pose".
     """
-    import cv2  # an optional heavy import, only where poses are computed
+    import cv2  # heavy (OpenCV): paid only where poses are computed, not by every importer of the estimators
 
     single = landmarks.dim() == 2
     pts = landmarks.unsqueeze(0) if single else landmarks

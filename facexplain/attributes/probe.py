@@ -26,6 +26,7 @@ pickle (``weights_only``).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -252,7 +253,6 @@ def train_probe(
     Deterministic for a given seed on one
     machine (seeded init, shuffles and augmentation; single-threaded CPU kernels are deterministic).
     """
-    import time
 
     t0 = time.perf_counter()
     y_all = torch.as_tensor(labels, dtype=torch.float32).reshape(-1)

@@ -95,7 +95,7 @@ def importance_chart(
     control MI (when ``show_control`` and any control is non-zero). Attributes keep the first table's
     order (the service's: MI descending), top to bottom.
     """
-    import matplotlib
+    import matplotlib  # heavy, and only the chart needs it: the CSV/JSON writers stay light
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

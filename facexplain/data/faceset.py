@@ -37,8 +37,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from facexplain.data.faces import FaceRecord, list_images, load_image
+from facexplain.faces.blend import blend_region, region_points
+from facexplain.faces.regions import landmarks_to_chip
 
 FACESET_FORMAT = 1
 
@@ -226,8 +229,6 @@ def build_faceset(
     such set in ``cache_dir``, see :func:`find_front_end`), is re-embedded instead of detecting again
     (see :func:`reembed_faceset`); it is only read when the cache misses.
     """
-    from facexplain.faces.regions import landmarks_to_chip
-
     info = pipeline.info
     manifest = manifest_hash(root, records)
     key = cache_key(manifest, fr_key, info.chip_size, info.chip_padding)
@@ -251,8 +252,6 @@ def build_faceset(
         if cached is not None:
             fs.save(cached)
         return fs
-
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     paths: list[str] = []
@@ -351,8 +350,6 @@ def _embed_chips_batched(
     progress: bool,
 ) -> torch.Tensor:
     """(N, 3, S, S) uint8 chips -> (N, d) float32 templates, in batches, without gradients."""
-    from tqdm import tqdm
-
     out = []
     with torch.no_grad():
         for start in tqdm(range(0, chips_u8.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
@@ -524,8 +521,6 @@ def blend_faceset(
     keeps that face unblended. Landmarks and labels stay the face donor's (the landmarks serve the
     loss's face-region mask; a pasted region's own labels, e.g. Smiling with a lower face, do not follow).
     """
-    from facexplain.faces.blend import blend_region, region_points
-
     if len(groups) != len(faces):
         raise ValueError(f"{len(faces)} faces but {len(groups)} group labels")
     if not regions:

@@ -78,7 +78,7 @@ class FaceMesh:
         Boundary points: corners and edge midpoints of the square ``[-m, size - 1 + m]``, m =
         ``boundary_margin * size``; the faces share them, so the frame border maps to itself.
         """
-        from scipy.spatial import Delaunay
+        from scipy.spatial import Delaunay  # heavy: only building a mesh needs it, not applying one
 
         tmpl = torch.as_tensor(template, dtype=torch.float32)
         if tmpl.dim() != 2 or tmpl.shape[1] != 2:
