@@ -49,6 +49,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from facexplain.artifacts.decoder import KIND_DECODER
+from facexplain.artifacts.embedder import KIND_EMBEDDER
 from sdk.client import DEFAULT_PORTS
 
 SERVICES = tuple(DEFAULT_PORTS)
@@ -356,15 +358,17 @@ class Audit:
                     )
                 if not st.registry_reachable:
                     raise AuditError(f"the {name} service cannot reach the model registry at {st.registry_uri}", 3)
-                served = [m for m in models if m["kind"] == "embedder" and m["serving"]]
+                served = [m for m in models if m["kind"] == KIND_EMBEDDER and m["serving"]]
                 if not any(m["name"] == fr_name and m["alias"] == fr_alias for m in served):
                     have = ", ".join(f"{m['name']}@{m['alias'] or m['version']}" for m in served) or "none"
                     raise AuditError(f"the {name} service does not serve {self.cfg.fr_model} (it serves {have})", 3)
-                if name != "embedding" and not any(m["kind"] == "decoder" and m["serving"] for m in models):
+                if name != "embedding" and not any(m["kind"] == KIND_DECODER and m["serving"] for m in models):
                     raise AuditError(f"the {name} service has no decoder loaded (needed for the audit)", 3)
-            fr = next(m for m in services["embedding"]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+            fr = next(m for m in services["embedding"]["models"] if m["kind"] == KIND_EMBEDDER and m["name"] == fr_name)
             versions = {
-                s: next(m["version"] for m in services[s]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+                s: next(
+                    m["version"] for m in services[s]["models"] if m["kind"] == KIND_EMBEDDER and m["name"] == fr_name
+                )
                 for s in SERVICES
             }
             if len(set(versions.values())) != 1:
