@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 
 from facexplain.artifacts import decoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import decoding_pb2_grpc
 from services.decoding.service import SERVICE_NAME, DecodingServicer
 from services.decoding.settings import DecodingSettings
 from services.kit.embedder import serve_embedder
+from services.kit.models import ModelSlot
 from services.kit.reload import serve_from_registry
 from services.kit.server import GrpcServer, run_service, service_metrics
 
@@ -32,6 +34,7 @@ def build_server(settings: DecodingSettings, pipeline: FacePipeline | None = Non
     fr_slot, _fr_watcher = serve_embedder(
         settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
     )
+    decoder_slot: ModelSlot[LoadedDecoder]
     decoder_slot, _decoder_watcher = serve_from_registry(settings, metrics, kind=decoder.KIND)
     servicer = DecodingServicer(decoder_slot, fr_slot, settings, metrics)
     return GrpcServer(
