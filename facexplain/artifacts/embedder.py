@@ -75,8 +75,6 @@ def save_embedder_bundle(
     written, so it records what a loader will actually get. ``extra`` is merged into the metadata
     last (tests use it to write deliberately broken bundles).
     """
-    import torch
-
     from facexplain.pipeline import FacePipeline
 
     if weights not in WEIGHT_FORMATS:
@@ -86,6 +84,7 @@ def save_embedder_bundle(
         raise BundleError(f"{out} exists and is not empty")
     (out / "weights").mkdir(parents=True, exist_ok=True)
     (out / "golden").mkdir(exist_ok=True)
+    src: Path | None = None
     if weights == "faceapi":
         src = Path(faceapi_dir) if faceapi_dir else faceapi_model_dir()
         pipeline = pipeline or FacePipeline.default()
@@ -94,22 +93,7 @@ def save_embedder_bundle(
     assert isinstance(pipeline, FacePipeline)
     info = pipeline.info
     det = pipeline.detector
-    components: dict[str, dict[str, Any]] = {}
-    modules = {"detector": det.net, "landmarks": pipeline.landmark_net, "recognition": pipeline.recognition_net}
-    for comp, (stem, default_arch) in _FACEAPI_COMPONENTS.items():
-        module = modules[comp]
-        # A network that is not face-api's (e.g. a trained SAD/FAD net) names its own architecture
-        # and is always stored as a state dict, beside face-api's detector and landmarks if those stay.
-        arch = str(getattr(module, "arch", default_arch))
-        if weights == "faceapi" and arch == default_arch:
-            copy_faceapi(src, stem, out / "weights")
-            components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
-        else:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            torch.save(state, out / "weights" / f"{comp}.pt")
-            components[comp] = {"arch": arch, "format": "torch", "file": f"weights/{comp}.pt"}
-            if hasattr(module, "bundle_config"):
-                components[comp]["config"] = module.bundle_config()
+    components = _save_components(pipeline, out / "weights", src)
     shutil.copy2(golden_image, out / "golden" / "face.png")
     rec = pipeline.recognition_net
     mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
@@ -179,6 +163,35 @@ def save_embedder_bundle(
     return meta
 
 
+def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Write the pipeline's three networks into ``dest``; face-api copies when ``faceapi_dir`` is given.
+
+    A network that is not face-api's (e.g. a trained SAD/FAD net) names its own architecture and is
+    always stored as a state dict, beside face-api's detector and landmarks if those stay.
+    """
+    import torch
+
+    modules = {
+        "detector": pipeline.detector.net,
+        "landmarks": pipeline.landmark_net,
+        "recognition": pipeline.recognition_net,
+    }
+    components: dict[str, dict[str, Any]] = {}
+    for comp, (stem, default_arch) in _FACEAPI_COMPONENTS.items():
+        module = modules[comp]
+        arch = str(getattr(module, "arch", default_arch))
+        if faceapi_dir is not None and arch == default_arch:
+            copy_faceapi(faceapi_dir, stem, dest)
+            components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            torch.save(state, dest / f"{comp}.pt")
+            components[comp] = {"arch": arch, "format": "torch", "file": f"weights/{comp}.pt"}
+            if hasattr(module, "bundle_config"):
+                components[comp]["config"] = module.bundle_config()
+    return components
+
+
 # -- loading -------------------------------------------------------------------------------------------
 
 
@@ -212,6 +225,39 @@ def _build_recognition(spec: dict[str, Any], inp: dict[str, Any]) -> torch.nn.Mo
     raise BundleError(f"recognition component: unknown architecture {arch!r}")
 
 
+def _load_networks(wdir: Path, comps: dict[str, Any], inp: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The three networks of an embedder bundle, in eval mode, from face-api files or state dicts."""
+    from facexplain.models.landmarks import FaceLandmark68Net
+    from facexplain.models.recognition import FaceRecognitionNet
+    from facexplain.models.ssd_mobilenet import SsdMobilenetV1
+
+    nets: dict[str, torch.nn.Module] = {}
+    for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
+        spec = comps[comp]
+        net: torch.nn.Module
+        if spec["format"] == "faceapi":
+            try:
+                if comp == "detector":
+                    net = SsdMobilenetV1.from_faceapi(wdir)
+                elif comp == "landmarks":
+                    net = FaceLandmark68Net.from_faceapi(wdir)
+                else:
+                    net = FaceRecognitionNet.from_faceapi(wdir, input_divisor=float(inp["divisor"]))
+            except (OSError, ValueError, KeyError) as exc:
+                raise BundleError(f"component {comp!r}: cannot load face-api weights ({exc})") from None
+        else:
+            if comp == "detector":
+                net = SsdMobilenetV1()
+            elif comp == "landmarks":
+                net = FaceLandmark68Net()
+            else:
+                net = _build_recognition(spec, inp)
+            _load_state(wdir.parent / spec["file"], net, comp)
+            net.requires_grad_(False)
+        nets[comp] = net.eval()
+    return nets
+
+
 def load_bundle(
     bundle_dir: Path | str,
     device: str | torch.device = "cpu",
@@ -229,9 +275,6 @@ def load_bundle(
 
     from facexplain.faces.detect import FaceDetector
     from facexplain.metrics.verification import VerificationRule
-    from facexplain.models.landmarks import FaceLandmark68Net
-    from facexplain.models.recognition import FaceRecognitionNet
-    from facexplain.models.ssd_mobilenet import SsdMobilenetV1
     from facexplain.pipeline import DEFAULT_EMBEDDER, FacePipeline
 
     root = Path(bundle_dir)
@@ -245,31 +288,7 @@ def load_bundle(
     if missing:
         raise BundleError(f"embedder bundle lacks components {missing}")
     inp = meta["input"]
-    nets: dict[str, torch.nn.Module] = {}
-    for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
-        spec = comps[comp]
-        net: torch.nn.Module
-        if spec["format"] == "faceapi":
-            wdir = root / "weights"
-            try:
-                if comp == "detector":
-                    net = SsdMobilenetV1.from_faceapi(wdir)
-                elif comp == "landmarks":
-                    net = FaceLandmark68Net.from_faceapi(wdir)
-                else:
-                    net = FaceRecognitionNet.from_faceapi(wdir, input_divisor=float(inp["divisor"]))
-            except (OSError, ValueError, KeyError) as exc:
-                raise BundleError(f"component {comp!r}: cannot load face-api weights ({exc})") from None
-        else:
-            if comp == "detector":
-                net = SsdMobilenetV1()
-            elif comp == "landmarks":
-                net = FaceLandmark68Net()
-            else:
-                net = _build_recognition(spec, inp)
-            _load_state(root / spec["file"], net, comp)
-            net.requires_grad_(False)
-        nets[comp] = net.eval()
+    nets = _load_networks(root / "weights", comps, inp)
     ver = meta["verification"]
     rule = VerificationRule(
         metric=ver["metric"],
