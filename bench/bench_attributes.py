@@ -46,9 +46,9 @@ from bench.common import RESULTS, machine, write
 
 def _probes(spec: str, uri: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The registered accessory probes, or (None, reason) when none is registered."""
-    from facexplain.attributes.accessory import load_probe_bundle
+    from facexplain.artifacts.probes import load_probe_bundle
     from facexplain.paths import var_dir
-    from registry.client import Registry, RegistryError
+    from registry import Registry, RegistryError
 
     if not spec:
         return None, {"used": False, "reason": "--probes empty"}

@@ -56,7 +56,7 @@ def load_decoder(args: argparse.Namespace, device: str) -> tuple[LoadedDecoder, 
     if args.decoder_bundle:
         dec = load_decoder_bundle(Path(args.decoder_bundle), device)
         return dec, {"bundle": str(args.decoder_bundle), "fr_model": f"{dec.fr_name}@{dec.fr_version}"}
-    from registry.client import Registry
+    from registry import Registry
 
     name, _, alias = args.decoder.partition("@")
     registry = Registry(args.registry, timeout_s=30)

@@ -87,11 +87,11 @@ def _time_steps(
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    from facexplain.artifacts.bundle import load_bundle
+    from facexplain.artifacts.embedder import load_bundle
     from facexplain.data.faceset import build_faceset, records_from_spec
     from facexplain.losses.dfd import PerceptualFeatures
     from facexplain.models.decoder import DeepFaceDecoder
-    from registry.client import Registry
+    from registry import Registry
     from training.decoder.data import split_faceset
     from training.decoder.run import FACESET_CACHE, resolve_fr_model
 

@@ -164,10 +164,11 @@ def _spec(spec: str) -> tuple[str, str]:
 
 def load_context(args: argparse.Namespace) -> Context:
     """Resolve and load the FR model and decoder from the registry, the face set, and the A/B split."""
-    from facexplain.artifacts.bundle import bundle_digest, load_bundle, read_metadata
+    from facexplain.artifacts.bundle import bundle_digest, read_metadata
     from facexplain.artifacts.decoder import load_decoder_bundle
+    from facexplain.artifacts.embedder import load_bundle
     from facexplain.data.faceset import build_faceset, records_from_spec
-    from registry.client import Registry
+    from registry import Registry
 
     uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "") or "http://127.0.0.1:5000"
     device = _device(args.device)

@@ -6,8 +6,10 @@ facexplain registry list
 facexplain registry check facexplain-fr-dlib128 --alias challenger   # download, load, validate: promote-ready?
 
 The registry URI comes from ``--uri``, else ``FACEXPLAIN_REGISTRY_URI``, else ``MLFLOW_TRACKING_URI``,
-else ``http://127.0.0.1:5000`` (what ``make mlflow`` starts). Heavy imports (MLflow, torch) happen
-inside the commands so ``facexplain --help`` stays fast.
+else ``http://127.0.0.1:5000`` (what ``make mlflow`` starts). This module only parses and prints: the
+policy lives in ``registry`` (``registry.promotion``) and the bundle kinds in ``facexplain.artifacts``.
+Both are light to import (MLflow and torch load inside the calls that use them), so building the
+parser costs nothing; the commands import the registry client when they run.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, KIND_EMBEDDER
+from registry.conventions import CHAMPION
+
 DEFAULT_URI = "http://127.0.0.1:5000"
-# Repeated from registry.client (a unit test holds them equal) so building the parser imports no torch.
-DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
-CHAMPION = "champion"
 
 
 def _uri(args: argparse.Namespace) -> str:
@@ -35,7 +37,7 @@ def _uri(args: argparse.Namespace) -> str:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from registry.client import Registry
+    from registry import Registry
 
     # The CLI may wait a little longer than a service's poll, and retry a flaky network twice.
     return Registry(_uri(args), timeout_s=args.timeout, max_retries=2)
@@ -47,8 +49,9 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def _cmd_register_defaults(args: argparse.Namespace) -> int:
-    from facexplain.artifacts.bundle import bundle_digest, save_embedder_bundle
-    from registry.client import RegistryError, RegistryNotFound, RegistryUnreachable
+    from facexplain.artifacts.bundle import bundle_digest
+    from facexplain.artifacts.embedder import save_embedder_bundle
+    from registry import RegistryError, RegistryUnreachable, initial_alias
 
     reg = _registry(args)
     t0 = time.monotonic()
@@ -67,13 +70,10 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
                 info = existing
             else:
                 info = reg.register_bundle(bundle, args.name, description=args.description)
-                print(f"registered {args.name} version {info.version} (kind embedder, dim {meta['template_dim']})")
-            alias = args.alias
-            if alias is None:  # champion only when nothing is served yet: never demote a promoted version
-                try:
-                    reg.resolve(args.name, CHAMPION)
-                except RegistryNotFound:
-                    alias = CHAMPION
+                print(
+                    f"registered {args.name} version {info.version} (kind {KIND_EMBEDDER}, dim {meta['template_dim']})"
+                )
+            alias = initial_alias(reg, args.name) if args.alias is None else args.alias
             if alias:
                 reg.set_alias(args.name, alias, info.version)
                 print(f"{args.name}@{alias} -> version {info.version}")
@@ -86,34 +86,21 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from registry.client import RegistryError, RegistryNotFound, RegistryUnreachable, missing_tags
+    from registry import RegistryError, RegistryUnreachable, promote
 
-    reg = _registry(args)
     try:
-        info = reg.get_version(args.name, args.version)
-        kind = info.tags.get("kind", "")
-        missing = missing_tags(kind, info.tags)
-        if missing and not args.force:
-            return _fail(
-                f"{args.name} v{args.version} lacks required tags ({', '.join(missing)}); services would reject it "
-                "(--force promotes anyway)"
-            )
-        try:
-            previous = reg.resolve(args.name, args.alias).version
-        except RegistryNotFound:
-            previous = None
-        reg.set_alias(args.name, args.alias, args.version)
+        done = promote(_registry(args), args.name, args.version, args.alias, force=args.force)
     except RegistryUnreachable as exc:
         return _fail(f"{exc} (is it running? `make mlflow`)", 3)
     except RegistryError as exc:
         return _fail(str(exc))
-    was = f" (was version {previous})" if previous else ""
+    was = f" (was version {done.previous})" if done.previous else ""
     print(f"{args.name}@{args.alias} -> version {args.version}{was}; services following it swap within their poll")
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from registry.client import RegistryError, RegistryUnreachable
+    from registry import RegistryError, RegistryUnreachable
 
     reg = _registry(args)
     try:
@@ -154,8 +141,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     """Load a version from its artifact alone, in this fresh process, and run the service's validation."""
     from facexplain.artifacts.bundle import BundleError, read_metadata
-    from registry.client import RegistryError, RegistryUnreachable
-    from services.kit.reload import load_embedder, metadata_problems, validate_embedder_version
+    from facexplain.artifacts.embedder import KIND
+    from registry import RegistryError, RegistryUnreachable
+    from services.kit.reload import metadata_problems
 
     reg = _registry(args)
     label = f"{args.name} v{args.version}" if args.version else f"{args.name}@{args.alias}"
@@ -170,9 +158,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         problems = metadata_problems(str(meta.get("kind")), info, meta)
         if problems:
             raise BundleError("; ".join(problems))
-        model = load_embedder(path, info, args.device)
+        model = KIND.load(path, args.device, name=info.name, version=info.version)
         t2 = time.perf_counter()
-        extra = validate_embedder_version(model, path, meta)
+        extra = KIND.validate(model, path, meta)
         t3 = time.perf_counter()
     except RegistryUnreachable as exc:
         return _fail(f"{exc} (is it running? `make mlflow`)", 3)

@@ -1,15 +1,4 @@
-"""Model Registry conventions and the few MLflow client calls services and the CLI make.
-
-Conventions (the same for the UI, the CLI and the services):
-
-* Registered model names are ``facexplain-<role>-<architecture>``: ``facexplain-fr-dlib128`` for the
-  default FR model, ``facexplain-dfd-<fr model>`` for decoders, ``facexplain-sadfad-...`` for
-  interpretable FR nets. One registered model holds versions of one kind only.
-* Aliases, not stages: services serve ``champion``; ``challenger`` marks a candidate. Promotion is
-  moving an alias (UI: Models -> model -> version -> Aliases; CLI: ``facexplain registry promote``).
-* A version's artifact is a self-contained bundle directory (``facexplain.artifacts.bundle``) logged as
-  run artifacts under ``bundle/`` and registered from ``runs:/<run_id>/bundle``. Its tags repeat the
-  bundle's metadata (``REQUIRED_TAGS``) so the UI shows what a version is without downloading it.
+"""The few MLflow client calls services, training and the CLI make (conventions: ``registry.conventions``).
 
 MLflow is imported lazily: a service without a registry never pays for it. MLflow's HTTP client
 reads its timeout and retry count from the environment on every request (there is no per-client
@@ -29,70 +18,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from facexplain.artifacts.bundle import (
-    KIND_ATTRIBUTE_PROBES,
-    KIND_DECODER,
-    KIND_EMBEDDER,
-    BundleError,
-    bundle_digest,
-    flat_metadata,
-    read_metadata,
-    verify_files,
-)
+from facexplain.artifacts.bundle import BundleError, bundle_digest, flat_metadata, read_metadata, verify_files
+from registry.conventions import ARTIFACT_PATH, EXPERIMENT, check_model_name, missing_tags
+from registry.errors import RegistryError, RegistryNotFound, RegistryUnreachable
 
 log = logging.getLogger("facexplain.registry")
-
-DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
-DEFAULT_DECODER_MODEL = "facexplain-dfd-dlib128"
-DEFAULT_PROBES_MODEL = "facexplain-probes-faceapi"  # accessory probes (facexplain.attributes.accessory)
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-ALIASES = (CHAMPION, CHALLENGER)
-EXPERIMENT = "facexplain-registry"
-ARTIFACT_PATH = "bundle"
-MODEL_NAME_RE = re.compile(r"^facexplain-[a-z0-9]+-[a-z0-9][a-z0-9._-]*$")
-KIND_DIRECTION_SET = "direction_set"
-# Registered names the API fixes as defaults (directions.proto) that name a role only: a direction set
-# belongs to an FR model through its metadata, not its name, so there is no architecture suffix.
-ROLE_ONLY_NAMES = ("facexplain-directions", "facexplain-equivariance")
-
-# The model a service serves when FACEXPLAIN_MODEL_NAME is empty, by the kind it serves.
-DEFAULT_MODEL_FOR_KIND = {KIND_EMBEDDER: DEFAULT_FR_MODEL, KIND_DECODER: DEFAULT_DECODER_MODEL}
-
-# Tags every model version carries, per kind (values come from the bundle's metadata).
-_COMMON_TAGS = ("kind", "bundle_format", "bundle_sha256")
-REQUIRED_TAGS: dict[str, tuple[str, ...]] = {
-    KIND_EMBEDDER: (
-        *_COMMON_TAGS,
-        "template_dim",
-        "input_size",
-        "normalisation",
-        "alignment",
-        "chip_padding",
-        "verification_metric",
-        "verification_threshold",
-    ),
-    KIND_DECODER: (*_COMMON_TAGS, "template_dim", "input_size", "fr_model_name", "fr_model_version"),
-    KIND_DIRECTION_SET: (*_COMMON_TAGS, "template_dim", "fr_model_name", "fr_model_version", "method"),
-    KIND_ATTRIBUTE_PROBES: (*_COMMON_TAGS, "architecture", "labels"),
-}
 
 # A RestException with one of these codes means the server answered "no such model/alias/version".
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 # ... and with one of these, it answered but refuses: a configuration problem, not an outage.
 _REFUSED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST"}
-
-
-class RegistryError(Exception):
-    """The registry answered but the request cannot be served (refused, inconsistent metadata, ...)."""
-
-
-class RegistryUnreachable(RegistryError):
-    """No answer from the registry (connection refused, timeout, 5xx): keep serving what is loaded."""
-
-
-class RegistryNotFound(RegistryError):
-    """The registry answered: no such registered model, version or alias."""
 
 
 @dataclass(frozen=True)
@@ -117,21 +52,6 @@ def public_uri(uri: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def check_model_name(name: str) -> None:
-    if name in ROLE_ONLY_NAMES:
-        return
-    if not MODEL_NAME_RE.match(name):
-        raise RegistryError(
-            f"model name {name!r} does not follow the convention facexplain-<role>-<architecture> "
-            f"(lower case, e.g. {DEFAULT_FR_MODEL})"
-        )
-
-
-def missing_tags(kind: str, tags: dict[str, str]) -> list[str]:
-    """Required tags absent or empty on a version of ``kind`` (unknown kinds need the common ones)."""
-    return [t for t in REQUIRED_TAGS.get(kind, _COMMON_TAGS) if not tags.get(t)]
 
 
 def _version_info(mv: Any, alias: str = "") -> VersionInfo:

@@ -26,13 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cli.launcher import RunningService, start_mlflow, start_service  # noqa: E402
-from registry.client import (  # noqa: E402
-    CHAMPION,
-    DEFAULT_DECODER_MODEL,
-    DEFAULT_FR_MODEL,
-    Registry,
-    RegistryNotFound,
-)
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL  # noqa: E402
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL  # noqa: E402
+from registry import CHAMPION, Registry, RegistryNotFound  # noqa: E402
 
 AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
 

@@ -56,6 +56,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from facexplain.artifacts.decoder import KIND_DECODER
+from facexplain.artifacts.embedder import KIND_EMBEDDER
 from facexplain.attributes.report import importance_chart, row_dict, write_csv
 from facexplain.metrics.invariance import mirror_cosines, mirror_invariance
 from sdk.audit_report import write_report
@@ -386,11 +388,11 @@ class Audit:
         if not status["registry_reachable"]:
             raise AuditError(f"the {name} service cannot reach the model registry at {status['registry_uri']}", 3)
         models = status["models"]
-        served = [m for m in models if m["kind"] == "embedder" and m["serving"]]
+        served = [m for m in models if m["kind"] == KIND_EMBEDDER and m["serving"]]
         if not any(m["name"] == fr_name and m["alias"] == fr_alias for m in served):
             have = ", ".join(f"{m['name']}@{m['alias'] or m['version']}" for m in served) or "none"
             raise AuditError(f"the {name} service does not serve {self.cfg.fr_model} (it serves {have})", 3)
-        if name != "embedding" and not any(m["kind"] == "decoder" and m["serving"] for m in models):
+        if name != "embedding" and not any(m["kind"] == KIND_DECODER and m["serving"] for m in models):
             raise AuditError(f"the {name} service has no decoder loaded (needed for the audit)", 3)
 
     def models(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
@@ -399,9 +401,9 @@ class Audit:
         for name in SERVICES:
             services[name] = self.service_models(name)
             self.check_serves(name, services[name], fr_name, fr_alias)
-        fr = next(m for m in services["embedding"]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+        fr = next(m for m in services["embedding"]["models"] if m["kind"] == KIND_EMBEDDER and m["name"] == fr_name)
         versions = {
-            s: next(m["version"] for m in services[s]["models"] if m["kind"] == "embedder" and m["name"] == fr_name)
+            s: next(m["version"] for m in services[s]["models"] if m["kind"] == KIND_EMBEDDER and m["name"] == fr_name)
             for s in SERVICES
         }
         if len(set(versions.values())) != 1:

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import CHAMPION, Registry, VersionInfo
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +57,7 @@ def register_fr_model(registry: Registry, work: Path, alias: str = CHAMPION) -> 
 
     What ``facexplain registry register-defaults`` does, in-process (test_registry.py runs the CLI itself).
     """
-    from facexplain.artifacts.bundle import save_embedder_bundle
+    from facexplain.artifacts.embedder import save_embedder_bundle
 
     bundle = work / "fr-bundle"
     if not (bundle / "bundle.json").is_file():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     import torch
 
-    from registry.client import Registry
+    from registry import Registry
 
 # -- command line ---------------------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class TrackedRun(NullRun):
 
 def default_alias(registry: Registry, name: str, wanted: str) -> str:
     """``auto``: champion when the model has none yet (the first version serves), challenger otherwise."""
-    from registry.client import CHALLENGER, CHAMPION, RegistryNotFound
+    from registry import CHALLENGER, CHAMPION, RegistryNotFound
 
     if wanted != "auto":
         return wanted

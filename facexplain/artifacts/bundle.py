@@ -1,18 +1,19 @@
-"""Self-contained model bundles: the on-disk form of a registered model version.
+"""The bundle format: the on-disk form of a registered model version, whatever its kind.
 
 A bundle is a directory that a service (or a fresh process) can load with the facexplain package
-alone: no training code, no MLflow, no network. It holds
+alone: no training code, no MLflow, no network. Every kind shares
 
-* ``bundle.json``: what the model is and how to use it (kind, template dimension, input size and
-  normalisation, alignment template, verification rule, for decoders the FR model it inverts),
-  the golden input check, and a sha256 for every other file (so a corrupt artifact is caught
-  before any weight is read, with a message naming the file);
+* ``bundle.json``: format version, kind, name, the fields the kind requires
+  (:attr:`~facexplain.artifacts.kind.ArtifactKind.required_metadata`), the golden input check, and a
+  sha256 for every other file (so a corrupt artifact is caught before any weight is read, with a
+  message naming the file);
 * ``weights/``: either face-api's own manifest + ``.bin`` shards copied byte for byte (the default
   models: smallest, and provably the published weights) or ``torch.save`` state dicts (models
   facexplain trains); each component says which in ``components``;
-* ``golden/face.png`` and, in ``bundle.json``, the template the model produced for it when the
-  bundle was written. Validation re-embeds the golden face and compares, which catches wrong
-  dimensions, NaNs and silently different weights alike.
+* ``golden/``: a fixed input and, in ``bundle.json``, what the model produced for it when the bundle
+  was written; the kind's validation runs the input again and compares.
+
+What a kind adds (how to save, load and validate it) lives in one module per kind beside this one.
 
 Why not ``mlflow.pytorch.log_model``: its torch.export path fixes the batch size to the input
 example's, and it would make loading depend on MLflow. The registry stores this directory as
@@ -23,15 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import facexplain
-from facexplain.paths import REPO_ROOT, faceapi_model_dir
+from facexplain.artifacts.kind import KINDS
+from facexplain.paths import REPO_ROOT
 
 if TYPE_CHECKING:
     import torch
@@ -42,32 +41,7 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 GOLDEN_IMAGE = REPO_ROOT / "data" / "golden" / "face.png"
-DEFAULT_BUNDLE_NAME = "facexplain-fr-dlib128"
-DEFAULT_MIN_GOLDEN_COSINE = 0.99
-
-KIND_EMBEDDER = "embedder"
-KIND_DECODER = "decoder"
-KIND_ATTRIBUTE_PROBES = "attribute_probes"  # linear probes on face-api features (facexplain.attributes.accessory)
-KINDS = (KIND_EMBEDDER, KIND_DECODER, "direction_set", "attribute_estimator", KIND_ATTRIBUTE_PROBES)
-
-# Fields bundle.json must carry, per kind; a decoder is meaningless without the FR model it inverts.
-REQUIRED_METADATA: dict[str, tuple[str, ...]] = {
-    KIND_EMBEDDER: ("name", "template_dim", "input", "alignment", "verification", "components", "golden"),
-    KIND_DECODER: ("name", "template_dim", "input", "fr_model", "components"),
-    "direction_set": ("name", "template_dim", "fr_model"),
-    "attribute_estimator": ("name", "fr_model"),
-    # Probes read pixels, never templates: no FR model, but the labels and the features they read.
-    KIND_ATTRIBUTE_PROBES: ("name", "labels", "features", "probes", "components", "golden"),
-}
-
-# face-api networks of the default embedder: component -> (manifest stem, architecture).
-_FACEAPI_COMPONENTS = {
-    "detector": ("ssd_mobilenetv1_model", "ssd_mobilenet_v1"),
-    "landmarks": ("face_landmark_68_model", "face_landmark_68"),
-    "recognition": ("face_recognition_model", "dlib_resnet29_128"),
-}
-_WEIGHT_FORMATS = ("faceapi", "torch")
-SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
+WEIGHT_FORMATS = ("faceapi", "torch")
 
 
 class BundleError(ValueError):
@@ -119,24 +93,23 @@ def metadata_errors(meta: dict[str, Any]) -> list[str]:
     fmt = meta.get("format_version")
     if fmt != BUNDLE_FORMAT:
         errors.append(f"format_version is {fmt!r}, this code reads {BUNDLE_FORMAT}")
-    kind = meta.get("kind")
-    if kind not in REQUIRED_METADATA:
-        errors.append(f"kind is {kind!r}, expected one of {', '.join(REQUIRED_METADATA)}")
+    kind = KINDS.get(str(meta.get("kind")))
+    if kind is None:
+        errors.append(f"kind is {meta.get('kind')!r}, expected one of {', '.join(KINDS)}")
         return errors
-    missing = [f for f in REQUIRED_METADATA[kind] if f not in meta]
+    required = kind.required_metadata
+    missing = [f for f in required if f not in meta]
     if missing:
-        errors.append(f"{kind} bundle lacks {', '.join(missing)}")
+        errors.append(f"{kind.name} bundle lacks {', '.join(missing)}")
     dim = meta.get("template_dim")
-    if "template_dim" in REQUIRED_METADATA[kind] and not (isinstance(dim, int) and dim > 0):
+    if "template_dim" in required and not (isinstance(dim, int) and dim > 0):
         errors.append(f"template_dim must be a positive integer, got {dim!r}")
     fr = meta.get("fr_model")
-    if "fr_model" in REQUIRED_METADATA[kind] and not (
-        isinstance(fr, dict) and fr.get("name") and str(fr.get("version", ""))
-    ):
+    if "fr_model" in required and not (isinstance(fr, dict) and fr.get("name") and str(fr.get("version", ""))):
         errors.append("fr_model must name the FR model and version it belongs to ({'name': ..., 'version': ...})")
     for comp, spec in (meta.get("components") or {}).items():
-        if spec.get("format") not in _WEIGHT_FORMATS:
-            errors.append(f"component {comp!r} has format {spec.get('format')!r}, expected one of {_WEIGHT_FORMATS}")
+        if spec.get("format") not in WEIGHT_FORMATS:
+            errors.append(f"component {comp!r} has format {spec.get('format')!r}, expected one of {WEIGHT_FORMATS}")
     return errors
 
 
@@ -200,8 +173,9 @@ def flat_metadata(meta: dict[str, Any]) -> dict[str, str]:
         out["fr_model_version"] = str(fr.get("version", ""))
     if "architecture" in meta:
         out["architecture"] = str(meta["architecture"])
-    if meta.get("kind") == KIND_ATTRIBUTE_PROBES and "labels" in meta:
-        out["labels"] = ",".join(map(str, meta["labels"]))[:250]
+    kind = KINDS.get(str(meta["kind"]))
+    if kind is not None and kind.describe is not None:
+        out.update(kind.describe(meta))
     if "source" in meta:
         out["source"] = str(meta["source"])[:250]
     return out
@@ -210,7 +184,8 @@ def flat_metadata(meta: dict[str, Any]) -> dict[str, str]:
 # -- writing -------------------------------------------------------------------------------------------
 
 
-def _copy_faceapi(faceapi_dir: Path, stem: str, dest: Path) -> list[Path]:
+def copy_faceapi(faceapi_dir: Path, stem: str, dest: Path) -> list[Path]:
+    """Copy one face-api network (manifest and shards) into ``dest``, byte for byte."""
     manifest = faceapi_dir / f"{stem}-weights_manifest.json"
     if not manifest.is_file():
         raise BundleError(f"{manifest} not found: run `make setup` or set FACEXPLAIN_FACEAPI_DIR")
@@ -224,139 +199,6 @@ def _copy_faceapi(faceapi_dir: Path, stem: str, dest: Path) -> list[Path]:
     return out
 
 
-def load_golden_image(path: Path) -> torch.Tensor:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def save_embedder_bundle(
-    out_dir: Path | str,
-    pipeline: Any = None,
-    *,
-    name: str = DEFAULT_BUNDLE_NAME,
-    weights: str = "faceapi",
-    faceapi_dir: Path | None = None,
-    golden_image: Path = GOLDEN_IMAGE,
-    description: str = "",
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write an embedder bundle and return its metadata.
-
-    ``weights="faceapi"`` copies face-api's manifests and shards from ``faceapi_dir`` (the published
-    defaults, byte for byte); ``weights="torch"`` saves ``pipeline``'s three networks as state dicts
-    (any trained or modified pipeline). The golden template is computed by loading the bundle just
-    written, so it records what a loader will actually get. ``extra`` is merged into the metadata
-    last (tests use it to write deliberately broken bundles).
-    """
-    import torch
-
-    from facexplain.pipeline import FacePipeline
-
-    if weights not in _WEIGHT_FORMATS:
-        raise BundleError(f"weights must be one of {_WEIGHT_FORMATS}, got {weights!r}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"{out} exists and is not empty")
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    (out / "golden").mkdir(exist_ok=True)
-    if weights == "faceapi":
-        src = Path(faceapi_dir) if faceapi_dir else faceapi_model_dir()
-        pipeline = pipeline or FacePipeline.default()
-    elif pipeline is None:
-        raise BundleError('weights="torch" needs the pipeline whose networks to save')
-    assert isinstance(pipeline, FacePipeline)
-    info = pipeline.info
-    det = pipeline.detector
-    components: dict[str, dict[str, Any]] = {}
-    modules = {"detector": det.net, "landmarks": pipeline.landmark_net, "recognition": pipeline.recognition_net}
-    for comp, (stem, default_arch) in _FACEAPI_COMPONENTS.items():
-        module = modules[comp]
-        # A network that is not face-api's (e.g. a trained SAD/FAD net) names its own architecture
-        # and is always stored as a state dict, beside face-api's detector and landmarks if those stay.
-        arch = str(getattr(module, "arch", default_arch))
-        if weights == "faceapi" and arch == default_arch:
-            _copy_faceapi(src, stem, out / "weights")
-            components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
-        else:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            torch.save(state, out / "weights" / f"{comp}.pt")
-            components[comp] = {"arch": arch, "format": "torch", "file": f"weights/{comp}.pt"}
-            if hasattr(module, "bundle_config"):
-                components[comp]["config"] = module.bundle_config()
-    shutil.copy2(golden_image, out / "golden" / "face.png")
-    rec = pipeline.recognition_net
-    mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
-    meta: dict[str, Any] = {
-        "format_version": BUNDLE_FORMAT,
-        "kind": KIND_EMBEDDER,
-        "name": name,
-        "architecture": info.name,
-        "description": description
-        or (
-            "face-api SSD detector + dlib's 68-point shape predictor placed by face-api's landmark net"
-            if pipeline.shape_predictor
-            else "face-api SSD detector + 68 landmarks"
-        )
-        + " + dlib 128-d ResNet descriptor",
-        "template_dim": info.dim,
-        "input": {
-            "chip_size": info.chip_size,
-            "layout": "NCHW",
-            "channels": "RGB",
-            "value_range": [0, 255],
-            "mean_rgb": mean_rgb,
-            "divisor": float(rec.input_divisor),
-        },
-        "alignment": {
-            "template": "dlib get_face_chip: similarity transform from 68 iBUG landmarks",
-            "chip_size": info.chip_size,
-            "padding": info.chip_padding,
-        },
-        "verification": {
-            "metric": info.rule.metric,
-            "threshold": info.rule.threshold,
-            "accept_below": info.rule.accept_below,
-            "source": info.rule.source,
-        },
-        "detector": {
-            "min_confidence": det.min_confidence,
-            "iou_threshold": det.iou_threshold,
-            "max_results": det.max_results,
-            "fallback_margin": det.fallback_margin,
-        },
-        "components": components,
-        **({"landmark_refiner": refiner_spec(pipeline.shape_predictor)} if pipeline.shape_predictor else {}),
-        "golden": {"image": "golden/face.png", "min_cosine": DEFAULT_MIN_GOLDEN_COSINE},
-        "source": ", ".join(
-            f"{comp}: "
-            + (
-                "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
-                if spec["format"] == "faceapi"
-                else f"torch state dict ({spec['arch']})"
-            )
-            for comp, spec in components.items()
-        ),
-        "created_by": f"facexplain {facexplain.__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    meta.update(extra or {})
-    write_metadata(out, meta)
-    # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
-    if not metadata_errors(meta):
-        loaded = load_bundle(out, verify=False)
-        result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
-        if result is None:
-            raise BundleError(f"no face found in the golden image {golden_image}")
-        meta["golden"] = {**meta["golden"], "template": [float(v) for v in result.template.tolist()]}
-    write_metadata(out, meta)
-    return meta
-
-
 def write_metadata(out: Path, meta: dict[str, Any]) -> None:
     meta["files"] = {
         p.relative_to(out).as_posix(): file_sha256(p)
@@ -366,225 +208,14 @@ def write_metadata(out: Path, meta: dict[str, Any]) -> None:
     (out / BUNDLE_JSON).write_text(json.dumps(meta, indent=1, allow_nan=True) + "\n")
 
 
-# -- loading -------------------------------------------------------------------------------------------
+# -- golden input --------------------------------------------------------------------------------------
 
 
-def _load_state(path: Path, module: torch.nn.Module, comp: str) -> None:
+def load_golden_image(path: Path) -> torch.Tensor:
+    import numpy as np
     import torch
+    from PIL import Image
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise BundleError(f"component {comp!r}: cannot load {path.name} ({type(exc).__name__}: {exc})") from None
-
-
-def _build_recognition(spec: dict[str, Any], inp: dict[str, Any]) -> torch.nn.Module:
-    """An untrained recognition network of the architecture a bundle component names (weights load next)."""
-    from facexplain.models.recognition import FaceRecognitionNet
-
-    arch = spec.get("arch", _FACEAPI_COMPONENTS["recognition"][1])
-    if arch == _FACEAPI_COMPONENTS["recognition"][1]:
-        return FaceRecognitionNet(input_divisor=float(inp["divisor"]))
-    if arch == SADFAD_ARCH:
-        from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
-
-        if "config" not in spec:
-            raise BundleError(f"recognition component of arch {arch!r} has no 'config' to rebuild it from")
-        try:
-            config = SADFADConfig.from_dict(spec["config"]).replace(n_classes=0)
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"recognition component: bad {arch} config ({exc})") from None
-        return SADFADEmbedder(SADFADNet(config))
-    raise BundleError(f"recognition component: unknown architecture {arch!r}")
-
-
-def load_bundle(
-    bundle_dir: Path | str,
-    device: str | torch.device = "cpu",
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    verify: bool = True,
-) -> Any:
-    """Load an embedder bundle as a :class:`~facexplain.pipeline.FacePipeline` (``kind == "embedder"``).
-
-    ``name``/``version`` label the pipeline's templates (the registry passes the registered model name
-    and version number); by default the bundle's own name and ``"bundle"``. Checksums are verified
-    first unless ``verify=False``.
-    """
-
-    from facexplain.faces.detect import FaceDetector
-    from facexplain.metrics.verification import VerificationRule
-    from facexplain.models.landmarks import FaceLandmark68Net
-    from facexplain.models.recognition import FaceRecognitionNet
-    from facexplain.models.ssd_mobilenet import SsdMobilenetV1
-    from facexplain.pipeline import DEFAULT_EMBEDDER, FacePipeline
-
-    root = Path(bundle_dir)
-    meta = read_metadata(root)
-    if meta["kind"] != KIND_EMBEDDER:
-        raise BundleError(f"load_bundle builds embedders; this bundle is a {meta['kind']!r}")
-    if verify:
-        verify_files(root, meta)
-    comps = meta["components"]
-    missing = [c for c in _FACEAPI_COMPONENTS if c not in comps]
-    if missing:
-        raise BundleError(f"embedder bundle lacks components {missing}")
-    inp = meta["input"]
-    nets: dict[str, torch.nn.Module] = {}
-    for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
-        spec = comps[comp]
-        net: torch.nn.Module
-        if spec["format"] == "faceapi":
-            wdir = root / "weights"
-            try:
-                if comp == "detector":
-                    net = SsdMobilenetV1.from_faceapi(wdir)
-                elif comp == "landmarks":
-                    net = FaceLandmark68Net.from_faceapi(wdir)
-                else:
-                    net = FaceRecognitionNet.from_faceapi(wdir, input_divisor=float(inp["divisor"]))
-            except (OSError, ValueError, KeyError) as exc:
-                raise BundleError(f"component {comp!r}: cannot load face-api weights ({exc})") from None
-        else:
-            if comp == "detector":
-                net = SsdMobilenetV1()
-            elif comp == "landmarks":
-                net = FaceLandmark68Net()
-            else:
-                net = _build_recognition(spec, inp)
-            _load_state(root / spec["file"], net, comp)
-            net.requires_grad_(False)
-        nets[comp] = net.eval()
-    ver = meta["verification"]
-    rule = VerificationRule(
-        metric=ver["metric"],
-        threshold=float(ver["threshold"]),
-        accept_below=bool(ver["accept_below"]),
-        source=ver["source"],
-    )
-    info = replace(
-        DEFAULT_EMBEDDER,
-        name=name or str(meta["name"]),
-        version=version or "bundle",
-        dim=int(meta["template_dim"]),
-        chip_size=int(meta["alignment"]["chip_size"]),
-        chip_padding=float(meta["alignment"]["padding"]),
-        rule=rule,
-    )
-    dcfg = meta.get("detector", {})
-    detector = FaceDetector(
-        nets["detector"].to(device),  # type: ignore[arg-type]
-        min_confidence=float(dcfg.get("min_confidence", 0.5)),
-        iou_threshold=float(dcfg.get("iou_threshold", 0.5)),
-        max_results=int(dcfg.get("max_results", 100)),
-        fallback_margin=float(dcfg.get("fallback_margin", 0.5)),
-    )
-    refiner = load_refiner(meta["landmark_refiner"]) if "landmark_refiner" in meta else None
-    return FacePipeline(detector, nets["landmarks"], nets["recognition"], info, device, refiner)  # type: ignore[arg-type]
-
-
-def refiner_spec(predictor: Any) -> dict[str, Any]:
-    """dlib's shape predictor, pinned by checksum rather than copied: the bundle names the installed
-    ``face-recognition-models`` file (100 MB) that every facexplain install has, and records how the
-    pipeline places its box, so a later change of the code's defaults does not change this version."""
-    from facexplain.models.shape_predictor import dlib_predictor_path, predictor_sha256
-
-    path = dlib_predictor_path()
-    return {
-        "arch": "dlib_shape_predictor_68",
-        "format": "dlib",
-        "package": "face-recognition-models",
-        "file": path.name,
-        "sha256": predictor_sha256(path),
-        "passes": int(predictor.passes),
-        "box_from_points": [float(v) for v in predictor.box_from_points],
-        "max_shift": float(predictor.max_shift),
-    }
-
-
-def load_refiner(spec: dict[str, Any]) -> Any:
-    from facexplain.models.shape_predictor import (
-        BOX_FROM_POINTS,
-        REFINE_PASSES,
-        ShapePredictor68,
-        dlib_predictor_path,
-        predictor_sha256,
-    )
-
-    if spec.get("format") != "dlib":
-        raise BundleError(f"landmark_refiner: unknown format {spec.get('format')!r}")
-    path = dlib_predictor_path()
-    if path.name != spec.get("file") or predictor_sha256(path) != spec.get("sha256"):
-        raise BundleError(
-            f"landmark_refiner: the installed {path.name} is not the file this bundle was made with "
-            f"(sha256 {spec.get('sha256')}); install the pinned face-recognition-models"
-        )
-    try:
-        passes, box = int(spec.get("passes", REFINE_PASSES)), tuple(spec.get("box_from_points", BOX_FROM_POINTS))
-        # bundles made before the fallback existed never fell back
-        max_shift = float(spec.get("max_shift", math.inf))
-        return ShapePredictor68.from_dlib(path, passes, box, max_shift)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"landmark_refiner: {exc}") from None
-
-
-# -- validation ----------------------------------------------------------------------------------------
-
-
-def validate_embedder(pipeline: Any, bundle_dir: Path | str, meta: dict[str, Any] | None = None) -> GoldenReport:
-    """Run the golden input through a loaded embedder; raise :class:`BundleError` saying what is wrong.
-
-    Checks, in order: a face is found in the golden image; the template has the dimension the
-    metadata promises; it is finite and non-zero; a batch of two chips gives the same template twice
-    (a model exported with a fixed batch size fails here); and the template matches the one recorded
-    when the bundle was written (cosine >= ``golden.min_cosine``), which catches altered weights.
-    """
-    import torch
-
-    root = Path(bundle_dir)
-    meta = meta or read_metadata(root)
-    t0 = time.perf_counter()
-    golden = meta.get("golden") or {}
-    image_path = root / str(golden.get("image", "golden/face.png"))
-    if not image_path.is_file():
-        raise BundleError(f"golden image {image_path.name} missing from the bundle")
-    image = load_golden_image(image_path)
-    result = pipeline.analyze([image])[0]
-    if result is None:
-        raise BundleError("validation: no face found in the golden image (detector or landmarks broken)")
-    tmpl = result.template.float()
-    dim = int(meta["template_dim"])
-    if tmpl.dim() != 1 or tmpl.shape[0] != dim:
-        raise BundleError(
-            f"validation: template dimension mismatch: metadata says {dim}, the model produced {tuple(tmpl.shape)}"
-        )
-    if not bool(torch.isfinite(tmpl).all()):
-        raise BundleError("validation: the model produced a non-finite template (NaN/inf) on the golden input")
-    norm = float(tmpl.norm())
-    if norm == 0.0:
-        raise BundleError("validation: the model produced an all-zero template on the golden input")
-    with torch.no_grad():
-        pair = pipeline.embed_chips(torch.stack([result.chip, result.chip])).float().cpu()
-    if tuple(pair.shape) != (2, dim):
-        raise BundleError(f"validation: a batch of 2 chips gave shape {tuple(pair.shape)}, expected (2, {dim})")
-    batch_diff = float((pair[0] - pair[1]).abs().max())
-    if not math.isfinite(batch_diff) or batch_diff > 1e-3 * max(1.0, norm):
-        raise BundleError(f"validation: batched templates disagree (max abs diff {batch_diff:.3g})")
-    cosine = float("nan")
-    expected = golden.get("template")
-    if expected is not None:
-        exp = torch.tensor(expected, dtype=torch.float32)
-        if exp.shape != tmpl.shape:
-            raise BundleError(
-                f"validation: recorded golden template has dimension {exp.numel()}, the model produced {dim}"
-            )
-        cosine = float(torch.nn.functional.cosine_similarity(tmpl, exp, dim=0))
-        min_cos = float(golden.get("min_cosine", DEFAULT_MIN_GOLDEN_COSINE))
-        if not cosine >= min_cos:
-            raise BundleError(
-                f"validation: golden template differs from the one recorded at registration "
-                f"(cosine {cosine:.4f} < {min_cos}); weights changed or the artifact is damaged"
-            )
-    return GoldenReport(dim, norm, cosine, batch_diff, time.perf_counter() - t0)
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

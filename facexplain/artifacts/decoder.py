@@ -13,6 +13,9 @@ metadata and a sha256 per file, ``weights/decoder.pt`` (a torch state dict), the
   compares: wrong shapes, NaNs, a fixed batch size and silently different weights all fail.
 * ``training``: how the version was made (run id, data manifest hash, split seed, quality figures),
   informational only.
+
+torch, numpy, PIL and the network are imported inside the functions: the registry reads :data:`KIND`
+for its conventions, and ``facexplain registry list`` should not pay for torch.
 """
 
 from __future__ import annotations
@@ -22,23 +25,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 import facexplain
 from facexplain.artifacts.bundle import (
     BUNDLE_FORMAT,
     GOLDEN_IMAGE,
-    KIND_DECODER,
     BundleError,
     read_metadata,
     verify_files,
     write_metadata,
 )
-from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
+from facexplain.artifacts.kind import ArtifactKind, register
+
+if TYPE_CHECKING:
+    import torch
+
+    from facexplain.models.decoder import DeepFaceDecoder
+
+KIND_DECODER = "decoder"
+DEFAULT_DECODER_MODEL = "facexplain-dfd-dlib128"
 
 DECODER_WEIGHTS = "weights/decoder.pt"
 GOLDEN_DECODED = "golden/decoded.png"
@@ -64,10 +70,12 @@ class LoadedDecoder:
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
-    @torch.no_grad()
     def decode(self, templates: torch.Tensor) -> torch.Tensor:
         """(B, d) raw or normalised templates -> (B, 3, S, S) images in [0, 1] (CPU)."""
-        return self.decoder(templates.to(self.device, torch.float32)).cpu()
+        import torch
+
+        with torch.no_grad():
+            return self.decoder(templates.to(self.device, torch.float32)).cpu()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,18 @@ class DecoderGoldenReport:
 
 
 def _png(image: torch.Tensor, path: Path) -> None:
+    import torch
+    from PIL import Image
+
     arr = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(arr).save(path, optimize=False)
 
 
 def _read_png01(path: Path) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -109,6 +124,8 @@ def save_decoder_bundle(
     ``golden_template`` is that model's raw template of ``golden_image`` (the decoded result is
     recorded for validation). ``extra`` is merged last (tests write broken bundles with it).
     """
+    import torch
+
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not empty")
@@ -167,6 +184,10 @@ def load_decoder_bundle(
     bundle_dir: Path | str, device: str | torch.device = "cpu", *, verify: bool = True
 ) -> LoadedDecoder:
     """Rebuild the decoder from its metadata and weights; checksums first unless ``verify=False``."""
+    import torch
+
+    from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
+
     root = Path(bundle_dir)
     meta = read_metadata(root)
     if meta["kind"] != KIND_DECODER:
@@ -207,6 +228,8 @@ def validate_decoder(loaded: LoadedDecoder, bundle_dir: Path | str) -> DecoderGo
     Checks: output shape (1 and 2 templates), finite values in [0, 1], a batch of two equal
     templates gives two equal images, and the image matches ``golden/decoded.png``.
     """
+    import torch
+
     root = Path(bundle_dir)
     t0 = time.perf_counter()
     golden = loaded.meta.get("golden") or {}
@@ -241,3 +264,34 @@ def validate_decoder(loaded: LoadedDecoder, bundle_dir: Path | str) -> DecoderGo
             f"mean {mean_abs * 255:.2f}/255); weights changed or the artifact is damaged"
         )
     return DecoderGoldenReport(max_abs, mean_abs, batch_diff, time.perf_counter() - t0)
+
+
+# -- the kind ------------------------------------------------------------------------------------------
+
+
+def _load(path: Path, device: str, *, name: str | None = None, version: str | None = None) -> LoadedDecoder:
+    return load_decoder_bundle(path, device)
+
+
+def _validate(model: LoadedDecoder, path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """Re-decode the golden template; the figures go to ModelStatus metadata."""
+    report = validate_decoder(model, path)
+    return {
+        "golden_max_abs_diff": f"{report.max_abs_diff:.6f}",
+        "golden_mean_abs_diff": f"{report.mean_abs_diff:.6f}",
+        "out_size": str(model.out_size),
+    }
+
+
+KIND = register(
+    ArtifactKind(
+        name=KIND_DECODER,
+        # A decoder is meaningless without the FR model it inverts.
+        required_metadata=("name", "template_dim", "input", "fr_model", "components"),
+        required_tags=("template_dim", "input_size", "fr_model_name", "fr_model_version"),
+        default_model=DEFAULT_DECODER_MODEL,
+        save=save_decoder_bundle,
+        load=_load,
+        validate=_validate,
+    )
+)

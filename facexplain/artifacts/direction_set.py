@@ -31,8 +31,14 @@ import numpy as np
 
 import facexplain
 from facexplain.artifacts.bundle import BUNDLE_FORMAT, BundleError, read_metadata, verify_files, write_metadata
+from facexplain.artifacts.kind import ArtifactKind, register
 
 KIND_DIRECTION_SET = "direction_set"
+# Registered names the API fixes as defaults (directions.proto) that name a role only: a direction set
+# belongs to an FR model through its metadata, not its name, so there is no architecture suffix.
+DEFAULT_DIRECTIONS_NAME = "facexplain-directions"
+DEFAULT_EQUIVARIANCE_NAME = "facexplain-equivariance"
+ROLE_ONLY_NAMES = (DEFAULT_DIRECTIONS_NAME, DEFAULT_EQUIVARIANCE_NAME)
 DIRECTION_METHODS = ("ssi", "centroid", "regression")
 METHOD_EQUIVARIANCE = "equivariance"
 VECTORS_FILE = "vectors.npy"
@@ -366,3 +372,39 @@ def bundle_tags(meta: dict[str, Any]) -> dict[str, str]:
     if params:
         tags["params"] = json.dumps(params, sort_keys=True)[:4000]
     return tags
+
+
+# -- the kind ------------------------------------------------------------------------------------------
+
+
+def save_direction_bundle(
+    out_dir: Path | str, data: DirectionSetData | EquivarianceSetData, *, name: str, description: str = ""
+) -> dict:
+    """Either form of set as a bundle (the kind's one ``save``)."""
+    if isinstance(data, EquivarianceSetData):
+        return save_equivariance_set(out_dir, data, name=name, description=description)
+    return save_direction_set(out_dir, data, name=name, description=description)
+
+
+def _load(
+    path: Path, device: str, *, name: str | None = None, version: str | None = None
+) -> DirectionSetData | EquivarianceSetData:
+    return load_direction_bundle(path)
+
+
+def _validate(model: DirectionSetData | EquivarianceSetData, path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """Numbers only: loading already checked shapes, finiteness and the dimension against the metadata."""
+    return {"method": str(meta.get("method", ""))}
+
+
+KIND = register(
+    ArtifactKind(
+        name=KIND_DIRECTION_SET,
+        required_metadata=("name", "template_dim", "fr_model"),
+        required_tags=("template_dim", "fr_model_name", "fr_model_version", "method"),
+        default_model=DEFAULT_DIRECTIONS_NAME,
+        save=save_direction_bundle,
+        load=_load,
+        validate=_validate,
+    )
+)

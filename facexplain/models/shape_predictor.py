@@ -17,6 +17,7 @@ pipeline treats landmarks as constants and differentiates through the alignment 
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,9 +66,9 @@ def predictor_sha256(path: Path | None = None) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
-    from facexplain.artifacts.bundle import file_sha256
-
-    return file_sha256(Path(path))
+    # Hashed here, not with facexplain.artifacts.bundle.file_sha256: models sit below artifacts.
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _cached_arrays(source: Path) -> ShapePredictorArrays:

@@ -15,21 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 
-import torch
-
+from facexplain.artifacts import decoder
 from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import attributes_pb2_grpc
 from services.attributes.service import SERVICE_NAME, AttributesServicer, ReferenceStats
 from services.attributes.settings import AttributesSettings
-from services.kit.config import ServiceSettings
-from services.kit.decoder import serve_decoder
 from services.kit.embedder import serve_embedder
-from services.kit.logs import configure_logging
-from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
 from services.kit.probes import Catalogs, default_catalog_factory, serve_probes
-from services.kit.server import GrpcServer
+from services.kit.reload import serve_from_registry
+from services.kit.server import GrpcServer, run_service, service_metrics
 
 log = logging.getLogger("facexplain.attributes")
 
@@ -51,16 +47,13 @@ def build_server(
     settings: AttributesSettings, pipeline: FacePipeline | None = None, *, warm_up: bool = True
 ) -> GrpcServer:
     """The attributes server (see the module docstring); ``pipeline`` replaces the FR model (tests, benchmarks)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    metrics = ServiceMetrics("attributes")
+    metrics = service_metrics(settings, "attributes")
     fr_slot, _fr_watcher = serve_embedder(
         settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
     )
     decoder_slot: ModelSlot[LoadedDecoder]
-    base: ServiceSettings = settings
-    decoder_slot, _decoder_watcher = serve_decoder(
-        base, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
+    decoder_slot, _decoder_watcher = serve_from_registry(
+        settings, metrics, kind=decoder.KIND, name=settings.decoder_model_name, alias=settings.decoder_model_alias
     )
     probes_slot, _probes_watcher = serve_probes(
         settings, metrics, name=settings.probes_model_name, alias=settings.probes_model_alias
@@ -78,9 +71,4 @@ def build_server(
 
 
 def main(settings: AttributesSettings | None = None) -> None:
-    settings = settings or AttributesSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings).start()
-    server.install_signal_handlers()
-    print(f"attributes service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
-    server.wait()
+    run_service("attributes", settings or AttributesSettings(), build_server)

@@ -45,7 +45,7 @@ from facexplain.attributes import report
 from facexplain.attributes.catalog import AttributeCatalog, AttributeSpec, UnknownAttributeError
 from facexplain.attributes.recovery import attribute_deltas, recover_dataset, reference_scales
 from facexplain.pipeline import FacePipeline
-from registry.client import Registry, RegistryError
+from registry import Registry, RegistryError
 from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
 from services.attributes.settings import AttributesSettings
 from services.directions.settings import DirectionsSettings

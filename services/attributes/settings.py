@@ -21,35 +21,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from facexplain.paths import REPO_ROOT
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
-from services.kit.config import ServiceSettings
-
-DEFAULT_PROBES_MODEL = "facexplain-probes-faceapi"
+from services.kit.config import DecoderModelSettings, FRModelSettings, ProbesModelSettings, ServiceSettings
 
 
-class AttributesSettings(ServiceSettings):
+class AttributesSettings(ServiceSettings, FRModelSettings, DecoderModelSettings, ProbesModelSettings):
     """``FACEXPLAIN_*`` settings of ``facexplain serve attributes``."""
 
     # Its own default port: embedding 50051, decoding 50052, directions 50053, attributes 50054.
     port: int = Field(50054, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-
-    fr_model_name: str = Field(
-        default=DEFAULT_FR_MODEL,
-        description="registered FR model (kind embedder) whose templates are decoded; local face-api weights "
-        "without a registry",
-    )
-    fr_model_alias: str = Field(default=CHAMPION, description="alias of the FR model to serve and follow")
-    decoder_model_name: str = Field(
-        default=DEFAULT_DECODER_MODEL,
-        description="registered decoder (kind decoder) inverting the served FR version; registry only",
-    )
-    decoder_model_alias: str = Field(default=CHAMPION, description="alias of the decoder to serve and follow")
-    probes_model_name: str = Field(
-        default="",
-        description=f"registered accessory probe set (kind attribute_probes), e.g. {DEFAULT_PROBES_MODEL}; "
-        "empty = no accessory attributes",
-    )
-    probes_model_alias: str = Field(default=CHAMPION, description="alias of the probe set to serve and follow")
 
     reference_dir: str = Field(
         default=str(REPO_ROOT / "data" / "sample"),

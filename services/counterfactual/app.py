@@ -14,37 +14,30 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from facexplain.artifacts import decoder
 from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import counterfactual_pb2_grpc
 from services.counterfactual.service import SERVICE_NAME, CounterfactualServicer
 from services.counterfactual.settings import CounterfactualSettings
-from services.kit.config import ServiceSettings
-from services.kit.decoder import serve_decoder
 from services.kit.embedder import serve_embedder
-from services.kit.logs import configure_logging
-from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
 from services.kit.probes import Catalogs, default_catalog_factory, serve_probes
-from services.kit.server import GrpcServer
+from services.kit.reload import serve_from_registry
+from services.kit.server import GrpcServer, run_service, service_metrics
 
 log = logging.getLogger("facexplain.counterfactual")
 
 
 def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None = None) -> GrpcServer:
     """The counterfactual server (see the module docstring); ``pipeline`` replaces the FR model (tests, benchmarks)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    metrics = ServiceMetrics("counterfactual")
+    metrics = service_metrics(settings, "counterfactual")
     fr_slot, _fr_watcher = serve_embedder(
         settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
     )
     decoder_slot: ModelSlot[LoadedDecoder]
-    base: ServiceSettings = settings
-    decoder_slot, _decoder_watcher = serve_decoder(
-        base, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
+    decoder_slot, _decoder_watcher = serve_from_registry(
+        settings, metrics, kind=decoder.KIND, name=settings.decoder_model_name, alias=settings.decoder_model_alias
     )
     probes_slot, _probes_watcher = serve_probes(
         settings, metrics, name=settings.probes_model_name, alias=settings.probes_model_alias
@@ -61,9 +54,4 @@ def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None
 
 
 def main(settings: CounterfactualSettings | None = None) -> None:
-    settings = settings or CounterfactualSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings).start()
-    server.install_signal_handlers()
-    print(f"counterfactual service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
-    server.wait()
+    run_service("counterfactual", settings or CounterfactualSettings(), build_server)

@@ -18,33 +18,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from facexplain.attacks import BudgetLimits
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, DEFAULT_PROBES_MODEL
-from services.kit.config import ServiceSettings
+from services.kit.config import DecoderModelSettings, FRModelSettings, ProbesModelSettings, ServiceSettings
 
 
-class CounterfactualSettings(ServiceSettings):
+class CounterfactualSettings(ServiceSettings, FRModelSettings, DecoderModelSettings, ProbesModelSettings):
     """``FACEXPLAIN_*`` settings of ``facexplain serve counterfactual``."""
 
     # embedding 50051, decoding 50052, directions 50053, attributes 50054, counterfactual 50055
     port: int = Field(50055, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-
-    fr_model_name: str = Field(
-        default=DEFAULT_FR_MODEL,
-        description="registered FR model (kind embedder): default surrogate and target; local face-api weights "
-        "without a registry",
-    )
-    fr_model_alias: str = Field(default=CHAMPION, description="alias of the FR model to serve and follow")
-    decoder_model_name: str = Field(
-        default=DEFAULT_DECODER_MODEL,
-        description="registered decoder (kind decoder) inverting the served FR version; registry only",
-    )
-    decoder_model_alias: str = Field(default=CHAMPION, description="alias of the decoder to serve and follow")
-    probes_model_name: str = Field(
-        default="",
-        description=f"registered accessory probe set (kind attribute_probes) Explain also measures, e.g. "
-        f"{DEFAULT_PROBES_MODEL}; empty = none",
-    )
-    probes_model_alias: str = Field(default=CHAMPION, description="alias of the probe set to serve and follow")
 
     max_attack_steps: int = Field(default=1000, ge=1, description="most iterations one attack run may ask for")
     max_total_steps: int = Field(

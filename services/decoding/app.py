@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from facexplain.artifacts import decoder
+from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import decoding_pb2_grpc
 from services.decoding.service import SERVICE_NAME, DecodingServicer
 from services.decoding.settings import DecodingSettings
-from services.kit.decoder import serve_decoder
 from services.kit.embedder import serve_embedder
-from services.kit.logs import configure_logging
-from services.kit.metrics import ServiceMetrics
-from services.kit.server import GrpcServer
+from services.kit.models import ModelSlot
+from services.kit.reload import serve_from_registry
+from services.kit.server import GrpcServer, run_service, service_metrics
 
 log = logging.getLogger("facexplain.decoding")
 
@@ -31,13 +30,12 @@ def build_server(settings: DecodingSettings, pipeline: FacePipeline | None = Non
     """The decoding server: decoder and FR model each from their alias (see the module docstring);
     ``pipeline`` replaces the FR model with a given one (tests, benchmarks).
     """
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    metrics = ServiceMetrics("decoding")
+    metrics = service_metrics(settings, "decoding")
     fr_slot, _fr_watcher = serve_embedder(
         settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
     )
-    decoder_slot, _decoder_watcher = serve_decoder(settings, metrics)
+    decoder_slot: ModelSlot[LoadedDecoder]
+    decoder_slot, _decoder_watcher = serve_from_registry(settings, metrics, kind=decoder.KIND)
     servicer = DecodingServicer(decoder_slot, fr_slot, settings, metrics)
     return GrpcServer(
         settings, SERVICE_NAME, servicer, decoding_pb2_grpc.add_DecodingServiceServicer_to_server, metrics
@@ -45,9 +43,4 @@ def build_server(settings: DecodingSettings, pipeline: FacePipeline | None = Non
 
 
 def main(settings: DecodingSettings | None = None) -> None:
-    settings = settings or DecodingSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings).start()
-    server.install_signal_handlers()
-    print(f"decoding service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
-    server.wait()
+    run_service("decoding", settings or DecodingSettings(), build_server)

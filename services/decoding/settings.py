@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
-from services.kit.config import ServiceSettings
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from services.kit.config import FRModelSettings, ServiceSettings
 
 
-class DecodingSettings(ServiceSettings):
+class DecodingSettings(ServiceSettings, FRModelSettings):
     """``FACEXPLAIN_*`` settings of ``facexplain serve decoding``."""
 
     # Its own default port, so the embedding (50051) and decoding services run side by side unconfigured.
@@ -23,12 +23,6 @@ class DecodingSettings(ServiceSettings):
     model_name: str = Field(
         default=DEFAULT_DECODER_MODEL, description="registered decoder to serve (kind decoder); registry only"
     )
-    fr_model_name: str = Field(
-        default=DEFAULT_FR_MODEL,
-        description="registered FR model (kind embedder) Reconstruct embeds with; local face-api weights without a "
-        "registry. The served decoder must invert exactly this model's served version",
-    )
-    fr_model_alias: str = Field(default=CHAMPION, description="alias of the FR model to serve and follow")
     max_interpolation_steps: int = Field(
         default=64, ge=2, description="most frames one Interpolate request may ask for (steps)"
     )

@@ -12,37 +12,32 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from facexplain.artifacts import decoder
 from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.pipeline import FacePipeline
-from registry.client import Registry
+from registry import Registry
 from services.api.v1 import directions_pb2_grpc
 from services.directions.service import SERVICE_NAME, DirectionsServicer
 from services.directions.settings import DirectionsSettings
 from services.directions.store import DirectionStore
-from services.kit.decoder import serve_decoder
 from services.kit.embedder import serve_embedder
-from services.kit.logs import configure_logging
-from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
-from services.kit.server import GrpcServer
+from services.kit.reload import serve_from_registry
+from services.kit.server import GrpcServer, run_service, service_metrics
 
 log = logging.getLogger("facexplain.directions")
 
 
 def build_server(settings: DirectionsSettings, pipeline: FacePipeline | None = None) -> GrpcServer:
     """The directions server (see the module docstring); ``pipeline`` replaces the FR model (tests, benchmarks)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    metrics = ServiceMetrics("directions")
+    metrics = service_metrics(settings, "directions")
     fr_slot, _fr_watcher = serve_embedder(
         settings, metrics, name=settings.fr_model_name, alias=settings.fr_model_alias, pipeline=pipeline
     )
     decoder_slot: ModelSlot[LoadedDecoder] | None = None
     if settings.decoder_model_name:
-        decoder_slot, _decoder_watcher = serve_decoder(
-            settings, metrics, name=settings.decoder_model_name, alias=settings.decoder_model_alias
+        decoder_slot, _decoder_watcher = serve_from_registry(
+            settings, metrics, kind=decoder.KIND, name=settings.decoder_model_name, alias=settings.decoder_model_alias
         )
     else:
         log.info("no decoder configured (FACEXPLAIN_DECODER_MODEL_NAME is empty): decode requests are refused")
@@ -55,9 +50,4 @@ def build_server(settings: DirectionsSettings, pipeline: FacePipeline | None = N
 
 
 def main(settings: DirectionsSettings | None = None) -> None:
-    settings = settings or DirectionsSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings).start()
-    server.install_signal_handlers()
-    print(f"directions service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
-    server.wait()
+    run_service("directions", settings or DirectionsSettings(), build_server)

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from facexplain.artifacts.decoder import LoadedDecoder
-from facexplain.artifacts.direction_set import DirectionSetData, EquivarianceSetData
+from facexplain.artifacts.direction_set import (
+    DEFAULT_DIRECTIONS_NAME,
+    DEFAULT_EQUIVARIANCE_NAME,
+    DirectionSetData,
+    EquivarianceSetData,
+)
 from facexplain.directions.aggregate import agglomerative_clusters, mean_template
 from facexplain.directions.labels import classical_mds
 from facexplain.directions.traverse import traverse
@@ -40,12 +45,7 @@ from services.directions.sets import (
     transform_proto,
 )
 from services.directions.settings import DirectionsSettings
-from services.directions.store import (
-    DEFAULT_DIRECTIONS_NAME,
-    DEFAULT_EQUIVARIANCE_NAME,
-    DirectionStore,
-    check_registered_name,
-)
+from services.directions.store import DirectionStore, check_registered_name
 from services.kit.datasets import DatasetItem, ResolvedDataset, check_items, embed_dataset, list_items
 from services.kit.embedder import face_selection
 from services.kit.errors import (

@@ -12,28 +12,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL
-from services.kit.config import ServiceSettings
+from services.kit.config import DecoderModelSettings, FRModelSettings, ServiceSettings
 
 
-class DirectionsSettings(ServiceSettings):
+class DirectionsSettings(ServiceSettings, FRModelSettings, DecoderModelSettings):
     """``FACEXPLAIN_*`` settings of ``facexplain serve directions``."""
 
     # Its own default port, so embedding (50051), decoding (50052) and directions run side by side unconfigured.
     port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-
-    fr_model_name: str = Field(
-        default=DEFAULT_FR_MODEL,
-        description="registered FR model (kind embedder) whose template space the directions live in; local "
-        "face-api weights without a registry",
-    )
-    fr_model_alias: str = Field(default=CHAMPION, description="alias of the FR model to serve and follow")
-    decoder_model_name: str = Field(
-        default=DEFAULT_DECODER_MODEL,
-        description="registered decoder (kind decoder) for decode=true requests; empty = no decoder (decode requests "
-        "are FAILED_PRECONDITION)",
-    )
-    decoder_model_alias: str = Field(default=CHAMPION, description="alias of the decoder to serve and follow")
 
     data_root: str = Field(
         default="",

@@ -31,23 +31,13 @@ from facexplain.artifacts.direction_set import (
     save_direction_set,
     save_equivariance_set,
 )
-from registry.client import (
-    Registry,
-    RegistryError,
-    RegistryNotFound,
-    RegistryUnreachable,
-    VersionInfo,
-    check_model_name,
-)
+from registry import Registry, RegistryError, RegistryNotFound, RegistryUnreachable, VersionInfo, check_model_name
 from services.api.v1 import common_pb2
 from services.directions.sets import StoredSet
 from services.directions.settings import DirectionsSettings
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger("facexplain.directions")
-
-DEFAULT_DIRECTIONS_NAME = "facexplain-directions"
-DEFAULT_EQUIVARIANCE_NAME = "facexplain-equivariance"
 
 
 def check_registered_name(name: str) -> None:

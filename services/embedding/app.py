@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import embedding_pb2_grpc
 from services.embedding.service import SERVICE_NAME, EmbeddingServicer
 from services.kit.config import ServiceSettings
 from services.kit.embedder import serve_embedder
-from services.kit.logs import configure_logging
-from services.kit.metrics import ServiceMetrics
-from services.kit.server import GrpcServer
+from services.kit.server import GrpcServer, run_service, service_metrics
 
 log = logging.getLogger("facexplain.embedding")
 
@@ -22,9 +18,7 @@ def build_server(settings: ServiceSettings, pipeline: FacePipeline | None = None
     """The embedding server; with ``FACEXPLAIN_REGISTRY_URI`` set it serves ``model_name@model_alias``
     from the registry and hot-swaps when the alias moves, otherwise (or given ``pipeline``) local weights.
     """
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    metrics = ServiceMetrics("embedding")
+    metrics = service_metrics(settings, "embedding")
     slot, _watcher = serve_embedder(settings, metrics, pipeline=pipeline)
     servicer = EmbeddingServicer(slot, settings, metrics)
     return GrpcServer(
@@ -33,9 +27,4 @@ def build_server(settings: ServiceSettings, pipeline: FacePipeline | None = None
 
 
 def main(settings: ServiceSettings | None = None) -> None:
-    settings = settings or ServiceSettings()
-    configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings).start()
-    server.install_signal_handlers()
-    print(f"embedding service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
-    server.wait()
+    run_service("embedding", settings or ServiceSettings(), build_server)

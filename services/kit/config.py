@@ -2,14 +2,24 @@
 
 Every field maps to ``FACEXPLAIN_<FIELD>`` (upper case); the defaults are what ``facexplain serve``
 uses on a laptop. Limits live here too, because a limit nobody can configure is a limit nobody trusts.
+
+A service's main model is ``FACEXPLAIN_MODEL_NAME`` / ``_ALIAS`` (:class:`ServiceSettings`). Every other
+model it serves has one settings block here (:class:`FRModelSettings`, :class:`DecoderModelSettings`,
+:class:`ProbesModelSettings`), composed into the service's settings class, so each model is named and
+defaulted the same way in every service that serves it.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.probes import DEFAULT_PROBES_MODEL, KIND_ATTRIBUTE_PROBES
+from registry import CHAMPION
 
 
 class ServiceSettings(BaseSettings):
@@ -36,7 +46,7 @@ class ServiceSettings(BaseSettings):
         default="", description="MLflow tracking/registry URI, e.g. http://127.0.0.1:5000; empty = none"
     )
     model_name: str = Field(default="", description="registered model to serve; empty = the service's default model")
-    model_alias: str = Field(default="champion", description="alias to serve and follow (champion, challenger, ...)")
+    model_alias: str = Field(default=CHAMPION, description="alias to serve and follow (champion, challenger, ...)")
     poll_interval_s: float = Field(default=10.0, gt=0, description="seconds between alias -> version polls")
     model_cache_dir: str = Field(default="var/models", description="where downloaded model versions are kept")
     registry_timeout_s: float = Field(default=5.0, gt=0, description="HTTP timeout of one registry call")
@@ -52,3 +62,34 @@ class ServiceSettings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FRModelSettings(BaseModel):
+    """The FR model (kind embedder) a service embeds with besides its main model; local weights without a registry."""
+
+    fr_model_name: str = Field(
+        default=DEFAULT_FR_MODEL,
+        description="registered FR model (kind embedder) to serve; local face-api weights without a registry",
+    )
+    fr_model_alias: str = Field(default=CHAMPION, description="alias of the FR model to serve and follow")
+
+
+class DecoderModelSettings(BaseModel):
+    """The decoder (kind decoder) inverting the served FR version; registry only."""
+
+    decoder_model_name: str = Field(
+        default=DEFAULT_DECODER_MODEL,
+        description="registered decoder (kind decoder) inverting the served FR version; registry only",
+    )
+    decoder_model_alias: str = Field(default=CHAMPION, description="alias of the decoder to serve and follow")
+
+
+class ProbesModelSettings(BaseModel):
+    """The optional accessory probe set (kind attribute_probes); empty name = no accessory attributes."""
+
+    probes_model_name: str = Field(
+        default="",
+        description=f"registered accessory probe set (kind {KIND_ATTRIBUTE_PROBES}), e.g. {DEFAULT_PROBES_MODEL}; "
+        "empty = no accessory attributes",
+    )
+    probes_model_alias: str = Field(default=CHAMPION, description="alias of the probe set to serve and follow")

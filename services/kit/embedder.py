@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from facexplain.artifacts.bundle import KIND_EMBEDDER
+from facexplain.artifacts.embedder import KIND, KIND_EMBEDDER
 from facexplain.metrics.verification import VerificationRule
 from facexplain.pipeline import FacePipeline, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2
@@ -18,7 +18,7 @@ from services.kit.config import ServiceSettings
 from services.kit.errors import InvalidArgument
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
-from services.kit.reload import ModelWatcher, load_embedder, serve_from_registry, validate_embedder_version
+from services.kit.reload import ModelWatcher, serve_from_registry
 
 _SELECTION: dict[int, FaceSelection] = {
     embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
@@ -95,9 +95,7 @@ def serve_embedder(
     return serve_from_registry(
         settings,
         metrics,
-        kind=KIND_EMBEDDER,
-        loader=load_embedder,
-        validator=validate_embedder_version,
+        kind=KIND,
         fallback=local,
         name=name,
         alias=alias,

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES
+from facexplain.artifacts.probes import KIND
 from facexplain.attributes.catalog import AttributeCatalog
-from registry.client import VersionInfo
 from services.kit.config import ServiceSettings
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
@@ -34,19 +32,6 @@ def default_catalog_factory(device: str, probes: Any) -> AttributeCatalog:
     return default_catalog(device, probes)
 
 
-def load_probes_version(path: Path, info: VersionInfo, device: str) -> Any:
-    """Watcher loader: a downloaded probe-set bundle as an accessory estimator (checksums verified, and its
-    golden probabilities re-computed and compared: a version that fails is never served)."""
-    from facexplain.attributes.accessory import load_probe_bundle
-
-    return load_probe_bundle(path, device)
-
-
-def validate_probes_version(model: Any, path: Path, meta: dict[str, Any]) -> dict[str, str]:
-    """Watcher validator: the golden check already ran in the loader; report what the set estimates."""
-    return {"attributes": ",".join(s.name for s in model.specs)}
-
-
 def serve_probes(
     settings: ServiceSettings, metrics: ServiceMetrics, *, name: str, alias: str
 ) -> tuple[ModelSlot[Any] | None, ModelWatcher[Any] | None]:
@@ -57,9 +42,7 @@ def serve_probes(
     return serve_from_registry(
         settings,
         metrics,
-        kind=KIND_ATTRIBUTE_PROBES,
-        loader=load_probes_version,
-        validator=validate_probes_version,
+        kind=KIND,
         fallback=None,
         name=name,
         alias=alias,

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from facexplain.artifacts.bundle import BundleError, flat_metadata, read_metadata, validate_embedder
-from registry.client import (
-    DEFAULT_MODEL_FOR_KIND,
+from facexplain.artifacts import ArtifactKind, kind_named
+from facexplain.artifacts.bundle import BundleError, flat_metadata, read_metadata
+from registry import (
     Registry,
     RegistryError,
     RegistryUnreachable,
@@ -307,35 +307,33 @@ def metadata_problems(
     return problems
 
 
-# -- the embedder (FR model) specifics ------------------------------------------------------------------
-
-
-def load_embedder(path: Path, info: VersionInfo, device: str) -> Any:
-    from facexplain.artifacts.bundle import load_bundle
-
-    return load_bundle(path, device, name=info.name, version=info.version)
-
-
-def validate_embedder_version(model: Any, path: Path, meta: dict[str, Any]) -> dict[str, str]:
-    report = validate_embedder(model, path, meta)
-    return {"golden_cosine": f"{report.cosine_to_expected:.5f}", "golden_template_dim": str(report.template_dim)}
-
-
 # -- wiring for a service --------------------------------------------------------------------------------
+
+
+def kind_loader(kind: ArtifactKind) -> Loader[Any]:
+    """The watcher's loader for ``kind``: its bundle loader, labelled with the registered name and version."""
+
+    def load(path: Path, info: VersionInfo, device: str) -> Any:
+        return kind.load(path, device, name=info.name, version=info.version)
+
+    return load
 
 
 def serve_from_registry(
     settings: ServiceSettings,
     metrics: ServiceMetrics,
     *,
-    kind: str,
-    loader: Loader[T],
-    validator: Validator[T],
-    fallback: Callable[[], ServedModel[T]] | None,
+    kind: str | ArtifactKind,
+    fallback: Callable[[], ServedModel[T]] | None = None,
     name: str | None = None,
     alias: str | None = None,
+    loader: Loader[T] | None = None,
+    validator: Validator[T] | None = None,
 ) -> tuple[ModelSlot[T], ModelWatcher[T] | None]:
     """The slot a service serves ``kind`` from, and its watcher (``None`` without a registry).
+
+    Any artifact kind is loaded and validated through its :class:`~facexplain.artifacts.ArtifactKind`
+    (``kind`` is the kind or its name); ``loader`` / ``validator`` replace the kind's (tests).
 
     ``name`` / ``alias`` default to ``FACEXPLAIN_MODEL_NAME`` (else the default model of ``kind``) and
     ``FACEXPLAIN_MODEL_ALIAS``; a service with a second model passes that model's own settings.
@@ -352,7 +350,8 @@ def serve_from_registry(
     still means "refuse to start" for such a model when the registry is configured, so a strict
     deployment crash-loops visibly instead of running half a service.
     """
-    label = kind
+    artifact = kind_named(kind) if isinstance(kind, str) else kind
+    kind = label = artifact.name
     if not settings.registry_uri:
         if fallback is None:
             slot: ModelSlot[T] = ModelSlot(None, label=label)
@@ -363,7 +362,7 @@ def serve_from_registry(
         served = fallback()
         metrics.set_served(served.name, served.version, kind)
         return ModelSlot(served, label=label), None
-    name = name or settings.model_name or DEFAULT_MODEL_FOR_KIND.get(kind, "")
+    name = name or settings.model_name or artifact.default_model
     alias = alias or settings.model_alias
     if not name:
         raise ValueError(f"FACEXPLAIN_MODEL_NAME is required: there is no default {kind} model")
@@ -374,8 +373,8 @@ def serve_from_registry(
         model_name=name,
         alias=alias,
         kind=kind,
-        loader=loader,
-        validator=validator,
+        loader=loader or kind_loader(artifact),
+        validator=validator or artifact.validate,
         metrics=metrics,
         poll_interval_s=settings.poll_interval_s,
         cache_dir=settings.model_cache_dir,

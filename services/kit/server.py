@@ -1,7 +1,9 @@
 """Server bootstrap shared by every service: gRPC server with limits, health, reflection, metrics, SIGTERM.
 
-A service supplies its servicer and the generated ``add_*_to_server`` function; this module owns
-everything operational so the services stay about their method.
+A service's ``app.py`` declares only what differs: the models it serves, its servicer and the generated
+``add_*_to_server`` function (its ``build_server``). :func:`service_metrics` does the process set-up
+before models load, :func:`run_service` the rest (logging, start, signals, the banner, waiting); this
+module owns everything operational so the services stay about their method.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.kit.config import ServiceSettings
+from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
 
 log = logging.getLogger("facexplain.server")
+S = TypeVar("S", bound=ServiceSettings)
 
 
 class GrpcServer:
@@ -96,3 +100,21 @@ class GrpcServer:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def service_metrics(settings: ServiceSettings, service: str) -> ServiceMetrics:
+    """What every server does before loading its models: size torch's thread pool, then open its metrics."""
+    if settings.torch_threads:
+        import torch  # only here: the rest of this module is gRPC plumbing that needs no torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return ServiceMetrics(service)
+
+
+def run_service(service: str, settings: S, build_server: Callable[[S], GrpcServer]) -> None:
+    """``facexplain serve <service>``: configure logging, build and start the server, serve until SIGTERM."""
+    configure_logging(settings.log_level, settings.log_format)
+    server = build_server(settings).start()
+    server.install_signal_handlers()
+    print(f"{service} service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
+    server.wait()

@@ -27,7 +27,9 @@ from typing import Any
 import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, free_port, start_service
-from registry.client import DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import VersionInfo
 from sdk.audit_report import SECTIONS, strip_timestamps
 from tests.conftest import shared_data_dir
 from tests.service_env import registry_service_env

@@ -30,7 +30,9 @@ import pytest
 from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import CHAMPION, Registry, VersionInfo
 from sdk.client import (
     AttributesClient,
     folder_dataset,

@@ -29,7 +29,9 @@ import pytest
 from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, VersionInfo
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import CHAMPION, VersionInfo
 from sdk.client import CounterfactualClient, image_from_path, image_pair, wait_ready
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 from tests.service_env import registry_service_env

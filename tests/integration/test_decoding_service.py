@@ -34,7 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
-from registry.client import CHAMPION, DEFAULT_DECODER_MODEL, DEFAULT_FR_MODEL, Registry, VersionInfo
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import CHAMPION, Registry, VersionInfo
 from sdk.client import DecodingClient, image_from_path, wait_ready
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from tests.servers import retarget_decoder_bundle, train_decoder_cli

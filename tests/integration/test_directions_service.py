@@ -29,15 +29,10 @@ import pytest
 from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.direction_set import DirectionSetData, bundle_tags, save_direction_set
-from registry.client import (
-    CHAMPION,
-    DEFAULT_DECODER_MODEL,
-    DEFAULT_FR_MODEL,
-    Registry,
-    RegistryNotFound,
-    VersionInfo,
-)
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry import CHAMPION, Registry, RegistryNotFound, VersionInfo
 from sdk.client import (
     DirectionsClient,
     image_from_path,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from registry.client import CHAMPION, DEFAULT_PROBES_MODEL, REQUIRED_TAGS, Registry
+from facexplain.artifacts.probes import DEFAULT_PROBES_MODEL
+from registry import CHAMPION, REQUIRED_TAGS, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +31,7 @@ def test_cli_parses_train_probes() -> None:
 
 
 def test_train_register_and_load(celeba_attr_faceset, mlflow, registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES
-    from facexplain.attributes.accessory import load_probe_bundle
+    from facexplain.artifacts.probes import KIND_ATTRIBUTE_PROBES, load_probe_bundle
     from facexplain.attributes.catalog import FaceBatch
     from training.probes.config import TrainProbesConfig
     from training.probes.run import train_probes

@@ -32,8 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
-from facexplain.artifacts.bundle import BUNDLE_JSON, bundle_digest, load_bundle, read_metadata, save_embedder_bundle
-from registry.client import DEFAULT_FR_MODEL, Registry
+from facexplain.artifacts.bundle import BUNDLE_JSON, bundle_digest, read_metadata
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, load_bundle, save_embedder_bundle
+from registry import Registry
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
 from facexplain.data.faceset import FaceSet
-from registry.client import CHAMPION, Registry
+from registry import CHAMPION, Registry
 from sdk.client import EmbeddingClient, wait_ready
 from services.api.v1 import common_pb2
 from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+
 if TYPE_CHECKING:  # imported lazily: the CLI builds its parser from this class without paying for torch
     from facexplain.losses.dfd import DFDLossWeights
     from facexplain.models.decoder import DecoderConfig
@@ -69,7 +71,7 @@ class TrainDecoderConfig:
     device: str = "auto"
     threads: int = 0
     # registry
-    register_as: str = "facexplain-dfd-dlib128"
+    register_as: str = DEFAULT_DECODER_MODEL
     alias: str = "auto"  # champion when the model has none yet, challenger otherwise; "" = none
 
     def decoder_config(self, template_dim: int) -> DecoderConfig:

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 
 import facexplain
-from facexplain.artifacts.bundle import GOLDEN_IMAGE, bundle_digest, load_bundle, load_golden_image, read_metadata
-from facexplain.artifacts.decoder import save_decoder_bundle
+from facexplain.artifacts.bundle import GOLDEN_IMAGE, bundle_digest, load_golden_image, read_metadata
+from facexplain.artifacts.decoder import KIND_DECODER, save_decoder_bundle
+from facexplain.artifacts.embedder import KIND_EMBEDDER, load_bundle
 from facexplain.data.faceset import (
     FaceSet,
     blend_faceset,
@@ -38,7 +39,7 @@ from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
 from facexplain.viz import pairs_grid, save_png
-from registry.client import CHAMPION, Registry, VersionInfo
+from registry import CHAMPION, Registry, VersionInfo
 from training.common import TrackedRun, barrier, default_alias, init_distributed, resolve_device
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, face_sides, split_faceset
@@ -156,7 +157,7 @@ def train_decoder(
     # 1. the FR model to invert, exactly as services load it
     fr_info, fr_path = resolve_fr_model(registry, cfg.fr_model, var_dir() / "models")
     fr_meta = read_metadata(fr_path)
-    if fr_meta["kind"] != "embedder":
+    if fr_meta["kind"] != KIND_EMBEDDER:
         raise ValueError(f"{fr_info.name} v{fr_info.version} is a {fr_meta['kind']!r}, not an FR model (embedder)")
     fr_digest = fr_info.tags.get("bundle_sha256") or bundle_digest(fr_meta)
     pipeline = load_bundle(fr_path, device, name=fr_info.name, version=fr_info.version)
@@ -258,7 +259,7 @@ def train_decoder(
         EXPERIMENT,
         run_state.get("mlflow_run_id"),
         run_name=f"dfd-{fr_info.name}-v{fr_info.version}",
-        tags={"facexplain.kind": "decoder", "facexplain.fr_model": f"{fr_info.name}:{fr_info.version}"},
+        tags={"facexplain.kind": KIND_DECODER, "facexplain.fr_model": f"{fr_info.name}:{fr_info.version}"},
     )
     run_state["mlflow_run_id"] = mlrun.run_id
     mlrun.params(

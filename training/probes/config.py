@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from facexplain.artifacts.probes import DEFAULT_PROBES_MODEL
+
 # Kept literal here (not imported from facexplain.attributes.accessory) so the CLI parser is built
 # without importing torch; tests/unit/test_accessory_probes.py checks they agree.
 DEFAULT_LABELS = (
@@ -46,7 +48,7 @@ class TrainProbesConfig:
     batch_size: int = 64
     device: str = "auto"
     threads: int = 0
-    register_as: str = "facexplain-probes-faceapi"
+    register_as: str = DEFAULT_PROBES_MODEL
     alias: str = "auto"  # champion when the model has none yet, challenger otherwise; "" = none
 
     def __post_init__(self) -> None:

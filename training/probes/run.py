@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import facexplain
+from facexplain.artifacts.probes import KIND_ATTRIBUTE_PROBES, save_probe_bundle
 from facexplain.attributes.accessory import (
     FeatureExtractor,
     attribute_name,
@@ -33,7 +34,6 @@ from facexplain.attributes.accessory import (
     evaluate_probes,
     fit_probe_set,
     random_sigmas,
-    save_probe_bundle,
 )
 from facexplain.attributes.pose import image_landmarks
 from facexplain.attributes.probe import identity_split
@@ -241,7 +241,7 @@ def train_probes(
     mlrun: NullRun
     if tracking_uri:
         mlrun = TrackedRun(
-            tracking_uri, EXPERIMENT, None, run_name="probes-faceapi", tags={"facexplain.kind": "attribute_probes"}
+            tracking_uri, EXPERIMENT, None, run_name="probes-faceapi", tags={"facexplain.kind": KIND_ATTRIBUTE_PROBES}
         )
     else:
         mlrun = NullRun()
@@ -306,7 +306,7 @@ def _register(
     cfg: TrainProbesConfig, bundle: Path, uri: str, run_id: str, metrics: dict[str, float], gates: dict[str, bool]
 ) -> dict[str, str]:
     """Register the bundle from the training run itself, so the version links to its figures."""
-    from registry.client import Registry
+    from registry import Registry
 
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
     alias = default_alias(registry, cfg.register_as, cfg.alias)
@@ -318,8 +318,8 @@ def _register(
 
 def load_registered(uri: str, name: str, ref: str, cache_dir: Path, device: str = "cpu") -> Any:
     """A registered probe version (``ref`` = alias or version number) as an ``AccessoryEstimator``."""
-    from facexplain.attributes.accessory import load_probe_bundle
-    from registry.client import Registry
+    from facexplain.artifacts.probes import load_probe_bundle
+    from registry import Registry
 
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
     info = registry.get_version(name, ref) if ref.isdigit() else registry.resolve(name, ref)

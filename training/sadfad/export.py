@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from facexplain.artifacts.bundle import save_embedder_bundle
+from facexplain.artifacts.embedder import save_embedder_bundle
 from facexplain.metrics.verification import VerificationRule
 from facexplain.models.sadfad import SADFADEmbedder
 from facexplain.pipeline import FacePipeline

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import facexplain
+from facexplain.artifacts.embedder import KIND_EMBEDDER
 from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
 from facexplain.faces.occlusion import FaceMesh
 from facexplain.metrics.interpretability import PeakLocationReport
@@ -238,7 +239,7 @@ def train_sadfad(
             EXPERIMENT,
             run_state.get("mlflow_run_id"),
             run_name=f"sadfad-{cfg.variant}-seed{cfg.seed}",
-            tags={"facexplain.kind": "embedder", "facexplain.variant": cfg.variant},
+            tags={"facexplain.kind": KIND_EMBEDDER, "facexplain.variant": cfg.variant},
         )
     else:
         mlrun = NullRun()
@@ -376,7 +377,7 @@ def _register(
     """Bundle the trained net and register it from its own run (the version links back to the run)."""
     import shutil
 
-    from registry.client import Registry
+    from registry import Registry
     from training.sadfad.export import export_bundle
 
     if bundle.exists():

@@ -18,16 +18,14 @@ from facexplain.artifacts.bundle import (
     BundleError,
     bundle_digest,
     flat_metadata,
-    load_bundle,
     load_golden_image,
     metadata_errors,
     read_metadata,
-    save_embedder_bundle,
-    validate_embedder,
     verify_files,
 )
+from facexplain.artifacts.embedder import load_bundle, save_embedder_bundle, validate_embedder
 from facexplain.pipeline import FacePipeline
-from registry.client import missing_tags
+from registry import missing_tags
 
 
 @pytest.fixture(scope="module")

@@ -98,12 +98,14 @@ def test_save_load_round_trip(fitted: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_bundle_round_trip(fitted: dict[str, Any], tmp_path: Path) -> None:
-    from facexplain.artifacts.bundle import KIND_ATTRIBUTE_PROBES, BundleError, read_metadata
+    from facexplain.artifacts import probes as probe_bundles
+    from facexplain.artifacts.bundle import BundleError, read_metadata
+    from facexplain.artifacts.probes import KIND_ATTRIBUTE_PROBES
 
     p = fitted["probes"]
-    meta = acc.save_probe_bundle(tmp_path / "b", p)
+    meta = probe_bundles.save_probe_bundle(tmp_path / "b", p)
     assert meta["kind"] == KIND_ATTRIBUTE_PROBES and read_metadata(tmp_path / "b")["labels"] == LABELS
-    est = acc.AccessoryEstimator.default(tmp_path / "b")
+    est = probe_bundles.default_estimator(tmp_path / "b")
     fs = fitted["fs"]
     faces = FaceBatch(fs.chips[:6].float() / 255.0, fitted["lms"][:6])
     got = est.estimate(faces, ["eyeglasses", "smiling"])
@@ -113,7 +115,7 @@ def test_bundle_round_trip(fitted: dict[str, Any], tmp_path: Path) -> None:
     arr = tmp_path / "b" / "probes" / acc.PROBES_ARRAYS
     arr.write_bytes(arr.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(BundleError, match="corrupt"):
-        acc.load_probe_bundle(tmp_path / "b")
+        probe_bundles.load_probe_bundle(tmp_path / "b")
 
 
 def test_estimator_specs_and_shapes(fitted: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from facexplain.artifacts.bundle import BUNDLE_FORMAT
-from registry.client import REQUIRED_TAGS, RegistryNotFound, VersionInfo
+from registry import REQUIRED_TAGS, RegistryNotFound, VersionInfo
 from services.api.v1 import common_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable

@@ -17,14 +17,7 @@ from typing import Any
 import pytest
 
 from facexplain.artifacts.bundle import BUNDLE_FORMAT, BundleError
-from registry.client import (
-    REQUIRED_TAGS,
-    RegistryNotFound,
-    RegistryUnreachable,
-    VersionInfo,
-    missing_tags,
-    public_uri,
-)
+from registry import REQUIRED_TAGS, RegistryNotFound, RegistryUnreachable, VersionInfo, missing_tags, public_uri
 from services.api.v1 import common_pb2
 from services.kit.errors import NotFound
 from services.kit.metrics import ServiceMetrics
@@ -269,7 +262,7 @@ def test_metadata_problems_and_conventions() -> None:
 
 def test_cli_constants_match_registry_conventions() -> None:
     from cli import registry as registry_cli
-    from registry import client as registry
+    from registry import conventions as registry
 
     assert registry_cli.DEFAULT_FR_MODEL == registry.DEFAULT_FR_MODEL
     assert registry_cli.CHAMPION == registry.CHAMPION

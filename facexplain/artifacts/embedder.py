@@ -1,0 +1,455 @@
+"""Embedder bundles (kind ``embedder``): a face-recognition pipeline as a registered version.
+
+On top of the generic format (:mod:`facexplain.artifacts.bundle`), an embedder bundle holds the three
+networks of a :class:`~facexplain.pipeline.FacePipeline` (detector, 68 landmarks, recognition), the
+template dimension, input normalisation, alignment template and verification rule, optionally dlib's
+shape predictor pinned by checksum, and ``golden/face.png`` with the template the model produced for
+it when the bundle was written. Validation re-embeds the golden face and compares, which catches wrong
+dimensions, NaNs and silently different weights alike.
+
+torch and the networks are imported inside the functions: the registry reads :data:`KIND` for its
+conventions, and ``facexplain registry list`` should not pay for torch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import facexplain
+from facexplain.artifacts.bundle import (
+    BUNDLE_FORMAT,
+    GOLDEN_IMAGE,
+    WEIGHT_FORMATS,
+    BundleError,
+    GoldenReport,
+    copy_faceapi,
+    load_golden_image,
+    metadata_errors,
+    read_metadata,
+    verify_files,
+    write_metadata,
+)
+from facexplain.artifacts.kind import ArtifactKind, register
+from facexplain.paths import faceapi_model_dir
+
+if TYPE_CHECKING:
+    import torch
+
+KIND_EMBEDDER = "embedder"
+DEFAULT_FR_MODEL = "facexplain-fr-dlib128"
+DEFAULT_MIN_GOLDEN_COSINE = 0.99
+
+# face-api networks of the default embedder: component -> (manifest stem, architecture).
+_FACEAPI_COMPONENTS = {
+    "detector": ("ssd_mobilenetv1_model", "ssd_mobilenet_v1"),
+    "landmarks": ("face_landmark_68_model", "face_landmark_68"),
+    "recognition": ("face_recognition_model", "dlib_resnet29_128"),
+}
+SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def save_embedder_bundle(
+    out_dir: Path | str,
+    pipeline: Any = None,
+    *,
+    name: str = DEFAULT_FR_MODEL,
+    weights: str = "faceapi",
+    faceapi_dir: Path | None = None,
+    golden_image: Path = GOLDEN_IMAGE,
+    description: str = "",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write an embedder bundle and return its metadata.
+
+    ``weights="faceapi"`` copies face-api's manifests and shards from ``faceapi_dir`` (the published
+    defaults, byte for byte); ``weights="torch"`` saves ``pipeline``'s three networks as state dicts
+    (any trained or modified pipeline). The golden template is computed by loading the bundle just
+    written, so it records what a loader will actually get. ``extra`` is merged into the metadata
+    last (tests use it to write deliberately broken bundles).
+    """
+    from facexplain.pipeline import FacePipeline
+
+    if weights not in WEIGHT_FORMATS:
+        raise BundleError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} exists and is not empty")
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    (out / "golden").mkdir(exist_ok=True)
+    src: Path | None = None
+    if weights == "faceapi":
+        src = Path(faceapi_dir) if faceapi_dir else faceapi_model_dir()
+        pipeline = pipeline or FacePipeline.default()
+    elif pipeline is None:
+        raise BundleError('weights="torch" needs the pipeline whose networks to save')
+    assert isinstance(pipeline, FacePipeline)
+    info = pipeline.info
+    det = pipeline.detector
+    components = _save_components(pipeline, out / "weights", src)
+    shutil.copy2(golden_image, out / "golden" / "face.png")
+    rec = pipeline.recognition_net
+    mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
+    meta: dict[str, Any] = {
+        "format_version": BUNDLE_FORMAT,
+        "kind": KIND_EMBEDDER,
+        "name": name,
+        "architecture": info.name,
+        "description": description
+        or (
+            "face-api SSD detector + dlib's 68-point shape predictor placed by face-api's landmark net"
+            if pipeline.shape_predictor
+            else "face-api SSD detector + 68 landmarks"
+        )
+        + " + dlib 128-d ResNet descriptor",
+        "template_dim": info.dim,
+        "input": {
+            "chip_size": info.chip_size,
+            "layout": "NCHW",
+            "channels": "RGB",
+            "value_range": [0, 255],
+            "mean_rgb": mean_rgb,
+            "divisor": float(rec.input_divisor),
+        },
+        "alignment": {
+            "template": "dlib get_face_chip: similarity transform from 68 iBUG landmarks",
+            "chip_size": info.chip_size,
+            "padding": info.chip_padding,
+        },
+        "verification": {
+            "metric": info.rule.metric,
+            "threshold": info.rule.threshold,
+            "accept_below": info.rule.accept_below,
+            "source": info.rule.source,
+        },
+        "detector": {
+            "min_confidence": det.min_confidence,
+            "iou_threshold": det.iou_threshold,
+            "max_results": det.max_results,
+            "fallback_margin": det.fallback_margin,
+        },
+        "components": components,
+        **({"landmark_refiner": refiner_spec(pipeline.shape_predictor)} if pipeline.shape_predictor else {}),
+        "golden": {"image": "golden/face.png", "min_cosine": DEFAULT_MIN_GOLDEN_COSINE},
+        "source": ", ".join(
+            f"{comp}: "
+            + (
+                "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
+                if spec["format"] == "faceapi"
+                else f"torch state dict ({spec['arch']})"
+            )
+            for comp, spec in components.items()
+        ),
+        "created_by": f"facexplain {facexplain.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta.update(extra or {})
+    write_metadata(out, meta)
+    # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
+    if not metadata_errors(meta):
+        loaded = load_bundle(out, verify=False)
+        result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
+        if result is None:
+            raise BundleError(f"no face found in the golden image {golden_image}")
+        meta["golden"] = {**meta["golden"], "template": [float(v) for v in result.template.tolist()]}
+    write_metadata(out, meta)
+    return meta
+
+
+def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Write the pipeline's three networks into ``dest``; face-api copies when ``faceapi_dir`` is given.
+
+    A network that is not face-api's (e.g. a trained SAD/FAD net) names its own architecture and is
+    always stored as a state dict, beside face-api's detector and landmarks if those stay.
+    """
+    import torch
+
+    modules = {
+        "detector": pipeline.detector.net,
+        "landmarks": pipeline.landmark_net,
+        "recognition": pipeline.recognition_net,
+    }
+    components: dict[str, dict[str, Any]] = {}
+    for comp, (stem, default_arch) in _FACEAPI_COMPONENTS.items():
+        module = modules[comp]
+        arch = str(getattr(module, "arch", default_arch))
+        if faceapi_dir is not None and arch == default_arch:
+            copy_faceapi(faceapi_dir, stem, dest)
+            components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            torch.save(state, dest / f"{comp}.pt")
+            components[comp] = {"arch": arch, "format": "torch", "file": f"weights/{comp}.pt"}
+            if hasattr(module, "bundle_config"):
+                components[comp]["config"] = module.bundle_config()
+    return components
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def _load_state(path: Path, module: torch.nn.Module, comp: str) -> None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise BundleError(f"component {comp!r}: cannot load {path.name} ({type(exc).__name__}: {exc})") from None
+
+
+def _build_recognition(spec: dict[str, Any], inp: dict[str, Any]) -> torch.nn.Module:
+    """An untrained recognition network of the architecture a bundle component names (weights load next)."""
+    from facexplain.models.recognition import FaceRecognitionNet
+
+    arch = spec.get("arch", _FACEAPI_COMPONENTS["recognition"][1])
+    if arch == _FACEAPI_COMPONENTS["recognition"][1]:
+        return FaceRecognitionNet(input_divisor=float(inp["divisor"]))
+    if arch == SADFAD_ARCH:
+        from facexplain.models.sadfad import SADFADConfig, SADFADEmbedder, SADFADNet
+
+        if "config" not in spec:
+            raise BundleError(f"recognition component of arch {arch!r} has no 'config' to rebuild it from")
+        try:
+            config = SADFADConfig.from_dict(spec["config"]).replace(n_classes=0)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"recognition component: bad {arch} config ({exc})") from None
+        return SADFADEmbedder(SADFADNet(config))
+    raise BundleError(f"recognition component: unknown architecture {arch!r}")
+
+
+def _load_networks(wdir: Path, comps: dict[str, Any], inp: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The three networks of an embedder bundle, in eval mode, from face-api files or state dicts."""
+    from facexplain.models.landmarks import FaceLandmark68Net
+    from facexplain.models.recognition import FaceRecognitionNet
+    from facexplain.models.ssd_mobilenet import SsdMobilenetV1
+
+    nets: dict[str, torch.nn.Module] = {}
+    for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
+        spec = comps[comp]
+        net: torch.nn.Module
+        if spec["format"] == "faceapi":
+            try:
+                if comp == "detector":
+                    net = SsdMobilenetV1.from_faceapi(wdir)
+                elif comp == "landmarks":
+                    net = FaceLandmark68Net.from_faceapi(wdir)
+                else:
+                    net = FaceRecognitionNet.from_faceapi(wdir, input_divisor=float(inp["divisor"]))
+            except (OSError, ValueError, KeyError) as exc:
+                raise BundleError(f"component {comp!r}: cannot load face-api weights ({exc})") from None
+        else:
+            if comp == "detector":
+                net = SsdMobilenetV1()
+            elif comp == "landmarks":
+                net = FaceLandmark68Net()
+            else:
+                net = _build_recognition(spec, inp)
+            _load_state(wdir.parent / spec["file"], net, comp)
+            net.requires_grad_(False)
+        nets[comp] = net.eval()
+    return nets
+
+
+def load_bundle(
+    bundle_dir: Path | str,
+    device: str | torch.device = "cpu",
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    verify: bool = True,
+) -> Any:
+    """Load an embedder bundle as a :class:`~facexplain.pipeline.FacePipeline` (``kind == "embedder"``).
+
+    ``name``/``version`` label the pipeline's templates (the registry passes the registered model name
+    and version number); by default the bundle's own name and ``"bundle"``. Checksums are verified
+    first unless ``verify=False``.
+    """
+
+    from facexplain.faces.detect import FaceDetector
+    from facexplain.metrics.verification import VerificationRule
+    from facexplain.pipeline import DEFAULT_EMBEDDER, FacePipeline
+
+    root = Path(bundle_dir)
+    meta = read_metadata(root)
+    if meta["kind"] != KIND_EMBEDDER:
+        raise BundleError(f"load_bundle builds embedders; this bundle is a {meta['kind']!r}")
+    if verify:
+        verify_files(root, meta)
+    comps = meta["components"]
+    missing = [c for c in _FACEAPI_COMPONENTS if c not in comps]
+    if missing:
+        raise BundleError(f"embedder bundle lacks components {missing}")
+    inp = meta["input"]
+    nets = _load_networks(root / "weights", comps, inp)
+    ver = meta["verification"]
+    rule = VerificationRule(
+        metric=ver["metric"],
+        threshold=float(ver["threshold"]),
+        accept_below=bool(ver["accept_below"]),
+        source=ver["source"],
+    )
+    info = replace(
+        DEFAULT_EMBEDDER,
+        name=name or str(meta["name"]),
+        version=version or "bundle",
+        dim=int(meta["template_dim"]),
+        chip_size=int(meta["alignment"]["chip_size"]),
+        chip_padding=float(meta["alignment"]["padding"]),
+        rule=rule,
+    )
+    dcfg = meta.get("detector", {})
+    detector = FaceDetector(
+        nets["detector"].to(device),  # type: ignore[arg-type]
+        min_confidence=float(dcfg.get("min_confidence", 0.5)),
+        iou_threshold=float(dcfg.get("iou_threshold", 0.5)),
+        max_results=int(dcfg.get("max_results", 100)),
+        fallback_margin=float(dcfg.get("fallback_margin", 0.5)),
+    )
+    refiner = load_refiner(meta["landmark_refiner"]) if "landmark_refiner" in meta else None
+    return FacePipeline(detector, nets["landmarks"], nets["recognition"], info, device, refiner)  # type: ignore[arg-type]
+
+
+def refiner_spec(predictor: Any) -> dict[str, Any]:
+    """dlib's shape predictor, pinned by checksum rather than copied: the bundle names the installed
+    ``face-recognition-models`` file (100 MB) that every facexplain install has, and records how the
+    pipeline places its box, so a later change of the code's defaults does not change this version."""
+    from facexplain.models.shape_predictor import dlib_predictor_path, predictor_sha256
+
+    path = dlib_predictor_path()
+    return {
+        "arch": "dlib_shape_predictor_68",
+        "format": "dlib",
+        "package": "face-recognition-models",
+        "file": path.name,
+        "sha256": predictor_sha256(path),
+        "passes": int(predictor.passes),
+        "box_from_points": [float(v) for v in predictor.box_from_points],
+        "max_shift": float(predictor.max_shift),
+    }
+
+
+def load_refiner(spec: dict[str, Any]) -> Any:
+    from facexplain.models.shape_predictor import (
+        BOX_FROM_POINTS,
+        REFINE_PASSES,
+        ShapePredictor68,
+        dlib_predictor_path,
+        predictor_sha256,
+    )
+
+    if spec.get("format") != "dlib":
+        raise BundleError(f"landmark_refiner: unknown format {spec.get('format')!r}")
+    path = dlib_predictor_path()
+    if path.name != spec.get("file") or predictor_sha256(path) != spec.get("sha256"):
+        raise BundleError(
+            f"landmark_refiner: the installed {path.name} is not the file this bundle was made with "
+            f"(sha256 {spec.get('sha256')}); install the pinned face-recognition-models"
+        )
+    try:
+        passes, box = int(spec.get("passes", REFINE_PASSES)), tuple(spec.get("box_from_points", BOX_FROM_POINTS))
+        # bundles made before the fallback existed never fell back
+        max_shift = float(spec.get("max_shift", math.inf))
+        return ShapePredictor68.from_dlib(path, passes, box, max_shift)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"landmark_refiner: {exc}") from None
+
+
+# -- validation ----------------------------------------------------------------------------------------
+
+
+def validate_embedder(pipeline: Any, bundle_dir: Path | str, meta: dict[str, Any] | None = None) -> GoldenReport:
+    """Run the golden input through a loaded embedder; raise :class:`BundleError` saying what is wrong.
+
+    Checks, in order: a face is found in the golden image; the template has the dimension the
+    metadata promises; it is finite and non-zero; a batch of two chips gives the same template twice
+    (a model exported with a fixed batch size fails here); and the template matches the one recorded
+    when the bundle was written (cosine >= ``golden.min_cosine``), which catches altered weights.
+    """
+    import torch
+
+    root = Path(bundle_dir)
+    meta = meta or read_metadata(root)
+    t0 = time.perf_counter()
+    golden = meta.get("golden") or {}
+    image_path = root / str(golden.get("image", "golden/face.png"))
+    if not image_path.is_file():
+        raise BundleError(f"golden image {image_path.name} missing from the bundle")
+    image = load_golden_image(image_path)
+    result = pipeline.analyze([image])[0]
+    if result is None:
+        raise BundleError("validation: no face found in the golden image (detector or landmarks broken)")
+    tmpl = result.template.float()
+    dim = int(meta["template_dim"])
+    if tmpl.dim() != 1 or tmpl.shape[0] != dim:
+        raise BundleError(
+            f"validation: template dimension mismatch: metadata says {dim}, the model produced {tuple(tmpl.shape)}"
+        )
+    if not bool(torch.isfinite(tmpl).all()):
+        raise BundleError("validation: the model produced a non-finite template (NaN/inf) on the golden input")
+    norm = float(tmpl.norm())
+    if norm == 0.0:
+        raise BundleError("validation: the model produced an all-zero template on the golden input")
+    with torch.no_grad():
+        pair = pipeline.embed_chips(torch.stack([result.chip, result.chip])).float().cpu()
+    if tuple(pair.shape) != (2, dim):
+        raise BundleError(f"validation: a batch of 2 chips gave shape {tuple(pair.shape)}, expected (2, {dim})")
+    batch_diff = float((pair[0] - pair[1]).abs().max())
+    if not math.isfinite(batch_diff) or batch_diff > 1e-3 * max(1.0, norm):
+        raise BundleError(f"validation: batched templates disagree (max abs diff {batch_diff:.3g})")
+    cosine = float("nan")
+    expected = golden.get("template")
+    if expected is not None:
+        exp = torch.tensor(expected, dtype=torch.float32)
+        if exp.shape != tmpl.shape:
+            raise BundleError(
+                f"validation: recorded golden template has dimension {exp.numel()}, the model produced {dim}"
+            )
+        cosine = float(torch.nn.functional.cosine_similarity(tmpl, exp, dim=0))
+        min_cos = float(golden.get("min_cosine", DEFAULT_MIN_GOLDEN_COSINE))
+        if not cosine >= min_cos:
+            raise BundleError(
+                f"validation: golden template differs from the one recorded at registration "
+                f"(cosine {cosine:.4f} < {min_cos}); weights changed or the artifact is damaged"
+            )
+    return GoldenReport(dim, norm, cosine, batch_diff, time.perf_counter() - t0)
+
+
+# -- the kind ------------------------------------------------------------------------------------------
+
+
+def _load(path: Path, device: str, *, name: str | None = None, version: str | None = None) -> Any:
+    return load_bundle(path, device, name=name, version=version)
+
+
+def _validate(model: Any, path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    report = validate_embedder(model, path, meta)
+    return {"golden_cosine": f"{report.cosine_to_expected:.5f}", "golden_template_dim": str(report.template_dim)}
+
+
+KIND = register(
+    ArtifactKind(
+        name=KIND_EMBEDDER,
+        required_metadata=("name", "template_dim", "input", "alignment", "verification", "components", "golden"),
+        required_tags=(
+            "template_dim",
+            "input_size",
+            "normalisation",
+            "alignment",
+            "chip_padding",
+            "verification_metric",
+            "verification_threshold",
+        ),
+        default_model=DEFAULT_FR_MODEL,
+        save=save_embedder_bundle,
+        load=_load,
+        validate=_validate,
+    )
+)

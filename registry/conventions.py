@@ -1,0 +1,54 @@
+"""Model Registry conventions, the same for the UI, the CLI, the services and training.
+
+* Registered model names are ``facexplain-<role>-<architecture>``: ``facexplain-fr-dlib128`` for the
+  default FR model, ``facexplain-dfd-<fr model>`` for decoders, ``facexplain-sadfad-...`` for
+  interpretable FR nets. One registered model holds versions of one kind only. The direction-set
+  defaults name a role only (:data:`~facexplain.artifacts.direction_set.ROLE_ONLY_NAMES`).
+* Aliases, not stages: services serve ``champion``; ``challenger`` marks a candidate. Promotion is
+  moving an alias (UI: Models -> model -> version -> Aliases; CLI: ``facexplain registry promote``).
+* A version's artifact is a self-contained bundle directory (:mod:`facexplain.artifacts`) logged as
+  run artifacts under ``bundle/`` and registered from ``runs:/<run_id>/bundle``. Its tags repeat the
+  bundle's metadata (:data:`REQUIRED_TAGS`) so the UI shows what a version is without downloading it.
+
+What each kind requires and which model a service serves by default come from the artifact kinds
+themselves (:data:`facexplain.artifacts.KINDS`): nothing here spells a kind or a model name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from facexplain.artifacts import KINDS
+from facexplain.artifacts.direction_set import ROLE_ONLY_NAMES
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from registry.errors import RegistryError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+ALIASES = (CHAMPION, CHALLENGER)
+EXPERIMENT = "facexplain-registry"
+ARTIFACT_PATH = "bundle"
+MODEL_NAME_RE = re.compile(r"^facexplain-[a-z0-9]+-[a-z0-9][a-z0-9._-]*$")
+
+# The model a service serves when FACEXPLAIN_MODEL_NAME is empty, by the kind it serves.
+DEFAULT_MODEL_FOR_KIND: dict[str, str] = {name: k.default_model for name, k in KINDS.items() if k.default_model}
+
+# Tags every model version carries, per kind (values come from the bundle's metadata).
+COMMON_TAGS = ("kind", "bundle_format", "bundle_sha256")
+REQUIRED_TAGS: dict[str, tuple[str, ...]] = {name: (*COMMON_TAGS, *k.required_tags) for name, k in KINDS.items()}
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a registered name off the convention (the role-only direction-set defaults excepted)."""
+    if name in ROLE_ONLY_NAMES:
+        return
+    if not MODEL_NAME_RE.match(name):
+        raise RegistryError(
+            f"model name {name!r} does not follow the convention facexplain-<role>-<architecture> "
+            f"(lower case, e.g. {DEFAULT_FR_MODEL})"
+        )
+
+
+def missing_tags(kind: str, tags: dict[str, str]) -> list[str]:
+    """Required tags absent or empty on a version of ``kind`` (unknown kinds need the common ones)."""
+    return [t for t in REQUIRED_TAGS.get(kind, COMMON_TAGS) if not tags.get(t)]
