@@ -48,7 +48,6 @@ from facexplain.pipeline import FacePipeline
 from registry.client import Registry, RegistryError
 from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
 from services.attributes.settings import AttributesSettings
-from services.directions.settings import DirectionsSettings
 from services.kit.datasets import check_items, embed_dataset, list_items
 from services.kit.embedder import face_selection
 from services.kit.errors import (
@@ -184,12 +183,6 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
         self.reference = reference
         self.settings = settings
         self.metrics = metrics
-        # The directions' dataset reader reads its limits from these three fields.
-        self._dataset_settings = DirectionsSettings.model_construct(
-            data_root=settings.data_root,
-            max_dataset_items=settings.max_dataset_items,
-            max_image_pixels=settings.max_image_pixels,
-        )
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _slots(self) -> list[ModelSlot[Any]]:
@@ -356,7 +349,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             raise FailedPrecondition(
                 "log_run needs an MLflow server, and this service has none (FACEXPLAIN_REGISTRY_URI)"
             )
-        items, params = list_items(request.dataset, self._dataset_settings)
+        items, params = list_items(request.dataset, self.settings)
         check_items(items, need_images=True, method="Importance")
         result: list[attributes_pb2.ImportanceTable] = []
 
@@ -393,7 +386,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             items,
             params,
             fr,
-            self._dataset_settings,  # type: ignore[arg-type]
+            self.settings,
             need_images=True,
             batch_size=bs,
             progress=job.progress,

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ from facexplain.data.faceset import records_from_spec
 from facexplain.faces.regions import landmarks_to_chip
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2
-from services.directions.settings import DirectionsSettings
 from services.kit.errors import (
     Cancelled,
     FailedPrecondition,
@@ -51,6 +51,23 @@ from services.kit.templates import template_from_proto
 # (done, total, stage, message) -> None
 ProgressFn = Callable[[int, int, str, str], None]
 StopFn = Callable[[], bool]
+
+
+class DatasetLimits(Protocol):
+    """The settings the reader needs; every service that reads datasets carries these fields already.
+
+    A Protocol rather than a settings class so the kit names no service: the directions' and the
+    attributes' settings both satisfy it as they are.
+    """
+
+    @property
+    def data_root(self) -> str: ...
+
+    @property
+    def max_dataset_items(self) -> int: ...
+
+    @property
+    def max_image_pixels(self) -> int: ...
 
 
 @dataclass
@@ -157,7 +174,7 @@ def resolve_under_root(root_setting: str, relative: str, what: str) -> Path:
 
 
 def _server_items(
-    ds: common_pb2.ServerDataset, settings: DirectionsSettings
+    ds: common_pb2.ServerDataset, settings: DatasetLimits
 ) -> tuple[list[DatasetItem], dict[str, str]]:
     folder = resolve_under_root(settings.data_root, ds.path or ".", "dataset path")
     if not folder.is_dir():
@@ -208,7 +225,7 @@ def _server_items(
     return items, params
 
 
-def list_items(dataset: common_pb2.Dataset, settings: DirectionsSettings) -> tuple[list[DatasetItem], dict[str, str]]:
+def list_items(dataset: common_pb2.Dataset, settings: DatasetLimits) -> tuple[list[DatasetItem], dict[str, str]]:
     """The dataset's items (not yet read or embedded), with the limits checked; cheap, so it runs first."""
     source = dataset.WhichOneof("source")
     if source == "inline":
@@ -248,7 +265,7 @@ def embed_dataset(
     items: list[DatasetItem],
     params: dict[str, str],
     fr: ServedModel[FacePipeline],
-    settings: DirectionsSettings,
+    settings: DatasetLimits,
     *,
     need_images: bool,
     allow_normalized: bool = False,
