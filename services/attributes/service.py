@@ -382,22 +382,16 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             yield attributes_pb2.ImportanceEvent(progress=event.progress)
         yield attributes_pb2.ImportanceEvent(table=result[0])
 
-    def _importance(
+    def _importance_dataset(
         self,
         request: attributes_pb2.ImportanceRequest,
         job: JobContext,
         fr: ServedModel[FacePipeline],
-        decoder: ServedModel[LoadedDecoder],
-        catalog: AttributeCatalog,
-        specs: list[AttributeSpec],
         items: list[Any],
         params: dict[str, str],
-        estimator: str,
         k: int,
-        ci_level: float,
-        experiment: str,
-    ) -> attributes_pb2.ImportanceTable:
-        bs = self.settings.batch_size
+    ) -> ResolvedDataset:
+        """The dataset embedded, its skipped items reported, and enough faces left for the MI estimator."""
         ds = embed_dataset(
             request.dataset.name,
             items,
@@ -405,7 +399,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             fr,
             self.settings,
             need_images=True,
-            batch_size=bs,
+            batch_size=self.settings.batch_size,
             progress=job.progress,
             stop=job.stop,
         )
@@ -426,6 +420,25 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 f"only {len(ds)} of {ds.n_given} dataset items have a usable face; mutual information needs at "
                 f"least {2 * k + 2}"
             )
+        return ds
+
+    def _importance(
+        self,
+        request: attributes_pb2.ImportanceRequest,
+        job: JobContext,
+        fr: ServedModel[FacePipeline],
+        decoder: ServedModel[LoadedDecoder],
+        catalog: AttributeCatalog,
+        specs: list[AttributeSpec],
+        items: list[Any],
+        params: dict[str, str],
+        estimator: str,
+        k: int,
+        ci_level: float,
+        experiment: str,
+    ) -> attributes_pb2.ImportanceTable:
+        bs = self.settings.batch_size
+        ds = self._importance_dataset(request, job, fr, items, params, k)
         assert ds.chips is not None
         messages = {"recovery": "faces", "importance": "attributes"}
         try:

@@ -173,9 +173,7 @@ def resolve_under_root(root_setting: str, relative: str, what: str) -> Path:
     return target
 
 
-def _server_items(
-    ds: common_pb2.ServerDataset, settings: DatasetLimits
-) -> tuple[list[DatasetItem], dict[str, str]]:
+def _server_items(ds: common_pb2.ServerDataset, settings: DatasetLimits) -> tuple[list[DatasetItem], dict[str, str]]:
     folder = resolve_under_root(settings.data_root, ds.path or ".", "dataset path")
     if not folder.is_dir():
         raise InvalidArgument(f"dataset path {ds.path!r} is not a folder")
@@ -260,6 +258,51 @@ def check_items(items: list[DatasetItem], *, need_images: bool, method: str) -> 
             )
 
 
+ManifestRows = list[tuple[str, str, str, dict[str, float]]]
+
+
+def _checked_template(it: DatasetItem, fr: ServedModel[FacePipeline], allow_normalized: bool) -> torch.Tensor:
+    """A template item's vector, checked against the served FR model (a wrong one fails the request)."""
+    assert it.template is not None
+    if it.template.normalized and not allow_normalized:
+        raise InvalidArgument(
+            f"dataset item {it.id!r}: template is L2-normalised; send raw templates, or set normalize_templates "
+            "so that every template is normalised alike"
+        )
+    try:
+        return template_from_proto(it.template, fr.model.info.dim, fr.name, model_version=fr.version)
+    except ServiceError as exc:
+        raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
+
+
+def _read_image(
+    it: DatasetItem, max_pixels: int, manifest: ManifestRows, skipped: list[tuple[str, str]]
+) -> torch.Tensor | None:
+    """An image item decoded, its digest recorded; None (and the reason in ``skipped``) for an unusable file.
+
+    A bad *inline* image raises: it is the caller's mistake, named by its item.
+    """
+    if it.image is not None:
+        manifest.append((it.id, _image_digest(it.image), it.identity, it.labels))
+        try:
+            return decode_image(it.image, max_pixels)
+        except ServiceError as exc:
+            raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
+    assert it.path is not None
+    try:
+        data = it.path.read_bytes()
+    except OSError as exc:
+        manifest.append((it.id, "unreadable", it.identity, it.labels))
+        skipped.append((it.id, f"unreadable file ({exc.strerror or type(exc).__name__})"))
+        return None
+    manifest.append((it.id, hashlib.sha256(data).hexdigest(), it.identity, it.labels))
+    try:
+        return decode_encoded(data, max_pixels)
+    except ServiceError as exc:
+        skipped.append((it.id, exc.message))
+        return None
+
+
 def embed_dataset(
     name: str,
     items: list[DatasetItem],
@@ -282,22 +325,13 @@ def embed_dataset(
     """
     pipeline = fr.model
     info = pipeline.info
-    manifest: list[tuple[str, str, str, dict[str, float]]] = []
+    manifest: ManifestRows = []
     rows: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     skipped: list[tuple[str, str]] = []
     for i, it in enumerate(items):
         if it.template is None:
             continue
-        if it.template.normalized and not allow_normalized:
-            raise InvalidArgument(
-                f"dataset item {it.id!r}: template is L2-normalised; send raw templates, or set normalize_templates "
-                "so that every template is normalised alike"
-            )
-        try:
-            vec = template_from_proto(it.template, info.dim, fr.name, model_version=fr.version)
-        except ServiceError as exc:
-            raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
-        rows[i] = (vec, None, None)
+        rows[i] = (_checked_template(it, fr, allow_normalized), None, None)
         manifest.append((it.id, hashlib.sha256(_template_bytes(it.template)).hexdigest(), it.identity, it.labels))
 
     images = [i for i, it in enumerate(items) if it.template is None]
@@ -310,26 +344,9 @@ def embed_dataset(
             raise Cancelled(f"cancelled while embedding the dataset ({done} of {total} faces done)")
         batch: list[tuple[int, torch.Tensor]] = []
         for i in images[start : start + batch_size]:
-            it = items[i]
-            if it.image is not None:
-                manifest.append((it.id, _image_digest(it.image), it.identity, it.labels))
-                try:
-                    batch.append((i, decode_image(it.image, settings.max_image_pixels)))
-                except ServiceError as exc:
-                    raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
-                continue
-            assert it.path is not None
-            try:
-                data = it.path.read_bytes()
-            except OSError as exc:
-                manifest.append((it.id, "unreadable", it.identity, it.labels))
-                skipped.append((it.id, f"unreadable file ({exc.strerror or type(exc).__name__})"))
-                continue
-            manifest.append((it.id, hashlib.sha256(data).hexdigest(), it.identity, it.labels))
-            try:
-                batch.append((i, decode_encoded(data, settings.max_image_pixels)))
-            except ServiceError as exc:
-                skipped.append((it.id, exc.message))
+            image = _read_image(items[i], settings.max_image_pixels, manifest, skipped)
+            if image is not None:
+                batch.append((i, image))
         if batch:
             results = pipeline.analyze([img for _i, img in batch])
             for (i, _img), res in zip(batch, results, strict=True):
