@@ -27,10 +27,12 @@ with the default catalogue (plus the accessory probe set when one is configured 
 ``FACEXPLAIN_PROBES_MODEL_NAME``) and reports s_a (see
 :mod:`facexplain.counterfactual.explain` for zero denominators: ``inf`` / ``NaN``). Random controls are
 uniform-sign (L-inf) or Gaussian-direction (L2) perturbations with the same norm as the returned
-perturbation, seeded by the spec's seed. DefenceReport is a streaming job (the directions' job
-runner): per pair attack, then decode the attacked probe's surrogate template and re-embed the
-decoded face with the target, then ROC; pairs without a face or with a bad image are skipped and
-reported.
+perturbation, seeded by the spec's seed. DefenceReport is a streaming job (the kit's job runner): per
+pair attack, then decode the attacked probe's surrogate template and re-embed the decoded face with
+the target, then ROC; pairs without a face or with a bad image are skipped and reported. The method
+itself (the attack driver, the per-pair attack, attack-then-explain, the defence pipeline) lives in
+:mod:`facexplain.attacks.driver`, :mod:`facexplain.counterfactual.attack` and
+:mod:`facexplain.counterfactual.defence`; this module converts protos, checks limits and streams.
 
 Images and templates are never logged; logs carry RPC names, codes, timings and counts.
 """
