@@ -8,6 +8,7 @@ Chips are aligned, float, in [0, 1]; an embedder maps them to templates (``chip_
 from facexplain.attacks.budget import NORMS, AttackBudget, BudgetError, BudgetLimits, Norm
 from facexplain.attacks.control import AttackCancelled, StopCheck, deadline
 from facexplain.attacks.cw import cw_l2
+from facexplain.attacks.driver import METHODS, AttackInputError, AttackPlan, Method, PlannedAttack, run_plan
 from facexplain.attacks.gradient import fgsm, iterative_fgsm, pgd
 from facexplain.attacks.objective import GOALS, Embedder, Goal, VerificationObjective, chip_embedder, decision
 from facexplain.attacks.result import AttackResult, perturbation_norms
@@ -16,16 +17,21 @@ from facexplain.attacks.transfer import TransferReport, evaluate_transfer, quant
 
 __all__ = [
     "GOALS",
+    "METHODS",
     "NORMS",
     "AttackBudget",
     "AttackCancelled",
+    "AttackInputError",
+    "AttackPlan",
     "AttackResult",
     "BudgetError",
     "BudgetLimits",
     "Embedder",
     "Goal",
+    "Method",
     "MinimalEpsilon",
     "Norm",
+    "PlannedAttack",
     "StopCheck",
     "TransferReport",
     "VerificationObjective",
@@ -40,5 +46,6 @@ __all__ = [
     "perturbation_norms",
     "pgd",
     "quantise",
+    "run_plan",
     "transfer_attack",
 ]

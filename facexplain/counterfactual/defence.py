@@ -19,14 +19,18 @@ flipped to the goal; with the defence, those whose defended decision is still on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from facexplain.metrics.reconstruction import embed_images
+from facexplain.attacks.control import StopCheck
+from facexplain.attacks.driver import AttackPlan
+from facexplain.attacks.objective import Goal
+from facexplain.counterfactual.attack import Align, FacePair, ScoringModel, attack_pair
+from facexplain.metrics.reconstruction import embed_images, resize01
 from facexplain.metrics.verification import VerificationRule, roc_auc
 
 
@@ -160,3 +164,115 @@ def defence_summary(
         n_pairs=n,
         n_eligible=n_elig,
     )
+
+
+# -- the per-pair pipeline: attack -> decode the attacked template -> re-embed -> ROC ------------------------
+
+
+@dataclass(frozen=True)
+class DefencePair:
+    """What the defence needs of one pair once attacked: labels, target scores, and two templates."""
+
+    genuine: bool
+    attacked: bool  # False when a fixed goal did not apply to this pair: scored clean
+    dodge: bool  # the pair's goal: genuine pairs dodge, impostor pairs impersonate
+    score_clean: float  # the target's, under its rule
+    score_attacked: float
+    z_adv: torch.Tensor  # (D,) the surrogate's template of the attacked probe, on the CPU
+    t_ref: torch.Tensor  # (D',) the target's template of the reference, on the CPU
+
+
+def defence_pair(
+    pair: FacePair,
+    genuine: bool,
+    align: Align,
+    surrogate: ScoringModel,
+    target: ScoringModel,
+    plan: AttackPlan,
+    *,
+    fixed_goal: Goal | None = None,
+    should_stop: StopCheck | None = None,
+) -> DefencePair:
+    """Attack one labelled pair towards the goal its label implies (a ``fixed_goal`` attacks only the pairs
+    it applies to; the rest are scored clean). Raises what :func:`attack_pair` raises."""
+    goal: Goal = "dodge" if genuine else "impersonate"
+    applies = fixed_goal is None or fixed_goal == goal
+    if applies:
+        outcome = attack_pair(pair, align, surrogate, target, plan, goal=goal, should_stop=should_stop)
+        adv_chip, before, after = outcome.adv_chip, outcome.score_before, outcome.score_after
+    else:
+        with torch.no_grad():
+            adv_chip = align(pair.image, pair.landmarks)
+            t_ref = target.templates(pair.ref_chip)
+            before = after = float(target.rule.score(target.templates(adv_chip), t_ref)[0])
+    with torch.no_grad():
+        z_adv = surrogate.embed(adv_chip)[0].cpu()
+        t_ref = target.templates(pair.ref_chip)
+    return DefencePair(
+        genuine=genuine,
+        attacked=applies,
+        dodge=goal == "dodge",
+        score_clean=before,
+        score_attacked=after,
+        z_adv=z_adv,
+        t_ref=t_ref[0].cpu(),
+    )
+
+
+@torch.no_grad()
+def defended_scores(
+    z_adv: torch.Tensor,
+    t_ref: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    target: ScoringModel,
+    *,
+    chip_size: int,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Scores of (E(D(z_adv)), reference) for a batch: decode, resize to the chip size, re-embed with the target."""
+    decoded = decode(z_adv).float().clamp(0, 1)
+    chips = resize01(decoded, chip_size).clamp(0, 1).to(device)
+    t_def = target.templates(chips).cpu()
+    return target.rule.score(t_def, t_ref).tolist()
+
+
+# (stage, done, total): "decode" before each batch (raise to stop), "decoded" after it, "roc" 0 / 1 around the ROCs
+DefenceStep = Callable[[str, int, int], None]
+
+
+def defence_report(
+    pairs: Sequence[DefencePair],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    target: ScoringModel,
+    *,
+    chip_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    step: DefenceStep | None = None,
+) -> DefenceSummary:
+    """Decode the attacked templates in batches, re-embed them and summarise clean / attacked / defended ROCs."""
+    used = len(pairs)
+    s_def: list[float] = []
+    for s in range(0, used, batch_size):
+        if step is not None:
+            step("decode", s, used)
+        chunk = pairs[s : s + batch_size]
+        z_adv = torch.stack([p.z_adv for p in chunk])
+        t_ref = torch.stack([p.t_ref for p in chunk])
+        s_def += defended_scores(z_adv, t_ref, decode, target, chip_size=chip_size, device=device)
+        if step is not None:
+            step("decoded", min(s + batch_size, used), used)
+    if step is not None:
+        step("roc", 0, 1)
+    summary = defence_summary(
+        target.rule,
+        [p.genuine for p in pairs],
+        [p.score_clean for p in pairs],
+        [p.score_attacked for p in pairs],
+        s_def,
+        attacked=[p.attacked for p in pairs],
+        dodge=[p.dodge for p in pairs],
+    )
+    if step is not None:
+        step("roc", 1, 1)
+    return summary

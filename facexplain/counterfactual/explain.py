@@ -180,7 +180,7 @@ def heatmap_rgb(
     boundary, is at most mid-scale); inf takes the top colour, NaN is drawn mid-grey. Each cell is a
     flat block (nearest-neighbour upsampling), so the map reads as the patch grid it is.
     """
-    import matplotlib
+    import matplotlib  # heavy and optional: only a caller that draws a heatmap pays for it
 
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2:

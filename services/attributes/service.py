@@ -43,13 +43,14 @@ from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.attributes import importance as imp
 from facexplain.attributes import report
 from facexplain.attributes.catalog import AttributeCatalog, AttributeSpec, UnknownAttributeError
-from facexplain.attributes.recovery import attribute_deltas, recover_dataset, reference_scales
+from facexplain.attributes.dataset_importance import dataset_importance, recover_values
+from facexplain.attributes.recovery import attribute_deltas, reference_scales
+from facexplain.data.faces import list_images
 from facexplain.pipeline import FacePipeline
 from registry import Registry, RegistryError
 from services.api.v1 import attributes_pb2, attributes_pb2_grpc, common_pb2
 from services.attributes.settings import AttributesSettings
-from services.directions.settings import DirectionsSettings
-from services.kit.datasets import check_items, embed_dataset, list_items
+from services.kit.datasets import ResolvedDataset, check_items, embed_dataset, list_items
 from services.kit.embedder import face_selection
 from services.kit.errors import (
     Cancelled,
@@ -108,8 +109,6 @@ class ReferenceStats:
     def _reference_templates(self, fr: ServedModel[FacePipeline]) -> torch.Tensor:
         key = (fr.name, fr.version)
         if key not in self._templates:
-            from facexplain.data.faces import list_images
-
             found: list[torch.Tensor] = []
             paths = list_images(self.folder) if self.folder is not None and self.folder.is_dir() else []
             bs = self.settings.batch_size
@@ -142,7 +141,7 @@ class ReferenceStats:
             if self.folder is not None:
                 templates = self._reference_templates(fr)
                 if templates.shape[0] >= MIN_REFERENCE_FACES:
-                    values = recover_values(decoder.model, catalog, templates, (), self.settings.batch_size)
+                    values = recover_values(decoder.model.decode, catalog, templates, (), self.settings.batch_size)
                     out = {n: s for n, s in reference_scales(values).items() if math.isfinite(s) and s > 0}
                 log.info(
                     "reference spread computed for %d attributes from %d reference faces",
@@ -153,14 +152,31 @@ class ReferenceStats:
             return out
 
 
-def recover_values(
-    decoder: LoadedDecoder, catalog: AttributeCatalog, templates: torch.Tensor, names: Sequence[str], batch_size: int
-) -> dict[str, np.ndarray]:
-    """Attributes measured on the faces decoded from ``templates``: {name: (N, dim)}."""
-    parts: list[dict[str, np.ndarray]] = []
-    for s in range(0, templates.shape[0], batch_size):
-        parts.append(catalog.estimate(decoder.decode(templates[s : s + batch_size]), names))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+def _run_params(
+    request: attributes_pb2.ImportanceRequest,
+    ds: ResolvedDataset,
+    fr: ServedModel[FacePipeline],
+    decoder: ServedModel[LoadedDecoder],
+    estimator: str,
+    k: int,
+    ci_level: float,
+) -> dict[str, str]:
+    """The MLflow run's parameters: enough to repeat the Importance job on the same data."""
+    return {
+        **ds.params,
+        "estimator": estimator,
+        "knn_neighbors": str(k),
+        "n_bootstrap": str(request.n_bootstrap),
+        "ci_level": str(ci_level),
+        "seed": str(request.seed),
+        "shuffled_control": str(bool(request.shuffled_control)).lower(),
+        "n_permutations": str(int(request.n_permutations) or imp.DEFAULT_PERMUTATIONS),
+        "attributes": ",".join(request.attributes) or "all",
+        "fr_model": f"{fr.name}@{fr.version}",
+        "decoder": f"{decoder.name}@{decoder.version}",
+        "n_items": str(len(ds)),
+        "data_manifest_sha256": ds.manifest_sha256,
+    }
 
 
 # -- the servicer -------------------------------------------------------------------------------------------
@@ -184,12 +200,6 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
         self.reference = reference
         self.settings = settings
         self.metrics = metrics
-        # The directions' dataset reader reads its limits from these three fields.
-        self._dataset_settings = DirectionsSettings.model_construct(
-            data_root=settings.data_root,
-            max_dataset_items=settings.max_dataset_items,
-            max_image_pixels=settings.max_image_pixels,
-        )
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _slots(self) -> list[ModelSlot[Any]]:
@@ -356,7 +366,7 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             raise FailedPrecondition(
                 "log_run needs an MLflow server, and this service has none (FACEXPLAIN_REGISTRY_URI)"
             )
-        items, params = list_items(request.dataset, self._dataset_settings)
+        items, params = list_items(request.dataset, self.settings)
         check_items(items, need_images=True, method="Importance")
         result: list[attributes_pb2.ImportanceTable] = []
 
@@ -372,30 +382,24 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             yield attributes_pb2.ImportanceEvent(progress=event.progress)
         yield attributes_pb2.ImportanceEvent(table=result[0])
 
-    def _importance(
+    def _importance_dataset(
         self,
         request: attributes_pb2.ImportanceRequest,
         job: JobContext,
         fr: ServedModel[FacePipeline],
-        decoder: ServedModel[LoadedDecoder],
-        catalog: AttributeCatalog,
-        specs: list[AttributeSpec],
         items: list[Any],
         params: dict[str, str],
-        estimator: str,
         k: int,
-        ci_level: float,
-        experiment: str,
-    ) -> attributes_pb2.ImportanceTable:
-        bs = self.settings.batch_size
+    ) -> ResolvedDataset:
+        """The dataset embedded, its skipped items reported, and enough faces left for the MI estimator."""
         ds = embed_dataset(
             request.dataset.name,
             items,
             params,
             fr,
-            self._dataset_settings,  # type: ignore[arg-type]
+            self.settings,
             need_images=True,
-            batch_size=bs,
+            batch_size=self.settings.batch_size,
             progress=job.progress,
             stop=job.stop,
         )
@@ -416,33 +420,34 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 f"only {len(ds)} of {ds.n_given} dataset items have a usable face; mutual information needs at "
                 f"least {2 * k + 2}"
             )
-        names = [s.name for s in specs]
+        return ds
+
+    def _importance(
+        self,
+        request: attributes_pb2.ImportanceRequest,
+        job: JobContext,
+        fr: ServedModel[FacePipeline],
+        decoder: ServedModel[LoadedDecoder],
+        catalog: AttributeCatalog,
+        specs: list[AttributeSpec],
+        items: list[Any],
+        params: dict[str, str],
+        estimator: str,
+        k: int,
+        ci_level: float,
+        experiment: str,
+    ) -> attributes_pb2.ImportanceTable:
+        bs = self.settings.batch_size
+        ds = self._importance_dataset(request, job, fr, items, params, k)
         assert ds.chips is not None
-
-        def decode(templates: torch.Tensor) -> torch.Tensor:
-            return decoder.model.decode(templates)
-
+        messages = {"recovery": "faces", "importance": "attributes"}
         try:
-            original, recovered = recover_dataset(
+            rows = dataset_importance(
                 ds.chips,
                 ds.templates,
-                decode,
+                ds.labels,
+                decoder.model.decode,
                 catalog,
-                names,
-                batch_size=bs,
-                progress=lambda done, total: job.progress(done, total, "recovery", f"{done} of {total} faces"),
-                should_stop=job.stop,
-            )
-            # A caller's label named like an attribute is its ground truth a(x) (scalar attributes only).
-            for s in specs:
-                if s.dim != 1:
-                    continue
-                for i, labels in enumerate(ds.labels):
-                    if s.name in labels:
-                        original[s.name][i, 0] = float(labels[s.name])
-            rows = imp.importance_table(
-                original,
-                recovered,
                 specs,
                 estimator=estimator,
                 k=k,
@@ -451,7 +456,10 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
                 seed=int(request.seed),
                 shuffled_control=bool(request.shuffled_control),
                 n_permutations=int(request.n_permutations) or imp.DEFAULT_PERMUTATIONS,
-                progress=lambda done, total: job.progress(done, total, "importance", f"{done} of {total} attributes"),
+                batch_size=bs,
+                progress=lambda stage, done, total: job.progress(
+                    done, total, stage, f"{done} of {total} {messages[stage]}"
+                ),
                 should_stop=job.stop,
             )
         except imp.Cancelled as exc:
@@ -483,28 +491,14 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
             if job.stop():
                 raise Cancelled("cancelled before the MLflow run was logged")
             job.progress(0, 1, "logging", f"logging the run to MLflow experiment {experiment!r}", force=True)
-            run_params = {
-                **ds.params,
-                "estimator": estimator,
-                "knn_neighbors": str(k),
-                "n_bootstrap": str(request.n_bootstrap),
-                "ci_level": str(ci_level),
-                "seed": str(request.seed),
-                "shuffled_control": str(bool(request.shuffled_control)).lower(),
-                "n_permutations": str(int(request.n_permutations) or imp.DEFAULT_PERMUTATIONS),
-                "attributes": ",".join(request.attributes) or "all",
-                "fr_model": f"{fr.name}@{fr.version}",
-                "decoder": f"{decoder.name}@{decoder.version}",
-                "n_items": str(len(ds)),
-                "data_manifest_sha256": ds.manifest_sha256,
-            }
-            table.mlflow_run_id = self._log_run(experiment, table, run_params)
+            params = _run_params(request, ds, fr, decoder, estimator, k, ci_level)
+            table.mlflow_run_id = self._log_run(experiment, table, params)
             job.progress(1, 1, "logging", f"logged MLflow run {table.mlflow_run_id}", force=True)
         return table
 
     def _log_run(self, experiment: str, table: attributes_pb2.ImportanceTable, params: dict[str, str]) -> str:
         """An MLflow run with the parameters, one metric per attribute, and the table as CSV, JSON and PNG."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param  # mlflow is heavy: only a log_run request pays for it
 
         registry = Registry(self.settings.registry_uri, timeout_s=self.settings.registry_timeout_s)
         client = registry.client

@@ -27,50 +27,54 @@ with the default catalogue (plus the accessory probe set when one is configured 
 ``FACEXPLAIN_PROBES_MODEL_NAME``) and reports s_a (see
 :mod:`facexplain.counterfactual.explain` for zero denominators: ``inf`` / ``NaN``). Random controls are
 uniform-sign (L-inf) or Gaussian-direction (L2) perturbations with the same norm as the returned
-perturbation, seeded by the spec's seed. DefenceReport is a streaming job (the directions' job
-runner): per pair attack, then decode the attacked probe's surrogate template and re-embed the
-decoded face with the target, then ROC; pairs without a face or with a bad image are skipped and
-reported.
+perturbation, seeded by the spec's seed. DefenceReport is a streaming job (the kit's job runner): per
+pair attack, then decode the attacked probe's surrogate template and re-embed the decoded face with
+the target, then ROC; pairs without a face or with a bad image are skipped and reported. The method
+itself (the attack driver, the per-pair attack, attack-then-explain, the defence pipeline) lives in
+:mod:`facexplain.attacks.driver`, :mod:`facexplain.counterfactual.attack` and
+:mod:`facexplain.counterfactual.defence`; this module converts protos, checks limits and streams.
 
 Images and templates are never logged; logs carry RPC names, codes, timings and counts.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import threading
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import grpc
-import numpy as np
 import torch
 
 from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.attacks import (
     AttackBudget,
     AttackCancelled,
-    AttackResult,
+    AttackInputError,
+    AttackPlan,
     BudgetError,
+    Goal,
+    Method,
     Norm,
-    VerificationObjective,
-    cw_l2,
-    fgsm,
-    iterative_fgsm,
-    minimal_epsilon,
-    pgd,
-    quantise,
 )
 from facexplain.attributes.catalog import UnknownAttributeError
-from facexplain.counterfactual.defence import defence_summary
-from facexplain.counterfactual.explain import explain_counterfactual, heatmap_png
-from facexplain.faces.align import align_faces
-from facexplain.metrics.reconstruction import resize01
-from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
+from facexplain.counterfactual.attack import (
+    Align,
+    FacePair,
+    PairAttack,
+    ScoringModel,
+    attack_and_explain,
+    attack_pair,
+    fixed_landmark_aligner,
+)
+from facexplain.counterfactual.defence import DefencePair, RocCurve, defence_pair, defence_report
+from facexplain.counterfactual.explain import heatmap_png
+from facexplain.metrics.verification import DLIB_L2_RULE
+from facexplain.models.dlib_descriptor import DlibDescriptor, dlib_available
 from facexplain.pipeline import FacePipeline, FaceSelection
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 from services.counterfactual.settings import CounterfactualSettings
@@ -98,13 +102,32 @@ SERVICE_NAME = counterfactual_pb2.DESCRIPTOR.services_by_name["CounterfactualSer
 Spec = counterfactual_pb2.AttackSpec
 DLIB_NAMES = ("dlib", "dlib_face_recognition_resnet_model_v1")
 DEFAULT_N_RANDOM = 10
-_METHOD_NAMES = {Spec.METHOD_FGSM: "fgsm", Spec.METHOD_IFGSM: "ifgsm", Spec.METHOD_PGD: "pgd", Spec.METHOD_CW: "cw"}
-_DEFAULT_STEPS = {Spec.METHOD_FGSM: 1, Spec.METHOD_IFGSM: 10, Spec.METHOD_PGD: 10, Spec.METHOD_CW: 100}
+_METHOD_NAMES: dict[int, Method] = {
+    Spec.METHOD_FGSM: "fgsm",
+    Spec.METHOD_IFGSM: "ifgsm",
+    Spec.METHOD_PGD: "pgd",
+    Spec.METHOD_CW: "cw",
+}
+_DEFAULT_STEPS: dict[int, int] = {Spec.METHOD_FGSM: 1, Spec.METHOD_IFGSM: 10, Spec.METHOD_PGD: 10, Spec.METHOD_CW: 100}
 
 StopFn = Callable[[], bool]
+MethodValue: TypeAlias = Spec.Method.ValueType
+NormValue: TypeAlias = Spec.Norm.ValueType
 
 
 # -- the attack spec ------------------------------------------------------------------------------------------
+
+_LIMIT_ENV = {
+    "max_steps": "FACEXPLAIN_MAX_ATTACK_STEPS",
+    "max_total_steps": "FACEXPLAIN_MAX_TOTAL_STEPS",
+    "max_restarts": "FACEXPLAIN_CW_SEARCH_ROUNDS",
+    "max_epsilon_linf": "FACEXPLAIN_MAX_EPSILON_LINF",
+    "max_epsilon_l2": "FACEXPLAIN_MAX_EPSILON_L2",
+    "max_seconds": "FACEXPLAIN_MAX_ATTACK_SECONDS",
+}
+
+
+_GOALS: dict[int, Goal] = {Spec.GOAL_DODGE: "dodge", Spec.GOAL_IMPERSONATE: "impersonate"}
 
 
 @dataclass(frozen=True)
@@ -113,13 +136,16 @@ class ResolvedSpec:
 
     proto: counterfactual_pb2.AttackSpec  # spec_used (goal stays unset until the clean pair decides it)
     method: int
-    budget: AttackBudget
-    goal: str | None  # "dodge" / "impersonate"; None = from the clean pair
-    cw_c: float
-    cw_confidence: float
-    minimal: bool
-    resolution_255: float
-    seed: int
+    goal: Goal | None  # None = from the clean pair
+    plan: AttackPlan
+
+    @property
+    def budget(self) -> AttackBudget:
+        return self.plan.budget
+
+    @property
+    def seed(self) -> int:
+        return self.plan.seed
 
 
 def _finite(name: str, value: float) -> None:
@@ -127,8 +153,8 @@ def _finite(name: str, value: float) -> None:
         raise InvalidArgument(f"spec.{name} must be finite, got {value}")
 
 
-def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSettings) -> ResolvedSpec:
-    """Defaults (see counterfactual.proto) and limits; INVALID_ARGUMENT / RESOURCE_EXHAUSTED when they break."""
+def _check_spec(spec: counterfactual_pb2.AttackSpec) -> tuple[MethodValue, NormValue, Norm]:
+    """The spec's method and norm (defaults filled) after the checks that need no server limit."""
     method = spec.method or Spec.METHOD_PGD
     if method not in _METHOD_NAMES:
         raise InvalidArgument(f"unknown attack method {spec.method}")
@@ -151,10 +177,17 @@ def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSe
     norm_name: Norm = "linf" if norm == Spec.NORM_LINF else "l2"
     if norm_name == "linf" and spec.epsilon > 1.0:
         raise InvalidArgument(f"spec.epsilon {spec.epsilon:g} is outside [0, 1]: an L-inf budget is in pixel units")
+    return method, norm, norm_name
+
+
+def _budget(
+    spec: counterfactual_pb2.AttackSpec, method: MethodValue, norm: Norm, settings: CounterfactualSettings
+) -> AttackBudget:
+    """The spec's budget with defaults filled, validated against the server limits (named by their variables)."""
     limits = settings.budget_limits()
     epsilon = float(spec.epsilon)
     if epsilon == 0:  # CW without a cap: the server's
-        default = 8 / 255 if norm_name == "linf" else 1.0
+        default = 8 / 255 if norm == "linf" else 1.0
         epsilon = limits.max_epsilon_l2 if method == Spec.METHOD_CW else default
     steps = int(spec.steps) or _DEFAULT_STEPS[method]
     if method == Spec.METHOD_FGSM:
@@ -168,55 +201,70 @@ def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSe
         step_size = float(spec.step_size)
     random_start = bool(spec.random_start) and method == Spec.METHOD_PGD
     try:
-        budget = AttackBudget(
+        return AttackBudget(
             epsilon=epsilon,
             steps=steps,
             step_size=step_size,
-            norm=norm_name,
+            norm=norm,
             restarts=restarts,
             random_start=random_start,
         ).validate(limits)
     except BudgetError as exc:
-        env = {
-            "max_steps": "FACEXPLAIN_MAX_ATTACK_STEPS",
-            "max_total_steps": "FACEXPLAIN_MAX_TOTAL_STEPS",
-            "max_restarts": "FACEXPLAIN_CW_SEARCH_ROUNDS",
-            "max_epsilon_linf": "FACEXPLAIN_MAX_EPSILON_LINF",
-            "max_epsilon_l2": "FACEXPLAIN_MAX_EPSILON_L2",
-            "max_seconds": "FACEXPLAIN_MAX_ATTACK_SECONDS",
-        }.get(exc.limit)
+        env = _LIMIT_ENV.get(exc.limit)
         msg = f"attack budget: {exc}" + (f" ({env})" if env else "")
         raise (ResourceExhausted(msg) if exc.exceeded else InvalidArgument(msg)) from None
-    tolerance = float(spec.epsilon_tolerance) or 1 / 255
-    if spec.minimal_epsilon and tolerance > epsilon:
-        raise InvalidArgument(f"epsilon_tolerance {tolerance:g} is larger than the search's upper end {epsilon:g}")
-    goal = {Spec.GOAL_DODGE: "dodge", Spec.GOAL_IMPERSONATE: "impersonate"}.get(spec.goal)
+
+
+def _spec_used(
+    spec: counterfactual_pb2.AttackSpec,
+    method: MethodValue,
+    norm: NormValue,
+    budget: AttackBudget,
+    tolerance: float,
+) -> counterfactual_pb2.AttackSpec:
+    """The spec as run, reported back so a client can repeat it exactly."""
     used = counterfactual_pb2.AttackSpec()
     used.CopyFrom(spec)
     used.method = method
     used.norm = norm
-    used.epsilon = epsilon
-    used.steps = steps
+    used.epsilon = budget.epsilon
+    used.steps = budget.steps
     used.step_size = float(budget.alpha()) if method in (Spec.METHOD_IFGSM, Spec.METHOD_PGD) else 0.0
     if method == Spec.METHOD_FGSM:
-        used.step_size = epsilon
-    used.random_start = random_start
+        used.step_size = budget.epsilon
+    used.random_start = budget.random_start
     if method == Spec.METHOD_CW:
         used.cw_c = float(spec.cw_c) or 1.0
         used.cw_learning_rate = float(budget.step_size or 0.01)
     if spec.minimal_epsilon:
         used.epsilon_tolerance = tolerance
     used.seed = int(spec.seed)
-    return ResolvedSpec(
-        proto=used,
-        method=method,
+    return used
+
+
+def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSettings) -> ResolvedSpec:
+    """Defaults (see counterfactual.proto) and limits; INVALID_ARGUMENT / RESOURCE_EXHAUSTED when they break."""
+    method, norm, norm_name = _check_spec(spec)
+    budget = _budget(spec, method, norm_name, settings)
+    tolerance = float(spec.epsilon_tolerance) or 1 / 255
+    if spec.minimal_epsilon and tolerance > budget.epsilon:
+        raise InvalidArgument(
+            f"epsilon_tolerance {tolerance:g} is larger than the search's upper end {budget.epsilon:g}"
+        )
+    plan = AttackPlan(
+        method=_METHOD_NAMES[method],
         budget=budget,
-        goal=goal,
-        cw_c=float(spec.cw_c) or 1.0,
-        cw_confidence=float(spec.cw_confidence),
+        seed=int(spec.seed),
         minimal=bool(spec.minimal_epsilon),
         resolution_255=tolerance * 255.0,
-        seed=int(spec.seed),
+        cw_c=float(spec.cw_c) or 1.0,
+        cw_confidence=float(spec.cw_confidence),
+    )
+    return ResolvedSpec(
+        proto=_spec_used(spec, method, norm, budget, tolerance),
+        method=method,
+        goal=_GOALS.get(spec.goal),
+        plan=plan,
     )
 
 
@@ -225,62 +273,14 @@ def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSe
 
 @dataclass(frozen=True)
 class Role:
-    """A model as surrogate or target: chips in [0, 1] at its chip size -> templates, and its rule."""
+    """A model as surrogate or target: the method's view of it, and how the API names it."""
 
     ref: common_pb2.ModelRef
-    embed: Callable[[torch.Tensor], torch.Tensor]
-    rule: VerificationRule
+    model: ScoringModel
     white_box: bool
-    quantise_input: bool  # a black box receives 8-bit images
 
 
-class DlibDescriptor:
-    """dlib's own 128-d descriptor over (N, 3, 150, 150) chips in [0, 1] (rounded to 8 bits; no gradients)."""
-
-    def __init__(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import dlib
-            import face_recognition_models
-        self.version = str(getattr(dlib, "__version__", "local"))
-        self.net = dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
-        self._lock = threading.Lock()
-
-    def __call__(self, chips: torch.Tensor) -> torch.Tensor:
-        arr = (chips.detach() * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-        imgs = [np.ascontiguousarray(c) for c in arr]
-        with self._lock:
-            out = self.net.compute_face_descriptor(imgs)
-        return torch.tensor(np.array([np.array(d) for d in out]), dtype=torch.float32)
-
-
-def dlib_available() -> bool:
-    return (
-        importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models") is not None
-    )
-
-
-# -- one prepared pair -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pair:
-    """A probe image (1, 3, H, W) in [0, 1] with its fixed landmarks, and the reference's aligned chip."""
-
-    image: torch.Tensor
-    landmarks: torch.Tensor  # (1, 68, 2)
-    ref_chip: torch.Tensor  # (1, 3, S, S) in [0, 1]
-
-
-@dataclass
-class AttackOutcome:
-    response: counterfactual_pb2.AttackResponse
-    adversarial: torch.Tensor  # (1, 3, H, W) in [0, 1], 8-bit values
-    adv_chip: torch.Tensor  # (1, 3, S, S)
-    clean_chip: torch.Tensor
-    goal: str
-    target_before: float
-    target_after: float
+# -- protos ----------------------------------------------------------------------------------------------------
 
 
 def _png01(image: torch.Tensor) -> common_pb2.Image:
@@ -293,6 +293,63 @@ def perturbation_png(adversarial: torch.Tensor, clean: torch.Tensor) -> common_p
     peak = float(d.abs().max())
     scaled = d * (127.0 / peak) if peak > 0 else torch.zeros_like(d)
     return png_image((128.0 + scaled).clamp(0, 255))
+
+
+def _attack_response(
+    outcome: PairAttack, pair: FacePair, spec: ResolvedSpec, surrogate: Role, target: Role
+) -> counterfactual_pb2.AttackResponse:
+    used = counterfactual_pb2.AttackSpec()
+    used.CopyFrom(spec.proto)
+    used.goal = Spec.GOAL_DODGE if outcome.goal == "dodge" else Spec.GOAL_IMPERSONATE
+    result = outcome.result
+    return counterfactual_pb2.AttackResponse(
+        adversarial=_png01(outcome.adversarial),
+        perturbation=perturbation_png(outcome.adversarial, pair.image),
+        linf=outcome.linf,
+        l2=outcome.l2,
+        score_before=outcome.score_before,
+        score_after=outcome.score_after,
+        same_before=outcome.same_before,
+        same_after=outcome.same_after,
+        flipped=outcome.flipped,
+        epsilon_used=outcome.epsilon_used,
+        steps_used=int(result.steps[0]),
+        surrogate=surrogate.ref,
+        target=target.ref,
+        seed=int(result.seed if result.seed is not None else spec.seed),
+        rule=rule_to_proto(target.model.rule),
+        spec_used=used,
+        surrogate_score_after=outcome.surrogate_score_after,
+    )
+
+
+def _roc_points(curve: RocCurve) -> list[counterfactual_pb2.RocPoint]:
+    return [counterfactual_pb2.RocPoint(fpr=f, tpr=t, threshold=h) for f, t, h in curve.points()]
+
+
+def _aligner(fr: ServedModel[FacePipeline]) -> Align:
+    """The served FR model's alignment with one face's fixed landmarks (chips in [0, 1])."""
+    info = fr.model.info
+    return fixed_landmark_aligner(info.chip_size, info.chip_padding)
+
+
+@contextmanager
+def _attack_errors(spec: ResolvedSpec) -> Iterator[None]:
+    """A stopped attack -> DEADLINE_EXCEEDED (naming the server's time limit when that stopped it); a bad
+    input the attack rejected -> INVALID_ARGUMENT."""
+    try:
+        yield
+    except AttackCancelled as exc:
+        if exc.reason == "time_limit":
+            raise DeadlineExceeded(
+                f"attack stopped at the server's time limit of {spec.budget.time_limit:g} s after {exc.steps_done} "
+                "steps (FACEXPLAIN_MAX_ATTACK_SECONDS)"
+            ) from None
+        raise DeadlineExceeded(
+            f"attack stopped after {exc.steps_done} steps: the deadline passed or the call was cancelled"
+        ) from None
+    except AttackInputError as exc:
+        raise InvalidArgument(f"attack: {exc}") from None
 
 
 class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServicer):
@@ -351,10 +408,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             pipe = fr.model
             return Role(
                 ref=fr.ref(),
-                embed=lambda chips: pipe.embed_chips(chips * 255.0),
-                rule=pipe.info.rule,
+                model=ScoringModel(embed=lambda chips: pipe.embed_chips(chips * 255.0), rule=pipe.info.rule),
                 white_box=True,
-                quantise_input=False,
             )
         if ref.name in DLIB_NAMES:
             if which == "surrogate":
@@ -365,10 +420,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             model = self._dlib_model()
             return Role(
                 ref=common_pb2.ModelRef(name="dlib", version=model.version),
-                embed=model,
-                rule=DLIB_L2_RULE,
+                model=ScoringModel(embed=model, rule=DLIB_L2_RULE, quantise_input=True),
                 white_box=False,
-                quantise_input=True,
             )
         served = f"{fr.name} v{fr.version}" + (f" ({fr.alias})" if fr.alias else "")
         raise NotFound(
@@ -376,6 +429,9 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             + (f" v{ref.version}" if ref.version else "")
             + f"; this service serves {served} and the black-box target 'dlib'"
         )
+
+    def _roles(self, spec: counterfactual_pb2.AttackSpec, fr: ServedModel[FacePipeline]) -> tuple[Role, Role]:
+        return self._role(spec.surrogate_model, fr, "surrogate"), self._role(spec.target_model, fr, "target")
 
     # -- inputs --------------------------------------------------------------------------------------------
     def _face(
@@ -401,7 +457,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         fr: ServedModel[FacePipeline],
         selection: FaceSelection,
         names: tuple[str, str] = ("probe", "reference"),
-    ) -> Pair:
+    ) -> FacePair:
         image, lm = self._face(probe, fr, selection, names[0])
         h, w = image.shape[-2:]
         if h * w > self.settings.max_attack_pixels:
@@ -410,157 +466,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                 "(FACEXPLAIN_MAX_ATTACK_PIXELS); crop or downscale it around the face"
             )
         ref_image, ref_lm = self._face(reference, fr, selection, names[1])
-        return Pair(image=image, landmarks=lm, ref_chip=self._align(fr, ref_image, ref_lm))
-
-    @staticmethod
-    def _align(fr: ServedModel[FacePipeline], images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        info = fr.model.info
-        n = images.shape[0]
-        return (
-            align_faces(images * 255.0, landmarks.expand(n, -1, -1), size=info.chip_size, padding=info.chip_padding)
-            / 255.0
-        )
-
-    # -- the attack ------------------------------------------------------------------------------------------
-    def _attack(
-        self,
-        pair: Pair,
-        spec: ResolvedSpec,
-        fr: ServedModel[FacePipeline],
-        surrogate: Role,
-        target: Role,
-        should_stop: StopFn,
-        goal: str | None = None,
-    ) -> AttackOutcome:
-        x = pair.image
-
-        def chip_of(images: torch.Tensor) -> torch.Tensor:
-            return self._align(fr, images, pair.landmarks)
-
-        def target_embed(chips: torch.Tensor) -> torch.Tensor:
-            return target.embed(quantise(chips) if target.quantise_input else chips)
-
-        with torch.no_grad():
-            clean_chip = chip_of(x)
-            t_ref = target_embed(pair.ref_chip)
-            t_clean = target_embed(clean_chip)
-            score_before = float(target.rule.score(t_clean, t_ref)[0])
-            same_before = bool(target.rule.accepts(t_clean, t_ref)[0])
-            s_ref = surrogate.embed(pair.ref_chip)
-        goal = goal or spec.goal or ("dodge" if same_before else "impersonate")
-        objective = VerificationObjective(surrogate.rule, goal)  # type: ignore[arg-type]
-
-        def embedder(images: torch.Tensor) -> torch.Tensor:
-            return surrogate.embed(chip_of(images))
-
-        budget, seed = spec.budget, spec.seed
-        epsilon_used = budget.epsilon
-        try:
-            result: AttackResult
-            if spec.minimal:
-                search_budget = budget
-                if spec.method == Spec.METHOD_FGSM:
-                    search_budget = replace(budget, steps=1, random_start=False)
-                elif spec.method == Spec.METHOD_IFGSM:
-                    search_budget = replace(budget, random_start=False)
-                found = minimal_epsilon(
-                    embedder,
-                    x,
-                    s_ref,
-                    objective,
-                    search_budget,
-                    resolution_255=spec.resolution_255,
-                    seed=seed,
-                    should_stop=should_stop,
-                )
-                result = found.result
-                if bool(found.found[0]):
-                    epsilon_used = float(found.epsilon[0])
-            elif spec.method == Spec.METHOD_FGSM:
-                result = fgsm(embedder, x, s_ref, objective, budget, seed=seed, should_stop=should_stop)
-            elif spec.method == Spec.METHOD_IFGSM:
-                result = iterative_fgsm(embedder, x, s_ref, objective, budget, seed=seed, should_stop=should_stop)
-            elif spec.method == Spec.METHOD_PGD:
-                result = pgd(embedder, x, s_ref, objective, budget, seed=seed, should_stop=should_stop)
-            else:
-                result = cw_l2(
-                    embedder,
-                    x,
-                    s_ref,
-                    objective,
-                    budget,
-                    confidence=spec.cw_confidence,
-                    initial_const=spec.cw_c,
-                    seed=seed,
-                    should_stop=should_stop,
-                )
-        except AttackCancelled as exc:
-            if exc.reason == "time_limit":
-                raise DeadlineExceeded(
-                    f"attack stopped at the server's time limit of {budget.time_limit:g} s after {exc.steps_done} "
-                    "steps (FACEXPLAIN_MAX_ATTACK_SECONDS)"
-                ) from None
-            raise DeadlineExceeded(
-                f"attack stopped after {exc.steps_done} steps: the deadline passed or the call was cancelled"
-            ) from None
-        except ValueError as exc:
-            raise InvalidArgument(f"attack: {exc}") from None
-        adversarial = quantise(result.adversarial.detach()).clamp(0, 1)
-        with torch.no_grad():
-            adv_chip = chip_of(adversarial)
-            t_adv = target_embed(adv_chip)
-            score_after = float(target.rule.score(t_adv, t_ref)[0])
-            same_after = bool(target.rule.accepts(t_adv, t_ref)[0])
-            surrogate_after = float(surrogate.rule.score(surrogate.embed(adv_chip), s_ref)[0])
-        d = (adversarial - x).flatten()
-        used = counterfactual_pb2.AttackSpec()
-        used.CopyFrom(spec.proto)
-        used.goal = Spec.GOAL_DODGE if goal == "dodge" else Spec.GOAL_IMPERSONATE
-        response = counterfactual_pb2.AttackResponse(
-            adversarial=_png01(adversarial),
-            perturbation=perturbation_png(adversarial, x),
-            linf=float(d.abs().max()) if d.numel() else 0.0,
-            l2=float(d.norm()),
-            score_before=score_before,
-            score_after=score_after,
-            same_before=same_before,
-            same_after=same_after,
-            flipped=same_before != same_after,
-            epsilon_used=float(epsilon_used),
-            steps_used=int(result.steps[0]),
-            surrogate=surrogate.ref,
-            target=target.ref,
-            seed=int(result.seed if result.seed is not None else seed),
-            rule=rule_to_proto(target.rule),
-            spec_used=used,
-            surrogate_score_after=surrogate_after,
-        )
-        return AttackOutcome(
-            response=response,
-            adversarial=adversarial,
-            adv_chip=adv_chip,
-            clean_chip=clean_chip,
-            goal=goal,
-            target_before=score_before,
-            target_after=score_after,
-        )
-
-    def _unattacked(self, pair: Pair, fr: ServedModel[FacePipeline], target: Role) -> AttackOutcome:
-        """The clean pair scored by the target, as an outcome whose adversarial image is the probe itself."""
-        with torch.no_grad():
-            chip = self._align(fr, pair.image, pair.landmarks)
-            t_ref = target.embed(quantise(pair.ref_chip) if target.quantise_input else pair.ref_chip)
-            t = target.embed(quantise(chip) if target.quantise_input else chip)
-            score = float(target.rule.score(t, t_ref)[0])
-        return AttackOutcome(
-            response=counterfactual_pb2.AttackResponse(),
-            adversarial=pair.image,
-            adv_chip=chip,
-            clean_chip=chip,
-            goal="",
-            target_before=score,
-            target_after=score,
-        )
+        return FacePair(image=image, landmarks=lm, ref_chip=_aligner(fr)(ref_image, ref_lm))
 
     @staticmethod
     def _stop(context: grpc.ServicerContext) -> StopFn:
@@ -571,9 +477,6 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             return remaining is not None and remaining <= 0
 
         return stop
-
-    def _roles(self, spec: counterfactual_pb2.AttackSpec, fr: ServedModel[FacePipeline]) -> tuple[Role, Role]:
-        return self._role(spec.surrogate_model, fr, "surrogate"), self._role(spec.target_model, fr, "target")
 
     # -- RPCs ------------------------------------------------------------------------------------------------
     @unary
@@ -586,7 +489,17 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         surrogate, target = self._roles(request.spec, fr)
         pair = self._pair(request.probe, request.reference, fr, selection)
         check_deadline(context, "face detection")
-        return self._attack(pair, spec, fr, surrogate, target, self._stop(context)).response
+        with _attack_errors(spec):
+            outcome = attack_pair(
+                pair,
+                _aligner(fr),
+                surrogate.model,
+                target.model,
+                spec.plan,
+                goal=spec.goal,
+                should_stop=self._stop(context),
+            )
+        return _attack_response(outcome, pair, spec, surrogate, target)
 
     @unary
     def Explain(
@@ -612,25 +525,26 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             raise InvalidArgument(str(exc)) from None
         pair = self._pair(request.probe, request.reference, fr, selection)
         check_deadline(context, "face detection")
-        outcome = self._attack(pair, spec, fr, surrogate, target, self._stop(context))
-        check_deadline(context, "attack")
-        with torch.no_grad():
-            z = surrogate.embed(outcome.clean_chip)[0]
-            z_ref = surrogate.embed(pair.ref_chip)[0]
-            z_adv = surrogate.embed(outcome.adv_chip)[0]
-            z_random = self._random_controls(pair, outcome, fr, surrogate, n_random, spec.seed)
-        explanation = explain_counterfactual(
-            decoder.model.decode,
-            catalog,
-            z,
-            z_ref,
-            z_adv,
-            [s.name for s in specs],
-            z_random=z_random,
-        )
+        with _attack_errors(spec):
+            explained = attack_and_explain(
+                pair,
+                _aligner(fr),
+                surrogate.model,
+                target.model,
+                spec.plan,
+                decoder.model.decode,
+                catalog,
+                [s.name for s in specs],
+                n_random=n_random,
+                batch_size=self.settings.batch_size,
+                goal=spec.goal,
+                should_stop=self._stop(context),
+                after_attack=lambda: check_deadline(context, "attack"),
+            )
         check_deadline(context, "recovery")
+        explanation = explained.explanation
         return counterfactual_pb2.ExplainResponse(
-            attack=outcome.response,
+            attack=_attack_response(explained.attack, pair, spec, surrogate, target),
             significance=[
                 counterfactual_pb2.AttributeSignificance(
                     attribute=r.attribute,
@@ -653,28 +567,6 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             decoded_adversarial=_png01(explanation.decoded_adversarial),
             decoder=decoder.ref(),
         )
-
-    def _random_controls(
-        self, pair: Pair, outcome: AttackOutcome, fr: ServedModel[FacePipeline], surrogate: Role, n: int, seed: int
-    ) -> torch.Tensor | None:
-        """Surrogate templates of ``n`` random perturbations with the norm of the attack's (8-bit) perturbation."""
-        if n == 0:
-            return None
-        x = pair.image
-        d = outcome.adversarial - x
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        shape = (n, *x.shape[1:])
-        if outcome.response.spec_used.norm == Spec.NORM_LINF:
-            noise = (torch.randint(0, 2, shape, generator=gen).float() * 2 - 1) * float(d.abs().max())
-        else:
-            g = torch.randn(shape, generator=gen)
-            noise = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * float(d.norm())
-        noisy = quantise((x + noise.to(x.device)).clamp(0, 1))
-        out = []
-        for s in range(0, n, self.settings.batch_size):
-            chunk = noisy[s : s + self.settings.batch_size]
-            out.append(surrogate.embed(self._align(fr, chunk, pair.landmarks)).cpu())
-        return torch.cat(out)
 
     @streaming
     def DefenceReport(
@@ -699,6 +591,51 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             yield counterfactual_pb2.DefenceEvent(progress=event.progress)
         yield counterfactual_pb2.DefenceEvent(result=result[0])
 
+    def _defence_pairs(
+        self,
+        request: counterfactual_pb2.DefenceRequest,
+        spec: ResolvedSpec,
+        selection: FaceSelection,
+        fr: ServedModel[FacePipeline],
+        surrogate: Role,
+        target: Role,
+        job: JobContext,
+    ) -> tuple[list[DefencePair], list[counterfactual_pb2.SkippedPair]]:
+        """Attack every usable pair; a pair without a face or with a bad image is skipped and reported."""
+        n = len(request.pairs)
+        skipped: list[counterfactual_pb2.SkippedPair] = []
+        pairs: list[DefencePair] = []
+        align = _aligner(fr)
+        job.progress(0, n, "attack", f"attacking {n} pairs", force=True)
+        for i, item in enumerate(request.pairs):
+            if job.stop():
+                raise Cancelled(f"cancelled after {i} of {n} pairs")
+            try:
+                pair = self._pair(item.a, item.b, fr, selection, names=(f"pairs[{i}].a", f"pairs[{i}].b"))
+            except ServiceError as exc:
+                skipped.append(counterfactual_pb2.SkippedPair(index=i, id=item.id, error=exc.item_error()))
+                job.progress(i + 1, n, "attack", f"pair {i + 1} of {n} skipped")
+                continue
+            try:
+                with _attack_errors(spec):
+                    scored = defence_pair(
+                        pair,
+                        bool(item.genuine),
+                        align,
+                        surrogate.model,
+                        target.model,
+                        spec.plan,
+                        fixed_goal=spec.goal,
+                        should_stop=job.stop,
+                    )
+            except DeadlineExceeded:
+                if job.stop():
+                    raise Cancelled(f"cancelled during pair {i + 1} of {n}") from None
+                raise
+            pairs.append(scored)
+            job.progress(i + 1, n, "attack", f"{i + 1} of {n} pairs attacked")
+        return pairs, skipped
+
     def _defence(
         self,
         request: counterfactual_pb2.DefenceRequest,
@@ -711,73 +648,34 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         job: JobContext,
     ) -> counterfactual_pb2.DefenceResult:
         n = len(request.pairs)
-        skipped: list[counterfactual_pb2.SkippedPair] = []
-        genuine: list[bool] = []
-        attacked: list[bool] = []
-        dodge: list[bool] = []
-        s_clean: list[float] = []
-        s_adv: list[float] = []
-        z_adv: list[torch.Tensor] = []
-        t_refs: list[torch.Tensor] = []
-        fixed = spec.goal
-        job.progress(0, n, "attack", f"attacking {n} pairs", force=True)
-        for i, item in enumerate(request.pairs):
-            if job.stop():
-                raise Cancelled(f"cancelled after {i} of {n} pairs")
-            try:
-                pair = self._pair(item.a, item.b, fr, selection, names=(f"pairs[{i}].a", f"pairs[{i}].b"))
-            except ServiceError as exc:
-                skipped.append(counterfactual_pb2.SkippedPair(index=i, id=item.id, error=exc.item_error()))
-                job.progress(i + 1, n, "attack", f"pair {i + 1} of {n} skipped")
-                continue
-            goal = "dodge" if item.genuine else "impersonate"
-            applies = fixed is None or fixed == goal
-            try:
-                outcome = (
-                    self._attack(pair, spec, fr, surrogate, target, job.stop, goal=goal)
-                    if applies
-                    else self._unattacked(pair, fr, target)  # a fixed goal attacks only the pairs it applies to
-                )
-            except DeadlineExceeded:
-                if job.stop():
-                    raise Cancelled(f"cancelled during pair {i + 1} of {n}") from None
-                raise
-            with torch.no_grad():
-                z_adv.append(surrogate.embed(outcome.adv_chip)[0].cpu())
-                t_ref = target.embed(quantise(pair.ref_chip) if target.quantise_input else pair.ref_chip)
-            t_refs.append(t_ref[0].cpu())
-            genuine.append(bool(item.genuine))
-            attacked.append(applies)
-            dodge.append(goal == "dodge")
-            s_clean.append(outcome.target_before)
-            s_adv.append(outcome.target_after)
-            job.progress(i + 1, n, "attack", f"{i + 1} of {n} pairs attacked")
-        used = len(genuine)
-        if used == 0 or len(set(genuine)) < 2:
+        pairs, skipped = self._defence_pairs(request, spec, selection, fr, surrogate, target, job)
+        used = len(pairs)
+        if used == 0 or len({p.genuine for p in pairs}) < 2:
             raise FailedPrecondition(
                 f"after skipping {len(skipped)} of {n} pairs ({', '.join(s.error.message for s in skipped[:3])}), "
                 "the usable pairs no longer hold both genuine and impostor pairs: no ROC"
             )
-        job.progress(0, used, "defence", "decoding the attacked templates", force=True)
-        s_def: list[float] = []
-        bs = self.settings.batch_size
-        size = fr.model.info.chip_size
-        for s in range(0, used, bs):
-            if job.stop():
-                raise Cancelled(f"cancelled during the defence after {s} of {used} pairs")
-            with torch.no_grad():
-                decoded = decoder.model.decode(torch.stack(z_adv[s : s + bs])).float().clamp(0, 1)
-                chips = resize01(decoded, size).clamp(0, 1).to(fr.model.device)
-                t_def = target.embed(quantise(chips) if target.quantise_input else chips).cpu()
-                s_def += target.rule.score(t_def, torch.stack(t_refs[s : s + bs])).tolist()
-            job.progress(min(s + bs, used), used, "defence", f"{min(s + bs, used)} of {used} pairs decoded")
-        job.progress(0, 1, "roc", "ROC curves", force=True)
-        summary = defence_summary(target.rule, genuine, s_clean, s_adv, s_def, attacked=attacked, dodge=dodge)
-        job.progress(1, 1, "roc", "done", force=True)
 
-        def points(curve: Any) -> list[counterfactual_pb2.RocPoint]:
-            return [counterfactual_pb2.RocPoint(fpr=f, tpr=t, threshold=h) for f, t, h in curve.points()]
+        def step(stage: str, done: int, total: int) -> None:
+            if stage == "decode":
+                if done == 0:
+                    job.progress(0, total, "defence", "decoding the attacked templates", force=True)
+                if job.stop():
+                    raise Cancelled(f"cancelled during the defence after {done} of {total} pairs")
+            elif stage == "decoded":
+                job.progress(done, total, "defence", f"{done} of {total} pairs decoded")
+            else:
+                job.progress(done, total, "roc", "done" if done else "ROC curves", force=True)
 
+        summary = defence_report(
+            pairs,
+            decoder.model.decode,
+            target.model,
+            chip_size=fr.model.info.chip_size,
+            device=fr.model.device,
+            batch_size=self.settings.batch_size,
+            step=step,
+        )
         spec_used = counterfactual_pb2.AttackSpec()
         spec_used.CopyFrom(spec.proto)
         log.info(
@@ -788,12 +686,12 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             extra={"fx_rpc": "DefenceReport"},
         )
         return counterfactual_pb2.DefenceResult(
-            roc_without=points(summary.attacked),
-            roc_with=points(summary.defended),
+            roc_without=_roc_points(summary.attacked),
+            roc_with=_roc_points(summary.defended),
             auc_without=summary.attacked.auc,
             auc_with=summary.defended.auc,
             n_pairs=used,
-            roc_clean=points(summary.clean),
+            roc_clean=_roc_points(summary.clean),
             auc_clean=summary.clean.auc,
             attack_success_rate=summary.attack_success_rate,
             attack_success_rate_with=summary.attack_success_rate_with,

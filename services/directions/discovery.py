@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from facexplain.artifacts.direction_set import DirectionSetData, EquivarianceMapData, EquivarianceSetData
 from facexplain.directions.equivariance import apply_map, embed_transformed, fit_linear_map
+from facexplain.directions.fit_checks import cross_validated_r2
 from facexplain.directions.labels import alpha_to_target, centroid_directions, regression_direction
 from facexplain.directions.ssi import DiscoveryCancelled, discover_ssi
 from facexplain.directions.traverse import projected_std
@@ -381,24 +382,6 @@ def plan_regression(req: directions_pb2.DiscoverRegressionRequest) -> Regression
     )
 
 
-def _r2_cv(x: torch.Tensor, y: torch.Tensor, folds: int, ridge: float, seed: int) -> float:
-    """Pooled out-of-fold R^2 over ``folds`` folds of a seeded permutation."""
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    pred = torch.empty(n, dtype=torch.float64)
-    for k in range(folds):
-        held = perm[k::folds]
-        train = torch.cat([perm[j::folds] for j in range(folds) if j != k])
-        try:
-            fit = regression_direction(x[train], y[train], ridge)
-        except ValueError as exc:
-            raise InvalidArgument(f"cross-validation fold {k + 1} of {folds}: {exc}; use fewer cv_folds") from None
-        pred[held] = fit.predict(x[held])
-    resid = y - pred
-    total = y - y.mean()
-    return 1.0 - float(resid @ resid) / float(total @ total)
-
-
 @dataclass
 class RegressionOutcome:
     data: DirectionSetData
@@ -433,7 +416,10 @@ def run_regression(
     if plan.cv_folds > 1:
         if plan.cv_folds > len(keep):
             raise InvalidArgument(f"cv_folds {plan.cv_folds} exceeds the {len(keep)} labelled items")
-        metrics["r2_cv"] = _r2_cv(x, y, plan.cv_folds, plan.ridge, plan.seed)
+        try:
+            metrics["r2_cv"] = cross_validated_r2(x, y, plan.cv_folds, plan.ridge, plan.seed)
+        except ValueError as exc:
+            raise InvalidArgument(f"{exc}; use fewer cv_folds") from None
     fr_ref = common_pb2.ModelRef(name=fr.name, version=fr.version)
     direction = reg.direction  # unit
     data = DirectionSetData(

@@ -30,7 +30,7 @@ from facexplain.artifacts.direction_set import (
     EquivarianceSetData,
 )
 from facexplain.directions.aggregate import agglomerative_clusters, mean_template
-from facexplain.directions.labels import classical_mds
+from facexplain.directions.fit_checks import centroid_mds
 from facexplain.directions.traverse import traverse
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, directions_pb2, directions_pb2_grpc
@@ -500,19 +500,8 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
             fr_ref = fr.ref()
         else:
             raise InvalidArgument("no centroids: set set or centroids")
-        if request.metric == "l2":
-            dist = torch.cdist(c, c)
-        else:
-            unit = F.normalize(c, dim=1)
-            dist = (1.0 - unit @ unit.T).clamp_min(0.0)
-            dist.fill_diagonal_(0.0)
         # Classical (Torgerson) MDS is deterministic: request.seed has nothing to seed here.
-        coords, _ = classical_mds(dist, 2)
-        fitted = torch.cdist(coords, coords)
-        upper = torch.triu_indices(len(names), len(names), offset=1)
-        d, dhat = dist[upper[0], upper[1]], fitted[upper[0], upper[1]]
-        denom = float((d * d).sum())
-        stress = math.sqrt(float(((d - dhat) ** 2).sum()) / denom) if denom > 0 else 0.0
+        coords, stress = centroid_mds(c, "l2" if request.metric == "l2" else "cosine")
         return directions_pb2.CentroidMDSResponse(
             points=[
                 directions_pb2.MDSPoint(label=name, x=float(coords[i, 0]), y=float(coords[i, 1]))

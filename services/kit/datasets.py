@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ from facexplain.data.faceset import records_from_spec
 from facexplain.faces.regions import landmarks_to_chip
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2
-from services.directions.settings import DirectionsSettings
 from services.kit.errors import (
     Cancelled,
     FailedPrecondition,
@@ -51,6 +51,23 @@ from services.kit.templates import template_from_proto
 # (done, total, stage, message) -> None
 ProgressFn = Callable[[int, int, str, str], None]
 StopFn = Callable[[], bool]
+
+
+class DatasetLimits(Protocol):
+    """The settings the reader needs; every service that reads datasets carries these fields already.
+
+    A Protocol rather than a settings class so the kit names no service: the directions' and the
+    attributes' settings both satisfy it as they are.
+    """
+
+    @property
+    def data_root(self) -> str: ...
+
+    @property
+    def max_dataset_items(self) -> int: ...
+
+    @property
+    def max_image_pixels(self) -> int: ...
 
 
 @dataclass
@@ -156,9 +173,7 @@ def resolve_under_root(root_setting: str, relative: str, what: str) -> Path:
     return target
 
 
-def _server_items(
-    ds: common_pb2.ServerDataset, settings: DirectionsSettings
-) -> tuple[list[DatasetItem], dict[str, str]]:
+def _server_items(ds: common_pb2.ServerDataset, settings: DatasetLimits) -> tuple[list[DatasetItem], dict[str, str]]:
     folder = resolve_under_root(settings.data_root, ds.path or ".", "dataset path")
     if not folder.is_dir():
         raise InvalidArgument(f"dataset path {ds.path!r} is not a folder")
@@ -208,7 +223,7 @@ def _server_items(
     return items, params
 
 
-def list_items(dataset: common_pb2.Dataset, settings: DirectionsSettings) -> tuple[list[DatasetItem], dict[str, str]]:
+def list_items(dataset: common_pb2.Dataset, settings: DatasetLimits) -> tuple[list[DatasetItem], dict[str, str]]:
     """The dataset's items (not yet read or embedded), with the limits checked; cheap, so it runs first."""
     source = dataset.WhichOneof("source")
     if source == "inline":
@@ -243,12 +258,57 @@ def check_items(items: list[DatasetItem], *, need_images: bool, method: str) -> 
             )
 
 
+ManifestRows = list[tuple[str, str, str, dict[str, float]]]
+
+
+def _checked_template(it: DatasetItem, fr: ServedModel[FacePipeline], allow_normalized: bool) -> torch.Tensor:
+    """A template item's vector, checked against the served FR model (a wrong one fails the request)."""
+    assert it.template is not None
+    if it.template.normalized and not allow_normalized:
+        raise InvalidArgument(
+            f"dataset item {it.id!r}: template is L2-normalised; send raw templates, or set normalize_templates "
+            "so that every template is normalised alike"
+        )
+    try:
+        return template_from_proto(it.template, fr.model.info.dim, fr.name, model_version=fr.version)
+    except ServiceError as exc:
+        raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
+
+
+def _read_image(
+    it: DatasetItem, max_pixels: int, manifest: ManifestRows, skipped: list[tuple[str, str]]
+) -> torch.Tensor | None:
+    """An image item decoded, its digest recorded; None (and the reason in ``skipped``) for an unusable file.
+
+    A bad *inline* image raises: it is the caller's mistake, named by its item.
+    """
+    if it.image is not None:
+        manifest.append((it.id, _image_digest(it.image), it.identity, it.labels))
+        try:
+            return decode_image(it.image, max_pixels)
+        except ServiceError as exc:
+            raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
+    assert it.path is not None
+    try:
+        data = it.path.read_bytes()
+    except OSError as exc:
+        manifest.append((it.id, "unreadable", it.identity, it.labels))
+        skipped.append((it.id, f"unreadable file ({exc.strerror or type(exc).__name__})"))
+        return None
+    manifest.append((it.id, hashlib.sha256(data).hexdigest(), it.identity, it.labels))
+    try:
+        return decode_encoded(data, max_pixels)
+    except ServiceError as exc:
+        skipped.append((it.id, exc.message))
+        return None
+
+
 def embed_dataset(
     name: str,
     items: list[DatasetItem],
     params: dict[str, str],
     fr: ServedModel[FacePipeline],
-    settings: DirectionsSettings,
+    settings: DatasetLimits,
     *,
     need_images: bool,
     allow_normalized: bool = False,
@@ -265,22 +325,13 @@ def embed_dataset(
     """
     pipeline = fr.model
     info = pipeline.info
-    manifest: list[tuple[str, str, str, dict[str, float]]] = []
+    manifest: ManifestRows = []
     rows: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     skipped: list[tuple[str, str]] = []
     for i, it in enumerate(items):
         if it.template is None:
             continue
-        if it.template.normalized and not allow_normalized:
-            raise InvalidArgument(
-                f"dataset item {it.id!r}: template is L2-normalised; send raw templates, or set normalize_templates "
-                "so that every template is normalised alike"
-            )
-        try:
-            vec = template_from_proto(it.template, info.dim, fr.name, model_version=fr.version)
-        except ServiceError as exc:
-            raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
-        rows[i] = (vec, None, None)
+        rows[i] = (_checked_template(it, fr, allow_normalized), None, None)
         manifest.append((it.id, hashlib.sha256(_template_bytes(it.template)).hexdigest(), it.identity, it.labels))
 
     images = [i for i, it in enumerate(items) if it.template is None]
@@ -293,26 +344,9 @@ def embed_dataset(
             raise Cancelled(f"cancelled while embedding the dataset ({done} of {total} faces done)")
         batch: list[tuple[int, torch.Tensor]] = []
         for i in images[start : start + batch_size]:
-            it = items[i]
-            if it.image is not None:
-                manifest.append((it.id, _image_digest(it.image), it.identity, it.labels))
-                try:
-                    batch.append((i, decode_image(it.image, settings.max_image_pixels)))
-                except ServiceError as exc:
-                    raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
-                continue
-            assert it.path is not None
-            try:
-                data = it.path.read_bytes()
-            except OSError as exc:
-                manifest.append((it.id, "unreadable", it.identity, it.labels))
-                skipped.append((it.id, f"unreadable file ({exc.strerror or type(exc).__name__})"))
-                continue
-            manifest.append((it.id, hashlib.sha256(data).hexdigest(), it.identity, it.labels))
-            try:
-                batch.append((i, decode_encoded(data, settings.max_image_pixels)))
-            except ServiceError as exc:
-                skipped.append((it.id, exc.message))
+            image = _read_image(items[i], settings.max_image_pixels, manifest, skipped)
+            if image is not None:
+                batch.append((i, image))
         if batch:
             results = pipeline.analyze([img for _i, img in batch])
             for (i, _img), res in zip(batch, results, strict=True):
