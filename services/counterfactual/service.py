@@ -51,6 +51,7 @@ import grpc
 import torch
 
 from facexplain.artifacts.decoder import LoadedDecoder
+from facexplain.artifacts.embedder import KIND_EMBEDDER
 from facexplain.attacks import (
     AttackBudget,
     AttackCancelled,
@@ -710,7 +711,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             resp.models.append(
                 common_pb2.LoadedModel(
                     model=common_pb2.ModelRef(name="dlib", version="local"),
-                    kind="embedder",
+                    kind=KIND_EMBEDDER,
                     metadata={
                         "gradients": "false",
                         "role": "black-box target only",

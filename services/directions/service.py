@@ -26,6 +26,7 @@ from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.artifacts.direction_set import (
     DEFAULT_DIRECTIONS_NAME,
     DEFAULT_EQUIVARIANCE_NAME,
+    KIND_DIRECTION_SET,
     DirectionSetData,
     EquivarianceSetData,
 )
@@ -520,7 +521,7 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
         for entry in self.store.registered_loaded():
             loaded = common_pb2.LoadedModel(
                 model=entry.registered_ref(),
-                kind="direction_set",
+                kind=KIND_DIRECTION_SET,
                 metadata={
                     "method": entry.method,
                     "set_id": entry.set_id,
