@@ -32,8 +32,7 @@ from facexplain.losses.sadfad import VARIANTS, SADFADLossWeights, sadfad_objecti
 from facexplain.metrics.interpretability import PeakLocationReport, feature_difference, peak_location_stats
 from facexplain.metrics.verification import roc_auc
 from facexplain.models.sadfad import SADFADNet
-from training.common import Dist, epoch_batches, save_atomic
-from training.decoder.trainer import EpochLog
+from training.common import Dist, EpochLog, epoch_batches, save_atomic
 from training.sadfad.data import OcclusionSpec, SADFADSplit, batch_inputs, crop_offsets
 
 CHECKPOINT = "last.pt"
