@@ -111,7 +111,7 @@ def setup_run(device: str, threads: int, out_dir: Path) -> torch.device:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available; under torchrun each rank takes GPU ``LOCAL_RANK``."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,7 +135,7 @@ def init_distributed(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as td
+    import torch.distributed as td  # heavy: common is imported by the light CLI modules
 
     if not td.is_initialized():
         td.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -144,14 +144,14 @@ def init_distributed(device: torch.device) -> Dist:
 
 def barrier(dist: Dist) -> None:
     if dist.world > 1:
-        import torch.distributed as td
+        import torch.distributed as td  # heavy: common is imported by the light CLI modules
 
         td.barrier()
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator, dist: Dist) -> list[torch.Tensor]:
     """This rank's index batches of one epoch; the ragged tail is dropped (BatchNorm dislikes tiny batches)."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     perm = torch.randperm(n, generator=generator)
     per_step = batch_size * dist.world
@@ -161,11 +161,34 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, dist: Dis
 
 def save_atomic(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint so that a crash leaves the previous one, never a truncated file."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_tail(history: Sequence[Any], run_state: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint entries every trainer writes last: history, the run state (the MLflow run id), and
+    the global RNG (dropout draws: a resumed run continues the same sequence)."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    return {"history": [vars(h) for h in history], "run_state": run_state or {}, "rng": torch.get_rng_state()}
+
+
+def restore_checkpoint_tail(
+    ck: dict[str, Any], run_state: dict[str, Any] | None, announce: bool, path: Path
+) -> list[EpochLog]:
+    """Undo ``checkpoint_tail``: the history back, the run state merged into ``run_state``, the RNG restored."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    if run_state is not None:
+        run_state.update(ck.get("run_state", {}))
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"].cpu())
+    if announce:
+        print(f"resumed from {path} after epoch {ck['epoch'] + 1}", flush=True)
+    return [EpochLog(**h) for h in ck["history"]]
 
 
 def saved_run_state(out_dir: Path, resume: bool) -> dict[str, Any]:
@@ -261,7 +284,7 @@ class TrackedRun(NullRun):
     """
 
     def __init__(self, uri: str, experiment: str, run_id: str | None, run_name: str, tags: dict[str, str]) -> None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: only a tracked run pays for mlflow
 
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         if run_id:
@@ -273,7 +296,7 @@ class TrackedRun(NullRun):
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
     def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # heavy: only a tracked run pays for mlflow
 
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:500]) for k, v in params.items() if k not in existing]
@@ -281,7 +304,7 @@ class TrackedRun(NullRun):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: only a tracked run pays for mlflow
 
         ts = int(time.time() * 1000)
         ms = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]

@@ -24,7 +24,15 @@ from tqdm import tqdm
 from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss, pair_difference_loss
 from facexplain.metrics.image import psnr, ssim
 from facexplain.models.decoder import DeepFaceDecoder
-from training.common import Dist, EpochLog, epoch_batches, init_distributed, save_atomic
+from training.common import (
+    Dist,
+    EpochLog,
+    checkpoint_tail,
+    epoch_batches,
+    init_distributed,
+    restore_checkpoint_tail,
+    save_atomic,
+)
 from training.decoder.data import DecoderSplit
 
 CHECKPOINT = "last.pt"
@@ -251,14 +259,8 @@ def _resume(loop: _Loop, ckpt_path: Path, run_state: dict[str, Any] | None) -> _
         best_val=ck["best_val"],
         best_epoch=ck["best_epoch"],
         bad=ck["bad_epochs"],
-        history=[EpochLog(**h) for h in ck["history"]],
     )
-    if run_state is not None:
-        run_state.update(ck.get("run_state", {}))
-    if "rng" in ck:
-        torch.set_rng_state(ck["rng"].cpu())
-    if loop.dist.main:
-        print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}", flush=True)
+    state.history = restore_checkpoint_tail(ck, run_state, loop.dist.main, ckpt_path)
     return state
 
 
@@ -371,9 +373,7 @@ def _save_checkpoint(
             "best_val": state.best_val,
             "best_epoch": state.best_epoch,
             "bad_epochs": state.bad,
-            "history": [vars(h) for h in state.history],
-            "run_state": run_state or {},
-            "rng": torch.get_rng_state(),  # dropout draws: a resumed run continues the same sequence
+            **checkpoint_tail(state.history, run_state),
         },
     )
 
