@@ -131,7 +131,7 @@ class _Loop:
 
     decoder: DeepFaceDecoder
     model: torch.nn.Module  # what the step runs: the decoder, or its DistributedDataParallel wrapper
-    scored: torch.nn.Module  # what is validated and kept: the decoder, or a twin holding the average
+    scored: DeepFaceDecoder  # what is validated and kept: the decoder, or a twin holding the average
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.ReduceLROnPlateau | None
     average: WeightAverage | None
