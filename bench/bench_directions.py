@@ -314,6 +314,34 @@ def change_in_and_out(
     return inside, outside
 
 
+def _ratio_stats(
+    ctx: Context,
+    t_probe: torch.Tensor,
+    base: torch.Tensor,
+    alpha: float,
+    direction: torch.Tensor,
+    std: float,
+    masks: torch.Tensor,
+) -> dict[str, Any]:
+    """Mean pixel change inside the region mask over the change outside it, probes moved by -alpha and
+    +alpha std along ``direction``; ``_in`` / ``_out`` keep the raw means for pooling (not written)."""
+    ins, outs = [], []
+    for sign in (-1.0, 1.0):
+        moved = traverse_std(t_probe, direction, [sign * alpha], std)[:, 0]
+        inside, outside = change_in_and_out(decode(ctx, moved), base, masks)
+        ins.append(inside)
+        outs.append(outside)
+    inside, outside = torch.cat(ins), torch.cat(outs)
+    return {
+        "inside": _r(inside.mean(), 5),
+        "outside": _r(outside.mean(), 5),
+        "ratio": _r(inside.mean() / outside.mean(), 3),
+        "median_probe_ratio": _r((inside / outside).median(), 3),
+        "_in": float(inside.mean()),
+        "_out": float(outside.mean()),
+    }
+
+
 def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     faces = ctx.faces
     disc = pick(ctx.a_idx, faces.identities, args.n, args.seed)
@@ -327,21 +355,7 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     scale = size / faces.chips.shape[-1]
 
     def ratio_stats(direction: torch.Tensor, std: float, masks: torch.Tensor) -> dict[str, Any]:
-        ins, outs = [], []
-        for sign in (-1.0, 1.0):
-            moved = traverse_std(t_probe, direction, [sign * args.alpha], std)[:, 0]
-            inside, outside = change_in_and_out(decode(ctx, moved), base, masks)
-            ins.append(inside)
-            outs.append(outside)
-        inside, outside = torch.cat(ins), torch.cat(outs)
-        return {
-            "inside": _r(inside.mean(), 5),
-            "outside": _r(outside.mean(), 5),
-            "ratio": _r(inside.mean() / outside.mean(), 3),
-            "median_probe_ratio": _r((inside / outside).median(), 3),
-            "_in": float(inside.mean()),
-            "_out": float(outside.mean()),
-        }
+        return _ratio_stats(ctx, t_probe, base, args.alpha, direction, std, masks)
 
     gen = torch.Generator().manual_seed(args.seed)
     random_dirs = unit(torch.randn(3, faces.templates.shape[1], generator=gen, dtype=torch.float64))
