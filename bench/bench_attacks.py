@@ -26,6 +26,7 @@ import hashlib
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ class DlibTarget:
     def __init__(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import dlib
+            import dlib  # optional and slow to import: only this stage needs it
             import face_recognition_models
         self.net = dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location())
         self.calls = 0
@@ -139,7 +140,7 @@ def batched(fn: Any, embed: Any, n: int, batch: int, *args: torch.Tensor, **kw: 
     return AttackResult(**values)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faceset", type=Path, default=DEFAULT_FACESET)
     p.add_argument("--pairs", type=int, default=120)
@@ -150,7 +151,35 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    return p
+
+
+@dataclass
+class _Bench:
+    """The faces, the surrogate FR model and the genuine pairs every stage attacks."""
+
+    args: argparse.Namespace
+    dev: torch.device
+    fs: FaceSet
+    embed: Any
+    x: torch.Tensor  # every chip in [0, 1]
+    templates: torch.Tensor
+    rule: Any
+    probe: torch.Tensor  # the attacked chips of the genuine pairs the model accepts clean
+    refs: torch.Tensor  # their partners' templates
+    pb: torch.Tensor  # their partners' indices
+    dodge: VerificationObjective
+    linf8: AttackBudget
+
+    @property
+    def n(self) -> int:
+        return len(self.probe)
+
+
+def main() -> None:
+    """Each stage adds its section to one result file: dodging, impersonation, minimal epsilon,
+    CW-L2 against PGD-L2, and the transfer of the dodging attacks to dlib's own net."""
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     t_all = time.perf_counter()
@@ -161,7 +190,6 @@ def main() -> None:
     x = fs.chips.float().div(255).to(dev)
     with torch.no_grad():
         templates = torch.cat([embed(x[s : s + 64]) for s in range(0, len(fs), 64)])
-    rule = DLIB_L2_RULE
     out: dict[str, Any] = {
         "machine": machine(),
         "faceset": {
@@ -171,8 +199,32 @@ def main() -> None:
         },
     }
     out["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    bench = _genuine_pairs(args, dev, fs, embed, x, templates, DLIB_L2_RULE, out)
+    out["dodge"], pgd_early = _dodge(bench)
+    out["impersonate"] = _impersonate(bench)
+    print("impersonate", out["impersonate"], flush=True)
+    out["minimal_epsilon"] = _minimal_epsilon(bench)
+    print("minimal_epsilon", out["minimal_epsilon"], flush=True)
+    out["cw_vs_pgd_l2"] = _cw_vs_pgd_l2(bench)
+    print("cw_vs_pgd_l2", out["cw_vs_pgd_l2"], flush=True)
+    out["transfer"] = _transfer(bench, pgd_early)
+    print("transfer", out["transfer"], flush=True)
+    out["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    path = write(f"attacks-{dev.type}", out)
+    print("wrote", path)
 
-    # -- dodging on genuine pairs ------------------------------------------------------------------
+
+def _genuine_pairs(
+    args: argparse.Namespace,
+    dev: torch.device,
+    fs: FaceSet,
+    embed: Any,
+    x: torch.Tensor,
+    templates: torch.Tensor,
+    rule: Any,
+    out: dict[str, Any],
+) -> _Bench:
+    """The genuine pairs the model accepts clean: only those have a decision for dodging to flip."""
     all_gen = genuine_pairs(fs, 10**9)
     gi = torch.tensor(all_gen)
     acc = rule.accepts(templates[gi[:, 0]], templates[gi[:, 1]]).cpu()
@@ -180,45 +232,75 @@ def main() -> None:
     out["genuine_pairs"] = {"available": len(all_gen), "accepted_clean": int(acc.sum()), "attacked": len(eligible)}
     pa = torch.tensor([q[0] for q in eligible], device=dev)
     pb = torch.tensor([q[1] for q in eligible], device=dev)
-    probe, refs = x[pa], templates[pb]
-    dodge = VerificationObjective(rule, "dodge")
-    n = len(eligible)
-    linf8 = AttackBudget(8 / 255, steps=args.steps)
+    return _Bench(
+        args=args,
+        dev=dev,
+        fs=fs,
+        embed=embed,
+        x=x,
+        templates=templates,
+        rule=rule,
+        probe=x[pa],
+        refs=templates[pb],
+        pb=pb,
+        dodge=VerificationObjective(rule, "dodge"),
+        linf8=AttackBudget(8 / 255, steps=args.steps),
+    )
 
+
+def _dodge(b: _Bench) -> tuple[dict[str, Any], AttackResult]:
+    """Dodging on genuine pairs with the L-inf attacks; also the PGD result the transfer stage reuses."""
     runs: dict[str, Any] = {}
+    pgd_early: AttackResult | None = None
     for name, fn, kw in [
-        ("pgd_linf_8", pgd, {"seed": args.seed}),
+        ("pgd_linf_8", pgd, {"seed": b.args.seed}),
         ("fgsm_8", fgsm, {}),
         ("ifgsm_8", iterative_fgsm, {}),
     ]:
         t = time.perf_counter()
-        r = batched(fn, embed, n, args.batch, probe, refs, objective=dodge, budget=linf8, **kw)
+        r = batched(fn, b.embed, b.n, b.args.batch, b.probe, b.refs, objective=b.dodge, budget=b.linf8, **kw)
         runs[name] = summary(r, time.perf_counter() - t)
-        runs[name]["success_rate_8bit"] = quantised_rate(embed, r, refs, dodge)
+        runs[name]["success_rate_8bit"] = quantised_rate(b.embed, r, b.refs, b.dodge)
         if name == "pgd_linf_8":
             pgd_early = r
         print(name, runs[name], flush=True)
-    out["dodge"] = runs
+    assert pgd_early is not None
+    return runs, pgd_early
 
-    # -- impersonation on impostor pairs ------------------------------------------------------------
-    imp = impostor_pairs(fs, 10**9)
+
+def _impersonate(b: _Bench) -> dict[str, Any]:
+    """Impersonation on impostor pairs the model rejects clean."""
+    imp = impostor_pairs(b.fs, 10**9)
     ii = torch.tensor(imp)
-    rej = ~rule.accepts(templates[ii[:, 0]], templates[ii[:, 1]]).cpu()
-    imp = [pair for pair, r_ in zip(imp, rej.tolist(), strict=True) if r_][: args.impostors]
-    ia = torch.tensor([q[0] for q in imp], device=dev)
-    ib = torch.tensor([q[1] for q in imp], device=dev)
-    imper = VerificationObjective(rule, "impersonate")
+    rej = ~b.rule.accepts(b.templates[ii[:, 0]], b.templates[ii[:, 1]]).cpu()
+    imp = [pair for pair, r_ in zip(imp, rej.tolist(), strict=True) if r_][: b.args.impostors]
+    ia = torch.tensor([q[0] for q in imp], device=b.dev)
+    ib = torch.tensor([q[1] for q in imp], device=b.dev)
+    imper = VerificationObjective(b.rule, "impersonate")
     t = time.perf_counter()
-    r = batched(pgd, embed, len(imp), args.batch, x[ia], templates[ib], objective=imper, budget=linf8, seed=args.seed)
-    out["impersonate"] = {"pgd_linf_8": summary(r, time.perf_counter() - t)}
-    out["impersonate"]["pgd_linf_8"]["success_rate_8bit"] = quantised_rate(embed, r, templates[ib], imper)
-    print("impersonate", out["impersonate"], flush=True)
+    r = batched(
+        pgd,
+        b.embed,
+        len(imp),
+        b.args.batch,
+        b.x[ia],
+        b.templates[ib],
+        objective=imper,
+        budget=b.linf8,
+        seed=b.args.seed,
+    )
+    out = {"pgd_linf_8": summary(r, time.perf_counter() - t)}
+    out["pgd_linf_8"]["success_rate_8bit"] = quantised_rate(b.embed, r, b.templates[ib], imper)
+    return out
 
-    # -- minimal epsilon ----------------------------------------------------------------------------
+
+def _minimal_epsilon(b: _Bench) -> dict[str, Any]:
+    """The smallest L-inf budget (1/255 grid) that flips each pair, checked by a rerun one step below."""
+    batch, n, probe, refs = b.args.batch, b.n, b.probe, b.refs
     t = time.perf_counter()
     mins = [
-        minimal_epsilon(embed, probe[s : s + args.batch], refs[s : s + args.batch], dodge, linf8, seed=args.seed)
-        for s in range(0, n, args.batch)
+        minimal_epsilon(b.embed, probe[s : s + batch], refs[s : s + batch], b.dodge, b.linf8, seed=b.args.seed)
+        for s in range(0, n, batch)
     ]
     sec = time.perf_counter() - t
     eps255 = torch.cat([m.epsilon for m in mins]).cpu() * 255
@@ -226,15 +308,13 @@ def main() -> None:
     below_flipped = torch.cat([m.below_flipped for m in mins]).cpu()
     # independent check of "one step below does not flip": rerun PGD at epsilon - 1/255 on each batch
     recheck_flips = 0
-    for s, m in zip(range(0, n, args.batch), mins, strict=True):
+    for s, m in zip(range(0, n, batch), mins, strict=True):
         below = torch.where(m.found, m.epsilon_below, torch.full_like(m.epsilon, 1 / 255)).clamp_min(1e-6)
         skip_zero = m.found & (m.epsilon_below > 0)
-        rr = pgd(
-            embed, probe[s : s + args.batch], refs[s : s + args.batch], dodge, linf8, seed=args.seed, epsilon=below
-        )
+        rr = pgd(b.embed, probe[s : s + batch], refs[s : s + batch], b.dodge, b.linf8, seed=b.args.seed, epsilon=below)
         recheck_flips += int((rr.success & skip_zero).sum())
     values, counts = np.unique(np.round(eps255[found].numpy()).astype(int), return_counts=True)
-    out["minimal_epsilon"] = {
+    return {
         "grid_255": 1,
         "max_255": 8,
         "found": int(found.sum()),
@@ -247,27 +327,27 @@ def main() -> None:
         "pgd_calls": sum(m.runs for m in mins),
         "seconds": round(sec, 2),
     }
-    print("minimal_epsilon", out["minimal_epsilon"], flush=True)
 
-    # -- CW-L2 vs small-step PGD-L2 -----------------------------------------------------------------
-    k = min(args.cw_pairs, n)
+
+def _cw_vs_pgd_l2(b: _Bench) -> dict[str, Any]:
+    """CW-L2 against small-step PGD-L2 on the first pairs: does CW find smaller perturbations?"""
+    k = min(b.args.cw_pairs, b.n)
+    probe, refs = b.probe[:k], b.refs[:k]
     t = time.perf_counter()
     cw = cw_l2(
-        embed,
-        probe[:k],
-        refs[:k],
-        dodge,
+        b.embed,
+        probe,
+        refs,
+        b.dodge,
         AttackBudget(10.0, steps=60, norm="l2", restarts=3, step_size=0.005),
         early_stop=False,
     )
     t_cw = time.perf_counter() - t
     t = time.perf_counter()
-    pl2 = pgd(
-        embed, probe[:k], refs[:k], dodge, AttackBudget(2.0, steps=40, norm="l2", step_size=0.05, random_start=False)
-    )
+    pl2 = pgd(b.embed, probe, refs, b.dodge, AttackBudget(2.0, steps=40, norm="l2", step_size=0.05, random_start=False))
     t_pl2 = time.perf_counter() - t
     both = cw.flipped & pl2.flipped
-    out["cw_vs_pgd_l2"] = {
+    return {
         "pairs": k,
         "cw": {
             "budget": "60 Adam steps x 4 binary-search rounds, lr 0.005, c0 10",
@@ -284,41 +364,37 @@ def main() -> None:
         "cw_smaller_fraction": float((cw.l2[both] < pl2.l2[both]).float().mean()) if both.any() else None,
         "l2_ratio_mean": float((cw.l2[both] / pl2.l2[both]).mean()) if both.any() else None,
     }
-    print("cw_vs_pgd_l2", out["cw_vs_pgd_l2"], flush=True)
 
-    # -- transfer to dlib ---------------------------------------------------------------------------
+
+def _transfer(b: _Bench, pgd_early: AttackResult) -> dict[str, Any]:
+    """Do the surrogate's dodging perturbations also fool dlib's own net on 8-bit chips?"""
     target = DlibTarget()
     with torch.no_grad():
-        target_refs = target(x[pb])
+        target_refs = target(b.x[b.pb])
     t = time.perf_counter()
     pgd_full = batched(
         pgd,
-        embed,
-        n,
-        args.batch,
-        probe,
-        refs,
-        objective=dodge,
+        b.embed,
+        b.n,
+        b.args.batch,
+        b.probe,
+        b.refs,
+        objective=b.dodge,
         budget=AttackBudget(8 / 255, steps=20),
-        seed=args.seed,
+        seed=b.args.seed,
         early_stop=False,
     )
     t_full = time.perf_counter() - t
     transfer: dict[str, Any] = {"target": "dlib_face_recognition_resnet_model_v1 (L2 < 0.6), 8-bit chips"}
     for name, r in [("pgd_linf_8_early_stop", pgd_early), ("pgd_linf_8_20_steps_no_early_stop", pgd_full)]:
-        rep = evaluate_transfer(r, probe, target, target_refs, rule)
+        rep = evaluate_transfer(r, b.probe, target, target_refs, b.rule)
         transfer[name] = rep.rates()
         transfer[name]["target_distance_before_mean"] = float(rep.target_score_before.mean())
         transfer[name]["target_distance_after_mean"] = float(rep.target_score_after.mean())
         transfer[name]["surrogate_distance_after_mean"] = float(r.score_after.mean())
     transfer["pgd_full_seconds"] = round(t_full, 2)
     transfer["dlib_seconds_per_chip"] = round(target.seconds / max(1, target.calls), 3)
-    out["transfer"] = transfer
-    print("transfer", transfer, flush=True)
-
-    out["seconds_total"] = round(time.perf_counter() - t_all, 1)
-    path = write(f"attacks-{dev.type}", out)
-    print("wrote", path)
+    return transfer
 
 
 if __name__ == "__main__":

@@ -37,19 +37,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_directions import CELEBA, decode, load_context, pick
 from bench.common import RESULTS, machine, write
+from facexplain.artifacts.probes import load_probe_bundle
+from facexplain.attributes.defaults import default_catalog
+from facexplain.attributes.report import importance_chart, write_compare_csv
+from facexplain.attributes.template_probe import knn_decodability, linear_decodability
+from facexplain.metrics.invariance import mirror_invariance
+from facexplain.paths import var_dir
+from registry import Registry, RegistryError
 
 
 def _probes(spec: str, uri: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The registered accessory probes, or (None, reason) when none is registered."""
-    from facexplain.artifacts.probes import load_probe_bundle
-    from facexplain.paths import var_dir
-    from registry import Registry, RegistryError
-
     if not spec:
         return None, {"used": False, "reason": "--probes empty"}
     name, _, ref = spec.partition("@")
@@ -63,9 +67,8 @@ def _probes(spec: str, uri: str, device: torch.device) -> tuple[Any, dict[str, A
 
 
 def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict[str, Any]:
-    from facexplain.attributes.defaults import default_catalog
-    from facexplain.attributes.importance import importance_table
-    from facexplain.attributes.recovery import recover_dataset
+    from facexplain.attributes.importance import importance_table  # scipy: only this bench stage needs it
+    from facexplain.attributes.recovery import recover_dataset  # scipy, likewise
 
     ns = argparse.Namespace(**{**vars(args), "fr_model": fr, "decoder": dec})
     ctx = load_context(ns)
@@ -141,8 +144,6 @@ def _template_probe(
 ) -> dict[str, Any]:
     """Ridge from templates to each attribute of the original faces: fitted on up to ``--probe-train``
     faces of the decoder's training identities, scored on the test faces above (other people)."""
-    from facexplain.attributes.template_probe import knn_decodability, linear_decodability
-
     fit_idx = pick(ctx.a_idx, ctx.faces.identities, args.probe_train, args.seed)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(fit_idx), args.batch_size):
@@ -172,8 +173,6 @@ def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, floa
     """How alike the model finds a face and its mirror image, next to two photos of one person
     (:mod:`facexplain.metrics.invariance`): a model that finds the first at least as alike cannot keep
     the sign of yaw or roll in its templates."""
-    from facexplain.metrics.invariance import mirror_invariance
-
     chips = ctx.faces.chips[idx]
     with torch.no_grad():
         flipped = torch.cat(
@@ -191,8 +190,6 @@ def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, floa
 
 
 def _bar(total: int) -> Any:
-    from tqdm import tqdm
-
     bar = tqdm(total=total, desc="recover", unit="face")
 
     def update(done: int, _total: int) -> None:
@@ -240,8 +237,6 @@ def main() -> int:
 
     models = [(args.fr_model, args.decoder)] + ([(args.compare, args.compare_decoder)] if args.compare else [])
     results = [_one_model(args, fr, dec, probes) for fr, dec in models]
-
-    from facexplain.attributes.report import importance_chart, write_compare_csv
 
     stem = Path(args.out) if args.out else RESULTS / f"attributes-importance-{device.type}"
     labels = [f"{r['context']['fr_model']['name']} v{r['context']['fr_model']['version']}" for r in results]

@@ -27,6 +27,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from bench.bench_attacks import DEFAULT_FACESET, batched, genuine_pairs, imposto
 from bench.common import machine, write  # noqa: E402
 from facexplain.artifacts.decoder import LoadedDecoder, load_decoder_bundle  # noqa: E402
 from facexplain.attacks import AttackBudget, AttackResult, VerificationObjective, chip_embedder, cw_l2, pgd  # noqa: E402
+from facexplain.attributes.defaults import default_catalog  # noqa: E402
 from facexplain.counterfactual import (  # noqa: E402
     Explanation,
     decode_and_reembed,
@@ -50,13 +52,13 @@ from facexplain.counterfactual import (  # noqa: E402
 from facexplain.data.faceset import FaceSet  # noqa: E402
 from facexplain.metrics.verification import DLIB_L2_RULE  # noqa: E402
 from facexplain.models.recognition import FaceRecognitionNet  # noqa: E402
+from registry import Registry  # noqa: E402
 
 
 def load_decoder(args: argparse.Namespace, device: str) -> tuple[LoadedDecoder, dict[str, Any]]:
     if args.decoder_bundle:
         dec = load_decoder_bundle(Path(args.decoder_bundle), device)
         return dec, {"bundle": str(args.decoder_bundle), "fr_model": f"{dec.fr_name}@{dec.fr_version}"}
-    from registry import Registry
 
     name, _, alias = args.decoder.partition("@")
     registry = Registry(args.registry, timeout_s=30)
@@ -87,7 +89,7 @@ def table_key(ex: Explanation) -> list[tuple[str, float, float]]:
     return [(r.attribute, r.s_a, r.delta) for r in ex.rows]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faceset", type=Path, default=DEFAULT_FACESET)
     p.add_argument("--registry", default="http://127.0.0.1:5000")
@@ -108,13 +110,63 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="", help="result file name (default counterfactual-<device>)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here instead of bench/results/")
-    args = p.parse_args()
+    return p
+
+
+@dataclass
+class _Bench:
+    """The decoder, the attribute catalogue, the surrogate FR model and the pairs every stage uses."""
+
+    args: argparse.Namespace
+    dev: torch.device
+    decoder: LoadedDecoder
+    catalog: Any
+    net: FaceRecognitionNet
+    embed: Any
+    x: torch.Tensor  # every chip in [0, 1]
+    templates: torch.Tensor
+    rule: Any
+    genuine: list[tuple[int, int]]  # accepted clean: dodging has a decision to flip
+    impostors: list[tuple[int, int]]  # rejected clean: impersonation has a decision to flip
+
+    def index(self, pairs: list[tuple[int, int]], side: int) -> torch.Tensor:
+        return torch.tensor([q[side] for q in pairs], device=self.dev)
+
+
+def main() -> None:
+    """Attack genuine pairs (PGD, CW) and explain each flip; then how far the two attack families agree,
+    whether the tables are reproducible, and how well the decoder works as a defence."""
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     t_all = time.perf_counter()
+    b, decoder_ref = _load(args, dev)
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "faceset": {"path": str(args.faceset), "faces": len(b.x)},
+        "decoder": decoder_ref,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "pairs": {"genuine_accepted": len(b.genuine), "impostor_rejected": len(b.impostors)},
+    }
+    results, tables = _explain_dodges(b)
+    out["agreement"] = _agreement(b, results, tables)
+    print("agreement", out["agreement"], flush=True)
+    out["determinism"] = _determinism(b, tables)
+    print("determinism", out["determinism"], flush=True)
+    out["defence"] = _defence(b, results)
+    out["results"] = {m: {k: v for k, v in d.items() if not k.startswith("_")} for m, d in results.items()}
+    out["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        path = args.out
+    else:
+        path = write(args.name or f"counterfactual-{dev.type}", out)
+    print("wrote", path)
 
-    from facexplain.attributes.defaults import default_catalog
 
+def _load(args: argparse.Namespace, dev: torch.device) -> tuple[_Bench, dict[str, Any]]:
+    """Models, faces, templates, and the pairs whose clean decision an attack can flip."""
     decoder, decoder_ref = load_decoder(args, str(dev))
     catalog = default_catalog(str(dev), None)
     fs = FaceSet.load(args.faceset)
@@ -124,7 +176,6 @@ def main() -> None:
     with torch.no_grad():
         templates = torch.cat([embed(x[s : s + 64]) for s in range(0, len(fs), 64)])
     rule = DLIB_L2_RULE
-
     gen_all = genuine_pairs(fs, 10**9)
     gi = torch.tensor(gen_all)
     acc = rule.accepts(templates[gi[:, 0]], templates[gi[:, 1]]).cpu()
@@ -133,46 +184,43 @@ def main() -> None:
     ii = torch.tensor(imp_all)
     rej = ~rule.accepts(templates[ii[:, 0]], templates[ii[:, 1]]).cpu()
     impostors = [q for q, r in zip(imp_all, rej.tolist(), strict=True) if r][: args.impostors]
-    out: dict[str, Any] = {
-        "machine": machine(),
-        "faceset": {"path": str(args.faceset), "faces": len(fs)},
-        "decoder": decoder_ref,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "pairs": {"genuine_accepted": len(genuine), "impostor_rejected": len(impostors)},
-    }
+    return _Bench(args, dev, decoder, catalog, net, embed, x, templates, rule, genuine, impostors), decoder_ref
 
-    def attack(method: str, pairs: list[tuple[int, int]], goal: str) -> tuple[AttackResult, float]:
-        a = torch.tensor([q[0] for q in pairs], device=dev)
-        b = torch.tensor([q[1] for q in pairs], device=dev)
-        obj = VerificationObjective(rule, goal)  # type: ignore[arg-type]
-        t = time.perf_counter()
-        if method == "pgd":
-            budget = AttackBudget(8 / 255, steps=args.pgd_steps, random_start=True)
-            r = batched(
-                pgd, embed, len(pairs), args.batch, x[a], templates[b], objective=obj, budget=budget, seed=args.seed
-            )
-        else:
-            budget = AttackBudget(
-                20.0, steps=args.cw_steps, norm="l2", restarts=args.cw_rounds - 1, step_size=args.cw_lr
-            )
-            r = batched(
-                cw_l2, embed, len(pairs), args.batch, x[a], templates[b], objective=obj, budget=budget,
-                initial_const=args.cw_c, seed=args.seed,
-            )  # fmt: skip
-        return r, time.perf_counter() - t
 
+def _attack(b: _Bench, method: str, pairs: list[tuple[int, int]], goal: str) -> tuple[AttackResult, float]:
+    """PGD (L-inf 8/255) or CW-L2 on ``pairs``; returns the result and its seconds."""
+    args = b.args
+    pa, pb = b.index(pairs, 0), b.index(pairs, 1)
+    obj = VerificationObjective(b.rule, goal)  # type: ignore[arg-type]
+    t = time.perf_counter()
+    if method == "pgd":
+        budget = AttackBudget(8 / 255, steps=args.pgd_steps, random_start=True)
+        r = batched(
+            pgd, b.embed, len(pairs), args.batch, b.x[pa], b.templates[pb], objective=obj, budget=budget, seed=args.seed
+        )
+    else:
+        budget = AttackBudget(20.0, steps=args.cw_steps, norm="l2", restarts=args.cw_rounds - 1, step_size=args.cw_lr)
+        r = batched(
+            cw_l2, b.embed, len(pairs), args.batch, b.x[pa], b.templates[pb], objective=obj, budget=budget,
+            initial_const=args.cw_c, seed=args.seed,
+        )  # fmt: skip
+    return r, time.perf_counter() - t
+
+
+def _explain_dodges(b: _Bench) -> tuple[dict[str, dict[str, Any]], dict[str, list[Explanation]]]:
+    """Per attack family: dodge the genuine pairs, explain every adversarial template, rank the attributes.
+    Each family's raw result is kept under ``_result`` for the later stages (not written)."""
     results: dict[str, dict[str, Any]] = {}
     tables: dict[str, list[Explanation]] = {}
-    ga = torch.tensor([q[0] for q in genuine], device=dev)
-    gb = torch.tensor([q[1] for q in genuine], device=dev)
+    ga, gb = b.index(b.genuine, 0), b.index(b.genuine, 1)
     for method in ("pgd", "cw"):
-        r, sec = attack(method, genuine, "dodge")
+        r, sec = _attack(b, method, b.genuine, "dodge")
         with torch.no_grad():
-            z_adv = embed(r.adversarial)
+            z_adv = b.embed(r.adversarial)
         t = time.perf_counter()
         tables[method] = [
-            explain_counterfactual(decoder.decode, catalog, templates[ga[i]], templates[gb[i]], z_adv[i])
-            for i in range(len(genuine))
+            explain_counterfactual(b.decoder.decode, b.catalog, b.templates[ga[i]], b.templates[gb[i]], z_adv[i])
+            for i in range(len(b.genuine))
         ]
         results[method] = {
             "dodge": {
@@ -186,18 +234,22 @@ def main() -> None:
             "significant_fraction_mean": float(
                 np.mean([len(ex.significant()) / max(1, len(ex.rows)) for ex in tables[method]])
             ),
-            "top_median": median_ranking(tables[method], args.top),
+            "top_median": median_ranking(tables[method], b.args.top),
         }
         results[method]["_result"] = r
         print(method, {k: v for k, v in results[method].items() if not k.startswith("_")}, flush=True)
+    return results, tables
 
-    # agreement of the two families
-    per_pair = [topk_overlap(a.rows, b.rows, args.top) for a, b in zip(tables["pgd"], tables["cw"], strict=True)]
+
+def _agreement(b: _Bench, results: dict[str, dict[str, Any]], tables: dict[str, list[Explanation]]) -> dict[str, Any]:
+    """Top-k overlap of the PGD and CW explanations, over the pairs both families flipped."""
+    top = b.args.top
+    per_pair = [topk_overlap(p.rows, c.rows, top) for p, c in zip(tables["pgd"], tables["cw"], strict=True)]
     flipped_both = (results["pgd"]["_result"].flipped & results["cw"]["_result"].flipped).cpu().tolist()
     both = [o for o, f in zip(per_pair, flipped_both, strict=True) if f]
-    agg = topk_overlap(results["pgd"]["top_median"], results["cw"]["top_median"], args.top)
-    out["agreement"] = {
-        "k": args.top,
+    agg = topk_overlap(results["pgd"]["top_median"], results["cw"]["top_median"], top)
+    return {
+        "k": top,
         "pairs": len(per_pair),
         "pairs_flipped_by_both": len(both),
         "count_mean": float(np.mean([o.count for o in both])) if both else None,
@@ -206,38 +258,43 @@ def main() -> None:
         "counts": [o.count for o in per_pair],
         "median_ranking_overlap": {"count": agg.count, "jaccard": agg.jaccard, "common": list(agg.common)},
     }
-    print("agreement", out["agreement"], flush=True)
 
-    # determinism: the PGD attack on the same batch under the same seed, and the tables, again (an item's
-    # random start depends on its place in the batch, so the batch is the same as above)
-    r2, _ = attack("pgd", genuine, "dodge")
+
+def _determinism(b: _Bench, tables: dict[str, list[Explanation]]) -> dict[str, Any]:
+    """The PGD attack on the same batch under the same seed, and the tables, again (an item's random start
+    depends on its place in the batch, so the batch is the same as in ``_explain_dodges``)."""
+    ga, gb = b.index(b.genuine, 0), b.index(b.genuine, 1)
+    r2, _ = _attack(b, "pgd", b.genuine, "dodge")
     with torch.no_grad():
-        z2 = embed(r2.adversarial)
+        z2 = b.embed(r2.adversarial)
     again = [
-        explain_counterfactual(decoder.decode, catalog, templates[ga[i]], templates[gb[i]], z2[i])
-        for i in range(min(3, len(genuine)))
+        explain_counterfactual(b.decoder.decode, b.catalog, b.templates[ga[i]], b.templates[gb[i]], z2[i])
+        for i in range(min(3, len(b.genuine)))
     ]
-    out["determinism"] = {
+    return {
         "pgd_tables_identical_on_rerun": all(
-            table_key(a) == table_key(b) for a, b in zip(again, tables["pgd"], strict=False)
+            table_key(x) == table_key(y) for x, y in zip(again, tables["pgd"], strict=False)
         ),
         "pairs_checked": len(again),
     }
-    print("determinism", out["determinism"], flush=True)
 
-    # the decoder as a defence
-    ia = torch.tensor([q[0] for q in impostors], device=dev)
-    ib = torch.tensor([q[1] for q in impostors], device=dev)
-    labels = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostors), bool)]
+
+def _defence(b: _Bench, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The decoder as a defence: decode and re-embed clean and adversarial templates (the dodges above and
+    fresh impersonations), and compare verification with and without that step."""
+    dev, rule, templates = b.dev, b.rule, b.templates
+    ga, gb = b.index(b.genuine, 0), b.index(b.genuine, 1)
+    ia, ib = b.index(b.impostors, 0), b.index(b.impostors, 1)
+    labels = np.r_[np.ones(len(b.genuine), bool), np.zeros(len(b.impostors), bool)]
     refs = torch.cat([templates[gb], templates[ib]])
     clean_t = torch.cat([templates[ga], templates[ia]])
-    _, clean_def = decode_and_reembed(clean_t, decoder.decode, lambda c: net(c.to(dev)), 150)
+    _, clean_def = decode_and_reembed(clean_t, b.decoder.decode, lambda c: b.net(c.to(dev)), 150)
     defence: dict[str, Any] = {}
     for method in ("pgd", "cw"):
-        imp_r, sec = attack(method, impostors, "impersonate")
+        imp_r, sec = _attack(b, method, b.impostors, "impersonate")
         with torch.no_grad():
-            adv_t = torch.cat([embed(results[method]["_result"].adversarial), embed(imp_r.adversarial)])
-        _, adv_def = decode_and_reembed(adv_t, decoder.decode, lambda c: net(c.to(dev)), 150)
+            adv_t = torch.cat([b.embed(results[method]["_result"].adversarial), b.embed(imp_r.adversarial)])
+        _, adv_def = decode_and_reembed(adv_t, b.decoder.decode, lambda c: b.net(c.to(dev)), 150)
         s = defence_summary(
             rule,
             labels,
@@ -255,16 +312,7 @@ def main() -> None:
             "impersonation_seconds": round(sec, 2),
         }
         print("defence", method, defence[method], flush=True)
-    out["defence"] = defence
-    out["results"] = {m: {k: v for k, v in d.items() if not k.startswith("_")} for m, d in results.items()}
-    out["seconds_total"] = round(time.perf_counter() - t_all, 1)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        path = args.out
-    else:
-        path = write(args.name or f"counterfactual-{dev.type}", out)
-    print("wrote", path)
+    return defence
 
 
 if __name__ == "__main__":

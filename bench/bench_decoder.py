@@ -15,10 +15,12 @@ reports the test-split figures. Results go to bench/results/decoder-*.json with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
+from facexplain.artifacts.embedder import load_bundle
+from facexplain.data.faceset import build_faceset, records_from_spec
+from facexplain.losses.dfd import PerceptualFeatures, dfd_loss
+from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.paths import var_dir
+from registry import Registry
 from training.decoder.config import PRESETS, TrainDecoderConfig
+from training.decoder.data import split_faceset
+from training.decoder.run import FACESET_CACHE, QUALITY_GATES, resolve_fr_model, train_decoder
 
 CELEBA = "../shared/data/celeba_subset"
 
@@ -63,8 +72,6 @@ def _time_steps(
     device: torch.device,
 ) -> tuple[int, float]:
     """Full training steps for ``seconds`` after two warm-up steps: (steps, elapsed seconds)."""
-    from facexplain.losses.dfd import dfd_loss
-
     t, y, m = data
 
     def step() -> None:
@@ -87,14 +94,6 @@ def _time_steps(
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    from facexplain.artifacts.embedder import load_bundle
-    from facexplain.data.faceset import build_faceset, records_from_spec
-    from facexplain.losses.dfd import PerceptualFeatures
-    from facexplain.models.decoder import DeepFaceDecoder
-    from registry import Registry
-    from training.decoder.data import split_faceset
-    from training.decoder.run import FACESET_CACHE, resolve_fr_model
-
     cfg = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"])
     reg = Registry(_registry_uri(args))
     info, path = resolve_fr_model(reg, cfg.fr_model, var_dir() / "models")
@@ -134,8 +133,6 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ablation(args: argparse.Namespace) -> dict[str, Any]:
-    from training.decoder.run import train_decoder
-
     uri = _registry_uri(args)
     # Losses only: the recipe's data augmentation and weight averaging stay off, as when the table was made.
     base = (
@@ -183,16 +180,10 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
     """The CPU recipe (celeba-cpu preset) against the quality gates: a finished run's summary, or a new run."""
-    import json
-
-    from training.decoder.run import QUALITY_GATES, train_decoder
-
     cfg = TrainDecoderConfig().replace(**PRESETS["celeba-cpu"])
     if args.summary:
         summary = json.loads(Path(args.summary).read_text())
     else:
-        from dataclasses import asdict
-
         summary = asdict(
             train_decoder(
                 cfg, registry_uri=_registry_uri(args), out_dir=var_dir() / "train" / "celeba-cpu", register=False

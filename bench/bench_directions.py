@@ -65,7 +65,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
+from facexplain.artifacts.bundle import bundle_digest, read_metadata
+from facexplain.artifacts.decoder import load_decoder_bundle
+from facexplain.artifacts.embedder import load_bundle
 from facexplain.attributes.crops import scale_points
 from facexplain.attributes.expression import FaceExpressionNet, happy_log_odds, happy_probability
 from facexplain.attributes.pose import image_pose
@@ -89,7 +92,7 @@ from facexplain.attributes.probe import (
     save_probe,
     train_probe,
 )
-from facexplain.data.faceset import FaceSet
+from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
 from facexplain.data.splits import split_identities
 from facexplain.directions.equivariance import (
     GeometricTransform,
@@ -111,6 +114,7 @@ from facexplain.faces.blend import (
 from facexplain.metrics.reconstruction import embed_images
 from facexplain.metrics.verification import roc_auc
 from facexplain.paths import var_dir
+from registry import Registry
 
 CELEBA = "../shared/data/celeba_subset"
 FACESET_CACHE = var_dir() / "cache" / "facesets"
@@ -164,12 +168,6 @@ def _spec(spec: str) -> tuple[str, str]:
 
 def load_context(args: argparse.Namespace) -> Context:
     """Resolve and load the FR model and decoder from the registry, the face set, and the A/B split."""
-    from facexplain.artifacts.bundle import bundle_digest, read_metadata
-    from facexplain.artifacts.decoder import load_decoder_bundle
-    from facexplain.artifacts.embedder import load_bundle
-    from facexplain.data.faceset import build_faceset, records_from_spec
-    from registry import Registry
-
     uri = args.registry or os.environ.get("FACEXPLAIN_REGISTRY_URI", "") or "http://127.0.0.1:5000"
     device = _device(args.device)
     registry = Registry(uri, timeout_s=30.0, max_retries=2)
@@ -317,6 +315,34 @@ def change_in_and_out(
     return inside, outside
 
 
+def _ratio_stats(
+    ctx: Context,
+    t_probe: torch.Tensor,
+    base: torch.Tensor,
+    alpha: float,
+    direction: torch.Tensor,
+    std: float,
+    masks: torch.Tensor,
+) -> dict[str, Any]:
+    """Mean pixel change inside the region mask over the change outside it, probes moved by -alpha and
+    +alpha std along ``direction``; ``_in`` / ``_out`` keep the raw means for pooling (not written)."""
+    ins, outs = [], []
+    for sign in (-1.0, 1.0):
+        moved = traverse_std(t_probe, direction, [sign * alpha], std)[:, 0]
+        inside, outside = change_in_and_out(decode(ctx, moved), base, masks)
+        ins.append(inside)
+        outs.append(outside)
+    inside, outside = torch.cat(ins), torch.cat(outs)
+    return {
+        "inside": _r(inside.mean(), 5),
+        "outside": _r(outside.mean(), 5),
+        "ratio": _r(inside.mean() / outside.mean(), 3),
+        "median_probe_ratio": _r((inside / outside).median(), 3),
+        "_in": float(inside.mean()),
+        "_out": float(outside.mean()),
+    }
+
+
 def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     faces = ctx.faces
     disc = pick(ctx.a_idx, faces.identities, args.n, args.seed)
@@ -330,21 +356,7 @@ def locality(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     scale = size / faces.chips.shape[-1]
 
     def ratio_stats(direction: torch.Tensor, std: float, masks: torch.Tensor) -> dict[str, Any]:
-        ins, outs = [], []
-        for sign in (-1.0, 1.0):
-            moved = traverse_std(t_probe, direction, [sign * args.alpha], std)[:, 0]
-            inside, outside = change_in_and_out(decode(ctx, moved), base, masks)
-            ins.append(inside)
-            outs.append(outside)
-        inside, outside = torch.cat(ins), torch.cat(outs)
-        return {
-            "inside": _r(inside.mean(), 5),
-            "outside": _r(outside.mean(), 5),
-            "ratio": _r(inside.mean() / outside.mean(), 3),
-            "median_probe_ratio": _r((inside / outside).median(), 3),
-            "_in": float(inside.mean()),
-            "_out": float(outside.mean()),
-        }
+        return _ratio_stats(ctx, t_probe, base, args.alpha, direction, std, masks)
 
     gen = torch.Generator().manual_seed(args.seed)
     random_dirs = unit(torch.randn(3, faces.templates.shape[1], generator=gen, dtype=torch.float64))
@@ -502,21 +514,19 @@ def _identity_gate(view: dict[str, Any]) -> bool:
 
 
 def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """Label directions (Smiling, Eyeglasses: centroids; yaw: a regression) found on A's faces, applied to
+    B's probes, and measured on the decoded faces by estimators that are not the direction's labels."""
     faces = ctx.faces
     assert faces.labels is not None, "the face set has no labels: build it from a folder with labels.csv"
     disc = pick(ctx.a_idx, faces.identities, args.n, args.seed)
-    t_a = faces.templates[disc]
-    col = {name: faces.label_names.index(name) for name in ("Smiling", "Eyeglasses")}
     alphas = [float(a) for a in args.alphas.split(",")]
-    targets = [float(a) for a in args.yaw_targets.split(",")]
     expr = FaceExpressionNet.from_faceapi().to(ctx.device)
-    lm_net = ctx.pipeline.landmark_net
     glasses, glasses_info = _probe(ctx, args, "Eyeglasses")
     smiling, smiling_info = _probe(ctx, args, "Smiling")
 
     # Gated on the estimators' log-odds (their last layer's evidence, which does not saturate; see
     # happy_log_odds); the probability view of the same values is reported beside it.
-    measures = {
+    measures: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
         "Smiling": ("log-odds of happy, face-api expression net", lambda x: happy_log_odds(expr, x)),
         "Eyeglasses": ("log-odds of eyeglasses, pixel probe trained on A", lambda x: probe_logits(glasses, x)),
     }
@@ -525,54 +535,88 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     second = {"Smiling": ("log-odds of smiling, pixel probe trained on A", lambda x: probe_logits(smiling, x))}
     out: dict[str, Any] = {}
     for attr in ("Smiling", "Eyeglasses"):
-        y = faces.labels[disc, col[attr]]
-        cd = centroid_directions(t_a, y)
-        direction = cd.direction(1.0)
-        neg = ctx.b_idx[(faces.labels[ctx.b_idx, col[attr]] == 0).numpy()]
-        probes = pick(neg, faces.identities, args.max_probes, args.seed + 1)
-        t_p = faces.templates[probes]
-        moved = traverse(t_p, direction, alphas)  # (P, A, D)
-        dec = decode(ctx, moved.reshape(-1, moved.shape[-1]))
-        name, fn = measures[attr]
-        values = fn(dec).reshape(len(probes), len(alphas)).double()
-        dec = dec.reshape(len(probes), len(alphas), *dec.shape[1:])
-        last = alphas.index(1.0) if 1.0 in alphas else len(alphas) - 1
-        res: dict[str, Any] = {
-            "direction": "centroid (mean | label 1) - (mean | label 0) on A templates",
-            "discovery_counts": dict(zip([str(c) for c in cd.classes], cd.counts, strict=True)),
-            "direction_norm": _r(direction.norm()),
-            "probes": len(probes),
-            "probe_filter": f"B faces with {attr} = 0",
-            "alphas": alphas,
-            "measure": name,
-            **_monotone(values, args.mono_tol),
-            "probability_scale": _probability_view(values, args.mono_tol_p),
-        }
-        base = _decoded_accepts(ctx, t_p, dec[:, alphas.index(0.0) if 0.0 in alphas else 0])
-        res["identity_at_alpha_1"] = _identity(ctx, t_p, dec[:, last], moved[:, last], base)
-        res["identity_passes"] = _identity_gate(res["identity_at_alpha_1"])
-        res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE and res["identity_passes"])
-        if attr in second:
-            name2, fn2 = second[attr]
-            flat = dec.reshape(-1, *dec.shape[2:])
-            values2 = fn2(flat).reshape(len(probes), len(alphas)).double()
-            res["second_measure"] = {
-                "measure": name2,
-                "gated": False,
-                **_monotone(values2, args.mono_tol),
-                "probability_scale": _probability_view(values2, args.mono_tol_p),
-            }
-            print(f"{attr} ({name2}): monotone+increased {res['second_measure']['monotone_and_increased']}")
-        out[attr] = res
-        print(f"{attr}: monotone+increased {res['monotone_and_increased']} (probability scale "
-              f"{res['probability_scale']['monotone_and_increased']}), accepted at alpha=1 "
-              f"{res['identity_at_alpha_1']['accepted']} ({res['identity_at_alpha_1']['accepted_of_baseline']} of "
-              f"those accepted at 0), mean by alpha {res['mean_by_alpha']}")  # fmt: skip
+        out[attr] = _label_direction(ctx, args, attr, disc, alphas, measures[attr], second.get(attr))
+    out["yaw"] = _yaw_direction(ctx, args, disc)
+    return {
+        "what": "attribute measured on decoded faces by independent estimators, along label directions",
+        "discovery_faces": len(disc),
+        "mono_tol": args.mono_tol,
+        "mono_tol_probability": args.mono_tol_p,
+        "gate": f"monotone_and_increased >= {MONOTONE_GATE} for Smiling, Eyeglasses and yaw, and identity "
+        f"accepted >= {IDENTITY_GATE} at alpha = 1 of the probes accepted at alpha = 0 (yaw: at every target)",
+        "passes": all(r["passes"] for r in out.values()),
+        "eyeglasses_probe": glasses_info,
+        "smiling_probe": smiling_info,
+        "results": out,
+    }
 
-    # yaw: regression on A's chips' estimated yaw, probes moved to target yaws
+
+def _label_direction(
+    ctx: Context,
+    args: argparse.Namespace,
+    attr: str,
+    disc: np.ndarray,
+    alphas: list[float],
+    measure: tuple[str, Callable[[torch.Tensor], torch.Tensor]],
+    second: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None,
+) -> dict[str, Any]:
+    """One binary label's centroid direction, traversed from B faces without the label: does the measure
+    rise monotonically while the FR model still accepts the decoded face at alpha = 1?"""
+    faces = ctx.faces
+    assert faces.labels is not None
+    col = faces.label_names.index(attr)
+    cd = centroid_directions(faces.templates[disc], faces.labels[disc, col])
+    direction = cd.direction(1.0)
+    neg = ctx.b_idx[(faces.labels[ctx.b_idx, col] == 0).numpy()]
+    probes = pick(neg, faces.identities, args.max_probes, args.seed + 1)
+    t_p = faces.templates[probes]
+    moved = traverse(t_p, direction, alphas)  # (P, A, D)
+    dec = decode(ctx, moved.reshape(-1, moved.shape[-1]))
+    name, fn = measure
+    values = fn(dec).reshape(len(probes), len(alphas)).double()
+    dec = dec.reshape(len(probes), len(alphas), *dec.shape[1:])
+    last = alphas.index(1.0) if 1.0 in alphas else len(alphas) - 1
+    res: dict[str, Any] = {
+        "direction": "centroid (mean | label 1) - (mean | label 0) on A templates",
+        "discovery_counts": dict(zip([str(c) for c in cd.classes], cd.counts, strict=True)),
+        "direction_norm": _r(direction.norm()),
+        "probes": len(probes),
+        "probe_filter": f"B faces with {attr} = 0",
+        "alphas": alphas,
+        "measure": name,
+        **_monotone(values, args.mono_tol),
+        "probability_scale": _probability_view(values, args.mono_tol_p),
+    }
+    base = _decoded_accepts(ctx, t_p, dec[:, alphas.index(0.0) if 0.0 in alphas else 0])
+    res["identity_at_alpha_1"] = _identity(ctx, t_p, dec[:, last], moved[:, last], base)
+    res["identity_passes"] = _identity_gate(res["identity_at_alpha_1"])
+    res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE and res["identity_passes"])
+    if second is not None:
+        name2, fn2 = second
+        flat = dec.reshape(-1, *dec.shape[2:])
+        values2 = fn2(flat).reshape(len(probes), len(alphas)).double()
+        res["second_measure"] = {
+            "measure": name2,
+            "gated": False,
+            **_monotone(values2, args.mono_tol),
+            "probability_scale": _probability_view(values2, args.mono_tol_p),
+        }
+        print(f"{attr} ({name2}): monotone+increased {res['second_measure']['monotone_and_increased']}")
+    print(f"{attr}: monotone+increased {res['monotone_and_increased']} (probability scale "
+          f"{res['probability_scale']['monotone_and_increased']}), accepted at alpha=1 "
+          f"{res['identity_at_alpha_1']['accepted']} ({res['identity_at_alpha_1']['accepted_of_baseline']} of "
+          f"those accepted at 0), mean by alpha {res['mean_by_alpha']}")  # fmt: skip
+    return res
+
+
+def _yaw_direction(ctx: Context, args: argparse.Namespace, disc: np.ndarray) -> dict[str, Any]:
+    """Yaw: a regression on A's chips' estimated yaw, B's probes moved to target yaws (no alpha = 1 here:
+    eq. 12-13 solve for alpha per target, so every target must keep identity)."""
+    faces, lm_net = ctx.faces, ctx.pipeline.landmark_net
+    targets = [float(a) for a in args.yaw_targets.split(",")]
     t0 = time.perf_counter()
     yaw_a = image_pose(lm_net, faces.chips[disc], batch_size=args.batch_size)[:, 0]
-    reg = regression_direction(t_a, yaw_a, ridge=args.ridge)
+    reg = regression_direction(faces.templates[disc], yaw_a, ridge=args.ridge)
     probes = pick(ctx.b_idx, faces.identities, args.max_probes, args.seed + 2)
     t_p = faces.templates[probes]
     steps = torch.stack([alpha_to_target(t_p, reg, tgt) for tgt in targets], dim=1)  # (P, T)
@@ -601,27 +645,14 @@ def labels(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         },
         "mono_tol_deg": args.mono_tol_deg,
     }
-    # a regression has no alpha = 1 (eq. 12-13 solve for alpha per target): every target must keep identity
     worst = min(res["identity_at_targets"].values(), key=lambda r: r["accepted_of_baseline"] or 0.0)
     res["identity_worst_target"] = worst
     res["identity_passes"] = _identity_gate(worst)
     res["passes"] = bool((res["monotone_and_increased"] or 0.0) >= MONOTONE_GATE and res["identity_passes"])
-    out["yaw"] = res
     print(f"yaw: monotone+increased {res['monotone_and_increased']}, mean by target {res['mean_by_alpha']}, "
           f"identity at the worst target {worst['accepted']} ({worst['accepted_of_baseline']} of those accepted "
           "unmoved)")  # fmt: skip
-    return {
-        "what": "attribute measured on decoded faces by independent estimators, along label directions",
-        "discovery_faces": len(disc),
-        "mono_tol": args.mono_tol,
-        "mono_tol_probability": args.mono_tol_p,
-        "gate": f"monotone_and_increased >= {MONOTONE_GATE} for Smiling, Eyeglasses and yaw, and identity "
-        f"accepted >= {IDENTITY_GATE} at alpha = 1 of the probes accepted at alpha = 0 (yaw: at every target)",
-        "passes": all(r["passes"] for r in out.values()),
-        "eyeglasses_probe": glasses_info,
-        "smiling_probe": smiling_info,
-        "results": out,
-    }
+    return res
 
 
 # -- equivariance ----------------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def main() -> int:
     _, dlib_predictor, _ = dlib_models()
     predictor = pipe.shape_predictor
     assert predictor is not None
-    import dlib
+    import dlib  # optional and slow to import: only this comparison needs it
 
     rects = [dlib.rectangle(*[int(v) for v in (f.box[0], f.box[1], f.box[2] - 1, f.box[3] - 1)]) for f in faces]
     speed = {

@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
+from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 REPORTED = (
     "test_clean_auc",
@@ -59,10 +60,9 @@ def main() -> int:
     ap.add_argument("--out", default="var/bench/sadfad", help="per-variant run folders")
     args = ap.parse_args()
 
-    import torch
+    import torch  # heavy: --help and a bad flag answer before torch loads
 
-    from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
-    from training.sadfad.run import load_faces, train_sadfad
+    from training.sadfad.run import load_faces, train_sadfad  # torch, likewise
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    import torch
+    import torch  # heavy: bench_sadfad imports this module before its parser runs
 
     cpu = platform.processor() or ""
     try:

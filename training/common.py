@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -20,10 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import facexplain
+from facexplain.paths import var_dir
+
 if TYPE_CHECKING:
     import torch
 
     from registry import Registry
+
+# Where every pipeline caches its aligned face sets (the same faces and FR model give the same file).
+FACESET_CACHE = var_dir() / "cache" / "facesets"
 
 # -- command line ---------------------------------------------------------------------------------------
 
@@ -91,9 +98,20 @@ def stop_on_sigterm() -> None:
 # -- devices, ranks, checkpoints ---------------------------------------------------------------------------
 
 
+def setup_run(device: str, threads: int, out_dir: Path) -> torch.device:
+    """The first step of every pipeline: the device, the CPU thread count (0 keeps torch's) and the output folder."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    resolved = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return resolved
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available; under torchrun each rank takes GPU ``LOCAL_RANK``."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +135,7 @@ def init_distributed(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as td
+    import torch.distributed as td  # heavy: common is imported by the light CLI modules
 
     if not td.is_initialized():
         td.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -126,14 +144,14 @@ def init_distributed(device: torch.device) -> Dist:
 
 def barrier(dist: Dist) -> None:
     if dist.world > 1:
-        import torch.distributed as td
+        import torch.distributed as td  # heavy: common is imported by the light CLI modules
 
         td.barrier()
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator, dist: Dist) -> list[torch.Tensor]:
     """This rank's index batches of one epoch; the ragged tail is dropped (BatchNorm dislikes tiny batches)."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     perm = torch.randperm(n, generator=generator)
     per_step = batch_size * dist.world
@@ -143,11 +161,90 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, dist: Dis
 
 def save_atomic(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint so that a crash leaves the previous one, never a truncated file."""
-    import torch
+    import torch  # heavy: common is imported by the light CLI modules
 
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_tail(history: Sequence[Any], run_state: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint entries every trainer writes last: history, the run state (the MLflow run id), and
+    the global RNG (dropout draws: a resumed run continues the same sequence)."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    return {"history": [vars(h) for h in history], "run_state": run_state or {}, "rng": torch.get_rng_state()}
+
+
+def restore_checkpoint_tail(
+    ck: dict[str, Any], run_state: dict[str, Any] | None, announce: bool, path: Path
+) -> list[EpochLog]:
+    """Undo ``checkpoint_tail``: the history back, the run state merged into ``run_state``, the RNG restored."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    if run_state is not None:
+        run_state.update(ck.get("run_state", {}))
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"].cpu())
+    if announce:
+        print(f"resumed from {path} after epoch {ck['epoch'] + 1}", flush=True)
+    return [EpochLog(**h) for h in ck["history"]]
+
+
+def saved_run_state(out_dir: Path, resume: bool) -> dict[str, Any]:
+    """The ``run_state`` of the last checkpoint on ``--resume`` (the MLflow run to continue), else empty."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    ck = out_dir / "last.pt"
+    if resume and ck.is_file():
+        state: dict[str, Any] = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
+        return state
+    return {}
+
+
+def runtime_params(device: torch.device) -> dict[str, Any]:
+    """The run parameters that say where and with what the run trained (the same keys in every pipeline)."""
+    import torch  # heavy: common is imported by the light CLI modules
+
+    return {
+        "device_resolved": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "facexplain_version": facexplain.__version__,
+    }
+
+
+@dataclass
+class EpochLog:
+    """What one epoch measured; rank 0 logs it, keeps it in the checkpoint and the run summary."""
+
+    epoch: int
+    train: dict[str, float]
+    val: dict[str, float]
+    seconds: float
+    train_images_per_s: float
+    best: bool = False
+
+
+def epoch_metrics(log: EpochLog) -> dict[str, float]:
+    """The MLflow metrics of one epoch: ``train_*``, ``val_*``, throughput and duration."""
+    values = {f"train_{k}": v for k, v in log.train.items()}
+    values.update({f"val_{k}": v for k, v in log.val.items()})
+    values["train_images_per_s"] = log.train_images_per_s
+    values["epoch_seconds"] = log.seconds
+    return values
+
+
+def replace_dir(path: Path) -> Path:
+    """An emptied ``path``: a bundle is always written whole, never over an older one."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def finite_rounded(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures a bundle's training metadata keeps: finite ones, to five decimals."""
+    return {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)}
 
 
 # -- tracking and registration -----------------------------------------------------------------------------
@@ -187,7 +284,7 @@ class TrackedRun(NullRun):
     """
 
     def __init__(self, uri: str, experiment: str, run_id: str | None, run_name: str, tags: dict[str, str]) -> None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: only a tracked run pays for mlflow
 
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         if run_id:
@@ -199,7 +296,7 @@ class TrackedRun(NullRun):
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
     def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # heavy: only a tracked run pays for mlflow
 
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:500]) for k, v in params.items() if k not in existing]
@@ -207,7 +304,7 @@ class TrackedRun(NullRun):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: only a tracked run pays for mlflow
 
         ts = int(time.time() * 1000)
         ms = [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]
@@ -232,7 +329,7 @@ class TrackedRun(NullRun):
 
 def default_alias(registry: Registry, name: str, wanted: str) -> str:
     """``auto``: champion when the model has none yet (the first version serves), challenger otherwise."""
-    from registry import CHALLENGER, CHAMPION, RegistryNotFound
+    from registry import CHALLENGER, CHAMPION, RegistryNotFound  # torch: keep the CLI light
 
     if wanted != "auto":
         return wanted
@@ -241,6 +338,31 @@ def default_alias(registry: Registry, name: str, wanted: str) -> str:
         return CHALLENGER
     except RegistryNotFound:
         return CHAMPION
+
+
+def open_registry(uri: str) -> Registry:
+    """The registry client every pipeline uses: a short timeout and two retries, so a training run that
+    finished does not hang on a registry that went away."""
+    from registry import Registry  # pulls torch in (facexplain.artifacts): keep the CLI light
+
+    return Registry(uri, timeout_s=30.0, max_retries=2)
+
+
+def register_from_run(
+    registry: Registry, bundle: Path, name: str, wanted_alias: str, tags: dict[str, str], run_id: str
+) -> dict[str, str]:
+    """Register ``bundle`` from its own training run (the version links back to the run's figures);
+    returns what ``print_registration`` prints and the run summary keeps."""
+    alias = default_alias(registry, name, wanted_alias)
+    info = registry.register_bundle(bundle, name, alias=alias or None, extra_tags=tags, run_id=run_id)
+    return {"name": info.name, "version": info.version, "alias": alias}
+
+
+def write_summary(mlrun: NullRun, out_dir: Path, summary: Any) -> None:
+    """The last step of every pipeline: ``summary.json`` written, attached to the run, the run ended."""
+    (out_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, allow_nan=True) + "\n")
+    mlrun.artifact(out_dir / "summary.json")
+    mlrun.end()
 
 
 def print_registration(registered: dict[str, Any] | None) -> None:

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from training.decoder.run import train_decoder
+    from training.decoder.run import train_decoder  # torch: the CLI builds its parser from this module
 
     stop_on_sigterm()
 

@@ -75,7 +75,7 @@ class TrainDecoderConfig:
     alias: str = "auto"  # champion when the model has none yet, challenger otherwise; "" = none
 
     def decoder_config(self, template_dim: int) -> DecoderConfig:
-        from facexplain.models.decoder import DecoderConfig
+        from facexplain.models.decoder import DecoderConfig  # torch: the CLI reads these configs
 
         return DecoderConfig(
             template_dim=template_dim,
@@ -87,7 +87,7 @@ class TrainDecoderConfig:
         )
 
     def loss_weights(self) -> DFDLossWeights:
-        from facexplain.losses.dfd import DFDLossWeights
+        from facexplain.losses.dfd import DFDLossWeights  # torch: the CLI reads these configs
 
         # The six weights are fields of this config under DFDLossWeights' own names (flat, for MLflow).
         weights = {f.name: getattr(self, f.name) for f in dataclasses.fields(DFDLossWeights)}

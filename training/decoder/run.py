@@ -10,20 +10,19 @@ FR model name+version it inverts). ``summary.json`` in the output folder repeats
 from __future__ import annotations
 
 import functools
-import json
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-import facexplain
 from facexplain.artifacts.bundle import GOLDEN_IMAGE, bundle_digest, load_golden_image, read_metadata
 from facexplain.artifacts.decoder import KIND_DECODER, save_decoder_bundle
 from facexplain.artifacts.embedder import KIND_EMBEDDER, load_bundle
+from facexplain.data.faces import FaceRecord
 from facexplain.data.faceset import (
     FaceSet,
     blend_faceset,
@@ -38,15 +37,31 @@ from facexplain.metrics.reconstruction import embed_images, reconstruction_repor
 from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
+from facexplain.pipeline import FacePipeline
 from facexplain.viz import pairs_grid, save_png
 from registry import CHAMPION, Registry, VersionInfo
-from training.common import TrackedRun, barrier, default_alias, init_distributed, resolve_device
+from training.common import (
+    FACESET_CACHE,
+    Dist,
+    EpochLog,
+    TrackedRun,
+    barrier,
+    epoch_metrics,
+    finite_rounded,
+    init_distributed,
+    open_registry,
+    register_from_run,
+    replace_dir,
+    runtime_params,
+    saved_run_state,
+    setup_run,
+    write_summary,
+)
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, face_sides, split_faceset
-from training.decoder.trainer import EpochLog, fit
+from training.decoder.trainer import FitResult, fit
 
 EXPERIMENT = "facexplain-decoders"
-FACESET_CACHE = var_dir() / "cache" / "facesets"
 VAL_IDENTITY_FACES = 256  # per-epoch identity check on this many validation faces (full check at the end)
 
 # The issue's quality gates on unseen identities (64 px or more, against the aligned chip): minimums.
@@ -135,6 +150,50 @@ def perceptual_network(cfg: TrainDecoderConfig, recognition_net: Any, fr_label: 
     raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: white_box, dlib_resnet or none")
 
 
+@dataclass
+class _FRModel:
+    """The FR model the decoder inverts, loaded exactly as the services load it."""
+
+    info: VersionInfo
+    pipeline: FacePipeline
+    digest: str  # the bundle's sha256: face sets are cached per FR model
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """What the decoder bundle and the run summary record of the FR model."""
+        return {"name": self.info.name, "version": self.info.version, "bundle_sha256": self.digest}
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.name} v{self.info.version}"
+
+
+@dataclass
+class _Data:
+    root: Path
+    records: list[FaceRecord]
+    faces: FaceSet
+    splits: dict[str, DecoderSplit]
+    sizes: dict[str, int]
+
+    @property
+    def manifest(self) -> str:
+        return str(self.faces.meta["manifest_sha256"])
+
+
+@dataclass
+class _Fitted:
+    result: FitResult
+    train_seconds: float
+
+
+@dataclass
+class _Evaluation:
+    metrics: dict[str, float]
+    gates: dict[str, bool]
+    passed: bool
+
+
 def train_decoder(
     cfg: TrainDecoderConfig,
     *,
@@ -148,24 +207,69 @@ def train_decoder(
     """Run the whole pipeline (see module docstring); returns what it measured and registered."""
     if cfg.region_pairs < 0 or (cfg.region_pairs > 0 and not cfg.region_blends):
         raise ValueError(f"region_pairs {cfg.region_pairs} needs region_blends and a weight >= 0")
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(registry_uri, timeout_s=30.0, max_retries=2)
+    device = setup_run(cfg.device, cfg.threads, out_dir)
+    registry = open_registry(registry_uri)
+    fr = _load_fr_model(cfg, registry, device)
+    dist = init_distributed(device)
+    data = _prepare_data(cfg, fr, dist, faceset_cache, progress)
+    torch.manual_seed(cfg.seed)  # the decoder's initialisation, after the (separately seeded) data steps
+    decoder = DeepFaceDecoder(cfg.decoder_config(fr.pipeline.info.dim))
+    perceptual = perceptual_network(cfg, fr.pipeline.recognition_net, fr.label)
+    perceptual = perceptual.to(device) if perceptual is not None else None
+    train = _trainer(cfg, decoder, data, perceptual, device, out_dir, resume)
+    if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
+        result = train(progress=False)
+        return RunSummary("", fr.ref, "", data.sizes, {}, {}, False, result.best_epoch, result.epochs_done,
+                          result.stopped, result.train_images_per_s, 0.0, str(device))  # fmt: skip
+    run_state = saved_run_state(out_dir, resume)
+    mlrun = _start_tracking(cfg, fr, data, decoder, device, registry_uri, run_state)
+    fitted = _fit(train, fr, data, mlrun, run_state, progress)
+    ev = _evaluate(decoder, fr, data, fitted, device, out_dir, mlrun)
+    result = fitted.result
+    summary = RunSummary(
+        run_id=mlrun.run_id,
+        fr_model=fr.ref,
+        data_manifest_sha256=data.manifest,
+        faces=data.sizes,
+        metrics=ev.metrics,
+        gates=ev.gates,
+        gates_passed=ev.passed,
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        stopped=result.stopped,
+        train_images_per_s=result.train_images_per_s,
+        train_seconds=fitted.train_seconds,
+        device=str(device),
+    )
+    # the bundle always: it is what --no-register runs hand to tests and to `facexplain registry`
+    bundle = _write_bundle(cfg, decoder, fr, data, ev, mlrun.run_id, out_dir)
+    if register:
+        tags = {k: f"{v:.4f}" for k, v in ev.metrics.items() if k.startswith("test_") and math.isfinite(v)}
+        tags["gates_passed"] = str(ev.passed).lower()
+        tags["data_manifest_sha256"] = summary.data_manifest_sha256
+        summary.registered = register_from_run(registry, bundle, cfg.register_as, cfg.alias, tags, mlrun.run_id)
+    write_summary(mlrun, out_dir, summary)
+    return summary
 
-    # 1. the FR model to invert, exactly as services load it
+
+def _load_fr_model(cfg: TrainDecoderConfig, registry: Registry, device: torch.device) -> _FRModel:
+    """The registered FR model to invert, refused unless it is an embedder (a decoder of a decoder is noise)."""
     fr_info, fr_path = resolve_fr_model(registry, cfg.fr_model, var_dir() / "models")
     fr_meta = read_metadata(fr_path)
     if fr_meta["kind"] != KIND_EMBEDDER:
         raise ValueError(f"{fr_info.name} v{fr_info.version} is a {fr_meta['kind']!r}, not an FR model (embedder)")
     fr_digest = fr_info.tags.get("bundle_sha256") or bundle_digest(fr_meta)
     pipeline = load_bundle(fr_path, device, name=fr_info.name, version=fr_info.version)
-    fr_ref = {"name": fr_info.name, "version": fr_info.version, "bundle_sha256": fr_digest}
-    chip_size = pipeline.info.chip_size
+    return _FRModel(fr_info, pipeline, fr_digest)
 
-    # 2. data: cached face set (rank 0 builds it, the other ranks then read the cache), identity-disjoint split
-    dist = init_distributed(device)
+
+def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cache: Path, progress: bool) -> _Data:
+    """The cached face set, its optional mirrored and region-blended extras, and the identity-disjoint split.
+
+    Rank 0 builds every cache file; the other ranks wait at the barrier and then read them, so the
+    (slow) alignment and embedding run once.
+    """
+    pipeline = fr.pipeline
     root, records, label_names = records_from_spec(cfg.data)
     if not dist.main:
         barrier(dist)
@@ -176,22 +280,23 @@ def train_decoder(
         root,
         records,
         pipeline,
-        fr_key=fr_digest,
+        fr_key=fr.digest,
         label_names=label_names,
         cache_dir=faceset_cache,
         progress=progress and dist.main,
         front_end=front_end,
     )
-    key = cache_key(faces.meta["manifest_sha256"], fr_digest, chip_size, pipeline.info.chip_padding)
-    mirrored = None
+    key = cache_key(faces.meta["manifest_sha256"], fr.digest, pipeline.info.chip_size, pipeline.info.chip_padding)
+    extras = []
     if cfg.hflip:
-        mirrored = mirror_faceset(
-            faces,
-            pipeline.embed_chips,
-            cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
-            progress=progress and dist.main,
+        extras.append(
+            mirror_faceset(
+                faces,
+                pipeline.embed_chips,
+                cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
+                progress=progress and dist.main,
+            )
         )
-    extras = [mirrored] if mirrored is not None else []
     if cfg.region_blends:
         extras.append(
             blend_faceset(
@@ -218,17 +323,23 @@ def train_decoder(
     sizes["identities_train"] = len(set(splits["train"].identities))
     sizes["identities_test"] = len(set(splits["test"].identities))
     sizes["failed"] = len(faces.failed)
+    return _Data(root, records, faces, splits, sizes)
 
-    # 3. model and losses
-    torch.manual_seed(cfg.seed)
-    decoder = DeepFaceDecoder(cfg.decoder_config(pipeline.info.dim))
-    perceptual = perceptual_network(cfg, pipeline.recognition_net, f"{fr_info.name} v{fr_info.version}")
-    perceptual = perceptual.to(device) if perceptual is not None else None
 
-    train = functools.partial(
+def _trainer(
+    cfg: TrainDecoderConfig,
+    decoder: DeepFaceDecoder,
+    data: _Data,
+    perceptual: PerceptualFeatures | None,
+    device: torch.device,
+    out_dir: Path,
+    resume: bool,
+) -> Callable[..., FitResult]:
+    """``fit`` with the run's settings bound; every rank calls it, rank 0 adds tracking and progress."""
+    return functools.partial(
         fit,
         decoder,
-        splits,
+        data.splits,
         perceptual=perceptual,
         weights=cfg.loss_weights(),
         lr=cfg.lr,
@@ -244,55 +355,65 @@ def train_decoder(
         ema=cfg.ema,
         pair_weight=cfg.region_pairs,
     )
-    if not dist.main:  # other ranks train their shards; rank 0 alone tracks, evaluates and registers
-        result = train(progress=False)
-        return RunSummary("", fr_ref, "", sizes, {}, {}, False, result.best_epoch, result.epochs_done,
-                          result.stopped, result.train_images_per_s, 0.0, str(device))  # fmt: skip
 
-    # 4. MLflow run (continued on resume)
-    run_state: dict[str, Any] = {}
-    ck = out_dir / "last.pt"
-    if resume and ck.is_file():
-        run_state = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
+
+def _start_tracking(
+    cfg: TrainDecoderConfig,
+    fr: _FRModel,
+    data: _Data,
+    decoder: DeepFaceDecoder,
+    device: torch.device,
+    registry_uri: str,
+    run_state: dict[str, Any],
+) -> TrackedRun:
+    """The MLflow run (continued on resume) with every setting, the FR model and the data's hash, so a
+    registered decoder can be traced to exactly what it was trained on and what it inverts."""
     mlrun = TrackedRun(
         registry_uri,
         EXPERIMENT,
         run_state.get("mlflow_run_id"),
-        run_name=f"dfd-{fr_info.name}-v{fr_info.version}",
-        tags={"facexplain.kind": KIND_DECODER, "facexplain.fr_model": f"{fr_info.name}:{fr_info.version}"},
+        run_name=f"dfd-{fr.info.name}-v{fr.info.version}",
+        tags={"facexplain.kind": KIND_DECODER, "facexplain.fr_model": f"{fr.info.name}:{fr.info.version}"},
     )
     run_state["mlflow_run_id"] = mlrun.run_id
     mlrun.params(
         {
             **cfg.to_params(),
-            "fr_model_name": fr_info.name,
-            "fr_model_version": fr_info.version,
-            "fr_model_bundle_sha256": fr_digest,
-            "data_root": str(root),
-            "data_manifest_sha256": faces.meta["manifest_sha256"],
-            "data_images": len(records),
-            **{f"faces_{k}": v for k, v in sizes.items()},
+            "fr_model_name": fr.info.name,
+            "fr_model_version": fr.info.version,
+            "fr_model_bundle_sha256": fr.digest,
+            "data_root": str(data.root),
+            "data_manifest_sha256": data.faces.meta["manifest_sha256"],
+            "data_images": len(data.records),
+            **{f"faces_{k}": v for k, v in data.sizes.items()},
             "decoder_parameters": sum(p.numel() for p in decoder.parameters()),
-            "device_resolved": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "facexplain_version": facexplain.__version__,
+            **runtime_params(device),
         }
     )
-    mlrun.tag("data_manifest_sha256", str(faces.meta["manifest_sha256"]))
-    mlrun.dict({"failed": faces.failed, "faces": sizes}, "data/faces.json")
+    mlrun.tag("data_manifest_sha256", data.manifest)
+    mlrun.dict({"failed": data.faces.failed, "faces": data.sizes}, "data/faces.json")
+    return mlrun
 
-    val = splits["val"]
+
+def _fit(
+    train: Callable[..., FitResult],
+    fr: _FRModel,
+    data: _Data,
+    mlrun: TrackedRun,
+    run_state: dict[str, Any],
+    progress: bool,
+) -> _Fitted:
+    """Rank 0's training: per-epoch curves, the identity cosine of a validation sample (the loss alone
+    does not say whether the faces stay recognisable) and grids; an interrupted run is marked KILLED."""
+    val = data.splits["val"]
     val_show = min(8, len(val))
+    chip_size = fr.pipeline.info.chip_size
 
     def on_epoch(log: EpochLog, recons: torch.Tensor) -> None:
-        values = {f"train_{k}": v for k, v in log.train.items()}
-        values.update({f"val_{k}": v for k, v in log.val.items()})
-        values["train_images_per_s"] = log.train_images_per_s
-        values["epoch_seconds"] = log.seconds
+        values = epoch_metrics(log)
         if len(val) and recons.numel():
             n = min(VAL_IDENTITY_FACES, len(val))
-            rt = embed_images(pipeline.embed_chips, recons[:n], chip_size)
+            rt = embed_images(fr.pipeline.embed_chips, recons[:n], chip_size)
             values["val_identity_cosine"] = float(
                 torch.nn.functional.cosine_similarity(rt, val.templates[:n], dim=1).mean()
             )
@@ -309,98 +430,98 @@ def train_decoder(
     except BaseException:
         mlrun.end("KILLED")  # resumable: the checkpoint of the last finished epoch is kept
         raise
-    train_seconds = time.perf_counter() - t0
+    return _Fitted(result, time.perf_counter() - t0)
 
-    # 5. evaluation on unseen identities
+
+def _evaluate(
+    decoder: DeepFaceDecoder,
+    fr: _FRModel,
+    data: _Data,
+    fitted: _Fitted,
+    device: torch.device,
+    out_dir: Path,
+    mlrun: TrackedRun,
+) -> _Evaluation:
+    """The best weights on unseen identities against the mean-face baseline, and the quality gates."""
     decoder.eval()
-    test = splits["test"]
-    metrics: dict[str, float] = {"best_epoch": float(result.best_epoch), "train_seconds": train_seconds}
+    test = data.splits["test"]
+    result = fitted.result
+    metrics: dict[str, float] = {"best_epoch": float(result.best_epoch), "train_seconds": fitted.train_seconds}
     metrics["train_images_per_s_overall"] = result.train_images_per_s
     if len(test):
-        with torch.no_grad():
-            recons = torch.cat(
-                [decoder(test.templates[i : i + 256].to(device)).cpu() for i in range(0, len(test), 256)]
-            )
-        rtemplates = embed_images(pipeline.embed_chips, recons, chip_size)
-        report, per_face = reconstruction_report(
-            recons, test.targets, test.templates, rtemplates, test.identities, pipeline.info.rule
-        )
-        metrics.update(report.as_dict("test_"))
-        metrics.update(_mean_face_baseline(splits["train"], test, pipeline.embed_chips, chip_size, pipeline.info.rule))
-        metrics["test_psnr_over_mean_face"] = metrics["test_psnr"] - metrics["baseline_mean_face_psnr"]
-        grid = pairs_grid(test.targets[:16], recons[:16])
-        mlrun.image(grid, "grids/test_reconstructions.png")
-        save_png(grid, out_dir / "test_reconstructions.png")
-        rows = ["path,identity,psnr,ssim,identity_cosine,accepted"] + [
-            f"{p},{i},{a:.4f},{b:.4f},{c:.4f},{int(d)}"
-            for p, i, a, b, c, d in zip(
-                test.paths,
-                test.identities,
-                per_face["psnr"].tolist(),
-                per_face["ssim"].tolist(),
-                per_face["identity_cosine"].tolist(),
-                per_face["accepted"].tolist(),
-                strict=True,
-            )
-        ]
-        (out_dir / "test_metrics.csv").write_text("\n".join(rows) + "\n")
-        mlrun.artifact(out_dir / "test_metrics.csv", "evaluation")
+        metrics.update(_test_figures(decoder, fr, data, device, out_dir, mlrun))
     gates = check_gates(metrics)
     passed = bool(gates) and all(gates.values()) and len(test) > 0
     metrics["gates_passed"] = float(passed)
     mlrun.metrics(metrics, step=len(result.history))
     mlrun.tag("gates_passed", str(passed).lower())
+    return _Evaluation(metrics, gates, passed)
 
-    summary = RunSummary(
-        run_id=mlrun.run_id,
-        fr_model=fr_ref,
-        data_manifest_sha256=str(faces.meta["manifest_sha256"]),
-        faces=sizes,
-        metrics=metrics,
-        gates=gates,
-        gates_passed=passed,
-        best_epoch=result.best_epoch,
-        epochs_run=len(result.history),
-        stopped=result.stopped,
-        train_images_per_s=result.train_images_per_s,
-        train_seconds=train_seconds,
-        device=str(device),
+
+def _test_figures(
+    decoder: DeepFaceDecoder, fr: _FRModel, data: _Data, device: torch.device, out_dir: Path, mlrun: TrackedRun
+) -> dict[str, float]:
+    """Reconstruction quality of the test faces (the summary and a per-face CSV) and a grid to look at."""
+    test = data.splits["test"]
+    pipeline, chip_size = fr.pipeline, fr.pipeline.info.chip_size
+    with torch.no_grad():
+        recons = torch.cat([decoder(test.templates[i : i + 256].to(device)).cpu() for i in range(0, len(test), 256)])
+    rtemplates = embed_images(pipeline.embed_chips, recons, chip_size)
+    report, per_face = reconstruction_report(
+        recons, test.targets, test.templates, rtemplates, test.identities, pipeline.info.rule
     )
+    metrics = report.as_dict("test_")
+    metrics.update(_mean_face_baseline(data.splits["train"], test, pipeline.embed_chips, chip_size, pipeline.info.rule))
+    metrics["test_psnr_over_mean_face"] = metrics["test_psnr"] - metrics["baseline_mean_face_psnr"]
+    grid = pairs_grid(test.targets[:16], recons[:16])
+    mlrun.image(grid, "grids/test_reconstructions.png")
+    save_png(grid, out_dir / "test_reconstructions.png")
+    rows = ["path,identity,psnr,ssim,identity_cosine,accepted"] + [
+        f"{p},{i},{a:.4f},{b:.4f},{c:.4f},{int(d)}"
+        for p, i, a, b, c, d in zip(
+            test.paths,
+            test.identities,
+            per_face["psnr"].tolist(),
+            per_face["ssim"].tolist(),
+            per_face["identity_cosine"].tolist(),
+            per_face["accepted"].tolist(),
+            strict=True,
+        )
+    ]
+    (out_dir / "test_metrics.csv").write_text("\n".join(rows) + "\n")
+    mlrun.artifact(out_dir / "test_metrics.csv", "evaluation")
+    return metrics
 
-    # 6. bundle (always: it is what --no-register runs hand to tests and to `facexplain registry`) and registration
-    golden = pipeline.analyze([load_golden_image(GOLDEN_IMAGE)])[0]
+
+def _write_bundle(
+    cfg: TrainDecoderConfig,
+    decoder: DeepFaceDecoder,
+    fr: _FRModel,
+    data: _Data,
+    ev: _Evaluation,
+    run_id: str,
+    out_dir: Path,
+) -> Path:
+    """The decoder bundle, with the golden template of its FR model so a loader can check the pairing."""
+    golden = fr.pipeline.analyze([load_golden_image(GOLDEN_IMAGE)])[0]
     if golden is None:
         raise RuntimeError("no face found in the golden image")
-    bundle = out_dir / "bundle"
-    if bundle.exists():
-        shutil.rmtree(bundle)
+    bundle = replace_dir(out_dir / "bundle")
     save_decoder_bundle(
         bundle,
         decoder.cpu(),
         name=cfg.register_as,
-        fr_model=fr_ref,
+        fr_model=fr.ref,
         golden_template=golden.template,
-        chip_padding=pipeline.info.chip_padding,
-        fr_chip_size=chip_size,
+        chip_padding=fr.pipeline.info.chip_padding,
+        fr_chip_size=fr.pipeline.info.chip_size,
         training={
-            "mlflow_run_id": mlrun.run_id,
-            "data_manifest_sha256": summary.data_manifest_sha256,
+            "mlflow_run_id": run_id,
+            "data_manifest_sha256": data.manifest,
             "seed": cfg.seed,
-            "faces": sizes,
-            "metrics": {k: round(v, 5) for k, v in metrics.items() if math.isfinite(v)},
-            "gates_passed": passed,
+            "faces": data.sizes,
+            "metrics": finite_rounded(ev.metrics),
+            "gates_passed": ev.passed,
         },
     )
-    if register:
-        alias = default_alias(registry, cfg.register_as, cfg.alias)
-        tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and math.isfinite(v)}
-        tags["gates_passed"] = str(passed).lower()
-        tags["data_manifest_sha256"] = summary.data_manifest_sha256
-        info = registry.register_bundle(
-            bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=mlrun.run_id
-        )
-        summary.registered = {"name": info.name, "version": info.version, "alias": alias}
-    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1) + "\n")
-    mlrun.artifact(out_dir / "summary.json")
-    mlrun.end()
-    return summary
+    return bundle

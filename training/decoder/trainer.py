@@ -17,25 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss, pair_difference_loss
 from facexplain.metrics.image import psnr, ssim
 from facexplain.models.decoder import DeepFaceDecoder
-from training.common import epoch_batches, init_distributed, save_atomic
+from training.common import (
+    Dist,
+    EpochLog,
+    checkpoint_tail,
+    epoch_batches,
+    init_distributed,
+    restore_checkpoint_tail,
+    save_atomic,
+)
 from training.decoder.data import DecoderSplit
 
 CHECKPOINT = "last.pt"
-
-
-@dataclass
-class EpochLog:
-    epoch: int
-    train: dict[str, float]
-    val: dict[str, float]
-    seconds: float
-    train_images_per_s: float
-    best: bool = False
 
 
 @dataclass
@@ -113,6 +113,32 @@ class WeightAverage:
         self.state = {k: v.clone() for k, v in data["state"].items()}
 
 
+@dataclass
+class _Progress:
+    """What carries over from epoch to epoch, and from a checkpoint into a resumed run."""
+
+    best_state: dict[str, torch.Tensor]
+    start_epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1  # 0-based; -1 before any epoch
+    bad: int = 0  # epochs since the last validation improvement
+    history: list[EpochLog] = field(default_factory=list)
+
+
+@dataclass
+class _Loop:
+    """The fixed parts of one training run: the model (DDP-wrapped or not), optimiser, schedule, average."""
+
+    decoder: DeepFaceDecoder
+    model: torch.nn.Module  # what the step runs: the decoder, or its DistributedDataParallel wrapper
+    scored: DeepFaceDecoder  # what is validated and kept: the decoder, or a twin holding the average
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    average: WeightAverage | None
+    dist: Dist
+    device: torch.device
+
+
 def fit(
     decoder: DeepFaceDecoder,
     splits: dict[str, DecoderSplit],
@@ -147,12 +173,63 @@ def fit(
     ``on_epoch(log, val_recons)`` runs on rank 0 after each epoch (logging, images). ``run_state`` is
     stored in every checkpoint and handed back on resume (the MLflow run id lives there).
     """
+    loop = _make_loop(decoder, device, lr, lr_decay, ema)
+    dist = loop.dist
+    train, val = splits["train"], splits["val"]
+    pairs = train.pairs if pair_weight > 0 else None
+    if pair_weight > 0 and (pairs is None or len(pairs) == 0):
+        raise ValueError("pair_weight > 0 needs (face, blend) pairs in the training split")
+    ckpt_path = checkpoint_dir / CHECKPOINT
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state = _Progress(best_state=copy.deepcopy(decoder.state_dict()))
+    if resume and ckpt_path.is_file():
+        state = _resume(loop, ckpt_path, run_state)
+    t_start = time.perf_counter()
+    seen_total, time_total = 0, 0.0
+    stopped = "epochs"
+    epochs_done = state.start_epoch
+    if state.start_epoch >= epochs:
+        stopped = "already complete"
+    for epoch in range(state.start_epoch, epochs):
+        train_means, seen, dt = _train_epoch(
+            loop, train, perceptual, weights, pairs, pair_weight, batch_size, seed, epoch, epochs, progress
+        )
+        seen_total += seen * dist.world
+        time_total += dt
+        stop_now = torch.zeros(2, dtype=torch.float64, device=device)  # [stop?, lr]: rank 0 decides both
+        if dist.main:
+            log, recons = _validate(loop, state, val, perceptual, weights, epoch, train_means, seen, dt)
+            if on_epoch is not None:
+                on_epoch(log, recons)
+            _save_checkpoint(loop, state, ckpt_path, epoch, run_state)
+            if len(val) > 0 and state.bad >= patience:
+                stopped = f"early stopping: no validation improvement for {patience} epochs"
+                stop_now[0] = 1
+            elif max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
+                stopped = f"time budget of {max_minutes:g} min reached"
+                stop_now[0] = 1
+        epochs_done = epoch + 1
+        if dist.world > 1:
+            _share_decision(loop, stop_now)
+        if bool(stop_now[0]):
+            break
+    decoder.load_state_dict(state.best_state)
+    return FitResult(
+        best_state=state.best_state,
+        best_epoch=state.best_epoch + 1,
+        history=state.history,
+        stopped=stopped,
+        train_images_per_s=seen_total / time_total if time_total > 0 else float("nan"),
+        epochs_done=epochs_done,
+    )
+
+
+def _make_loop(decoder: DeepFaceDecoder, device: torch.device, lr: float, lr_decay: float, ema: float) -> _Loop:
+    """The model on its device (DDP-wrapped under torchrun), Adam, the optional plateau decay and average."""
     dist = init_distributed(device)
     decoder.to(device)
     model: torch.nn.Module = decoder
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     # Optional: multiply the learning rate by ``lr_decay`` after an epoch without validation improvement.
@@ -164,141 +241,146 @@ def fit(
     average = WeightAverage(decoder, ema) if ema > 0 else None
     # What is validated and kept: the averaged weights, loaded into a twin of the decoder.
     scored = copy.deepcopy(decoder) if average is not None else decoder
-    train, val = splits["train"], splits["val"]
-    has_val = len(val) > 0
-    pairs = train.pairs if pair_weight > 0 else None
-    if pair_weight > 0 and (pairs is None or len(pairs) == 0):
-        raise ValueError("pair_weight > 0 needs (face, blend) pairs in the training split")
-    n_pairs = max(1, batch_size // 2)
-    start_epoch, best_val, best_epoch, bad = 0, math.inf, -1, 0
-    best_state = copy.deepcopy(decoder.state_dict())
-    history: list[EpochLog] = []
-    ckpt_path = checkpoint_dir / CHECKPOINT
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        decoder.load_state_dict(ck["decoder"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and ck.get("scheduler"):
-            sched.load_state_dict(ck["scheduler"])
-        if average is not None and ck.get("ema"):
-            average.load(ck["ema"])
-        best_state, best_val, best_epoch, bad = ck["best_state"], ck["best_val"], ck["best_epoch"], ck["bad_epochs"]
-        start_epoch = ck["epoch"] + 1
-        history = [EpochLog(**h) for h in ck["history"]]
-        if run_state is not None:
-            run_state.update(ck.get("run_state", {}))
-        if "rng" in ck:
-            torch.set_rng_state(ck["rng"].cpu())
-        if dist.main:
-            print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}", flush=True)
-    t_start = time.perf_counter()
-    seen_total, time_total = 0, 0.0
-    stopped = "epochs"
-    epochs_done = start_epoch
-    if start_epoch >= epochs:
-        stopped = "already complete"
-    for epoch in range(start_epoch, epochs):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        batches = epoch_batches(len(train), batch_size, gen, dist)
-        pair_gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7919 + dist.rank)
-        decoder.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(
-            batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not (progress and dist.main)
-        )
-        for idx in bar:
-            t = train.templates[idx].to(device, non_blocking=True)
-            y = train.targets[idx].to(device, non_blocking=True)
-            m = train.masks[idx].to(device, non_blocking=True)
-            loss, comps = dfd_loss(model(t), y, m, perceptual, weights)
-            if pairs is not None:
-                pick = pairs[torch.randint(len(pairs), (n_pairs,), generator=pair_gen)]
-                both = pick.T.reshape(-1)  # faces, then their blends
-                decoded = model(train.templates[both].to(device, non_blocking=True))
-                real = train.targets[both].to(device, non_blocking=True)
-                diff = pair_difference_loss(decoded[:n_pairs], decoded[n_pairs:], real[:n_pairs], real[n_pairs:])
-                loss = loss + pair_weight * diff
-                comps = {**comps, "pair_difference": diff.detach(), "total": loss.detach()}
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if average is not None:
-                average.update(decoder)
-            for k, v in comps.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        dt = time.perf_counter() - t0
-        seen_total += seen * dist.world
-        time_total += dt
-        train_means = {k: v / max(1, seen) for k, v in sums.items()}
-        stop_now = torch.zeros(2, dtype=torch.float64, device=device)  # [stop?, lr]: rank 0 decides both
-        if dist.main:
-            if average is not None:
-                scored.load_state_dict(average.state)
-            if has_val:
-                val_means, recons = evaluate_split(scored, val, perceptual, weights, device)
-                score = val_means["total"]
-            else:
-                val_means, recons = {}, torch.zeros(0)
-                score = train_means["total"]
-            improved = score < best_val
-            if sched is not None:
-                sched.step(score)
-            if improved:
-                best_val, best_epoch, bad = score, epoch, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()})
-            else:
-                bad += 1
-            log = EpochLog(epoch + 1, train_means, val_means, dt, seen * dist.world / dt, improved)
-            history.append(log)
-            if on_epoch is not None:
-                on_epoch(log, recons)
-            save_atomic(
-                ckpt_path,
-                {
-                    "epoch": epoch,
-                    "decoder": decoder.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "ema": average.to_dict() if average is not None else None,
-                    "best_state": best_state,
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad,
-                    "history": [vars(h) for h in history],
-                    "run_state": run_state or {},
-                    "rng": torch.get_rng_state(),  # dropout draws: a resumed run continues the same sequence
-                },
-            )
-            if has_val and bad >= patience:
-                stopped = f"early stopping: no validation improvement for {patience} epochs"
-                stop_now[0] = 1
-            elif max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
-                stopped = f"time budget of {max_minutes:g} min reached"
-                stop_now[0] = 1
-        epochs_done = epoch + 1
-        if dist.world > 1:
-            import torch.distributed as td
+    return _Loop(decoder, model, scored, opt, sched, average, dist, device)
 
-            stop_now[1] = opt.param_groups[0]["lr"]
-            td.broadcast(stop_now, 0)
-            for group in opt.param_groups:  # every rank steps with rank 0's (possibly decayed) rate
-                group["lr"] = float(stop_now[1])
-        if bool(stop_now[0]):
-            break
-    decoder.load_state_dict(best_state)
-    return FitResult(
-        best_state=best_state,
-        best_epoch=best_epoch + 1,
-        history=history,
-        stopped=stopped,
-        train_images_per_s=seen_total / time_total if time_total > 0 else float("nan"),
-        epochs_done=epochs_done,
+
+def _resume(loop: _Loop, ckpt_path: Path, run_state: dict[str, Any] | None) -> _Progress:
+    """Everything the last checkpoint holds back in place, so the resumed run continues the same sequence."""
+    ck = torch.load(ckpt_path, map_location=loop.device, weights_only=False)
+    loop.decoder.load_state_dict(ck["decoder"])
+    loop.opt.load_state_dict(ck["optimizer"])
+    if loop.sched is not None and ck.get("scheduler"):
+        loop.sched.load_state_dict(ck["scheduler"])
+    if loop.average is not None and ck.get("ema"):
+        loop.average.load(ck["ema"])
+    state = _Progress(
+        best_state=ck["best_state"],
+        start_epoch=ck["epoch"] + 1,
+        best_val=ck["best_val"],
+        best_epoch=ck["best_epoch"],
+        bad=ck["bad_epochs"],
     )
+    state.history = restore_checkpoint_tail(ck, run_state, loop.dist.main, ckpt_path)
+    return state
+
+
+def _train_epoch(
+    loop: _Loop,
+    train: DecoderSplit,
+    perceptual: PerceptualFeatures | None,
+    weights: DFDLossWeights,
+    pairs: torch.Tensor | None,
+    pair_weight: float,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    epochs: int,
+    progress: bool,
+) -> tuple[dict[str, float], int, float]:
+    """One pass over this rank's batches; returns the mean loss terms, the faces seen and the seconds.
+
+    The batch order and the pair draws are seeded by run seed and epoch (and rank), so a resumed run
+    and an uninterrupted one see the same batches.
+    """
+    dist, device, model = loop.dist, loop.device, loop.model
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    batches = epoch_batches(len(train), batch_size, gen, dist)
+    pair_gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7919 + dist.rank)
+    n_pairs = max(1, batch_size // 2)
+    loop.decoder.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not (progress and dist.main)
+    )
+    for idx in bar:
+        t = train.templates[idx].to(device, non_blocking=True)
+        y = train.targets[idx].to(device, non_blocking=True)
+        m = train.masks[idx].to(device, non_blocking=True)
+        loss, comps = dfd_loss(model(t), y, m, perceptual, weights)
+        if pairs is not None:
+            pick = pairs[torch.randint(len(pairs), (n_pairs,), generator=pair_gen)]
+            both = pick.T.reshape(-1)  # faces, then their blends
+            decoded = model(train.templates[both].to(device, non_blocking=True))
+            real = train.targets[both].to(device, non_blocking=True)
+            diff = pair_difference_loss(decoded[:n_pairs], decoded[n_pairs:], real[:n_pairs], real[n_pairs:])
+            loss = loss + pair_weight * diff
+            comps = {**comps, "pair_difference": diff.detach(), "total": loss.detach()}
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.opt.step()
+        if loop.average is not None:
+            loop.average.update(loop.decoder)
+        for k, v in comps.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {k: v / max(1, seen) for k, v in sums.items()}, seen, dt
+
+
+def _validate(
+    loop: _Loop,
+    state: _Progress,
+    val: DecoderSplit,
+    perceptual: PerceptualFeatures | None,
+    weights: DFDLossWeights,
+    epoch: int,
+    train_means: dict[str, float],
+    seen: int,
+    dt: float,
+) -> tuple[EpochLog, torch.Tensor]:
+    """Rank 0 scores the kept weights (validation loss, or training loss without validation faces),
+    steps the plateau schedule, keeps the best weights and appends the epoch to the history."""
+    if loop.average is not None:
+        loop.scored.load_state_dict(loop.average.state)
+    if len(val) > 0:
+        val_means, recons = evaluate_split(loop.scored, val, perceptual, weights, loop.device)
+        score = val_means["total"]
+    else:
+        val_means, recons = {}, torch.zeros(0)
+        score = train_means["total"]
+    improved = score < state.best_val
+    if loop.sched is not None:
+        loop.sched.step(score)
+    if improved:
+        state.best_val, state.best_epoch, state.bad = score, epoch, 0
+        state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in loop.scored.state_dict().items()})
+    else:
+        state.bad += 1
+    log = EpochLog(epoch + 1, train_means, val_means, dt, seen * loop.dist.world / dt, improved)
+    state.history.append(log)
+    return log, recons
+
+
+def _save_checkpoint(
+    loop: _Loop, state: _Progress, ckpt_path: Path, epoch: int, run_state: dict[str, Any] | None
+) -> None:
+    """Everything ``_resume`` needs, written atomically after every epoch."""
+    save_atomic(
+        ckpt_path,
+        {
+            "epoch": epoch,
+            "decoder": loop.decoder.state_dict(),
+            "optimizer": loop.opt.state_dict(),
+            "scheduler": loop.sched.state_dict() if loop.sched is not None else None,
+            "ema": loop.average.to_dict() if loop.average is not None else None,
+            "best_state": state.best_state,
+            "best_val": state.best_val,
+            "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad,
+            **checkpoint_tail(state.history, run_state),
+        },
+    )
+
+
+def _share_decision(loop: _Loop, stop_now: torch.Tensor) -> None:
+    """Rank 0's stop decision and (possibly decayed) learning rate, broadcast so every rank steps alike."""
+    stop_now[1] = loop.opt.param_groups[0]["lr"]
+    td.broadcast(stop_now, 0)
+    for group in loop.opt.param_groups:
+        group["lr"] = float(stop_now[1])

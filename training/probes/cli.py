@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from training.probes.run import train_probes
+    from training.probes.run import train_probes  # torch: the CLI builds its parser from this module
 
     stop_on_sigterm()
     cfg = config_from_args(args, TrainProbesConfig, PRESETS)

@@ -13,22 +13,20 @@ face it measures (original or decoded), not the ones the FR pipeline aligned the
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import facexplain
-from facexplain.artifacts.probes import KIND_ATTRIBUTE_PROBES, save_probe_bundle
+from facexplain.artifacts.probes import KIND_ATTRIBUTE_PROBES, load_probe_bundle, save_probe_bundle
 from facexplain.attributes.accessory import (
     FeatureExtractor,
+    LinearProbeSet,
     attribute_name,
     degrade_faces,
     evaluate_probes,
@@ -40,12 +38,22 @@ from facexplain.attributes.probe import identity_split
 from facexplain.data.faces import FaceRecord
 from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
 from facexplain.models.landmarks import FaceLandmark68Net
-from facexplain.paths import var_dir
-from training.common import NullRun, TrackedRun, default_alias, resolve_device
+from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
+from training.common import (
+    FACESET_CACHE,
+    NullRun,
+    TrackedRun,
+    finite_rounded,
+    open_registry,
+    register_from_run,
+    replace_dir,
+    runtime_params,
+    setup_run,
+    write_summary,
+)
 from training.probes.config import TrainProbesConfig
 
 EXPERIMENT = "facexplain-probes"
-FACESET_CACHE = var_dir() / "cache" / "facesets"
 # Issue 6's bar on held-out identities (clean chips): the run records whether it is met.
 GATES = {"Eyeglasses": 0.85, "Smiling": 0.85}
 
@@ -88,8 +96,6 @@ def select_records(records: Sequence[FaceRecord], labels: Sequence[str], max_ima
 
 def load_faces(cfg: TrainProbesConfig, cache_dir: Path, progress: bool) -> FaceSet:
     """The face set of ``cfg.data`` (or its stratified sample), built once with the default pipeline and cached."""
-    from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
-
     if cfg.faceset:
         faces = FaceSet.load(Path(cfg.faceset))
         absent = [label for label in cfg.label_list if label not in faces.label_names]
@@ -123,6 +129,31 @@ def mirror(chips: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, 
     return chips.flip(-1), lm
 
 
+@dataclass
+class _Data:
+    """The labelled faces and their identity-disjoint split (probes are judged on identities they never saw)."""
+
+    faces: FaceSet
+    y: np.ndarray  # (faces, labels) 0/1
+    ids: np.ndarray
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    sizes: dict[str, int]
+
+
+@dataclass
+class _Features:
+    """Frozen features: the rows the probes fit on, and the clean and degraded test rows they are judged on."""
+
+    dim: int
+    clean: np.ndarray
+    x_rows: list[np.ndarray]
+    y_rows: list[np.ndarray]
+    id_rows: list[np.ndarray]
+    degraded_test: np.ndarray | None
+    seconds: float
+
+
 def train_probes(
     cfg: TrainProbesConfig,
     *,
@@ -135,16 +166,52 @@ def train_probes(
 ) -> ProbesRunSummary:
     """Run the whole pipeline (see module docstring). ``faces`` replaces loading ``cfg.data`` (tests)."""
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_run(cfg.device, cfg.threads, out_dir)
     labels = list(cfg.label_list)
     blocks = list(cfg.block_list)
+    data = _prepare_data(cfg, faces if faces is not None else load_faces(cfg, faceset_cache, progress), labels)
+    feats = _features(cfg, data, blocks, device)
+    t0 = time.perf_counter()
+    probes = fit_probe_set(  # the L2 strength of each label is chosen on validation identities
+        np.concatenate(feats.x_rows),
+        np.concatenate(feats.y_rows),
+        np.concatenate(feats.id_rows).tolist(),
+        labels,
+        blocks,
+        c_grid=cfg.c_grid_values,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    fit_seconds = time.perf_counter() - t0
+    metrics, gates = _evaluate(probes, data, feats, labels)
+    mlrun = _track(cfg, data, feats, probes, metrics, gates, device, tracking_uri)
+    seconds = {
+        "features": round(feats.seconds, 2),
+        "fit": round(fit_seconds, 2),
+        "total": round(time.perf_counter() - t_start, 2),
+    }
+    summary = ProbesRunSummary(
+        run_id=mlrun.run_id,
+        data_manifest_sha256=probes.report["data_manifest_sha256"],
+        faces=data.sizes,
+        labels=labels,
+        blocks=blocks,
+        metrics=metrics,
+        gates=gates,
+        seconds=seconds,
+        device=str(device),
+    )
+    # the bundle always, registration when tracked
+    bundle = replace_dir(out_dir / "bundle")
+    save_probe_bundle(bundle, probes, name=cfg.register_as, training=_training_meta(mlrun.run_id, cfg, summary))
+    if tracking_uri and register:
+        summary.registered = _register(cfg, bundle, tracking_uri, mlrun.run_id, metrics, gates)
+    write_summary(mlrun, out_dir, summary)
+    return summary
 
-    # 1. data and identity-disjoint split
-    if faces is None:
-        faces = load_faces(cfg, faceset_cache, progress)
+
+def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> _Data:
+    """The label matrix and the identity-disjoint train / test split, refused early when a label is absent."""
     if faces.labels is None:
         raise ValueError("the face set has no labels (a CelebA-style labels.csv is needed)")
     missing = [label for label in labels if label not in faces.label_names]
@@ -163,12 +230,17 @@ def train_probes(
         "identities_test": len(set(ids[test_idx].tolist())),
         "failed": len(faces.failed),
     }
+    return _Data(faces, y, ids, train_idx, test_idx, sizes)
 
-    # 2. frozen features: clean chips, degraded copies (test copies at the fixed eval blur), mirrored chips
+
+def _features(cfg: TrainProbesConfig, data: _Data, blocks: list[str], device: torch.device) -> _Features:
+    """Frozen face-api features of the clean chips, of degraded copies (the test copy at the fixed
+    evaluation blur, so probes are judged on what decoded faces look like) and of mirrored chips."""
     t0 = time.perf_counter()
     extractor = FeatureExtractor(blocks, device=device)
-    chips = faces.chips
+    chips = data.faces.chips
     lms = image_landmarks(FaceLandmark68Net.from_faceapi().to(device), chips, batch_size=cfg.batch_size)
+    y, ids, train_idx, test_idx = data.y, data.ids, data.train_idx, data.test_idx
 
     def feats(images: torch.Tensor, landmarks: torch.Tensor) -> np.ndarray:
         return extractor(images, landmarks, batch_size=cfg.batch_size)
@@ -177,7 +249,7 @@ def train_probes(
     x_rows, y_rows, id_rows = [clean[train_idx]], [y[train_idx]], [ids[train_idx]]
     degraded_test = None
     for k in range(max(cfg.degraded_copies, 1)):
-        sigma = random_sigmas(len(faces), cfg.seed + k, cfg.blur_sigma_max)
+        sigma = random_sigmas(len(data.faces), cfg.seed + k, cfg.blur_sigma_max)
         sigma[torch.as_tensor(test_idx, dtype=torch.long)] = cfg.eval_sigma
         take = train_idx if k < cfg.degraded_copies else np.zeros(0, dtype=np.int64)
         sel = np.concatenate([take, test_idx]) if k == 0 else take
@@ -197,29 +269,20 @@ def train_probes(
         x_rows.append(feats(m_img, m_lm))
         y_rows.append(y[train_idx])
         id_rows.append(ids[train_idx])
-    feature_seconds = time.perf_counter() - t0
+    return _Features(extractor.dim, clean, x_rows, y_rows, id_rows, degraded_test, time.perf_counter() - t0)
 
-    # 3. fit (L2 strength per label on validation identities)
-    t0 = time.perf_counter()
-    probes = fit_probe_set(
-        np.concatenate(x_rows),
-        np.concatenate(y_rows),
-        np.concatenate(id_rows).tolist(),
-        labels,
-        blocks,
-        c_grid=cfg.c_grid_values,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-    )
-    fit_seconds = time.perf_counter() - t0
 
-    # 4. held-out identities, clean and degraded
+def _evaluate(
+    probes: LinearProbeSet, data: _Data, feats: _Features, labels: list[str]
+) -> tuple[dict[str, float], dict[str, bool]]:
+    """Held-out identities, clean and degraded, per label; the gates; the report the bundle carries."""
     metrics: dict[str, float] = {}
     evaluations: dict[str, dict[str, dict[str, float]]] = {}
+    y, test_idx = data.y, data.test_idx
     if len(test_idx):
-        evaluations["clean"] = evaluate_probes(probes, clean[test_idx], y[test_idx])
-        assert degraded_test is not None
-        evaluations["degraded"] = evaluate_probes(probes, degraded_test, y[test_idx])
+        evaluations["clean"] = evaluate_probes(probes, feats.clean[test_idx], y[test_idx])
+        assert feats.degraded_test is not None
+        evaluations["degraded"] = evaluate_probes(probes, feats.degraded_test, y[test_idx])
     for label in labels:
         attr = attribute_name(label)
         info = probes.report["labels"][label]
@@ -234,10 +297,22 @@ def train_probes(
         if label in labels
     }
     probes.report["test"] = evaluations
-    probes.report["faces"] = sizes
-    probes.report["data_manifest_sha256"] = str(faces.meta.get("manifest_sha256", ""))
+    probes.report["faces"] = data.sizes
+    probes.report["data_manifest_sha256"] = str(data.faces.meta.get("manifest_sha256", ""))
+    return metrics, gates
 
-    # 5. tracking
+
+def _track(
+    cfg: TrainProbesConfig,
+    data: _Data,
+    feats: _Features,
+    probes: LinearProbeSet,
+    metrics: dict[str, float],
+    gates: dict[str, bool],
+    device: torch.device,
+    tracking_uri: str | None,
+) -> NullRun:
+    """The MLflow run, written once the probes are fitted and measured (a no-op without a URI)."""
     mlrun: NullRun
     if tracking_uri:
         mlrun = TrackedRun(
@@ -249,46 +324,15 @@ def train_probes(
         {
             **cfg.to_params(),
             "data_manifest_sha256": probes.report["data_manifest_sha256"],
-            **{f"faces_{k}": v for k, v in sizes.items()},
-            "feature_dim": extractor.dim,
-            "device_resolved": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "facexplain_version": facexplain.__version__,
+            **{f"faces_{k}": v for k, v in data.sizes.items()},
+            "feature_dim": feats.dim,
+            **runtime_params(device),
         }
     )
     mlrun.metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
     mlrun.dict(probes.report, "probes/report.json")
     mlrun.tag("gates_passed", str(bool(gates) and all(gates.values())).lower())
-
-    seconds = {
-        "features": round(feature_seconds, 2),
-        "fit": round(fit_seconds, 2),
-        "total": round(time.perf_counter() - t_start, 2),
-    }
-    summary = ProbesRunSummary(
-        run_id=mlrun.run_id,
-        data_manifest_sha256=probes.report["data_manifest_sha256"],
-        faces=sizes,
-        labels=labels,
-        blocks=blocks,
-        metrics=metrics,
-        gates=gates,
-        seconds=seconds,
-        device=str(device),
-    )
-
-    # 6. bundle (always) and registration
-    bundle = out_dir / "bundle"
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    save_probe_bundle(bundle, probes, name=cfg.register_as, training=_training_meta(mlrun.run_id, cfg, summary))
-    if tracking_uri and register:
-        summary.registered = _register(cfg, bundle, tracking_uri, mlrun.run_id, metrics, gates)
-    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1, allow_nan=True) + "\n")
-    mlrun.artifact(out_dir / "summary.json")
-    mlrun.end()
-    return summary
+    return mlrun
 
 
 def _training_meta(run_id: str, cfg: TrainProbesConfig, summary: ProbesRunSummary) -> dict[str, Any]:
@@ -298,7 +342,7 @@ def _training_meta(run_id: str, cfg: TrainProbesConfig, summary: ProbesRunSummar
         "split_seed": cfg.split_seed,
         "seed": cfg.seed,
         "faces": summary.faces,
-        "metrics": {k: round(v, 5) for k, v in summary.metrics.items() if math.isfinite(v)},
+        "metrics": finite_rounded(summary.metrics),
     }
 
 
@@ -306,21 +350,13 @@ def _register(
     cfg: TrainProbesConfig, bundle: Path, uri: str, run_id: str, metrics: dict[str, float], gates: dict[str, bool]
 ) -> dict[str, str]:
     """Register the bundle from the training run itself, so the version links to its figures."""
-    from registry import Registry
-
-    registry = Registry(uri, timeout_s=30.0, max_retries=2)
-    alias = default_alias(registry, cfg.register_as, cfg.alias)
     tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and "balanced" in k and math.isfinite(v)}
     tags["gates_passed"] = str(bool(gates) and all(gates.values())).lower()
-    info = registry.register_bundle(bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=run_id)
-    return {"name": info.name, "version": info.version, "alias": alias}
+    return register_from_run(open_registry(uri), bundle, cfg.register_as, cfg.alias, tags, run_id)
 
 
 def load_registered(uri: str, name: str, ref: str, cache_dir: Path, device: str = "cpu") -> Any:
     """A registered probe version (``ref`` = alias or version number) as an ``AccessoryEstimator``."""
-    from facexplain.artifacts.probes import load_probe_bundle
-    from registry import Registry
-
-    registry = Registry(uri, timeout_s=30.0, max_retries=2)
+    registry = open_registry(uri)
     info = registry.get_version(name, ref) if ref.isdigit() else registry.resolve(name, ref)
     return load_probe_bundle(registry.download(info, cache_dir), device)

@@ -41,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> TrainSADFADConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from training.sadfad.run import train_sadfad
+    from training.sadfad.run import train_sadfad  # torch: the CLI builds its parser from this module
 
     stop_on_sigterm()
     cfg = config_from_args(args)

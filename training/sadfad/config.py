@@ -76,7 +76,7 @@ class TrainSADFADConfig:
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
 
     def model_config(self, n_classes: int) -> SADFADConfig:
-        from facexplain.models.sadfad import SADFADConfig
+        from facexplain.models.sadfad import SADFADConfig  # torch: the CLI reads these configs
 
         return SADFADConfig(
             input_size=self.input_size,
@@ -88,7 +88,7 @@ class TrainSADFADConfig:
         )
 
     def loss_weights(self) -> SADFADLossWeights:
-        from facexplain.losses.sadfad import SADFADLossWeights
+        from facexplain.losses.sadfad import SADFADLossWeights  # torch: the CLI reads these configs
 
         return SADFADLossWeights(
             identity=self.identity,

@@ -18,7 +18,7 @@ from facexplain.artifacts.embedder import save_embedder_bundle
 from facexplain.metrics.verification import VerificationRule
 from facexplain.models.sadfad import SADFADEmbedder
 from facexplain.pipeline import FacePipeline
-from training.sadfad.run import load_trained_model
+from training.sadfad.model_file import load_trained_model
 
 
 def sadfad_pipeline(model_file: Path) -> tuple[FacePipeline, dict[str, Any]]:

@@ -20,30 +20,54 @@ import colorsys
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-import facexplain
 from facexplain.artifacts.embedder import KIND_EMBEDDER
 from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
 from facexplain.faces.occlusion import FaceMesh
 from facexplain.metrics.interpretability import PeakLocationReport
-from facexplain.models.sadfad import ARCHITECTURE, SADFADConfig, SADFADNet
+from facexplain.models.sadfad import SADFADConfig, SADFADNet
 from facexplain.paths import REPO_ROOT, var_dir
-from training.common import NullRun, TrackedRun, default_alias, resolve_device
-from training.decoder.run import FACESET_CACHE
-from training.decoder.trainer import EpochLog
+from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
+from facexplain.viz import save_png
+from training.common import (
+    FACESET_CACHE,
+    EpochLog,
+    NullRun,
+    TrackedRun,
+    epoch_metrics,
+    open_registry,
+    register_from_run,
+    replace_dir,
+    runtime_params,
+    saved_run_state,
+    setup_run,
+    write_summary,
+)
 from training.sadfad.config import TrainSADFADConfig
 from training.sadfad.data import OcclusionSpec, SADFADSplit, split_faceset, template_mesh
-from training.sadfad.trainer import evaluate, fit
+from training.sadfad.export import export_bundle
+from training.sadfad.model_file import MODEL_FILE, MODEL_FORMAT, load_trained_model, save_trained_model
+from training.sadfad.trainer import FitResult, evaluate, fit
 
 EXPERIMENT = "facexplain-sadfad"
-MODEL_FILE = "model.pt"
-MODEL_FORMAT = 1
+__all__ = [  # the model file's names stay importable from here, where the run writes the file
+    "EXPERIMENT",
+    "MODEL_FILE",
+    "MODEL_FORMAT",
+    "SADFADRunSummary",
+    "load_faces",
+    "load_trained_model",
+    "peak_location_figure",
+    "save_trained_model",
+    "train_sadfad",
+]
 
 
 @dataclass
@@ -80,63 +104,14 @@ def load_faces(cfg: TrainSADFADConfig, cache_dir: Path, progress: bool) -> FaceS
     if not first.is_absolute() and not first.exists() and (REPO_ROOT / first).exists():
         spec = ",".join(str(REPO_ROOT / p) if not Path(p).is_absolute() else p for p in spec.split(","))
     root, records, _ = records_from_spec(spec)
-    from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
-
     return build_faceset(
         root, records, FacePipeline.default(), fr_key=DEFAULT_FR_KEY, cache_dir=cache_dir, progress=progress
     )
 
 
-def save_trained_model(
-    path: Path,
-    model: SADFADNet,
-    mesh: FaceMesh,
-    *,
-    variant: str,
-    seed: int,
-    run_id: str,
-    threshold: float,
-    metrics: dict[str, float],
-) -> None:
-    """Write what a bundle needs to serve the net: config, embedder weights, template, threshold."""
-    torch.save(
-        {
-            "format": MODEL_FORMAT,
-            "architecture": ARCHITECTURE,
-            "config": model.config.replace(n_classes=0).to_dict(),
-            "state": model.embedder_state_dict(),
-            "template": mesh.points[: len(mesh.landmark_index)].clone(),
-            "verification": {
-                "metric": "cosine",
-                "threshold": threshold,
-                "accept_below": False,
-                "source": "validation identities: cosine threshold at FAR 1%",
-            },
-            "variant": variant,
-            "seed": seed,
-            "mlflow_run_id": run_id,
-            "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-            "facexplain_version": facexplain.__version__,
-        },
-        path,
-    )
-
-
-def load_trained_model(path: Path, device: str | torch.device = "cpu") -> tuple[SADFADNet, dict[str, Any]]:
-    """The net saved by ``save_trained_model`` (eval mode, no head) and the file's other entries."""
-    data = torch.load(path, map_location=device, weights_only=False)
-    if data.get("format") != MODEL_FORMAT or data.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{path}: not a SAD/FAD model file of format {MODEL_FORMAT}")
-    net = SADFADNet(SADFADConfig.from_dict(data["config"]))
-    net.load_state_dict(data["state"], strict=True)
-    return net.to(device).eval(), data
-
-
 def peak_location_figure(report: PeakLocationReport, mesh: FaceMesh, min_side: int = 384) -> np.ndarray:
     """(H, W, 3) uint8 figure: the template mesh with each filter's mean positive (left) and negative
     (right) peak location, a circle of radius std around it; one colour per filter. No face pixels."""
-    from PIL import Image, ImageDraw
-
     scale = max(1, math.ceil(min_side / mesh.size))
     size = mesh.size * scale
     head = 30
@@ -181,6 +156,26 @@ def _split_sizes(splits: dict[str, SADFADSplit]) -> dict[str, int]:
     return sizes
 
 
+@dataclass
+class _Data:
+    """The run's faces, split by identity, and the frontal template its occlusions and peak maps use."""
+
+    faces: FaceSet
+    splits: dict[str, SADFADSplit]
+    classes: list[str]
+    sizes: dict[str, int]
+    mesh: FaceMesh
+    occlusion: OcclusionSpec
+    manifest: str
+    model_config: SADFADConfig  # the architecture without a head: the split and the template need its frame
+
+
+@dataclass
+class _Fitted:
+    result: FitResult
+    train_seconds: float
+
+
 def train_sadfad(
     cfg: TrainSADFADConfig,
     *,
@@ -201,13 +196,36 @@ def train_sadfad(
     """
     if out_dir is None:
         out_dir = var_dir() / "train" / f"sadfad-{cfg.variant}-seed{cfg.seed}"
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_run(cfg.device, cfg.threads, out_dir)
+    data = _prepare_data(cfg, faces if faces is not None else load_faces(cfg, faceset_cache, progress))
+    torch.manual_seed(cfg.seed)  # the weights' initialisation, after the (separately seeded) split
+    model = SADFADNet(cfg.model_config(n_classes=len(data.classes)))
+    run_state = saved_run_state(out_dir, resume)
+    mlrun = _start_tracking(cfg, data, model, device, tracking_uri, run_state)
+    fitted = _fit(cfg, data, model, device, out_dir, resume, mlrun, run_state, progress)
+    metrics = _evaluate(model, data, fitted, device, out_dir, mlrun)
+    threshold = metrics.get("val_clean_threshold_far1", metrics.get("test_clean_threshold_far1", float("nan")))
+    model_file = out_dir / MODEL_FILE
+    save_trained_model(
+        model_file,
+        model,
+        data.mesh,
+        variant=cfg.variant,
+        seed=cfg.seed,
+        run_id=mlrun.run_id,
+        threshold=threshold,
+        metrics=metrics,
+    )
+    summary = _summary(cfg, data, model, fitted, metrics, mlrun.run_id, device, model_file)
+    if tracking_uri and register:
+        summary.registered = _register(cfg, model_file, out_dir / "bundle", tracking_uri, mlrun.run_id, metrics)
+    write_summary(mlrun, out_dir, summary)
+    return summary
 
-    # 1. data: faces, identity-disjoint split, the frontal template of the training faces
-    faces = faces if faces is not None else load_faces(cfg, faceset_cache, progress)
+
+def _prepare_data(cfg: TrainSADFADConfig, faces: FaceSet) -> _Data:
+    """Identity-disjoint split (validation and test identities are never trained on) and the template
+    of the training faces only, so nothing about the held-out faces leaks into the occluders."""
     model_cfg = cfg.model_config(n_classes=0)
     splits, classes = split_faceset(
         faces,
@@ -219,19 +237,28 @@ def train_sadfad(
     )
     sizes = _split_sizes(splits)
     sizes["failed"] = len(faces.failed)
-    mesh = template_mesh(splits["train"], model_cfg)
-    occlusion = OcclusionSpec(cfg.occluder_width, cfg.occluder_height, cfg.occluder_jitter)
-    manifest = str(faces.meta.get("manifest_sha256", ""))
+    return _Data(
+        faces=faces,
+        splits=splits,
+        classes=classes,
+        sizes=sizes,
+        mesh=template_mesh(splits["train"], model_cfg),
+        occlusion=OcclusionSpec(cfg.occluder_width, cfg.occluder_height, cfg.occluder_jitter),
+        manifest=str(faces.meta.get("manifest_sha256", "")),
+        model_config=model_cfg,
+    )
 
-    # 2. model
-    torch.manual_seed(cfg.seed)
-    model = SADFADNet(cfg.model_config(n_classes=len(classes)))
 
-    # 3. tracking (continued on resume)
-    run_state: dict[str, Any] = {}
-    ck = out_dir / "last.pt"
-    if resume and ck.is_file():
-        run_state = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
+def _start_tracking(
+    cfg: TrainSADFADConfig,
+    data: _Data,
+    model: SADFADNet,
+    device: torch.device,
+    tracking_uri: str | None,
+    run_state: dict[str, Any],
+) -> NullRun:
+    """The MLflow run (continued on resume, a no-op without a URI) with every setting and the data's hash,
+    so a registered version can be traced to exactly what it was trained on."""
     mlrun: NullRun
     if tracking_uri:
         mlrun = TrackedRun(
@@ -247,39 +274,46 @@ def train_sadfad(
     mlrun.params(
         {
             **cfg.to_params(),
-            "data_manifest_sha256": manifest,
-            "data_root": str(faces.meta.get("root", "")),
-            **{f"faces_{k}": v for k, v in sizes.items()},
-            "classes": len(classes),
+            "data_manifest_sha256": data.manifest,
+            "data_root": str(data.faces.meta.get("root", "")),
+            **{f"faces_{k}": v for k, v in data.sizes.items()},
+            "classes": len(data.classes),
             "fad_keep_resolved": cfg.loss_weights().keep_for(cfg.n_filters),
-            "lmf_keep_per_map": model_cfg.lmf_keep,
+            "lmf_keep_per_map": data.model_config.lmf_keep,
             "model_parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head.")),
-            "device_resolved": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "facexplain_version": facexplain.__version__,
+            **runtime_params(device),
         }
     )
-    mlrun.tag("data_manifest_sha256", manifest)
-    mlrun.dict({"failed": faces.failed, "faces": sizes}, "data/faces.json")
+    mlrun.tag("data_manifest_sha256", data.manifest)
+    mlrun.dict({"failed": data.faces.failed, "faces": data.sizes}, "data/faces.json")
+    return mlrun
+
+
+def _fit(
+    cfg: TrainSADFADConfig,
+    data: _Data,
+    model: SADFADNet,
+    device: torch.device,
+    out_dir: Path,
+    resume: bool,
+    mlrun: NullRun,
+    run_state: dict[str, Any],
+    progress: bool,
+) -> _Fitted:
+    """Train with per-epoch tracking; an interrupted run is marked KILLED and stays resumable."""
 
     def on_epoch(log: EpochLog) -> None:
-        values = {f"train_{k}": v for k, v in log.train.items()}
-        values.update({f"val_{k}": v for k, v in log.val.items()})
-        values["train_images_per_s"] = log.train_images_per_s
-        values["epoch_seconds"] = log.seconds
-        mlrun.metrics(values, step=log.epoch)
+        mlrun.metrics(epoch_metrics(log), step=log.epoch)
 
-    # 4. train
     t0 = time.perf_counter()
     try:
         result = fit(
             model,
-            splits,
+            data.splits,
             variant=cfg.variant,
             weights=cfg.loss_weights(),
-            mesh=mesh,
-            occlusion=occlusion,
+            mesh=data.mesh,
+            occlusion=data.occlusion,
             optimizer=cfg.optimizer,
             lr=cfg.lr,
             momentum=cfg.momentum,
@@ -301,25 +335,29 @@ def train_sadfad(
     except BaseException:
         mlrun.end("KILLED")  # resumable: the checkpoint of the last finished epoch is kept
         raise
-    train_seconds = time.perf_counter() - t0
+    return _Fitted(result, time.perf_counter() - t0)
 
-    # 5. evaluation of the best weights on the whole validation and test identities
-    metrics: dict[str, float] = {"best_epoch": float(result.best_epoch), "train_seconds": train_seconds}
+
+def _evaluate(
+    model: SADFADNet, data: _Data, fitted: _Fitted, device: torch.device, out_dir: Path, mlrun: NullRun
+) -> dict[str, float]:
+    """The best weights on every validation and test identity (per-epoch validation sees a sample),
+    with the peak-location figure and per-filter statistics of the test split (validation without one)."""
+    result = fitted.result
+    metrics: dict[str, float] = {"best_epoch": float(result.best_epoch), "train_seconds": fitted.train_seconds}
     metrics["train_images_per_s_overall"] = result.train_images_per_s
     peaks: PeakLocationReport | None = None
     diff = torch.zeros(0)
     for name in ("val", "test"):
-        if not len(splits[name]):
+        if not len(data.splits[name]):
             continue
-        m, report, d = evaluate(model, splits[name], mesh, occlusion, device, with_peaks=True)
+        m, report, d = evaluate(model, data.splits[name], data.mesh, data.occlusion, device, with_peaks=True)
         metrics.update({f"{name}_{k}": v for k, v in m.items()})
         if report is not None and (peaks is None or name == "test"):
             peaks, diff = report, d
     mlrun.metrics(metrics, step=len(result.history))
     if peaks is not None:
-        fig = peak_location_figure(peaks, mesh)
-        from facexplain.viz import save_png
-
+        fig = peak_location_figure(peaks, data.mesh)
         save_png(fig, out_dir / "peak_locations.png")
         mlrun.image(fig, "figures/peak_locations.png")
         per_filter = {
@@ -331,61 +369,46 @@ def train_sadfad(
         }
         (out_dir / "per_filter.json").write_text(json.dumps(per_filter, allow_nan=True) + "\n")
         mlrun.artifact(out_dir / "per_filter.json", "evaluation")
+    return metrics
 
-    threshold = metrics.get("val_clean_threshold_far1", metrics.get("test_clean_threshold_far1", float("nan")))
-    model_file = out_dir / MODEL_FILE
-    save_trained_model(
-        model_file,
-        model,
-        mesh,
+
+def _summary(
+    cfg: TrainSADFADConfig,
+    data: _Data,
+    model: SADFADNet,
+    fitted: _Fitted,
+    metrics: dict[str, float],
+    run_id: str,
+    device: torch.device,
+    model_file: Path,
+) -> SADFADRunSummary:
+    result = fitted.result
+    return SADFADRunSummary(
+        run_id=run_id,
         variant=cfg.variant,
         seed=cfg.seed,
-        run_id=mlrun.run_id,
-        threshold=threshold,
-        metrics=metrics,
-    )
-    summary = SADFADRunSummary(
-        run_id=mlrun.run_id,
-        variant=cfg.variant,
-        seed=cfg.seed,
-        data_manifest_sha256=manifest,
-        faces=sizes,
-        classes=len(classes),
+        data_manifest_sha256=data.manifest,
+        faces=data.sizes,
+        classes=len(data.classes),
         metrics=metrics,
         best_epoch=result.best_epoch,
         epochs_run=len(result.history),
         steps=result.steps,
         stopped=result.stopped,
         train_images_per_s=result.train_images_per_s,
-        train_seconds=train_seconds,
+        train_seconds=fitted.train_seconds,
         device=str(device),
         model=model.config.to_dict(),
         model_file=str(model_file),
         history=[{"epoch": h.epoch, "train": h.train, "val": h.val} for h in result.history],
     )
-    if tracking_uri and register:
-        summary.registered = _register(cfg, model_file, out_dir / "bundle", tracking_uri, mlrun.run_id, metrics)
-    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1, allow_nan=True) + "\n")
-    mlrun.artifact(out_dir / "summary.json")
-    mlrun.end()
-    return summary
 
 
 def _register(
     cfg: TrainSADFADConfig, model_file: Path, bundle: Path, uri: str, run_id: str, metrics: dict[str, float]
 ) -> dict[str, str]:
     """Bundle the trained net and register it from its own run (the version links back to the run)."""
-    import shutil
-
-    from registry import Registry
-    from training.sadfad.export import export_bundle
-
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    export_bundle(model_file, bundle, name=cfg.register_as)
-    registry = Registry(uri, timeout_s=30.0, max_retries=2)
-    alias = default_alias(registry, cfg.register_as, cfg.alias)
+    export_bundle(model_file, replace_dir(bundle), name=cfg.register_as)
     tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and math.isfinite(v)}
     tags["variant"] = cfg.variant
-    info = registry.register_bundle(bundle, cfg.register_as, alias=alias or None, extra_tags=tags, run_id=run_id)
-    return {"name": info.name, "version": info.version, "alias": alias}
+    return register_from_run(open_registry(uri), bundle, cfg.register_as, cfg.alias, tags, run_id)

@@ -32,8 +32,7 @@ from facexplain.losses.sadfad import VARIANTS, SADFADLossWeights, sadfad_objecti
 from facexplain.metrics.interpretability import PeakLocationReport, feature_difference, peak_location_stats
 from facexplain.metrics.verification import roc_auc
 from facexplain.models.sadfad import SADFADNet
-from training.common import Dist, epoch_batches, save_atomic
-from training.decoder.trainer import EpochLog
+from training.common import Dist, EpochLog, checkpoint_tail, epoch_batches, restore_checkpoint_tail, save_atomic
 from training.sadfad.data import OcclusionSpec, SADFADSplit, batch_inputs, crop_offsets
 
 CHECKPOINT = "last.pt"
@@ -195,6 +194,31 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + step) % (2**63)
 
 
+@dataclass
+class _Progress:
+    """What carries over from epoch to epoch, and from a checkpoint into a resumed run."""
+
+    best_state: dict[str, torch.Tensor]
+    start_epoch: int = 0
+    steps: int = 0  # optimiser steps so far (``max_steps`` counts these)
+    best_score: float = -math.inf
+    best_epoch: int = -1  # 0-based; -1 before any epoch
+    history: list[EpochLog] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """What one optimiser step needs besides the batch: the objective's settings and the occluder."""
+
+    variant: str
+    weights: SADFADLossWeights
+    mesh: FaceMesh
+    occlusion: OcclusionSpec
+    use_occlusion: bool
+    seed: int
+    device: torch.device
+
+
 def fit(
     model: SADFADNet,
     splits: dict[str, SADFADSplit],
@@ -234,119 +258,179 @@ def fit(
     model.to(device)
     opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
     train, val = splits["train"], splits["val"]
-    cfg = model.config
-    start_epoch, steps, best_score, best_epoch = 0, 0, -math.inf, -1
-    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    history: list[EpochLog] = []
+    step = _Step(variant, weights, mesh, occlusion, use_occ, seed, device)
+    state = _Progress(best_state=copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
     ckpt_path = checkpoint_dir / CHECKPOINT
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        best_state, best_score, best_epoch = ck["best_state"], ck["best_score"], ck["best_epoch"]
-        start_epoch, steps = ck["epoch"] + 1, ck["steps"]
-        history = [EpochLog(**h) for h in ck["history"]]
-        if run_state is not None:
-            run_state.update(ck.get("run_state", {}))
-        torch.set_rng_state(ck["rng"].cpu())
-        if progress:
-            print(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}", flush=True)
+        state = _resume(model, opt, ckpt_path, device, run_state, progress)
     t_start = time.perf_counter()
     seen_total, time_total = 0, 0.0
-    stopped = "epochs" if start_epoch < epochs else "already complete"
-    if max_steps and steps >= max_steps:
+    stopped = "epochs" if state.start_epoch < epochs else "already complete"
+    if max_steps and state.steps >= max_steps:
         stopped = "already complete"
-    for epoch in range(start_epoch, epochs if stopped == "epochs" else start_epoch):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        batches = epoch_batches(len(train), batch_size, gen, Dist())
-        model.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress)
-        for k, idx in enumerate(bar):
-            offsets = crop_offsets(len(idx), cfg, gen if crop_jitter else None)
-            x, lm = batch_inputs(train, idx, cfg, offsets)
-            y = train.labels[idx].to(device)
-            if use_occ:
-                xo, _ = occlusion.apply(x, lm, mesh, step_seed(seed, epoch, k))
-                out = model(torch.cat([x, xo]).to(device))
-                b = len(idx)
-                occ_f, occ_m = out.features[b:], out.maps[b:]
-                clean_f, clean_m = out.features[:b], out.maps[:b]
-            else:
-                out = model(x.to(device))
-                clean_f, clean_m, occ_f, occ_m = out.features, out.maps, None, None
-            loss, terms, _ = sadfad_objective(
-                variant,
-                filters=model.filter_bank,
-                classify=model.classify,
-                clean_features=clean_f,
-                clean_maps=clean_m,
-                labels=y,
-                weights=weights,
-                occluded_features=occ_f,
-                occluded_maps=occ_m,
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, step {k + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + v * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{terms['total']:.4f}")
-            if max_steps and steps >= max_steps:
-                stopped = f"step budget of {max_steps} reached"
-                break
-        bar.close()
-        dt = time.perf_counter() - t0
+    for epoch in range(state.start_epoch, epochs if stopped == "epochs" else state.start_epoch):
+        train_means, seen, dt, budget_hit = _train_epoch(
+            model, opt, train, step, state, batch_size, crop_jitter, max_steps, epoch, epochs, progress
+        )
+        if budget_hit:
+            stopped = f"step budget of {max_steps} reached"
         seen_total += seen
         time_total += dt
-        train_means = {k: v / max(1, seen) for k, v in sums.items()}
         val_metrics: dict[str, float] = {}
         if len(val):
             val_metrics, _, _ = evaluate(model, val, mesh, occlusion, device, limit=eval_faces)
         score = selection_score(val_metrics)
         if math.isnan(score):
             score = -train_means.get("total", math.inf)  # no usable validation: the lowest training loss
-        improved = score > best_score
+        improved = score > state.best_score
         if improved:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            state.best_score, state.best_epoch = score, epoch
+            state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         log = EpochLog(epoch + 1, train_means, val_metrics, dt, seen / dt if dt > 0 else float("nan"), improved)
-        history.append(log)
+        state.history.append(log)
         if on_epoch is not None:
             on_epoch(log)
-        save_atomic(
-            ckpt_path,
-            {
-                "epoch": epoch,
-                "steps": steps,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "best_state": best_state,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "history": [vars(h) for h in history],
-                "run_state": run_state or {},
-                "rng": torch.get_rng_state(),  # dropout draws: a resumed run continues the same sequence
-            },
-        )
+        _save_checkpoint(model, opt, state, ckpt_path, epoch, run_state)
         if stopped != "epochs":
             break
         if max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
             stopped = f"time budget of {max_minutes:g} min reached"
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(state.best_state)
     return FitResult(
-        best_state=best_state,
-        best_epoch=best_epoch + 1,
-        history=history,
+        best_state=state.best_state,
+        best_epoch=state.best_epoch + 1,
+        history=state.history,
         stopped=stopped,
-        steps=steps,
+        steps=state.steps,
         train_images_per_s=seen_total / time_total if time_total > 0 else float("nan"),
+    )
+
+
+def _resume(
+    model: SADFADNet,
+    opt: torch.optim.Optimizer,
+    ckpt_path: Path,
+    device: torch.device,
+    run_state: dict[str, Any] | None,
+    progress: bool,
+) -> _Progress:
+    """Everything the last checkpoint holds back in place, so the resumed run continues the same sequence."""
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    state = _Progress(
+        best_state=ck["best_state"],
+        start_epoch=ck["epoch"] + 1,
+        steps=ck["steps"],
+        best_score=ck["best_score"],
+        best_epoch=ck["best_epoch"],
+    )
+    state.history = restore_checkpoint_tail(ck, run_state, progress, ckpt_path)
+    return state
+
+
+def _train_epoch(
+    model: SADFADNet,
+    opt: torch.optim.Optimizer,
+    train: SADFADSplit,
+    step: _Step,
+    state: _Progress,
+    batch_size: int,
+    crop_jitter: bool,
+    max_steps: int,
+    epoch: int,
+    epochs: int,
+    progress: bool,
+) -> tuple[dict[str, float], int, float, bool]:
+    """One pass over the epoch's batches (seeded by run seed and epoch, as are the crops); returns the
+    mean loss terms, the faces seen, the seconds, and whether the step budget ended the epoch early."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(step.seed * 1_000_003 + epoch)
+    batches = epoch_batches(len(train), batch_size, gen, Dist())
+    model.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    budget_hit = False
+    t0 = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress)
+    for k, idx in enumerate(bar):
+        offsets = crop_offsets(len(idx), cfg, gen if crop_jitter else None)
+        x, lm = batch_inputs(train, idx, cfg, offsets)
+        terms = _train_step(model, opt, step, x, lm, train.labels[idx], epoch, k)
+        state.steps += 1
+        for name, v in terms.items():
+            sums[name] = sums.get(name, 0.0) + v * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{terms['total']:.4f}")
+        if max_steps and state.steps >= max_steps:
+            budget_hit = True
+            break
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {k: v / max(1, seen) for k, v in sums.items()}, seen, dt, budget_hit
+
+
+def _train_step(
+    model: SADFADNet,
+    opt: torch.optim.Optimizer,
+    step: _Step,
+    x: torch.Tensor,
+    lm: torch.Tensor,
+    labels: torch.Tensor,
+    epoch: int,
+    k: int,
+) -> dict[str, float]:
+    """One optimiser step on a batch; clean and occluded faces share one forward pass (one BatchNorm)."""
+    y = labels.to(step.device)
+    if step.use_occlusion:
+        xo, _ = step.occlusion.apply(x, lm, step.mesh, step_seed(step.seed, epoch, k))
+        out = model(torch.cat([x, xo]).to(step.device))
+        b = len(x)
+        occ_f, occ_m = out.features[b:], out.maps[b:]
+        clean_f, clean_m = out.features[:b], out.maps[:b]
+    else:
+        out = model(x.to(step.device))
+        clean_f, clean_m, occ_f, occ_m = out.features, out.maps, None, None
+    loss, terms, _ = sadfad_objective(
+        step.variant,
+        filters=model.filter_bank,
+        classify=model.classify,
+        clean_features=clean_f,
+        clean_maps=clean_m,
+        labels=y,
+        weights=step.weights,
+        occluded_features=occ_f,
+        occluded_maps=occ_m,
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, step {k + 1}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return terms
+
+
+def _save_checkpoint(
+    model: SADFADNet,
+    opt: torch.optim.Optimizer,
+    state: _Progress,
+    ckpt_path: Path,
+    epoch: int,
+    run_state: dict[str, Any] | None,
+) -> None:
+    """Everything ``_resume`` needs, written atomically after every epoch."""
+    save_atomic(
+        ckpt_path,
+        {
+            "epoch": epoch,
+            "steps": state.steps,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "best_state": state.best_state,
+            "best_score": state.best_score,
+            "best_epoch": state.best_epoch,
+            **checkpoint_tail(state.history, run_state),
+        },
     )
