@@ -33,7 +33,7 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 def _kind_uses(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
-    """(line, literal) where a string in ``names`` is used as a kind: compared, ``kind=``, or a KIND_/DEFAULT_ constant."""
+    """(line, literal) where a string in ``names`` is used as a kind: compared, ``kind=``, a KIND_/DEFAULT_ value."""
     found = []
     for node in ast.walk(tree):
         consts: list[ast.expr] = []
