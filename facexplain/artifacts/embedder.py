@@ -91,13 +91,34 @@ def save_embedder_bundle(
     elif pipeline is None:
         raise BundleError('weights="torch" needs the pipeline whose networks to save')
     assert isinstance(pipeline, FacePipeline)
-    info = pipeline.info
-    det = pipeline.detector
     components = _save_components(pipeline, out / "weights", src)
     shutil.copy2(golden_image, out / "golden" / "face.png")
+    meta = _embedder_metadata(pipeline, components, name=name, description=description)
+    meta.update(extra or {})
+    write_metadata(out, meta)
+    # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
+    if not metadata_errors(meta):
+        meta["golden"] = {**meta["golden"], "template": _golden_template(out, golden_image)}
+    write_metadata(out, meta)
+    return meta
+
+
+def _golden_template(out: Path, golden_image: Path) -> list[float]:
+    """The template the bundle just written gives its golden face: what a loader will actually get."""
+    loaded = load_bundle(out, verify=False)
+    result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
+    if result is None:
+        raise BundleError(f"no face found in the golden image {golden_image}")
+    return [float(v) for v in result.template.tolist()]
+
+
+def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, description: str) -> dict[str, Any]:
+    """bundle.json of an embedder: what the pipeline is (input, alignment, rule, detector) and its components."""
+    info = pipeline.info
+    det = pipeline.detector
     rec = pipeline.recognition_net
     mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
-    meta: dict[str, Any] = {
+    return {
         "format_version": BUNDLE_FORMAT,
         "kind": KIND_EMBEDDER,
         "name": name,
@@ -150,17 +171,6 @@ def save_embedder_bundle(
         "created_by": f"facexplain {facexplain.__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    meta.update(extra or {})
-    write_metadata(out, meta)
-    # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
-    if not metadata_errors(meta):
-        loaded = load_bundle(out, verify=False)
-        result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
-        if result is None:
-            raise BundleError(f"no face found in the golden image {golden_image}")
-        meta["golden"] = {**meta["golden"], "template": [float(v) for v in result.template.tolist()]}
-    write_metadata(out, meta)
-    return meta
 
 
 def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dict[str, dict[str, Any]]:

@@ -253,6 +253,25 @@ def build_faceset(
             fs.save(cached)
         return fs
 
+    fs = _detect_faces(root, records, pipeline, manifest, fr_key, label_names, batch_size, progress)
+    if cached is not None:
+        fs.save(cached)
+    return fs
+
+
+def _detect_faces(
+    root: Path,
+    records: Sequence[FaceRecord],
+    pipeline: Any,
+    manifest: str,
+    fr_key: str,
+    label_names: Sequence[str],
+    batch_size: int,
+    progress: bool,
+) -> FaceSet:
+    """The face set of ``records`` from scratch: detect, align and embed every image in batches (the
+    slow path :func:`build_faceset` takes when neither the cache nor a front end has the set)."""
+    info = pipeline.info
     t0 = time.perf_counter()
     paths: list[str] = []
     identities: list[str] = []
@@ -314,8 +333,6 @@ def build_faceset(
         failed=failed,
         meta=meta,
     )
-    if cached is not None:
-        fs.save(cached)
     return fs
 
 

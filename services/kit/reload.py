@@ -353,15 +353,7 @@ def serve_from_registry(
     artifact = kind_named(kind) if isinstance(kind, str) else kind
     kind = label = artifact.name
     if not settings.registry_uri:
-        if fallback is None:
-            slot: ModelSlot[T] = ModelSlot(None, label=label)
-            slot.record_failure(
-                f"no registry configured (FACEXPLAIN_REGISTRY_URI): a {kind} is served from the registry only"
-            )
-            return slot, None
-        served = fallback()
-        metrics.set_served(served.name, served.version, kind)
-        return ModelSlot(served, label=label), None
+        return _local_slot(metrics, kind, fallback), None
     name = name or settings.model_name or artifact.default_model
     alias = alias or settings.model_alias
     if not name:
@@ -380,23 +372,7 @@ def serve_from_registry(
         cache_dir=settings.model_cache_dir,
         device=settings.torch_device(),
     )
-    error = ""
-    reachable = True
-    initial: ServedModel[T] | None
-    try:
-        initial = watcher.initial()
-    except Exception as exc:  # unreachable, no such alias, or an invalid version: all leave the service up
-        reachable = not isinstance(exc, RegistryUnreachable)
-        error = f"start-up: {name}@{alias} not loaded: {exc}"
-        if not settings.registry_fallback_local:
-            raise RuntimeError(f"{error} (FACEXPLAIN_REGISTRY_FALLBACK_LOCAL is off)") from None
-        if fallback is None:
-            log.error("%s; no %s is served until the registry provides a valid version", error, kind)
-            initial = None
-        else:
-            log.error("%s; serving local weights until the registry provides a valid version", error)
-            initial = fallback()
-        metrics.reloads.labels(metrics.service, "failed").inc()
+    initial, error, reachable = _start_up_model(watcher, settings, metrics, f"{name}@{alias}", kind, fallback)
     slot = ModelSlot(initial, registry_uri=public_uri(settings.registry_uri), label=label)
     if initial is not None:
         metrics.set_served(initial.name, initial.version, kind)
@@ -407,6 +383,47 @@ def serve_from_registry(
     else:
         metrics.reloads.labels(metrics.service, "success").inc()
     return slot, watcher.start()
+
+
+def _local_slot(metrics: ServiceMetrics, kind: str, fallback: Callable[[], ServedModel[T]] | None) -> ModelSlot[T]:
+    """No registry: the local weights, or an empty slot for a kind that only the registry provides."""
+    if fallback is None:
+        slot: ModelSlot[T] = ModelSlot(None, label=kind)
+        slot.record_failure(
+            f"no registry configured (FACEXPLAIN_REGISTRY_URI): a {kind} is served from the registry only"
+        )
+        return slot
+    served = fallback()
+    metrics.set_served(served.name, served.version, kind)
+    return ModelSlot(served, label=kind)
+
+
+def _start_up_model(
+    watcher: ModelWatcher[T],
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    ref: str,
+    kind: str,
+    fallback: Callable[[], ServedModel[T]] | None,
+) -> tuple[ServedModel[T] | None, str, bool]:
+    """(model to start on, start-up error or "", registry reachable): the alias's version when it loads;
+    otherwise the local fallback (or nothing) when FACEXPLAIN_REGISTRY_FALLBACK_LOCAL allows, else raise."""
+    try:
+        return watcher.initial(), "", True
+    except Exception as exc:  # unreachable, no such alias, or an invalid version: all leave the service up
+        reachable = not isinstance(exc, RegistryUnreachable)
+        error = f"start-up: {ref} not loaded: {exc}"
+        if not settings.registry_fallback_local:
+            raise RuntimeError(f"{error} (FACEXPLAIN_REGISTRY_FALLBACK_LOCAL is off)") from None
+        initial: ServedModel[T] | None
+        if fallback is None:
+            log.error("%s; no %s is served until the registry provides a valid version", error, kind)
+            initial = None
+        else:
+            log.error("%s; serving local weights until the registry provides a valid version", error)
+            initial = fallback()
+        metrics.reloads.labels(metrics.service, "failed").inc()
+        return initial, error, reachable
 
 
 def _slot_names(slot: ModelSlot[Any]) -> set[str]:
