@@ -130,6 +130,18 @@ def verify_files(bundle_dir: Path | str, meta: dict[str, Any]) -> None:
             )
 
 
+def open_bundle(bundle_dir: Path | str, kind: str, *, verify: bool = True) -> tuple[Path, dict[str, Any]]:
+    """(directory, metadata) of a bundle that must be of ``kind``, its checksums verified first unless
+    ``verify=False``: every loader starts here, so no loader parses a file it has not checked."""
+    root = Path(bundle_dir)
+    meta = read_metadata(root)
+    if meta["kind"] != kind:
+        raise BundleError(f"{root.name}: this bundle is a {meta['kind']!r}, not a {kind!r}")
+    if verify:
+        verify_files(root, meta)
+    return root, meta
+
+
 def bundle_digest(meta: dict[str, Any]) -> str:
     """One hash over the weight files' hashes and the metadata that changes behaviour.
 

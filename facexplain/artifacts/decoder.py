@@ -32,8 +32,7 @@ from facexplain.artifacts.bundle import (
     BUNDLE_FORMAT,
     GOLDEN_IMAGE,
     BundleError,
-    read_metadata,
-    verify_files,
+    open_bundle,
     write_metadata,
 )
 from facexplain.artifacts.kind import ArtifactKind, register
@@ -188,12 +187,7 @@ def load_decoder_bundle(
 
     from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
 
-    root = Path(bundle_dir)
-    meta = read_metadata(root)
-    if meta["kind"] != KIND_DECODER:
-        raise BundleError(f"this bundle is a {meta['kind']!r}, not a decoder")
-    if verify:
-        verify_files(root, meta)
+    root, meta = open_bundle(bundle_dir, KIND_DECODER, verify=verify)
     try:
         cfg = DecoderConfig.from_dict(dict(meta["decoder"]))
     except (KeyError, TypeError, ValueError) as exc:

@@ -30,7 +30,12 @@ from typing import Any
 import numpy as np
 
 import facexplain
-from facexplain.artifacts.bundle import BUNDLE_FORMAT, BundleError, read_metadata, verify_files, write_metadata
+from facexplain.artifacts.bundle import (
+    BUNDLE_FORMAT,
+    BundleError,
+    open_bundle,
+    write_metadata,
+)
 from facexplain.artifacts.kind import ArtifactKind, register
 
 KIND_DIRECTION_SET = "direction_set"
@@ -281,12 +286,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def load_direction_bundle(bundle_dir: Path | str, *, verify: bool = True) -> DirectionSetData | EquivarianceSetData:
     """Read a ``direction_set`` bundle back (checksums first unless ``verify=False``)."""
-    root = Path(bundle_dir)
-    meta = read_metadata(root)
-    if meta["kind"] != KIND_DIRECTION_SET:
-        raise BundleError(f"this bundle is a {meta['kind']!r}, not a {KIND_DIRECTION_SET}")
-    if verify:
-        verify_files(root, meta)
+    root, meta = open_bundle(bundle_dir, KIND_DIRECTION_SET, verify=verify)
     fr = meta["fr_model"]
     method = str(meta.get("method", ""))
     try:

@@ -30,8 +30,8 @@ from facexplain.artifacts.bundle import (
     copy_faceapi,
     load_golden_image,
     metadata_errors,
+    open_bundle,
     read_metadata,
-    verify_files,
     write_metadata,
 )
 from facexplain.artifacts.kind import ArtifactKind, register
@@ -287,12 +287,7 @@ def load_bundle(
     from facexplain.metrics.verification import VerificationRule
     from facexplain.pipeline import DEFAULT_EMBEDDER, FacePipeline
 
-    root = Path(bundle_dir)
-    meta = read_metadata(root)
-    if meta["kind"] != KIND_EMBEDDER:
-        raise BundleError(f"load_bundle builds embedders; this bundle is a {meta['kind']!r}")
-    if verify:
-        verify_files(root, meta)
+    root, meta = open_bundle(bundle_dir, KIND_EMBEDDER, verify=verify)
     comps = meta["components"]
     missing = [c for c in _FACEAPI_COMPONENTS if c not in comps]
     if missing:

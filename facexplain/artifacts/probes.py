@@ -23,8 +23,7 @@ from facexplain.artifacts.bundle import (
     BUNDLE_FORMAT,
     BundleError,
     copy_faceapi,
-    read_metadata,
-    verify_files,
+    open_bundle,
     write_metadata,
 )
 from facexplain.artifacts.kind import ArtifactKind, register
@@ -137,12 +136,7 @@ def load_probe_bundle(
 
     from facexplain.attributes.accessory import AccessoryEstimator, FeatureExtractor, LinearProbeSet
 
-    root = Path(bundle_dir)
-    meta = read_metadata(root)
-    if meta["kind"] != KIND_ATTRIBUTE_PROBES:
-        raise BundleError(f"load_probe_bundle reads {KIND_ATTRIBUTE_PROBES!r} bundles; this one is a {meta['kind']!r}")
-    if verify:
-        verify_files(root, meta)
+    root, meta = open_bundle(bundle_dir, KIND_ATTRIBUTE_PROBES, verify=verify)
     try:
         probes = LinearProbeSet.load(root / Path(meta["probes"]["arrays"]).parent)
         extractor = FeatureExtractor(probes.blocks, device=device, model_dir=root / "weights")
