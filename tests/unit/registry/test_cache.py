@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -33,7 +33,7 @@ class FakeClient:
 class FakeRegistry(Registry):
     """A Registry whose MLflow client and artifact download are local folders."""
 
-    fetched: list[str] = []  # artifact folders downloaded, by every fake registry
+    fetched: ClassVar[list[str]] = []  # artifact folders downloaded, by every fake registry
 
     def __init__(self, uri: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(uri)
