@@ -2,6 +2,7 @@
 
 facexplain registry register-defaults            # the default FR model as a version (champion if none yet)
 facexplain registry promote facexplain-fr-dlib128 3 --alias champion
+facexplain registry promote facexplain-dfd-dlib128 2 --force --reason "demo: gates not met on 30 faces"
 facexplain registry list
 facexplain registry check facexplain-fr-dlib128 --alias challenger   # download, load, validate: promote-ready?
 
@@ -49,7 +50,7 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def _cmd_register_defaults(args: argparse.Namespace) -> int:
-    from facexplain.artifacts.bundle import bundle_digest
+    from facexplain.artifacts.bundle import BundleError, bundle_digest
     from facexplain.artifacts.embedder import save_embedder_bundle
     from registry import RegistryError, RegistryUnreachable, initial_alias
 
@@ -79,7 +80,7 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
                 print(f"{args.name}@{alias} -> version {info.version}")
         except RegistryUnreachable as exc:
             return _fail(f"{exc} (is it running? `make mlflow`)", 3)
-        except RegistryError as exc:
+        except (RegistryError, BundleError) as exc:
             return _fail(str(exc))
     print(f"done in {time.monotonic() - t0:.1f} s; registry UI: {_uri(args)}/#/models/{args.name}")
     return 0
@@ -89,12 +90,21 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from registry import RegistryError, RegistryUnreachable, promote
 
     try:
-        done = promote(_registry(args), args.name, args.version, args.alias, force=args.force)
+        done = promote(
+            _registry(args), args.name, args.version, args.alias, force=args.force, reason=args.reason, by=args.by
+        )
     except RegistryUnreachable as exc:
         return _fail(f"{exc} (is it running? `make mlflow`)", 3)
     except RegistryError as exc:
         return _fail(str(exc))
     was = f" (was version {done.previous})" if done.previous else ""
+    if done.forced:
+        tags = done.info.tags
+        print(
+            f"forced: {'; '.join(done.forced)}; recorded on {args.name} v{args.version}: "
+            f"promotion_forced_by={tags.get('promotion_forced_by', '')!r}, "
+            f"promotion_forced_reason={tags.get('promotion_forced_reason', '')!r}"
+        )
     print(f"{args.name}@{args.alias} -> version {args.version}{was}; services following it swap within their poll")
     return 0
 
@@ -207,7 +217,13 @@ def add_registry_parser(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--alias", default=CHAMPION, help=f"alias to move (default {CHAMPION})")
-    p.add_argument("--force", action="store_true", help="promote even if the version lacks required tags")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if the version lacks required tags or failed its quality gates (needs --reason then)",
+    )
+    p.add_argument("--reason", default="", help="why a refused version is forced (recorded as a version tag)")
+    p.add_argument("--by", default="", help="who forces it (default: FACEXPLAIN_USER, else the OS user)")
     p.set_defaults(func=_cmd_promote)
 
     ls = rsub.add_parser("list", help="registered models, versions and aliases")

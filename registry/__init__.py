@@ -4,10 +4,12 @@
 names from here. MLflow itself is imported lazily by the client, so importing this package is cheap.
 """
 
+from registry import cache
 from registry.client import Registry, VersionInfo, public_uri
 from registry.conventions import (
     ALIASES,
     ARTIFACT_PATH,
+    CANDIDATE,
     CHALLENGER,
     CHAMPION,
     COMMON_TAGS,
@@ -17,13 +19,23 @@ from registry.conventions import (
     REQUIRED_TAGS,
     check_model_name,
     missing_tags,
+    served_tags,
 )
 from registry.errors import RegistryError, RegistryNotFound, RegistryUnreachable
-from registry.promotion import Promotion, PromotionRefused, current_version, initial_alias, promote
+from registry.promotion import (
+    Promotion,
+    PromotionRefused,
+    current_version,
+    gates_failed,
+    initial_alias,
+    promote,
+    registration_alias,
+)
 
 __all__ = [
     "ALIASES",
     "ARTIFACT_PATH",
+    "CANDIDATE",
     "CHALLENGER",
     "CHAMPION",
     "COMMON_TAGS",
@@ -38,10 +50,14 @@ __all__ = [
     "RegistryNotFound",
     "RegistryUnreachable",
     "VersionInfo",
+    "cache",
     "check_model_name",
     "current_version",
+    "gates_failed",
     "initial_alias",
     "missing_tags",
     "promote",
     "public_uri",
+    "registration_alias",
+    "served_tags",
 ]

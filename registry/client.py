@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from facexplain.artifacts.bundle import BundleError, bundle_digest, flat_metadata, read_metadata, verify_files
+from registry import cache
 from registry.conventions import ARTIFACT_PATH, EXPERIMENT, check_model_name, missing_tags
 from registry.errors import RegistryError, RegistryNotFound, RegistryUnreachable
 
@@ -147,19 +148,30 @@ class Registry:
             )
         return out
 
-    def download(self, info: VersionInfo, cache_dir: Path | str) -> Path:
-        """The version's bundle directory, from ``cache_dir/<name>/<version>`` or downloaded there first.
+    def download(
+        self, info: VersionInfo, cache_dir: Path | str, *, keep: int = cache.KEEP, protect: tuple[Path, ...] = ()
+    ) -> Path:
+        """The version's bundle directory, from the cache or downloaded there first (:mod:`registry.cache`).
 
-        Downloads go to a temporary sibling and are renamed into place, so a crash mid-download never
-        leaves a half bundle that looks cached; checksums are verified by the loader either way.
+        The cache is keyed by this registry, the name, the version and its ``bundle_sha256`` tag: a
+        cached bundle is reused only when it provably is the version this registry describes, so two
+        registries whose v1 differ never serve each other's bundle. Downloads go to a temporary sibling
+        and are renamed into place, so a crash mid-download never leaves a half bundle that looks
+        cached; a downloaded bundle whose metadata digest differs from the tag is refused; file
+        checksums are verified by the loader either way. Older entries of the name are then pruned: the
+        ``keep`` most recently used stay (this one among them), and ``protect`` (the served version) too.
         """
         import mlflow.artifacts
 
-        dest = Path(cache_dir) / info.name / info.version
-        if (dest / "bundle.json").is_file():
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{info.version}-", dir=dest.parent))
+        where = public_uri(self.uri)
+        digest = info.tags.get("bundle_sha256", "")
+        entry = cache.entry_dir(cache_dir, where, info.name, info.version, digest)
+        hit = cache.reusable(entry, where, info.name, info.version, digest)
+        if hit is not None:
+            cache.prune(cache_dir, info.name, keep=keep - 1, protect=(entry, *protect))
+            return hit
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{info.version}-", dir=entry.parent))
         try:
             uri = self._call(
                 f"download URI of {info.name} v{info.version}",
@@ -179,12 +191,35 @@ class Registry:
             )
             if not (got / "bundle.json").is_file():
                 raise RegistryError(f"{info.name} v{info.version}: artifact {uri} holds no bundle.json")
-            if dest.exists():  # another process won the race
-                return dest
-            got.rename(dest)
-            return dest
+            actual = cache.metadata_digest(got)
+            if digest and actual and actual != digest:
+                raise RegistryError(
+                    f"{info.name} v{info.version}: the artifact's bundle digest {actual[:16]} differs from the "
+                    f"version's bundle_sha256 tag {digest[:16]}: it is not the bundle that was registered"
+                )
+            if got != tmp / cache.BUNDLE_DIR:
+                got.rename(tmp / cache.BUNDLE_DIR)
+            cache.write_marker(tmp, where, info.name, info.version, info.tags, run_id=info.run_id, source=info.source)
+            if entry.exists():  # stale (not reusable above), or another process just won the race
+                won = cache.reusable(entry, where, info.name, info.version, digest)
+                if won is not None:
+                    return won
+                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                tmp.rename(entry)
+            except OSError:  # another process renamed its copy in between
+                won = cache.reusable(entry, where, info.name, info.version, digest)
+                if won is None:
+                    raise
+                return won
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        cache.prune(cache_dir, info.name, keep=keep - 1, protect=(entry, *protect))
+        return entry / cache.BUNDLE_DIR
+
+    def evict(self, name: str, version: str, cache_dir: Path | str) -> None:
+        """Drop the cached copies of ``name`` v``version`` from this registry (it failed to load or validate)."""
+        cache.evict(cache_dir, public_uri(self.uri), name, version)
 
     # -- writing ---------------------------------------------------------------------------------------
     def ensure_model(self, name: str, kind: str, description: str = "") -> None:
@@ -235,9 +270,12 @@ class Registry:
         """
         root = Path(bundle_dir)
         check_model_name(name)
-        if check:
-            meta = read_metadata(root)
-            verify_files(root, meta)
+        if check:  # a bundle whose bytes changed since its manifest was written is never registered
+            try:
+                meta = read_metadata(root)
+                verify_files(root, meta)
+            except BundleError as exc:
+                raise BundleError(f"refusing to register {root} as {name}: {exc}") from None
         else:
             import json
 
@@ -298,6 +336,9 @@ class Registry:
         info = self.get_version(name, version)
         self._call(f"set {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
         return info
+
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        self._call(f"tag {name} v{version}", self.client.set_model_version_tag, name, str(version), key, value)
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._call(f"delete {name}@{alias}", self.client.delete_registered_model_alias, name, alias)

@@ -327,17 +327,12 @@ class TrackedRun(NullRun):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def default_alias(registry: Registry, name: str, wanted: str) -> str:
-    """``auto``: champion when the model has none yet (the first version serves), challenger otherwise."""
-    from registry import CHALLENGER, CHAMPION, RegistryNotFound  # torch: keep the CLI light
+def default_alias(registry: Registry, name: str, wanted: str, tags: dict[str, str] | None = None) -> str:
+    """``auto``: champion when the model has none yet (the first version serves), challenger otherwise;
+    a version whose ``tags`` record failed quality gates gets ``candidate`` instead (``registry.promotion``)."""
+    from registry import registration_alias  # torch: keep the CLI light
 
-    if wanted != "auto":
-        return wanted
-    try:
-        registry.resolve(name, CHAMPION)
-        return CHALLENGER
-    except RegistryNotFound:
-        return CHAMPION
+    return registration_alias(registry, name, wanted, tags)
 
 
 def open_registry(uri: str) -> Registry:
@@ -353,7 +348,7 @@ def register_from_run(
 ) -> dict[str, str]:
     """Register ``bundle`` from its own training run (the version links back to the run's figures);
     returns what ``print_registration`` prints and the run summary keeps."""
-    alias = default_alias(registry, name, wanted_alias)
+    alias = default_alias(registry, name, wanted_alias, tags)
     info = registry.register_bundle(bundle, name, alias=alias or None, extra_tags=tags, run_id=run_id)
     return {"name": info.name, "version": info.version, "alias": alias}
 
@@ -370,6 +365,11 @@ def print_registration(registered: dict[str, Any] | None) -> None:
     if registered:
         alias = f" as @{registered['alias']}" if registered.get("alias") else ""
         print(f"registered {registered['name']} version {registered['version']}{alias}")
+        if registered.get("alias") == "candidate":
+            print(
+                "  its quality gates failed: not served (champion unchanged); to serve it anyway: "
+                f'facexplain registry promote {registered["name"]} {registered["version"]} --force --reason "..."'
+            )
 
 
 def print_summary_json(summary: Any) -> None:

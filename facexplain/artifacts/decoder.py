@@ -277,6 +277,27 @@ def _validate(model: LoadedDecoder, path: Path, meta: dict[str, Any]) -> dict[st
     }
 
 
+# The held-out figures a decoder's training records (unseen identities; ``training.metrics``), repeated as
+# registry tags and in ModelStatus under the same names the training pipeline tags its versions with.
+HELDOUT_METRICS = ("test_psnr", "test_ssim", "test_identity_cosine", "test_accepted", "test_rank1")
+
+
+def _describe(meta: dict[str, Any]) -> dict[str, str]:
+    """The held-out metrics and the gates' outcome from the bundle's ``training`` block (when recorded)."""
+    training = meta.get("training") or {}
+    if not isinstance(training, dict):
+        return {}
+    metrics = training.get("metrics") or {}
+    out = {}
+    for key in HELDOUT_METRICS:
+        value = metrics.get(key) if isinstance(metrics, dict) else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[key] = f"{value:.4f}"
+    if isinstance(training.get("gates_passed"), bool):
+        out["gates_passed"] = str(training["gates_passed"]).lower()
+    return out
+
+
 KIND = register(
     ArtifactKind(
         name=KIND_DECODER,
@@ -287,5 +308,6 @@ KIND = register(
         save=save_decoder_bundle,
         load=_load,
         validate=_validate,
+        describe=_describe,
     )
 )

@@ -128,7 +128,7 @@ class DirectionStore:
         except RegistryNotFound as exc:
             raise NotFound(str(exc)) from None
         except (RegistryError, BundleError) as exc:
-            shutil.rmtree(Path(self.settings.model_cache_dir) / info.name / info.version, ignore_errors=True)
+            registry.evict(info.name, info.version, self.settings.model_cache_dir)
             raise FailedPrecondition(f"{info.name} v{info.version} cannot be used as a direction set: {exc}") from None
         entry = StoredSet(data, info.name, info.version, "")
         with self._lock:

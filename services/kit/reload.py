@@ -1,11 +1,11 @@
 """Hot reloading: follow a registry alias, load the new version beside the old one, validate it, swap.
 
 The watcher is one daemon thread per service. Every ``poll_interval_s`` it resolves alias -> version
-(one REST call). When the version differs from the served one it downloads the bundle (cached per
-version), loads it *beside* the served model (requests keep using the old one meanwhile), validates
-it on the bundle's golden input, and only then swaps it into the :class:`~services.kit.models.ModelSlot`
-with one reference assignment. Requests that snapshotted the old version finish on it; the old
-model is freed when the last of them returns.
+(one REST call). When the version differs from the served one it downloads the bundle (cached by
+registry, version and digest: ``registry.cache``), loads it *beside* the served model (requests keep
+using the old one meanwhile), validates it on the bundle's golden input, and only then swaps it into
+the :class:`~services.kit.models.ModelSlot` with one reference assignment. Requests that snapshotted
+the old version finish on it; the old model is freed when the last of them returns.
 
 A version that fails to download, load or validate is never served: the old version keeps serving,
 the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
@@ -22,7 +22,6 @@ fallback, and the watcher fills it once the registry offers a valid version.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from facexplain.artifacts import ArtifactKind, kind_named
-from facexplain.artifacts.bundle import BundleError, flat_metadata, read_metadata
+from facexplain.artifacts.bundle import BundleError, bundle_digest, flat_metadata, read_metadata
 from registry import (
     Registry,
     RegistryError,
@@ -39,6 +38,7 @@ from registry import (
     VersionInfo,
     missing_tags,
     public_uri,
+    served_tags,
 )
 from services.api.v1 import common_pb2
 from services.kit.config import ServiceSettings
@@ -102,6 +102,8 @@ class ModelWatcher(Generic[T]):
         self._thread: threading.Thread | None = None
         self._rejected: dict[str, str] = {}  # version -> why; not retried by polls
         self._last_error = ""
+        self._served_path: Path | None = None  # the cache entry of the served version: never pruned
+        self._loaded_path: Path | None = None  # that of the version last loaded (served once swapped)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def attach(self, slot: ModelSlot[T]) -> None:
@@ -142,6 +144,7 @@ class ModelWatcher(Generic[T]):
         except Exception as exc:
             self._reject(info.version, f"{info.name} v{info.version} (@{self.alias}) rejected: {exc}")
             raise
+        self._served_path = self._loaded_path
         return served
 
     def check(self, force: bool = False) -> ReloadOutcome:
@@ -178,6 +181,7 @@ class ModelWatcher(Generic[T]):
                 msg = f"{info.name} v{info.version} (@{self.alias}) rejected, {still}: {exc}"
                 return self._fail(msg, count=True, version=info.version)
             old = slot.swap(served)
+            self._served_path = self._loaded_path
             self._rejected.pop(info.version, None)
             self._last_error = ""
             self.metrics.set_served(served.name, served.version, self.kind)
@@ -202,7 +206,8 @@ class ModelWatcher(Generic[T]):
         """Download, load beside the served model, check metadata, validate on the golden input."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        path = self.registry.download(info, self.cache_dir)
+        protect = (self._served_path,) if self._served_path is not None else ()
+        path = self._loaded_path = self.registry.download(info, self.cache_dir, protect=protect)
         timings["download"] = time.perf_counter() - t0
         meta = read_metadata(path)
         problems = metadata_problems(self.kind, info, meta, self.require)
@@ -211,7 +216,13 @@ class ModelWatcher(Generic[T]):
         t1 = time.perf_counter()
         model = self.loader(path, info, self.device)
         timings["load"] = time.perf_counter() - t1
-        metadata = {**flat_metadata(meta), "registry_run_id": info.run_id, "registry_source": info.source}
+        metadata = {
+            **flat_metadata(meta),
+            **served_tags(info.tags),
+            "bundle_sha256": info.tags.get("bundle_sha256") or bundle_digest(meta),
+            "registry_run_id": info.run_id,
+            "registry_source": info.source,
+        }
         candidate = ServedModel(
             name=info.name,
             version=info.version,
@@ -248,7 +259,7 @@ class ModelWatcher(Generic[T]):
     def _reject(self, version: str, msg: str) -> None:
         """Remember a bad version (polls skip it) and drop its cached download (a retry fetches it afresh)."""
         self._rejected[version] = msg
-        shutil.rmtree(self.cache_dir / self.model_name / version, ignore_errors=True)
+        self.registry.evict(self.model_name, version, self.cache_dir)
 
     def _fail(self, msg: str, *, count: bool, version: str) -> ReloadOutcome:
         assert self.slot is not None

@@ -32,10 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
-from facexplain.artifacts.bundle import BUNDLE_JSON, bundle_digest, read_metadata
+from facexplain.artifacts.bundle import BUNDLE_JSON, bundle_digest, read_metadata, write_metadata
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, load_bundle, save_embedder_bundle
-from registry import Registry
+from registry import CANDIDATE, CHAMPION, EXPERIMENT, Registry
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from training.common import register_from_run
 
 pytestmark = pytest.mark.integration
 
@@ -319,6 +320,10 @@ def svc(
     assert not re.search(r"(-?\d+\.\d+,\s*){8,}", service.log_text())
 
 
+def versions_tag(uri: str, version: str, key: str) -> str:
+    return Registry(uri, timeout_s=10).get_version(NAME, version).tags[key]
+
+
 def _set_champion(versions: dict[str, Any], version: str) -> float:
     versions["registry"].set_alias(NAME, "champion", version)
     return time.monotonic()
@@ -337,6 +342,7 @@ def test_serves_the_champion_by_alias(svc: RunningService, mlflow: MlflowHandle)
     assert m.serving and m.kind == "embedder" and m.device == "cpu" and m.loaded_at.seconds > 0
     assert m.metadata["template_dim"] == "128" and float(m.metadata["golden_cosine"]) > 0.999
     assert m.metadata["registry_source"].startswith("runs:/") and m.metadata["registry_source"].endswith("/bundle")
+    assert m.metadata["bundle_sha256"] == versions_tag(mlflow.uri, "1", "bundle_sha256")
     assert _registry_up(svc) == 1
     _figure("initial_reload_timings_s", {k: m.metadata[k] for k in sorted(m.metadata) if k.startswith("reload_")})
 
@@ -558,3 +564,101 @@ def test_cli_list_and_refusals(
     assert "not found" in capsys.readouterr().err.lower()
     assert main(["registry", "list", "--uri", "http://127.0.0.1:9", "--timeout", "2"]) == 3
     assert "unreachable" in capsys.readouterr().err
+
+
+# -- issue 21: the cache keys a version by what it is; the promotion policy -------------------------------
+
+
+def test_two_registries_whose_v1_differ_are_served_correctly_from_one_cache(
+    mlflow: MlflowHandle, versions: dict[str, Any], tmp_path: Path
+) -> None:
+    """v1 of one name is another bundle in a second registry; one cache folder serves each its own."""
+    reg_a: Registry = versions["registry"]
+    a1 = reg_a.get_version(NAME, "1")
+    bundle_b = tmp_path / "bundle-b"
+    shutil.copytree(reg_a.download(a1, tmp_path / "fetch"), bundle_b)
+    meta = json.loads((bundle_b / BUNDLE_JSON).read_text())
+    meta["notes"] = "registry B's build"  # same weights, other metadata: another digest
+    write_metadata(bundle_b, meta)
+    t0 = time.monotonic()
+    server_b = start_mlflow(tmp_path / "mlflow-b", timeout=180)
+    try:
+        reg_b = Registry(server_b.uri, timeout_s=10, max_retries=2)
+        b1 = reg_b.register_bundle(bundle_b, NAME, description="registry B's v1")
+        assert b1.version == "1" and b1.tags["bundle_sha256"] != a1.tags["bundle_sha256"]
+        for reg in (reg_a, reg_b):  # an alias no other test moves, on v1 in both registries
+            reg.set_alias(NAME, "cachetest", "1")
+        cache = tmp_path / "shared-cache"
+        served = {}
+        for label, uri, want in (("a", mlflow.uri, a1), ("b", server_b.uri, b1)):
+            (tmp_path / f"svc-{label}").mkdir()
+            service = start_service(
+                "embedding",
+                tmp_path / f"svc-{label}",
+                env={
+                    "FACEXPLAIN_REGISTRY_URI": uri,
+                    "FACEXPLAIN_MODEL_NAME": NAME,
+                    "FACEXPLAIN_MODEL_ALIAS": "cachetest",
+                    "FACEXPLAIN_REGISTRY_FALLBACK_LOCAL": "false",
+                    "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
+                },
+                timeout=180,
+            )
+            try:
+                m = _serving(service)
+            finally:
+                assert service.stop() == 0
+            assert m.model.version == "1"
+            assert m.metadata["bundle_sha256"] == want.tags["bundle_sha256"], f"registry {label} served another v1"
+            served[label] = m.metadata["bundle_sha256"]
+        entries = sorted(p.name for p in (cache / NAME).iterdir())
+        assert len(entries) == 2 and all(e.startswith("1-") for e in entries), entries
+        markers = [json.loads((cache / NAME / e / "source.json").read_text()) for e in entries]
+        assert {m["bundle_sha256"] for m in markers} == set(served.values())
+    finally:
+        server_b.stop()
+    _figure("two_registries_one_cache_s", round(time.monotonic() - t0, 1))
+
+
+def test_failed_gates_never_become_champion_and_forcing_is_recorded(
+    mlflow: MlflowHandle, versions: dict[str, Any], tmp_path: Path
+) -> None:
+    reg: Registry = versions["registry"]
+    name = "facexplain-fr-gatetest"
+    bundle = reg.download(reg.get_version(NAME, "1"), tmp_path / "fetch")
+    exp = reg.client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else reg.client.create_experiment(EXPERIMENT)
+
+    def train_and_register(passed: bool) -> dict[str, str]:  # what a training pipeline's last step does
+        run_id = reg.client.create_run(exp_id, run_name="gates-test").info.run_id
+        tags = {"gates_passed": str(passed).lower(), "test_psnr": "12.0000" if not passed else "15.0000"}
+        if not passed:
+            tags["gates_failed"] = "test_psnr"
+        return register_from_run(reg, bundle, name, "auto", tags, run_id)
+
+    first = train_and_register(True)
+    assert first == {"name": name, "version": "1", "alias": CHAMPION}
+    failed = train_and_register(False)
+    assert failed["alias"] == CANDIDATE  # auto would have said challenger; champion never moves
+    assert reg.resolve(name, CHAMPION).version == "1"
+    assert reg.resolve(name, CANDIDATE).version == failed["version"] == "2"
+
+    res = _cli("promote", name, "2", uri=mlflow.uri)
+    assert res.returncode == 1 and "quality gates failed (gates_passed=false: test_psnr)" in res.stderr, res.stderr
+    assert "--force --reason" in res.stderr
+    res = _cli("promote", name, "2", "--force", uri=mlflow.uri)
+    assert res.returncode == 1 and "needs --reason" in res.stderr, res.stderr
+    assert reg.resolve(name, CHAMPION).version == "1"
+    assert "promotion_forced_by" not in reg.get_version(name, "2").tags
+
+    res = _cli(
+        "promote", name, "2", "--force", "--reason", "accepted for the audit demo", uri=mlflow.uri,
+        env={"FACEXPLAIN_USER": "integration-test"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "forced:" in res.stdout and f"{name}@champion -> version 2 (was version 1)" in res.stdout
+    tags = Registry(mlflow.uri, timeout_s=10).get_version(name, "2").tags  # read back from MLflow
+    assert tags["promotion_forced_by"] == "integration-test"
+    assert tags["promotion_forced_reason"] == "accepted for the audit demo"
+    assert tags["promotion_forced_at"].startswith("20") and tags["gates_passed"] == "false"
+    assert reg.resolve(name, CHAMPION).version == "2"

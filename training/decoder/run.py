@@ -246,6 +246,8 @@ def train_decoder(
     if register:
         tags = {k: f"{v:.4f}" for k, v in ev.metrics.items() if k.startswith("test_") and math.isfinite(v)}
         tags["gates_passed"] = str(ev.passed).lower()
+        if not ev.passed:  # what `facexplain registry promote` names when it refuses the version
+            tags["gates_failed"] = ",".join(k for k, ok in ev.gates.items() if not ok) or "no test faces"
         tags["data_manifest_sha256"] = summary.data_manifest_sha256
         summary.registered = register_from_run(registry, bundle, cfg.register_as, cfg.alias, tags, mlrun.run_id)
     write_summary(mlrun, out_dir, summary)

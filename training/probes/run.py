@@ -352,6 +352,8 @@ def _register(
     """Register the bundle from the training run itself, so the version links to its figures."""
     tags = {k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_") and "balanced" in k and math.isfinite(v)}
     tags["gates_passed"] = str(bool(gates) and all(gates.values())).lower()
+    if tags["gates_passed"] == "false":
+        tags["gates_failed"] = ",".join(k for k, ok in gates.items() if not ok) or "no gates evaluated"
     return register_from_run(open_registry(uri), bundle, cfg.register_as, cfg.alias, tags, run_id)
 
 

@@ -8,6 +8,7 @@ registry, no server, no weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,14 @@ class Registry:
             raise RegistryNotFound(f"resolve {name}@{alias}: Registered Model with name={name} not found")
         return VersionInfo(name, self.alias, alias, tags=dict(TAGS))
 
-    def download(self, info: VersionInfo, cache_dir: Path) -> Path:
+    def download(self, info: VersionInfo, cache_dir: Path, *, keep: int = 3, protect: tuple[Path, ...] = ()) -> Path:
         path = Path(cache_dir) / info.name / info.version
         path.mkdir(parents=True, exist_ok=True)
         (path / "bundle.json").write_text(json.dumps(META))
         return path
+
+    def evict(self, name: str, version: str, cache_dir: Path) -> None:
+        shutil.rmtree(Path(cache_dir) / name / version, ignore_errors=True)
 
 
 def _served(name: str, version: str, kind: str = "embedder") -> ServedModel[str]:

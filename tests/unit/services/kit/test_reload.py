@@ -9,6 +9,7 @@ and say when the registry is unreachable and when it is back.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -58,12 +59,15 @@ class FakeRegistry:
             raise RegistryNotFound(f"alias {alias} not found")
         return VersionInfo(name, self.alias, alias, run_id=f"run{self.alias}", tags=dict(TAGS))
 
-    def download(self, info: VersionInfo, cache_dir: Path) -> Path:
+    def download(self, info: VersionInfo, cache_dir: Path, *, keep: int = 3, protect: tuple[Path, ...] = ()) -> Path:
         self.downloads.append(info.version)
         path = Path(cache_dir) / info.name / info.version
         path.mkdir(parents=True, exist_ok=True)
         (path / "bundle.json").write_text(json.dumps({**META, **self.versions[info.version]}))
         return path
+
+    def evict(self, name: str, version: str, cache_dir: Path) -> None:
+        shutil.rmtree(Path(cache_dir) / name / version, ignore_errors=True)
 
 
 def _loader(path: Path, info: VersionInfo, device: str) -> str:
