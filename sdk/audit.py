@@ -93,6 +93,26 @@ RUN_SCOPED_KEYS = ("started", "finished")
 DATA_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
 
+# What a served version's registry tags say about how far to trust it (ModelStatus metadata): the held-out
+# figures its training recorded, its quality gates, and who forced it into service despite them.
+CARD_KEYS = (
+    "test_psnr",
+    "test_ssim",
+    "test_identity_cosine",
+    "test_accepted",
+    "test_rank1",
+    "gates_passed",
+    "gates_failed",
+    "promotion_forced_by",
+    "promotion_forced_reason",
+)
+
+
+def model_card(metadata: dict[str, str]) -> dict[str, str]:
+    """The trust-relevant part of a served model's metadata (empty for a model that records none)."""
+    return {k: metadata[k] for k in CARD_KEYS if metadata.get(k, "") != ""}
+
+
 class AuditError(Exception):
     """A step that cannot go on; ``code`` is the CLI's exit status."""
 
@@ -365,6 +385,7 @@ class Audit:
                 "serving": bool(m.serving),
                 "device": m.device,
                 "loaded_at": m.loaded_at.ToJsonString() if m.HasField("loaded_at") else "",
+                "card": model_card(dict(m.metadata)),
             }
             for m in st.models
         ]

@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from facexplain.artifacts.decoder import KIND_DECODER
+
 RUN_SCOPED = ("started", "finished")
 SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "mirror", "counterfactuals")
 
@@ -99,10 +101,48 @@ def _models(r: dict[str, Any]) -> str:
     )
 
 
+def _decoder_card(r: dict[str, Any]) -> dict[str, str] | None:
+    """The card of the decoder the decoding service serves (what every decoded picture comes from)."""
+    for m in r.get("models", {}).get("services", {}).get("decoding", {}).get("models", []):
+        if m["kind"] == KIND_DECODER and m["serving"]:
+            return dict(m.get("card") or {})
+    return None
+
+
+def _trust(r: dict[str, Any]) -> str:
+    """How far to trust a decoded picture: the decoder's held-out figures and gates, said beside every one."""
+    card = _decoder_card(r)
+    if card is None:
+        return ""
+    figures = [
+        (f"PSNR {_num(float(card['test_psnr']), 2)} dB" if "test_psnr" in card else ""),
+        (f"SSIM {_num(float(card['test_ssim']))}" if "test_ssim" in card else ""),
+        (f"identity cosine {_num(float(card['test_identity_cosine']))}" if "test_identity_cosine" in card else ""),
+        (f"accepted as the same person {_num(float(card['test_accepted']), 2)}" if "test_accepted" in card else ""),
+    ]
+    said = ", ".join(f for f in figures if f)
+    text = (
+        f"The decoder's recorded figures on identities it never saw: {said}."
+        if said
+        else ("The decoder records no held-out figures: nothing says how close its pictures are to the faces.")
+    )
+    if card.get("gates_passed") == "false":
+        failed = card.get("gates_failed", "")
+        text += f" It did <b>not</b> pass its quality gates{' (' + _e(failed) + ')' if failed else ''}"
+        if card.get("promotion_forced_reason"):
+            text += (
+                f"; {_e(card.get('promotion_forced_by', 'someone'))} put it into service anyway: "
+                f"&ldquo;{_e(card['promotion_forced_reason'])}&rdquo;"
+            )
+        text += ". Read its pictures as rough sketches, not as what the template encodes."
+        return f'<p class="warn"><b>Decoded pictures:</b> {text}</p>'
+    return f'<p class="muted">Decoded pictures: {text}</p>'
+
+
 def _reconstructions(r: dict[str, Any]) -> str:
     sec = r["reconstructions"]
     s = sec["summary"]
-    out = (
+    out = _trust(r) + (
         f"<p>{s['n']} faces decoded from their templates by {_ref(sec.get('decoder'))} "
         f"(FR model {_ref(sec.get('fr_model'))}). Mean PSNR {_num(s['psnr'], 2)} dB, SSIM {_num(s['ssim'])}, "
         f"identity cosine {_num(s['identity_cosine'])}; the FR model accepts {_num(s['same_person_rate'], 2)} "
@@ -149,7 +189,7 @@ def _set_summary(s: dict[str, Any]) -> str:
 
 def _ssi(r: dict[str, Any]) -> str:
     sec = r["ssi"]
-    out = (
+    out = _trust(r) + (
         f"<p>Regions {_e(', '.join(sec['regions']))}; {sec['max_pairs']} donor pairs per region, "
         f"{sec['n_components']} components, seed {sec['seed']}. Each strip moves one face along the region's "
         "first direction.</p>"
@@ -165,7 +205,7 @@ def _ssi(r: dict[str, Any]) -> str:
 
 
 def _labels(r: dict[str, Any]) -> str:
-    out = ""
+    out = _trust(r)
     for d in r["labels"]["directions"]:
         title = f"<h3>{_e(d['label'])} ({_e(d['method'])})</h3>"
         if d.get("skipped"):
@@ -227,7 +267,7 @@ def _counterfactuals(r: dict[str, Any]) -> str:
     rule = sec["rule"]
     n = sec["n_pairs"]
     rates = sec["rates"]
-    out = (
+    out = _trust(r) + (
         f"<p>{_e(sec['pairs_source'])}: {n['genuine']} genuine and {n['impostor']} impostor pairs scored "
         f"({n['skipped']} skipped); rule {_e(rule.get('metric', ''))} "
         f"{'&lt;' if rule.get('accept_below') else '&gt;'} {_num(rule.get('threshold'))}. Accepted: genuine "
@@ -280,6 +320,7 @@ body{font-family:sans-serif;margin:2em auto;max-width:1180px;color:#222;line-hei
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}th{background:#eee}
 table.compact{font-size:.8em}.muted{color:#777}
+.warn{background:#fff3cd;border:1px solid #d9a400;padding:.4em .8em}
 img.wide{max-width:100%}img.strip{max-width:100%;height:auto}img.face{width:128px;height:128px}
 figure{display:inline-block;margin:4px}figcaption{font-size:.8em;color:#555}
 section{border-top:2px solid #444;margin-top:2em}code{background:#f4f4f4}
