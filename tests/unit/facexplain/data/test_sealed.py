@@ -27,14 +27,16 @@ def _celeba_identities(celeba_dir: Path) -> list[str]:
 def test_committed_list_is_the_rule_on_the_celeba_labels(celeba_dir: Path) -> None:
     identities = _celeba_identities(celeba_dir)
     sealed = sealed_identities(identities)
-    assert len(set(identities)) == 251 and len(sealed) == 25
+    assert len(set(identities)) == 251 and len(sealed) == 28
     assert sorted(read_identity_list(SEALED_LIST)) == sorted(sealed)
 
 
 def test_rule_is_deterministic_and_order_free() -> None:
     ids = [f"id{k}" for k in range(200)]
     assert sealed_identities(ids) == sealed_identities(reversed(ids + ids))
-    assert len(sealed_identities(ids)) == 20
+    assert 10 <= len(sealed_identities(ids)) <= 30
+    # per identity: a subset of the identities has the subset of the sealed set
+    assert sealed_identities(ids[:50]) == sealed_identities(ids) & set(ids[:50])
     assert sealed_identities(ids, salt="other") != sealed_identities(ids)
     assert sealed_identities(ids, fraction=0.0) == set()
     with pytest.raises(ValueError):
