@@ -36,7 +36,7 @@ from facexplain.attributes.accessory import (
 from facexplain.attributes.pose import image_landmarks
 from facexplain.attributes.probe import identity_split
 from facexplain.data.faces import FaceRecord
-from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.data.faceset import FaceSet, build_faceset, drop_sealed, records_from_spec
 from facexplain.models.landmarks import FaceLandmark68Net
 from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
 from training.common import (
@@ -217,6 +217,10 @@ def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> 
     missing = [label for label in labels if label not in faces.label_names]
     if missing:
         raise ValueError(f"the face set has no label(s) {', '.join(missing)}; it has: {', '.join(faces.label_names)}")
+    sealed_dropped = 0
+    if cfg.exclude_sealed:  # the shipped models' sealed identities go before the split
+        faces, sealed_dropped = drop_sealed(faces)
+        assert faces.labels is not None
     y = faces.labels[:, [faces.label_names.index(label) for label in labels]].numpy().astype(np.float64)
     train_idx, test_idx = identity_split(faces.identities, cfg.test_fraction, cfg.split_seed)
     if len(train_idx) == 0:
@@ -230,6 +234,8 @@ def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> 
         "identities_test": len(set(ids[test_idx].tolist())),
         "failed": len(faces.failed),
     }
+    if cfg.exclude_sealed:
+        sizes["sealed_identities_dropped"] = sealed_dropped
     return _Data(faces, y, ids, train_idx, test_idx, sizes)
 
 
