@@ -212,15 +212,14 @@ def train_probes(
 
 def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> _Data:
     """The label matrix and the identity-disjoint train / test split, refused early when a label is absent."""
+    sealed_dropped = 0
+    if cfg.exclude_sealed:  # the shipped models' sealed identities go before the split
+        faces, sealed_dropped = drop_sealed(faces)
     if faces.labels is None:
         raise ValueError("the face set has no labels (a CelebA-style labels.csv is needed)")
     missing = [label for label in labels if label not in faces.label_names]
     if missing:
         raise ValueError(f"the face set has no label(s) {', '.join(missing)}; it has: {', '.join(faces.label_names)}")
-    sealed_dropped = 0
-    if cfg.exclude_sealed:  # the shipped models' sealed identities go before the split
-        faces, sealed_dropped = drop_sealed(faces)
-        assert faces.labels is not None
     y = faces.labels[:, [faces.label_names.index(label) for label in labels]].numpy().astype(np.float64)
     train_idx, test_idx = identity_split(faces.identities, cfg.test_fraction, cfg.split_seed)
     if len(train_idx) == 0:
