@@ -4,12 +4,18 @@
     python bench/bench_decoder.py ablation --minutes 4  # loss combinations like DFD's Table 1, same split
     python bench/bench_decoder.py quality [--summary var/train/celeba-cpu/summary.json]
                                                         # the recipe's run against the quality gates
+    python bench/bench_decoder.py heldout [--decoder NAME@ALIAS] [--max-faces N]
+                                                        # a registered decoder, served, on the sealed identities
 
 Throughput times full training steps (forward, the DFD losses, backward, Adam) on real CelebA chips
 and templates from the cached face set, per loss setting, after warm-up. The ablation trains one
 decoder per loss combination with the same split, seed, architecture and time budget through the
 real pipeline (``training.decoder.run.train_decoder``, logged to MLflow, not registered) and
-reports the test-split figures. Results go to bench/results/decoder-*.json with the machine and date.
+reports the test-split figures. The held-out evaluation starts a real decoding service on loopback
+against the registry and sends it every image of the sealed identities (data/splits/celeba-sealed.txt:
+no shipped model trains, validates or is chosen on them); the figures are the service's own (Reconstruct's
+metrics), judged against the quality gates. Results go to bench/results/decoder-*.json with the machine
+and date.
 """
 
 from __future__ import annotations
@@ -24,22 +30,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write
-from facexplain.artifacts.embedder import load_bundle
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL, KIND_DECODER
+from facexplain.artifacts.embedder import KIND_EMBEDDER, load_bundle
 from facexplain.data.faceset import build_faceset, records_from_spec
 from facexplain.losses.dfd import PerceptualFeatures, dfd_loss
 from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.paths import var_dir
-from registry import Registry
+from registry import CHAMPION, Registry
 from training.decoder.config import PRESETS, TrainDecoderConfig
 from training.decoder.data import split_faceset
 from training.decoder.run import FACESET_CACHE, QUALITY_GATES, resolve_fr_model, train_decoder
 
 CELEBA = "../shared/data/celeba_subset"
+REPO = Path(__file__).resolve().parent.parent
+SEALED_LIST = REPO / "data" / "splits" / "celeba-sealed.txt"
 
 # (label, overrides) on top of the celeba-cpu recipe (perceptual weight 0.03): the DFD paper's Table 1
 # varies which of the pixel / gradient / perceptual terms are on, each global + local; we add the
@@ -197,16 +207,140 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The held-out judgement of a shipped decoder (issue 21): the training gates' bounds on the figures the
+# decoding service itself returns, read from training.decoder.run so the numbers live in one place.
+HELDOUT_GATES: dict[str, float] = {k: QUALITY_GATES[f"test_{k}"] for k in ("psnr", "ssim", "identity_cosine")}
+
+
+def heldout_gates(means: dict[str, float]) -> dict[str, bool]:
+    """Each held-out gate passed? (a missing or NaN mean fails)"""
+    return {k: bool(means.get(k, float("nan")) >= bound) for k, bound in HELDOUT_GATES.items()}
+
+
+def heldout_summary(rows: list[dict[str, Any]], misses: list[tuple[str, str]], n_identities: int) -> dict[str, Any]:
+    """The result's figures from one row per reconstructed face (identity, psnr, ssim, identity_cosine,
+    same_person) and the faces the service could not reconstruct (path, reason)."""
+    means = {
+        k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in ("psnr", "ssim", "identity_cosine")
+    }
+    accepted = float(np.mean([bool(r["same_person"]) for r in rows])) if rows else float("nan")
+    gates = heldout_gates(means)
+    return {
+        "identities": n_identities,
+        "identities_reconstructed": len({r["identity"] for r in rows}),
+        "faces": len(rows),
+        "misses": len(misses),
+        "missed": [list(m) for m in misses],
+        "mean": {**means, "accepted": accepted},
+        "gate_bounds": {k: f">= {bound}" for k, bound in HELDOUT_GATES.items()},
+        "gates": gates,
+        "passed": bool(rows) and all(gates.values()),
+    }
+
+
+def _served_models(status: Any) -> dict[str, dict[str, Any]]:
+    """ModelStatus -> {kind: {name, version, alias, bundle_sha256, metadata}} of the serving models."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in status.models:
+        if m.serving or m.kind not in out:
+            meta = dict(m.metadata)
+            out[m.kind] = {
+                "name": m.model.name,
+                "version": m.model.version,
+                "alias": m.model.alias,
+                "bundle_sha256": meta.get("bundle_sha256", ""),
+                "metadata": meta,
+            }
+    return out
+
+
+def heldout(args: argparse.Namespace) -> dict[str, Any]:
+    """A registered decoder through the running decoding service on the sealed CelebA identities."""
+    import grpc  # the service and its client only for this subcommand
+
+    from cli.launcher import start_service
+    from facexplain.data.splits import read_identity_list
+    from sdk.client import DecodingClient, image_from_path
+    from training.decoder.run import parse_model_spec
+
+    per_image_codes = {  # as `facexplain reconstruct`: errors that belong to one image
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+    uri = _registry_uri(args)
+    name, ref = parse_model_spec(args.decoder)
+    sealed = set(read_identity_list(SEALED_LIST))
+    root, records, _ = records_from_spec(args.data)
+    faces = sorted((r for r in records if r.identity in sealed), key=lambda r: r.path)
+    if not faces:
+        sys.exit(f"no image of a sealed identity ({SEALED_LIST}) under {args.data}")
+    if args.max_faces:
+        faces = faces[: args.max_faces]
+    if ref.isdigit():
+        sys.exit(f"--decoder {args.decoder}: the service serves an alias; point one (e.g. candidate) at that version")
+    env = {"FACEXPLAIN_REGISTRY_URI": uri, "FACEXPLAIN_MODEL_NAME": name, "FACEXPLAIN_MODEL_ALIAS": ref}
+    log_dir = var_dir() / "bench" / "decoder-heldout"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    svc = start_service("decoding", log_dir, env=env, timeout=600.0)
+    rows: list[dict[str, Any]] = []
+    misses: list[tuple[str, str]] = []
+    try:
+        with DecodingClient(svc.address) as client:
+            models = _served_models(client.model_status(timeout=60))
+            t0 = time.monotonic()
+            for k, rec in enumerate(faces):
+                path = Path(rec.path) if Path(rec.path).is_absolute() else root / rec.path
+                rel = path.relative_to(root).as_posix()
+                try:
+                    resp = client.reconstruct(image_from_path(path), timeout=120)
+                except grpc.RpcError as err:
+                    if err.code() not in per_image_codes:  # no face found, unreadable image: a miss
+                        raise
+                    misses.append((rel, f"{err.code().name}: {err.details()}"))
+                    continue
+                m = resp.metrics
+                rows.append(
+                    {
+                        "identity": rec.identity,
+                        "psnr": m.psnr,
+                        "ssim": m.ssim,
+                        "identity_cosine": m.identity_cosine,
+                        "same_person": m.same_person,
+                    }
+                )
+                if (k + 1) % 100 == 0:
+                    print(f"{k + 1}/{len(faces)} faces, {time.monotonic() - t0:.0f} s", file=sys.stderr)
+            seconds = time.monotonic() - t0
+    finally:
+        svc.stop()
+    return {
+        "benchmark": "decoder on the sealed CelebA identities, through the running decoding service (Reconstruct)",
+        "registry": uri,
+        "decoder_spec": args.decoder,
+        "decoder": models.get(KIND_DECODER, {}),
+        "fr_model": models.get(KIND_EMBEDDER, {}),
+        "sealed_list": str(SEALED_LIST.relative_to(REPO)),
+        "data": str(args.data),
+        "seconds": seconds,
+        **heldout_summary(rows, misses, len({r.identity for r in faces})),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["throughput", "ablation", "quality"])
+    p.add_argument("what", choices=["throughput", "ablation", "quality", "heldout"])
     p.add_argument("--summary", default="", help="quality: read this finished run's summary.json instead of training")
     p.add_argument("--registry", default="")
     p.add_argument("--seconds", type=float, default=8.0, help="throughput: timed seconds per setting")
     p.add_argument("--minutes", type=float, default=4.0, help="ablation: training budget per loss combination")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--decoder", default=f"{DEFAULT_DECODER_MODEL}@{CHAMPION}", help="heldout: NAME@ALIAS to serve")
+    p.add_argument("--data", default=CELEBA, help="heldout: the CelebA subset (its sealed identities are sent)")
+    p.add_argument("--max-faces", type=int, default=0, help="heldout: the first N sealed-identity images (0 = all)")
     args = p.parse_args()
-    result = {"throughput": throughput, "ablation": ablation, "quality": quality}[args.what](args)
+    run = {"throughput": throughput, "ablation": ablation, "quality": quality, "heldout": heldout}
+    result = run[args.what](args)
     dev = "gpu" if torch.cuda.is_available() else "cpu"
     path = write(f"decoder-{args.what}-{dev}", {"machine": machine(), **result})
     print(f"-> {path}")

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from facexplain.data.faces import FaceRecord, list_images, load_image
+from facexplain.data.splits import without_sealed
 from facexplain.faces.blend import blend_region, region_points
 from facexplain.faces.regions import landmarks_to_chip
 
@@ -489,6 +490,15 @@ def mirror_faceset(
     if cache_path is not None:
         mirrored.save(cache_path)
     return mirrored
+
+
+def drop_sealed(faces: FaceSet) -> tuple[FaceSet, int]:
+    """The face set without the faces of sealed identities (:func:`facexplain.data.splits.sealed_identities`),
+    order kept, failures kept; and how many sealed identities it dropped. For the training of shipped
+    models (``exclude_sealed``), before their identity split."""
+    keep = without_sealed(faces.identities)
+    dropped = len(set(faces.identities)) - len({faces.identities[k] for k in keep})
+    return replace(faces.subset(keep), failed=list(faces.failed)), dropped
 
 
 def concat_facesets(first: FaceSet, second: FaceSet) -> FaceSet:

@@ -58,3 +58,51 @@ def held_apart_sample(
             by_id[r.identity].append(r.path)
     chosen = {i: sorted(by_id[i])[:per_identity] for i in sorted(by_id)[:n_identities]}
     return [p for ps in chosen.values() for p in ps], [i for i, ps in chosen.items() for _ in ps]
+
+
+# -- the sealed identities -----------------------------------------------------------------------------
+# Identities kept out of the whole development of the shipped models: no shipped model trains on,
+# validates on or is chosen (epoch, recipe) with them; their only use is the held-out evaluation of a
+# shipped model through the running service (bench/bench_decoder.py heldout). The rule hashes each
+# identity with its own salt, unrelated to the seeded hash of ``split_identities``, so the sealed set is
+# no function of any train/val/test split; changing the salt or the fraction changes the set and voids
+# every figure measured on it. The CelebA subset's set is committed in data/splits/celeba-sealed.txt
+# (a unit test recomputes it from the labels).
+SEALED_SALT = "facexplain-sealed-v1"
+SEALED_FRACTION = 0.1
+
+
+def sealed_fraction(identity: str, salt: str = SEALED_SALT) -> float:
+    """A stable pseudo-random number in [0, 1) for an identity, from the sealed set's own salted hash."""
+    digest = hashlib.sha256(f"{salt}|{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def sealed_identities(
+    identities: Iterable[str], fraction: float = SEALED_FRACTION, salt: str = SEALED_SALT
+) -> set[str]:
+    """The identities whose salted hash (:func:`sealed_fraction`) falls below ``fraction``: about that
+    share of any identity list (28 of the CelebA subset's 251).
+
+    A per-identity threshold, not a count: whether an identity is sealed depends on its name alone, never
+    on which other identities are present, so the set is the same whether it is computed from the labels,
+    from the faces a detector found, or from a sample of them.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError("fraction must lie in [0, 1)")
+    return {i for i in set(identities) if sealed_fraction(i, salt) < fraction}
+
+
+def without_sealed(identities: Iterable[str], sealed: Iterable[str] | None = None) -> list[int]:
+    """Indices of the items of ``identities`` (one identity per face, say) that are not sealed: the faces
+    a shipped model may be trained, validated and chosen on. ``sealed`` defaults to the rule
+    (:func:`sealed_identities`)."""
+    identities = list(identities)
+    drop = sealed_identities(identities) if sealed is None else set(sealed)
+    return [k for k, ident in enumerate(identities) if ident not in drop]
+
+
+def read_identity_list(path: Path) -> list[str]:
+    """An identity list file (data/splits/*.txt): one identity a line, ``#`` comments and blank lines skipped."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]

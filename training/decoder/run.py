@@ -28,9 +28,11 @@ from facexplain.data.faceset import (
     blend_faceset,
     build_faceset,
     cache_key,
+    drop_sealed,
     mirror_faceset,
     records_from_spec,
 )
+from facexplain.data.splits import without_sealed
 from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
@@ -289,24 +291,30 @@ def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cac
         front_end=front_end,
     )
     key = cache_key(faces.meta["manifest_sha256"], fr.digest, pipeline.info.chip_size, pipeline.info.chip_padding)
+    # The shipped models' sealed identities go before anything is split or blended (the split of the
+    # others is unchanged: an identity's side depends on its name alone).
+    all_faces, sealed_dropped = faces, 0
+    if cfg.exclude_sealed:
+        faces, sealed_dropped = drop_sealed(all_faces)
     extras = []
     if cfg.hflip:
-        extras.append(
-            mirror_faceset(
-                faces,
-                pipeline.embed_chips,
-                cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
-                progress=progress and dist.main,
-            )
+        mirrored = mirror_faceset(
+            all_faces,  # a face's mirror depends on that face alone: the full set's cache serves both
+            pipeline.embed_chips,
+            cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
+            progress=progress and dist.main,
         )
+        extras.append(mirrored.subset(without_sealed(all_faces.identities)) if cfg.exclude_sealed else mirrored)
     if cfg.region_blends:
+        unsealed = "-nosealed" if cfg.exclude_sealed else ""  # region donors differ: a cache of its own
         extras.append(
             blend_faceset(
                 faces,
                 pipeline.embed_chips,
                 groups=face_sides(faces, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed),
                 seed=cfg.seed,
-                cache_path=faceset_cache / f"{key}.blend{cfg.seed}-{cfg.test_fraction}-{cfg.val_fraction}.npz",
+                cache_path=faceset_cache
+                / f"{key}.blend{cfg.seed}-{cfg.test_fraction}-{cfg.val_fraction}{unsealed}.npz",
                 progress=progress and dist.main,
             )
         )
@@ -325,6 +333,8 @@ def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cac
     sizes["identities_train"] = len(set(splits["train"].identities))
     sizes["identities_test"] = len(set(splits["test"].identities))
     sizes["failed"] = len(faces.failed)
+    if cfg.exclude_sealed:
+        sizes["sealed_identities_dropped"] = sealed_dropped
     return _Data(root, records, faces, splits, sizes)
 
 

@@ -43,6 +43,9 @@ class TrainProbesConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.25
     split_seed: int = 1
+    # drop the sealed identities (facexplain.data.splits.sealed_identities) before the split: on for the
+    # models the project ships, which must never see the identities of the held-out evaluation
+    exclude_sealed: bool = False
     seed: int = 0
     c_grid: str = DEFAULT_C_GRID  # inverse L2 strengths tried per label
     batch_size: int = 64

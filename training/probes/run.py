@@ -36,7 +36,7 @@ from facexplain.attributes.accessory import (
 from facexplain.attributes.pose import image_landmarks
 from facexplain.attributes.probe import identity_split
 from facexplain.data.faces import FaceRecord
-from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.data.faceset import FaceSet, build_faceset, drop_sealed, records_from_spec
 from facexplain.models.landmarks import FaceLandmark68Net
 from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
 from training.common import (
@@ -212,6 +212,9 @@ def train_probes(
 
 def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> _Data:
     """The label matrix and the identity-disjoint train / test split, refused early when a label is absent."""
+    sealed_dropped = 0
+    if cfg.exclude_sealed:  # the shipped models' sealed identities go before the split
+        faces, sealed_dropped = drop_sealed(faces)
     if faces.labels is None:
         raise ValueError("the face set has no labels (a CelebA-style labels.csv is needed)")
     missing = [label for label in labels if label not in faces.label_names]
@@ -230,6 +233,8 @@ def _prepare_data(cfg: TrainProbesConfig, faces: FaceSet, labels: list[str]) -> 
         "identities_test": len(set(ids[test_idx].tolist())),
         "failed": len(faces.failed),
     }
+    if cfg.exclude_sealed:
+        sizes["sealed_identities_dropped"] = sealed_dropped
     return _Data(faces, y, ids, train_idx, test_idx, sizes)
 
 

@@ -32,6 +32,9 @@ class TrainSADFADConfig:
     seed: int = 0
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    # drop the sealed identities (facexplain.data.splits.sealed_identities) before the split: on for the
+    # models the project ships, which must never see the identities of the held-out evaluation
+    exclude_sealed: bool = False
     min_faces_per_identity: int = 2  # training identities with fewer faces are dropped (softmax classes)
     # network (facexplain.models.sadfad.SADFADConfig; paper: 96 px, b = 32, N_f = 320, d = 23/24)
     input_size: int = 96

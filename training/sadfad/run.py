@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from facexplain.artifacts.embedder import KIND_EMBEDDER
-from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.data.faceset import FaceSet, build_faceset, drop_sealed, records_from_spec
 from facexplain.faces.occlusion import FaceMesh
 from facexplain.metrics.interpretability import PeakLocationReport
 from facexplain.models.sadfad import SADFADConfig, SADFADNet
@@ -227,6 +227,9 @@ def _prepare_data(cfg: TrainSADFADConfig, faces: FaceSet) -> _Data:
     """Identity-disjoint split (validation and test identities are never trained on) and the template
     of the training faces only, so nothing about the held-out faces leaks into the occluders."""
     model_cfg = cfg.model_config(n_classes=0)
+    sealed_dropped = 0
+    if cfg.exclude_sealed:  # the shipped models' sealed identities go before the split
+        faces, sealed_dropped = drop_sealed(faces)
     splits, classes = split_faceset(
         faces,
         model_cfg,
@@ -237,6 +240,8 @@ def _prepare_data(cfg: TrainSADFADConfig, faces: FaceSet) -> _Data:
     )
     sizes = _split_sizes(splits)
     sizes["failed"] = len(faces.failed)
+    if cfg.exclude_sealed:
+        sizes["sealed_identities_dropped"] = sealed_dropped
     return _Data(
         faces=faces,
         splits=splits,
