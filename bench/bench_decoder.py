@@ -290,7 +290,7 @@ def heldout(args: argparse.Namespace) -> dict[str, Any]:
             models = _served_models(client.model_status(timeout=60))
             t0 = time.monotonic()
             for k, rec in enumerate(faces):
-                path = Path(rec.path) if Path(rec.path).is_absolute() else root / rec.path
+                path = Path(rec.path)  # records carry the path as found under the data spec, root included
                 rel = path.relative_to(root).as_posix()
                 try:
                     resp = client.reconstruct(image_from_path(path), timeout=120)
