@@ -93,4 +93,6 @@ class TrainProbesConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "celeba": {},
     "small": {"max_images": 600},
+    # the shipped probes (issue 21): every default label, without the sealed identities
+    "celeba-ship": {"exclude_sealed": True},
 }
