@@ -17,6 +17,7 @@ from sdk.audit import AuditConfig, AuditError, run_audit
 from sdk.client import (
     DEFAULT_PORTS,
     AttributesClient,
+    ClientSecurity,
     CounterfactualClient,
     DecodingClient,
     DirectionsClient,
@@ -40,6 +41,7 @@ __all__ = [
     "AttributesClient",
     "AuditConfig",
     "AuditError",
+    "ClientSecurity",
     "CounterfactualClient",
     "DecodingClient",
     "DirectionsClient",

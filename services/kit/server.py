@@ -19,6 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.kit import tls
+from services.kit.access_log import AccessLogInterceptor
+from services.kit.auth import Authenticator, AuthInterceptor, TokenStore
 from services.kit.config import ServiceSettings
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
@@ -46,9 +49,17 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        interceptors: list[grpc.ServerInterceptor] = []
+        if settings.access_log:  # outermost: it also logs the calls authentication refuses
+            interceptors.append(AccessLogInterceptor())
+        if self.tokens is not None:
+            interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
@@ -56,18 +67,24 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (service_full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.host, self.port, self.certificates = tls.bind(self.server, settings)
         if self.port == 0:
-            raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+            raise RuntimeError(f"could not bind {self.host}:{settings.port}")
+        log.info(
+            "authentication %s",
+            f"on: bearer tokens from {settings.auth_tokens_file}"
+            if self.tokens
+            else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE)",
+        )
         self._stopped = threading.Event()
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> GrpcServer:
         if self.settings.metrics_enabled:
-            self.metrics.serve_http(self.settings.metrics_port, self.settings.host)
+            self.metrics.serve_http(self.settings.metrics_port, self.host)
         self.server.start()
         for name in ("", self.service_full_name):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
