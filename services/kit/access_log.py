@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ class CallRecord:
     request_id: str
     principal: str = ANONYMOUS
     start: float = field(default_factory=time.perf_counter)
+    _logged: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("facexplain_current_call", default=None)
@@ -85,6 +87,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool]
 
 
 def _emit(rec: CallRecord, code: grpc.StatusCode) -> None:
+    if not rec._logged.acquire(blocking=False):  # the call's one line is already written
+        return
     log.log(
         logging.INFO if code == grpc.StatusCode.OK else logging.WARNING,
         "rpc %s %s",
@@ -139,6 +143,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 rec = open_record(context)
+                # A cancelled stream's generator is closed only when gRPC drops it (garbage collection, maybe
+                # never promptly): the termination callback writes the line then, unless the stream ended first.
+                context.add_callback(lambda: _emit(rec, _code(context, grpc.StatusCode.CANCELLED)))
                 current_call.set(rec)  # the generator runs in the pool thread's context: no reset needed
                 try:
                     yield from behavior(request, context)
