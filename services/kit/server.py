@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from services.kit.auth import Authenticator, AuthInterceptor, TokenStore
 from services.kit.config import ServiceSettings
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot
 
 log = logging.getLogger("facexplain.server")
 S = TypeVar("S", bound=ServiceSettings)
@@ -40,8 +41,12 @@ class GrpcServer:
         servicer: Any,
         add_to_server: Callable[[Any, grpc.Server], None],
         metrics: ServiceMetrics,
+        required_models: Sequence[ModelSlot[Any]] = (),
     ) -> None:
+        """``required_models``: the slots without which the service's main RPCs answer UNAVAILABLE; health
+        reports NOT_SERVING while any of them is empty, so a load balancer sends no traffic to it."""
         self.settings = settings
+        self.required_models = tuple(required_models)
         self.service_full_name = service_full_name
         self.metrics = metrics
         options = [
@@ -77,6 +82,7 @@ class GrpcServer:
             else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE)",
         )
         self._stopped = threading.Event()
+        self._health_status: int | None = None
 
     @property
     def address(self) -> str:
@@ -86,8 +92,9 @@ class GrpcServer:
         if self.settings.metrics_enabled:
             self.metrics.serve_http(self.settings.metrics_port, self.host)
         self.server.start()
-        for name in ("", self.service_full_name):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._update_health()
+        if self.required_models:
+            threading.Thread(target=self._watch_health, name="health", daemon=True).start()
         log.info(
             "serving %s on %s (metrics port %s)",
             self.service_full_name,
@@ -96,6 +103,27 @@ class GrpcServer:
             extra={"fx_service": self.service_full_name, "fx_port": self.port, "fx_metrics_port": self.metrics.port},
         )
         return self
+
+    def missing_models(self) -> list[str]:
+        return [slot.label for slot in self.required_models if slot.peek() is None]
+
+    def _update_health(self) -> None:
+        missing = self.missing_models()
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if missing else health_pb2.HealthCheckResponse.SERVING
+        if status == self._health_status:
+            return
+        self._health_status = status
+        for name in ("", self.service_full_name):
+            self.health.set(name, status)  # ignored once graceful shutdown has begun
+        if missing:
+            log.warning("health NOT_SERVING: no %s loaded yet", ", ".join(missing))
+        else:
+            log.info("health SERVING")
+
+    def _watch_health(self) -> None:
+        """Follow the slots: a model loaded (or swapped in) after start makes the service ready."""
+        while not self._stopped.wait(0.5):
+            self._update_health()
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING at once (load balancers drain), let in-flight calls finish, then close."""

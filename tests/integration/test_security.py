@@ -210,9 +210,13 @@ def test_tokens_and_scopes(name: str, secured: dict[str, RunningService], pki: d
     with _channel(svc, pki) as ch:
         assert _model_status(ch, service) == grpc.StatusCode.UNAUTHENTICATED
         assert _reload(ch, service) == grpc.StatusCode.UNAUTHENTICATED
-        # health stays open: probes carry no credentials
+        # health stays open (probes carry no credentials) and means ready: without a registry the decoding and
+        # attributes services have no decoder, so they are NOT_SERVING; the others serve local FR weights
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        ready = name not in ("decoding", "attributes")
+        assert health.status == (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         # reflection needs a credential
         with pytest.raises(grpc.RpcError) as err:
             _list_services(ch)
