@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,3 +333,37 @@ def test_access_log_names_every_call_and_never_its_data(
     assert len(leaked(planted)) >= 3, "the detector must see a template printed as a log would print it"
     assert not leaked(text), f"template numbers in the log: {sorted(leaked(text))[:10]}"
     assert not any(_token(name) in text for name in TOKENS)
+
+
+# -- the audit passes TLS and the token on ------------------------------------------------------------------
+
+
+def _audit(secured: dict[str, RunningService], tmp_path: Path, *extra: str, token: str = "") -> Any:
+    targets = [f"{n}={secured[n].address}" for n in SERVICES]
+    cmd = [sys.executable, "-m", "cli.main", "audit", "--fr-model", "facexplain-fr-dlib128@champion"]
+    cmd += ["--data", str(SAMPLE / "celeba"), "--out", str(tmp_path / "audit"), "--connect-timeout", "10"]
+    cmd += ["--targets", *targets, *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEXPLAIN_")}
+    if token:
+        env["FACEXPLAIN_TOKEN"] = token
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_audit_reaches_the_services_with_tls_and_token(
+    secured: dict[str, RunningService], pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """The audit gets TLS from --tls-ca-file and the token from FACEXPLAIN_TOKEN or --token: it passes the
+    connection step and gets ModelStatus answers (then stops: these services follow no registry)."""
+    ca = str(pki["ca"].cert_file)
+    plain = _audit(secured, tmp_path)
+    assert plain.returncode == 3 and "not reachable" in plain.stderr, plain.stderr[-2000:]
+    no_token = _audit(secured, tmp_path, "--tls-ca-file", ca)
+    assert no_token.returncode == 3 and "ModelStatus failed: UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+    for proc in (
+        _audit(secured, tmp_path, "--tls-ca-file", ca, token=_token("reader")),
+        _audit(secured, tmp_path, "--tls-ca-file", ca, "--token", _token("reader")),
+    ):
+        out = proc.stdout + proc.stderr
+        assert "UNAUTHENTICATED" not in out and "PERMISSION_DENIED" not in out and "not reachable" not in out, out
+        # the audit read ModelStatus and stopped at its first check of what it says
+        assert "the embedding service follows no model registry" in out, out[-3000:]
