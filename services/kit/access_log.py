@@ -7,7 +7,8 @@ or token can reach it; the request id is the client's ``x-request-id`` only when
 token (otherwise a fresh one), and it is returned in the trailing metadata for correlation.
 
 The line is logged by ``facexplain.access`` with the message ``rpc <Method> <CODE>``; OK at INFO, other
-codes at WARNING. :data:`current_call` lets the inner interceptors (authentication) name the principal.
+codes at WARNING. :data:`current_call` lets the inner interceptors (authentication) name the principal;
+under mutual TLS without a tokens file it is the client certificate's ``cn:<common name>``, else ``-``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def request_id(metadata: Any) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_OK.match(value):
             return value
     return uuid.uuid4().hex
+
+
+def client_common_name(context: grpc.ServicerContext) -> str | None:
+    """The CN of the client certificate the TLS layer verified (mutual TLS), else None."""
+    try:
+        names = context.auth_context().get("x509_common_name") or []
+    except Exception:  # no transport security at all
+        return None
+    return names[0].decode(errors="replace") if names else None
 
 
 def _code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
@@ -121,6 +131,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def wrap(behavior: Behavior, streams: bool) -> Behavior:
             def open_record(context: grpc.ServicerContext) -> CallRecord:
                 rec = CallRecord(service, method, context.peer(), rid)
+                cn = client_common_name(context)
+                if cn:  # mutual TLS names the caller even when no tokens file does; auth replaces it
+                    rec.principal = f"cn:{cn}"
                 context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
                 return rec
 

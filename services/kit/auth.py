@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from services.kit.access_log import Behavior, current_call, split_method, wrap_handler
+from services.kit.access_log import Behavior, client_common_name, current_call, split_method, wrap_handler
 
 log = logging.getLogger("facexplain.auth")
 
@@ -260,15 +260,6 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
-def client_common_name(context: grpc.ServicerContext) -> str | None:
-    """The CN of the client certificate the TLS layer verified (mutual TLS), else None."""
-    try:
-        names = context.auth_context().get("x509_common_name") or []
-    except Exception:  # no transport security at all
-        return None
-    return names[0].decode(errors="replace") if names else None
-
-
 class Authenticator:
     """Who the caller is and whether the method (and request) is within their scopes."""
 
@@ -303,7 +294,7 @@ class Authenticator:
             assert principal.expires is not None
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"credentials of {principal.name!r} expired at {principal.expires:%Y-%m-%dT%H:%M:%SZ}",
+                f"credentials of {principal.name!r} expired at {principal.expires.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
             )
         return principal
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kit import tls
 from services.kit.access_log import AccessLogInterceptor
-from services.kit.auth import Authenticator, AuthInterceptor, TokenStore
+from services.kit.auth import Authenticator, AuthInterceptor, TokenFileError, TokenStore
 from services.kit.config import ServiceSettings
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
@@ -156,9 +157,24 @@ def service_metrics(settings: ServiceSettings, service: str) -> ServiceMetrics:
     return ServiceMetrics(service)
 
 
+def check_security_settings(settings: ServiceSettings) -> None:
+    """Read the TLS files and the tokens file as the server will; raise what is wrong with them."""
+    files = tls.ServerTLSFiles.from_settings(settings)
+    if files is not None:
+        tls.ReloadingCertificates(files)
+    if settings.auth_tokens_file:
+        TokenStore(settings.auth_tokens_file)
+
+
 def run_service(service: str, settings: S, build_server: Callable[[S], GrpcServer]) -> None:
     """``facexplain serve <service>``: configure logging, build and start the server, serve until SIGTERM."""
     configure_logging(settings.log_level, settings.log_format)
+    try:  # before the models load (minutes): a typo in a certificate path or the tokens file fails at once
+        check_security_settings(settings)
+    except (tls.TLSConfigError, TokenFileError, OSError) as exc:
+        log.error("cannot start %s: %s", service, exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     server = build_server(settings).start()
     server.install_signal_handlers()
     print(f"{service} service listening on {server.address} (metrics :{server.metrics.port})", flush=True)

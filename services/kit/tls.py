@@ -82,7 +82,10 @@ class ReloadingCertificates:
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
         for p in self.files.paths():
-            st = os.stat(p)  # follows the Secret's symlinks: a swap changes the target's inode
+            try:
+                st = os.stat(p)  # follows the Secret's symlinks: a swap changes the target's inode
+            except OSError as exc:
+                raise TLSConfigError(f"TLS file {p}: cannot read it ({exc.strerror or exc})") from None
             out.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(out)
 

@@ -120,3 +120,26 @@ def test_tokens_file_turns_auth_on(tmp_path: Path) -> None:
             assert ok.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
+
+
+def test_bad_security_settings_stop_the_start_before_models_load(tmp_path: Path) -> None:
+    """`facexplain serve` checks the TLS and tokens files first: a typo fails in a second, not after model loading."""
+    import subprocess
+    import sys
+
+    from cli.launcher import REPO
+
+    (tmp_path / "tokens.json").write_text('{"tokens": [{"principal": "p", "token": "plain", "scopes": ["embed"]}]}')
+    cases = {
+        "FACEXPLAIN_TLS_CERT_FILE": (str(tmp_path / "missing.crt"), "FACEXPLAIN_TLS_KEY_FILE is not set"),
+        "FACEXPLAIN_AUTH_TOKENS_FILE": (str(tmp_path / "tokens.json"), "holds the token itself"),
+    }
+    for var, (value, message) in cases.items():
+        env = {"PATH": "/usr/bin:/bin", var: value, "FACEXPLAIN_PORT": "0"}
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli.main", "serve", "embedding"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert time.monotonic() - t0 < 60

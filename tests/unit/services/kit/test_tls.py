@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sdk.client import ClientSecurity, open_channel
 from services.kit import tls
+from services.kit.access_log import AccessLogInterceptor
 from services.kit.config import ServiceSettings
 from tests.certs import CA, Issued, issue, make_ca
 
@@ -50,7 +51,7 @@ def test_loopback_detection() -> None:
 def test_unreadable_or_non_pem_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "c.pem").write_text("not a certificate")
     files = tls.ServerTLSFiles(tmp_path / "c.pem", tmp_path / "k.pem")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(tls.TLSConfigError, match=r"TLS file .*k\.pem: cannot read it"):
         tls.ReloadingCertificates(files)
     (tmp_path / "k.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
     with pytest.raises(
@@ -60,7 +61,7 @@ def test_unreadable_or_non_pem_files_are_refused(tmp_path: Path) -> None:
 
 
 def _health_server(settings: ServiceSettings) -> tuple[grpc.Server, str, tls.ReloadingCertificates | None]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[AccessLogInterceptor()])
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     host, port, certs = tls.bind(server, settings)
@@ -119,7 +120,10 @@ def test_rotated_certificate_served_without_restart(tmp_path: Path, pki: tuple[C
         server.stop(None)
 
 
-def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, pki: tuple[CA, CA, Issued, Issued]) -> None:
+def test_mutual_tls_requires_a_client_certificate(
+    tmp_path: Path, pki: tuple[CA, CA, Issued, Issued], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "facexplain.access")
     ca1, ca2, s1, _ = pki
     client = issue(ca2, tmp_path / "client", "auditor", server=False)
     stranger = issue(make_ca(tmp_path / "ca3", "CA three"), tmp_path / "stranger", "stranger", server=False)
@@ -132,6 +136,8 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, pki: tuple[CA,
         assert _check(address, ClientSecurity(ca_file=ca)) == grpc.StatusCode.UNAVAILABLE
         signed = ClientSecurity(ca_file=ca, cert_file=str(client.cert_file), key_file=str(client.key_file))
         assert _check(address, signed) == grpc.StatusCode.OK
+        # without a tokens file the access log names the caller by its verified certificate
+        assert [r.fx_principal for r in caplog.records if hasattr(r, "fx_principal")] == ["cn:auditor"]
         other = ClientSecurity(ca_file=ca, cert_file=str(stranger.cert_file), key_file=str(stranger.key_file))
         assert _check(address, other) == grpc.StatusCode.UNAVAILABLE
     finally:
