@@ -196,7 +196,8 @@ def open_channel(
     if secure:
         channel = grpc.secure_channel(target, sec.channel_credentials(root_certificates), options=options)
     else:
-        if sec.token and not _loopback_target(target) and os.environ.get(ENV_ALLOW_INSECURE, "") not in ("1", "true"):
+        insecure_ok = os.environ.get(ENV_ALLOW_INSECURE, "").lower() in ("1", "true", "yes", "on")
+        if sec.token and not _loopback_target(target) and not insecure_ok:
             raise ValueError(
                 f"refusing to send a token in plaintext to {target}: configure TLS ({ENV_TLS_CA_FILE}, "
                 f"--tls-ca-file) or set {ENV_ALLOW_INSECURE}=1 on a trusted network"
