@@ -56,6 +56,13 @@ class ServiceSettings(BaseSettings):
         "bearer token (health checking excepted)",
     )
     access_log: bool = Field(default=True, description="one structured log line per call (never a payload)")
+    health_port: int = Field(
+        default=-1,
+        ge=-1,
+        le=65535,
+        description="plaintext port answering only gRPC health checks, on its own threads (Kubernetes gRPC probes "
+        "speak no TLS and must not queue behind busy workers); -1 = none, 0 = any free port",
+    )
     max_concurrent_rpcs: int = Field(
         default=0, ge=0, description="calls in progress beyond this answer RESOURCE_EXHAUSTED; 0 = no cap"
     )

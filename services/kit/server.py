@@ -82,6 +82,16 @@ class GrpcServer:
             if self.tokens
             else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE)",
         )
+        self.health_server: grpc.Server | None = None
+        self.health_port = 0
+        if settings.health_port >= 0:
+            # Health only, plaintext, two threads of its own and no concurrency cap: it answers while every
+            # request worker is busy, and it carries no data, so it may listen beyond loopback without TLS.
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind the health port {settings.host}:{settings.health_port}")
         self._stopped = threading.Event()
         self._health_status: int | None = None
 
@@ -93,6 +103,9 @@ class GrpcServer:
         if self.settings.metrics_enabled:
             self.metrics.serve_http(self.settings.metrics_port, self.host)
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
+            log.info("health checks also on plaintext port %s:%s", self.settings.host, self.health_port)
         self._update_health()
         if self.required_models:
             threading.Thread(target=self._watch_health, name="health", daemon=True).start()
@@ -133,6 +146,8 @@ class GrpcServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.metrics.close()
         log.info("stopped %s", self.service_full_name)
 

@@ -143,3 +143,46 @@ def test_bad_security_settings_stop_the_start_before_models_load(tmp_path: Path)
         )  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert time.monotonic() - t0 < 60
+
+
+def test_health_port_answers_while_every_worker_is_busy() -> None:
+    """Every request worker blocked and the concurrency cap reached: the health port still answers in < 100 ms."""
+    settings = ServiceSettings(
+        port=0, health_port=0, metrics_enabled=False, max_workers=2, max_concurrent_rpcs=3, grace_period_s=0
+    )
+    servicer = _Slow()
+    server = GrpcServer(settings, SERVICE, servicer, _add, servicer.metrics).start()
+    try:
+        with (
+            grpc.insecure_channel(server.address) as ch,
+            grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as hc,
+        ):
+            call = ch.unary_unary(f"/{SERVICE}/Wait")
+            pending = [call.future(b"", timeout=15) for _ in range(3)]  # 2 running, 1 queued: the cap
+            deadline = time.monotonic() + 5
+            while servicer.running < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            main_health = health_pb2_grpc.HealthStub(ch)
+            with pytest.raises(grpc.RpcError) as err:  # the request port's own health is refused at the cap
+                main_health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            probe = health_pb2_grpc.HealthStub(hc)
+            probe.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connect once, as a prober's channel does
+            times = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                resp = probe.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                times.append(time.perf_counter() - t0)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            servicer.release.set()
+            assert [f.result() for f in pending] == [b"done"] * 3
+        assert max(times) < 0.1, f"health under load took up to {max(times) * 1000:.0f} ms"
+        # the health port serves health only
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as hc:
+            with pytest.raises(grpc.RpcError) as err:
+                hc.unary_unary(f"/{SERVICE}/Wait")(b"", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        servicer.release.set()
+        server.stop(0)
