@@ -1,4 +1,5 @@
-"""Server bootstrap shared by every service: gRPC server with limits, health, reflection, metrics, SIGTERM.
+"""Server bootstrap shared by every service: gRPC server with limits, TLS, authentication, the access log,
+health that means ready, reflection, metrics, SIGTERM.
 
 A service's ``app.py`` declares only what differs: the models it serves, its servicer and the generated
 ``add_*_to_server`` function (its ``build_server``). :func:`service_metrics` does the process set-up
