@@ -35,7 +35,14 @@ from cli.audit import add_audit_parser
 from cli.counterfactual import add_counterfactual_parsers
 from cli.directions import add_directions_parsers
 from cli.registry import add_registry_parser
-from sdk.client import DecodingClient, EmbeddingClient, image_from_path, template_array, wait_ready
+from sdk.client import (
+    ClientSecurityError,
+    DecodingClient,
+    EmbeddingClient,
+    image_from_path,
+    template_array,
+    wait_ready,
+)
 
 SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
 
@@ -503,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(with_training=bool(argv) and argv[0] == "train").parse_args(argv)
     export_client_security(args)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ClientSecurityError as exc:  # a setting the user gave: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ ENV_TOKEN = "FACEXPLAIN_TOKEN"
 ENV_ALLOW_INSECURE = "FACEXPLAIN_ALLOW_INSECURE"
 
 
+class ClientSecurityError(ValueError):
+    """The client's TLS or token settings cannot be used (a file unreadable, a certificate without its key,
+    a token that would travel in plaintext); the message names the setting."""
+
+
 @dataclass(frozen=True)
 class ClientSecurity:
     """How a client proves the server's identity and its own: CA bundle, client certificate, bearer token.
@@ -99,7 +104,7 @@ class ClientSecurity:
 
     def channel_credentials(self, root_certificates: bytes | None = None) -> grpc.ChannelCredentials:
         if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError(
+            raise ClientSecurityError(
                 f"a client certificate needs both {ENV_TLS_CLIENT_CERT_FILE} and {ENV_TLS_CLIENT_KEY_FILE} "
                 "(--tls-client-cert-file, --tls-client-key-file)"
             )
@@ -108,7 +113,7 @@ class ClientSecurity:
             try:
                 return Path(path).read_bytes()
             except OSError as exc:
-                raise ValueError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+                raise ClientSecurityError(f"{what} {path}: cannot read it ({exc.strerror})") from None
 
         ca = read(self.ca_file, ENV_TLS_CA_FILE) if self.ca_file else root_certificates
         cert = read(self.cert_file, ENV_TLS_CLIENT_CERT_FILE) if self.cert_file else None
@@ -198,7 +203,7 @@ def open_channel(
     else:
         insecure_ok = os.environ.get(ENV_ALLOW_INSECURE, "").lower() in ("1", "true", "yes", "on")
         if sec.token and not _loopback_target(target) and not insecure_ok:
-            raise ValueError(
+            raise ClientSecurityError(
                 f"refusing to send a token in plaintext to {target}: configure TLS ({ENV_TLS_CA_FILE}, "
                 f"--tls-ca-file) or set {ENV_ALLOW_INSECURE}=1 on a trusted network"
             )

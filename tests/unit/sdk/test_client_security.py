@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from cli.main import build_parser, export_client_security
+from cli.main import build_parser, export_client_security, main
 from sdk.client import ClientSecurity, open_channel
 
 
@@ -48,8 +50,21 @@ def test_client_certificate_needs_its_key() -> None:
     ],
 )
 def test_cli_flags_export_the_environment(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FACEXPLAIN_TOKEN", raising=False)
-    monkeypatch.delenv("FACEXPLAIN_TLS_CA_FILE", raising=False)
+    monkeypatch.setenv("FACEXPLAIN_TOKEN", "")  # recorded, so the values the CLI exports are undone after the test
+    monkeypatch.setenv("FACEXPLAIN_TLS_CA_FILE", "")
     args = build_parser(with_training=False).parse_args(argv)
     export_client_security(args)
     assert os.environ["FACEXPLAIN_TOKEN"] == "T" and os.environ["FACEXPLAIN_TLS_CA_FILE"] == "ca.pem"
+
+
+def test_cli_names_a_bad_client_setting_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FACEXPLAIN_TLS_CA_FILE", "")
+    (tmp_path / "faces").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "faces" / "a.png")
+    argv = ["embed", str(tmp_path / "faces"), "--out", str(tmp_path / "o.npz")]
+    code = main([*argv, "--tls-ca-file", str(tmp_path / "missing-ca.pem")])
+    err = capsys.readouterr().err
+    assert code == 2 and "FACEXPLAIN_TLS_CA_FILE" in err and "missing-ca.pem: cannot read it" in err
+    assert "Traceback" not in err
