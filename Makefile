@@ -33,7 +33,7 @@ test: setup  ## the whole suite: fast tests first, then real servers on loopback
 	$(BIN)/pytest -q -m "not integration" tests
 	$(BIN)/pytest -q -m integration tests
 
-demo: setup  ## registry + embedding and decoding services on the bundled sample faces (trains a small decoder once), stop
+demo: setup  ## registry with the shipped models, all five services, an audit of the bundled sample faces, stop
 	$(BIN)/python scripts/demo.py
 
 bench: setup  ## benchmarks (not tests): writes bench/results/*.json
@@ -53,7 +53,8 @@ clean:
 
 # -- Model registry (MLflow tracking server + Model Registry on loopback; see README "Model registry") ------
 # Settings: mlflow/server.env (overridable by the environment, e.g. `MLFLOW_PORT=5001 make mlflow`).
-.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder train-sadfad train-sadfad-decoder train-probes
+.PHONY: mlflow mlflow-stop register-defaults train-decoder bench-decoder train-sadfad train-sadfad-decoder train-probes \
+	recreate-model
 
 mlflow: setup  ## start the MLflow server in the background (sqlite + local artifacts in var/mlflow/), wait for /health
 	$(BIN)/python scripts/mlflow_server.py start
@@ -61,7 +62,7 @@ mlflow: setup  ## start the MLflow server in the background (sqlite + local arti
 mlflow-stop:  ## stop the MLflow server that `make mlflow` started
 	$(BIN)/python scripts/mlflow_server.py stop
 
-register-defaults: mlflow  ## register the default face models as a version (champion if none yet)
+register-defaults: mlflow  ## register the default FR model and the shipped models (models/; champion if none yet)
 	FACEXPLAIN_REGISTRY_URI=$${FACEXPLAIN_REGISTRY_URI:-$$($(BIN)/python scripts/mlflow_server.py uri)} \
 		$(BIN)/python -m cli.main registry register-defaults
 
@@ -91,3 +92,8 @@ bench-decoder: register-defaults  ## decoder throughput, loss ablation, recipe q
 	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py throughput
 	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py ablation
 	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python bench/bench_decoder.py quality
+
+MODEL ?= facexplain-dfd-dlib128
+
+recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=name) and compare its figures with its card
+	$(BIN)/python scripts/ship_model.py recreate $(MODEL) --registry $(REGISTRY_URI)

@@ -1,6 +1,6 @@
 """``facexplain registry ...``: register, promote, list and check model versions in the MLflow registry.
 
-facexplain registry register-defaults            # the default FR model as a version (champion if none yet)
+facexplain registry register-defaults            # the default FR model and the shipped models (models/)
 facexplain registry promote facexplain-fr-dlib128 3 --alias champion
 facexplain registry promote facexplain-dfd-dlib128 2 --force --reason "demo: gates not met on 30 faces"
 facexplain registry list
@@ -29,6 +29,8 @@ from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, KIND_EMBEDDER
 from registry.conventions import CHAMPION
 
 DEFAULT_URI = "http://127.0.0.1:5000"
+# The trained models a clone ships (registry.shipped): decoders, the SAD/FAD net, the attribute probes.
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _uri(args: argparse.Namespace) -> str:
@@ -50,12 +52,31 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def _cmd_register_defaults(args: argparse.Namespace) -> int:
-    from facexplain.artifacts.bundle import BundleError, bundle_digest
-    from facexplain.artifacts.embedder import save_embedder_bundle
-    from registry import RegistryError, RegistryUnreachable, initial_alias
+    from facexplain.artifacts.bundle import BundleError
+    from registry import RegistryError, RegistryUnreachable
 
     reg = _registry(args)
     t0 = time.monotonic()
+    try:
+        code = _register_default_fr(reg, args)
+        if code == 0 and not args.no_shipped:
+            _register_shipped(reg, Path(args.models_dir))
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except (RegistryError, BundleError) as exc:
+        return _fail(str(exc))
+    if code:
+        return code
+    print(f"done in {time.monotonic() - t0:.1f} s; registry UI: {_uri(args)}/#/models")
+    return 0
+
+
+def _register_default_fr(reg: Any, args: argparse.Namespace) -> int:
+    """The default FR model, built from the face-api weights set-up installed."""
+    from facexplain.artifacts.bundle import bundle_digest
+    from facexplain.artifacts.embedder import save_embedder_bundle
+    from registry import initial_alias
+
     with tempfile.TemporaryDirectory(prefix="fx-bundle-") as tmp:
         bundle = Path(tmp) / "bundle"
         try:
@@ -64,26 +85,37 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
             )
         except (OSError, ValueError) as exc:
             return _fail(f"cannot build the default bundle: {exc}", 2)
-        try:
-            existing = None if args.force else reg.find_by_digest(args.name, bundle_digest(meta))
-            if existing is not None:
-                print(f"{args.name} version {existing.version} already holds these weights (--force registers again)")
-                info = existing
-            else:
-                info = reg.register_bundle(bundle, args.name, description=args.description)
-                print(
-                    f"registered {args.name} version {info.version} (kind {KIND_EMBEDDER}, dim {meta['template_dim']})"
-                )
-            alias = initial_alias(reg, args.name) if args.alias is None else args.alias
-            if alias:
-                reg.set_alias(args.name, alias, info.version)
-                print(f"{args.name}@{alias} -> version {info.version}")
-        except RegistryUnreachable as exc:
-            return _fail(f"{exc} (is it running? `make mlflow`)", 3)
-        except (RegistryError, BundleError) as exc:
-            return _fail(str(exc))
-    print(f"done in {time.monotonic() - t0:.1f} s; registry UI: {_uri(args)}/#/models/{args.name}")
+        existing = None if args.force else reg.find_by_digest(args.name, bundle_digest(meta))
+        if existing is not None:
+            print(f"{args.name} version {existing.version} already holds these weights (--force registers again)")
+            info = existing
+        else:
+            info = reg.register_bundle(bundle, args.name, description=args.description)
+            print(f"registered {args.name} version {info.version} (kind {KIND_EMBEDDER}, dim {meta['template_dim']})")
+        alias = initial_alias(reg, args.name) if args.alias is None else args.alias
+        if alias:
+            reg.set_alias(args.name, alias, info.version)
+            print(f"{args.name}@{alias} -> version {info.version}")
     return 0
+
+
+def _register_shipped(reg: Any, models_dir: Path) -> None:
+    """The trained models the repository ships (models/), pins checked first; see registry.shipped."""
+    from registry.shipped import register_all
+
+    if not models_dir.is_dir():
+        print(f"no shipped models at {models_dir}: only the default FR model is registered")
+        return
+    for done in register_all(reg, models_dir):
+        m, info = done.model, done.info
+        what = "registered" if done.new else "already registered"
+        alias = f" as @{done.alias}" if done.alias else ""
+        print(f"{what} {m.label} -> {m.name} version {info.version}{alias}")
+        if done.new and not done.alias:
+            print(
+                f"  {m.name} already has a champion; to serve the shipped one: facexplain registry promote "
+                f"{m.name} {info.version}"
+            )
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -201,7 +233,10 @@ def add_registry_parser(sub: Any) -> None:
         p.add_argument("--uri", help=f"MLflow tracking URI (FACEXPLAIN_REGISTRY_URI, default {DEFAULT_URI})")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds per registry call")
 
-    d = rsub.add_parser("register-defaults", help="register the default face models (face-api weights) as a version")
+    d = rsub.add_parser(
+        "register-defaults",
+        help="register the default FR model (face-api weights) and the shipped trained models (models/)",
+    )
     common(d)
     d.add_argument("--name", default=DEFAULT_FR_MODEL, help=f"registered model name (default {DEFAULT_FR_MODEL})")
     d.add_argument(
@@ -210,6 +245,12 @@ def add_registry_parser(sub: Any) -> None:
     d.add_argument("--force", action="store_true", help="register a new version even if one holds these weights")
     d.add_argument("--faceapi-dir", help="face-api model folder (default .weights/face-api-1.7.15/model)")
     d.add_argument("--description", default="", help="version description shown in the UI")
+    d.add_argument(
+        "--models-dir",
+        default=str(SHIPPED_MODELS),
+        help="the shipped trained models to register after it (default: the repository's models/)",
+    )
+    d.add_argument("--no-shipped", action="store_true", help="register the default FR model only")
     d.set_defaults(func=_cmd_register_defaults)
 
     p = rsub.add_parser("promote", help="point an alias (default champion) at a version")

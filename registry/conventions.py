@@ -41,9 +41,10 @@ COMMON_TAGS = ("kind", "bundle_format", "bundle_sha256")
 REQUIRED_TAGS: dict[str, tuple[str, ...]] = {name: (*COMMON_TAGS, *k.required_tags) for name, k in KINDS.items()}
 
 # Version tags a service shows in ModelStatus beside the bundle's metadata: the held-out quality
-# figures training recorded (test_*, val_*, heldout_*), the gates (gates_passed, gates_failed), and a
+# figures training recorded (test_*, val_*, heldout_*), the gates (gates_passed, gates_failed), where a shipped
+# model came from (shipped_from, shipped_release, shipped_training_run), and a
 # forced promotion's record (promotion_forced_by / _reason / _at).
-SERVED_TAG_PREFIXES = ("test_", "val_", "heldout_", "gates_", "promotion_")
+SERVED_TAG_PREFIXES = ("test_", "val_", "heldout_", "gates_", "promotion_", "shipped_")
 SERVED_TAGS = ("data_manifest_sha256", "variant")
 
 

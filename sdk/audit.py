@@ -93,9 +93,17 @@ RUN_SCOPED_KEYS = ("started", "finished")
 DATA_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-# What a served version's registry tags say about how far to trust it (ModelStatus metadata): the held-out
-# figures its training recorded, its quality gates, and who forced it into service despite them.
+# What a served version's registry tags say about how far to trust it (ModelStatus metadata): the figures
+# on sealed identities through the decoding service (heldout_*, shipped models), the held-out figures its
+# training recorded (test_*), its quality gates, where it came from, and who forced it into service.
 CARD_KEYS = (
+    "heldout_psnr",
+    "heldout_ssim",
+    "heldout_identity_cosine",
+    "heldout_accepted",
+    "heldout_faces",
+    "heldout_identities",
+    "shipped_from",
     "test_psnr",
     "test_ssim",
     "test_identity_cosine",

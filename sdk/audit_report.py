@@ -93,12 +93,22 @@ def _models(r: dict[str, Any]) -> str:
                     _e(m["alias"]),
                     _num(m["serving"]),
                     _e(m["device"]),
+                    _e(_source(m)),
                 ]
             )
     reg = {st["registry_uri"] for st in sec["services"].values()}
     return f"<p>FR model audited: <b>{_ref(sec['fr_model'])}</b>. Registry: {_e(', '.join(sorted(reg)))}.</p>" + _table(
-        ["service", "target", "kind", "model", "version", "alias", "serving", "device"], rows
+        ["service", "target", "kind", "model", "version", "alias", "serving", "device", "source"], rows
     )
+
+
+def _source(m: dict[str, Any]) -> str:
+    """Where a served model's bytes come from: shipped with facexplain (which release), the registry, or
+    the service itself (built-in estimators)."""
+    card = m.get("card") or {}
+    if card.get("shipped_from"):
+        return f"shipped: {card['shipped_from']}"
+    return "built in" if m.get("version") == "local" else "registry"
 
 
 def _decoder_card(r: dict[str, Any]) -> dict[str, str] | None:
@@ -114,15 +124,19 @@ def _trust(r: dict[str, Any]) -> str:
     card = _decoder_card(r)
     if card is None:
         return ""
-    figures = [
-        (f"PSNR {_num(float(card['test_psnr']), 2)} dB" if "test_psnr" in card else ""),
-        (f"SSIM {_num(float(card['test_ssim']))}" if "test_ssim" in card else ""),
-        (f"identity cosine {_num(float(card['test_identity_cosine']))}" if "test_identity_cosine" in card else ""),
-        (f"accepted as the same person {_num(float(card['test_accepted']), 2)}" if "test_accepted" in card else ""),
-    ]
+    # Prefer the sealed identities through the service (shipped decoders) over the training run's test split.
+    pre, where = ("heldout", "on {} faces of {} identities that no shipped model saw, through the decoding service")
+    if f"{pre}_psnr" not in card:
+        pre, where = "test", "on identities it never saw (its training run's test split)"
+    else:
+        where = where.format(card.get("heldout_faces", "?"), card.get("heldout_identities", "?"))
+    shown = [("psnr", "PSNR {} dB", 2), ("ssim", "SSIM {}", 3), ("identity_cosine", "identity cosine {}", 3)]
+    shown.append(("accepted", "accepted as the same person {}", 2))
+    figures = [text.format(_num(float(card[f"{pre}_{k}"]), d)) for k, text, d in shown if f"{pre}_{k}" in card]
     said = ", ".join(f for f in figures if f)
+    origin = f" (shipped with facexplain: {_e(card['shipped_from'])})" if card.get("shipped_from") else ""
     text = (
-        f"The decoder's recorded figures on identities it never saw: {said}."
+        f"The decoder's recorded figures {where}{origin}: {said}."
         if said
         else ("The decoder records no held-out figures: nothing says how close its pictures are to the faces.")
     )

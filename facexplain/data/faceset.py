@@ -60,8 +60,8 @@ def read_labels(path: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]
         for row in reader:
             key = row["file"]
             identities[key] = row.get("identity") or key
-            try:
-                attrs[key] = {n: float(row[n]) for n in names}
+            try:  # an empty cell is an unknown value (NaN): the sample's ORL faces have no CelebA labels
+                attrs[key] = {n: float(row[n]) if (row[n] or "").strip() else float("nan") for n in names}
             except ValueError as exc:
                 raise ValueError(f"{path}: row {key!r} has a non-numeric attribute ({exc})") from None
     return identities, attrs, names
@@ -70,17 +70,20 @@ def read_labels(path: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]
 def records_from_spec(spec: str) -> tuple[Path, list[FaceRecord], list[str]]:
     """``DIR`` or ``DIR,LABELS.csv`` -> (image root, records, attribute names).
 
-    Without a labels file, ``DIR/labels.csv`` next to ``DIR/images/`` is used if present (the CelebA
-    layout); otherwise every image under DIR is a record whose identity is its folder relative to DIR
-    (ORL's ``s1/``, the sample's ``celeba/id7399/``), or its file name when it sits in DIR itself.
+    Without a labels file, ``DIR/labels.csv`` is used if present: its ``file`` column is relative to
+    ``DIR/images/`` when that folder exists (the CelebA layout), else to DIR (the bundled sample's
+    ``celeba/id7201/001085.jpg``). Otherwise every image under DIR is a record whose identity is its
+    folder relative to DIR (ORL's ``s1/``, ``celeba/id7399/``), or its file name when it sits in DIR itself.
     """
     parts = spec.split(",")
     if len(parts) > 2:
         raise ValueError(f"data spec {spec!r}: expected DIR or DIR,LABELS.csv")
     root = Path(parts[0]).expanduser()
     labels = Path(parts[1]).expanduser() if len(parts) == 2 else None
-    if labels is None and (root / "labels.csv").is_file() and (root / "images").is_dir():
-        root, labels = root / "images", root / "labels.csv"
+    if labels is None and (root / "labels.csv").is_file():
+        labels = root / "labels.csv"
+        if (root / "images").is_dir():
+            root = root / "images"
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if labels is not None:

@@ -102,6 +102,15 @@ def without_sealed(identities: Iterable[str], sealed: Iterable[str] | None = Non
     return [k for k, ident in enumerate(identities) if ident not in drop]
 
 
+def recipe_evaluation_identities(identities: Iterable[str]) -> set[str]:
+    """The identities on the test or validation side of the seed-0 split (test 0.2, validation 0.1) of
+    ``identities``: every recipe, epoch and threshold chosen before the seal was judged on these, so a
+    sealed identity among them is held out from the shipped models but not from the choices behind them.
+    The strict held-out figures leave them out (bench/bench_decoder.py heldout reports both)."""
+    side = split_identities(identities, test_fraction=0.2, val_fraction=0.1, seed=0)
+    return {i for i, s in side.items() if s != "train"}
+
+
 def read_identity_list(path: Path) -> list[str]:
     """An identity list file (data/splits/*.txt): one identity a line, ``#`` comments and blank lines skipped."""
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())

@@ -96,7 +96,7 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("audit-data")
     (root / "images").mkdir()
     files = sorted((REPO / "data" / "sample" / "celeba").glob("id*/*.jpg"))
-    assert len(files) == 24
+    assert len(files) == 30
     with open(shared_data_dir() / "celeba_subset" / "labels.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
@@ -168,7 +168,7 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
             assert ("decoder", DEFAULT_DECODER_MODEL, "1") in kinds, name
     # data manifest
     assert re.fullmatch(r"[0-9a-f]{64}", r["data"]["manifest_sha256"])
-    assert r["data"]["n_images"] == 24 and len(r["data"]["audited"]) == 12
+    assert r["data"]["n_images"] == 30 and len(r["data"]["audited"]) == 12
     assert {"Smiling", "Eyeglasses"} <= set(r["data"]["labels"])
 
     # (b) reconstructions with the service's metrics and a grid
@@ -240,18 +240,12 @@ def test_same_seed_same_json(runs: list[dict[str, Any]]) -> None:
 
 
 def test_html_renders_in_chromium(runs: list[dict[str, Any]], tmp_path: Path) -> None:
+    from scripts.report_screenshot import render
+
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup_system.sh does, as root)")
-    page = runs[0]["dir"] / "index.html"
     shot = tmp_path / "report.png"
-    cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri(),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    console = render(runs[0]["dir"] / "index.html", shot)
     assert not console, "console messages while rendering the report:\n" + "\n".join(console)
     assert shot.is_file() and shot.stat().st_size > 20_000, "the screenshot is missing or blank"
     from PIL import Image
@@ -295,7 +289,7 @@ def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
     from sdk.audit import AuditError, load_faces, read_pairs
 
     faces, names, manifest = load_faces(sample_data)
-    assert len(faces) == 24 and "Smiling" in names and len(manifest) == 64
+    assert len(faces) == 30 and "Smiling" in names and len(manifest) == 64
     a, b, c = faces[0].rel, faces[1].rel, faces[5].rel
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"a,b,genuine\n{a},{b},1\nimages/{a},{c},false\n")

@@ -4,7 +4,7 @@ The registry (conftest.py, shared with the decoding and directions tests) holds 
 as ``facexplain-fr-dlib128`` v1 and the demo decoder trained for it as ``facexplain-dfd-dlib128`` v1,
 both champion. One attributes server follows both aliases (no accessory probe set configured, so no
 accessory attributes), reads ServerDatasets under a temporary data root, and standardises differences
-by the bundled sample faces. Importance runs on the bundled sample faces (data/sample, 30 images).
+by the bundled sample faces. Importance runs on the bundled sample faces (data/sample, 36 images).
 
 Rejections go over a plain channel (no retries, no wait-for-ready) so the status a test sees is the
 server's own answer, and each is followed by a good request: a bad input never takes a server down.
@@ -162,7 +162,7 @@ def client(svc: RunningService) -> Iterator[AttributesClient]:
 
 @pytest.fixture(scope="module")
 def sample_dataset() -> common_pb2.Dataset:
-    """The 30 bundled sample faces (24 CelebA, 6 ORL) plus two images without a face, inline."""
+    """The 36 bundled sample faces (30 CelebA, 6 ORL) plus two images without a face, inline."""
     dataset, _names = folder_dataset(str(SAMPLE), "sample")
     for k in range(2):
         dataset.inline.items.append(labeled_image(f"blank{k}.png", image=_blank_png(k)))

@@ -34,7 +34,7 @@ def _row(identity: str, psnr: float, ssim: float, cos: float, same: bool) -> dic
 
 def test_summary_means_accepted_rate_misses_and_verdict() -> None:
     rows = [_row("1", 15.0, 0.5, 0.95, True), _row("1", 14.0, 0.44, 0.94, False), _row("2", 16.0, 0.47, 0.96, True)]
-    out = heldout_summary(rows, [("x.jpg", "FAILED_PRECONDITION: no face")], n_identities=3)
+    out = heldout_summary(rows, [("x.jpg", "FAILED_PRECONDITION: no face", "9")], n_identities=3)
     assert out["faces"] == 3 and out["misses"] == 1 and out["missed"] == [["x.jpg", "FAILED_PRECONDITION: no face"]]
     assert out["identities"] == 3 and out["identities_reconstructed"] == 2
     assert math.isclose(out["mean"]["psnr"], 15.0) and math.isclose(out["mean"]["ssim"], 0.47)
@@ -42,7 +42,7 @@ def test_summary_means_accepted_rate_misses_and_verdict() -> None:
     assert out["passed"] is True and all(out["gates"].values())
     low = heldout_summary([_row("1", 13.0, 0.5, 0.95, True)], [], n_identities=1)
     assert low["passed"] is False and low["gates"]["psnr"] is False
-    empty = heldout_summary([], [("a", "b")], n_identities=1)
+    empty = heldout_summary([], [("a", "b", "1")], n_identities=1)
     assert empty["passed"] is False and empty["faces"] == 0 and math.isnan(empty["mean"]["psnr"])
 
 

@@ -50,3 +50,38 @@ def test_a_gated_decoder_gets_a_plain_note_and_no_decoder_no_note() -> None:
     assert 'class="muted"' in html and "warn" not in html and "PSNR 14.50 dB" in html
     assert "no held-out figures" in _trust(_result({}))
     assert _trust(_result(None)) == "" and _trust(_result(passed, serving=False)) == ""
+
+
+def test_a_shipped_decoder_is_judged_by_its_sealed_identities_not_its_own_split() -> None:
+    shipped = {
+        "test_psnr": "14.3",
+        "test_ssim": "0.44",
+        "heldout_psnr": "14.21",
+        "heldout_ssim": "0.451",
+        "heldout_identity_cosine": "0.962",
+        "heldout_accepted": "0.99",
+        "heldout_faces": "494",
+        "heldout_identities": "23",
+        "shipped_from": "models/facexplain-dfd-dlib128/1",
+        "gates_passed": "true",
+    }
+    card = model_card(shipped)
+    assert card["heldout_psnr"] == "14.21" and card["shipped_from"] == "models/facexplain-dfd-dlib128/1"
+    html = _trust(_result(card))
+    assert "PSNR 14.21 dB" in html and "SSIM 0.451" in html and "14.30" not in html
+    assert "494 faces of 23 identities" in html and "models/facexplain-dfd-dlib128/1" in html
+
+
+def test_the_models_table_says_which_versions_are_shipped() -> None:
+    from sdk.audit_report import _models
+
+    def model(name: str, version: str, card: dict[str, str]) -> dict[str, Any]:
+        return {"kind": "decoder", "name": name, "version": version, "alias": "champion", "serving": True,
+                "device": "cpu", "card": card}  # fmt: skip
+
+    r = {"models": {"fr_model": {"name": "fr", "version": "1", "alias": "champion"}, "services": {"decoding": {
+        "target": "127.0.0.1:1", "registry_uri": "http://r", "models": [
+            model("facexplain-dfd-dlib128", "1", {"shipped_from": "models/facexplain-dfd-dlib128/1"}),
+            model("facexplain-dfd-dlib128", "2", {}), model("face-api/x", "local", {})]}}}}  # fmt: skip
+    html = _models(r)
+    assert "shipped: models/facexplain-dfd-dlib128/1" in html and "registry" in html and "built in" in html

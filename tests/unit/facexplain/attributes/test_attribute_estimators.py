@@ -129,7 +129,7 @@ def test_expression_outputs_are_distributions(sample_faceset: Any, expression_ne
 def test_happy_separates_smiling_celeba_faces(
     sample_faceset: Any, sample_smiling: tuple[list[int], np.ndarray], expression_net: FaceExpressionNet
 ) -> None:
-    """AUC of P(happy) vs CelebA's Smiling label on the 24 sample CelebA faces, at 150 px and at 64 px.
+    """AUC of P(happy) vs CelebA's Smiling label on the 30 sample CelebA faces, at 150 px and at 64 px.
 
     (On 400 faces of the full CelebA subset the AUC is 0.96 at both sizes; see bench_directions estimators.)
     """

@@ -149,7 +149,7 @@ def test_ratios_from_the_pipeline_are_invariant_to_photo_scale_and_rotation(defa
     Asserted, both < 2 %:
       * per transform: the mean over faces and ratios;
       * per ratio: the median over faces and transforms.
-    Measured on data/sample (30 photos; 24 at 0.6x, where the 92 x 112 ORL photos shrink below what the
+    Measured on data/sample (30 photos then, 36 now; 24 at 0.6x, where the 92 x 112 ORL photos shrink below what the
     detector finds): per-transform means 1.37 / 0.52 / 1.04 / 1.10 % (0.6x, 1.5x, +15, -15 degrees), the
     worst per-ratio medians 1.66 % (philtrum / lip-to-chin) and 1.47 % (upper lip / mouth width).
     """

@@ -18,9 +18,16 @@ def test_spec_forms(celeba_dir: Path, tmp_path: Path) -> None:
     root, recs, names = records_from_spec(str(celeba_dir))  # images/ + labels.csv detected
     assert root == celeba_dir / "images" and len(recs) == 5319 and "Smiling" in names
     assert len({r.identity for r in recs}) == 251
-    root, recs, names = records_from_spec(str(REPO / "data" / "sample"))
-    assert names == [] and "orl/s1" in {r.identity for r in recs}
+    root, recs, names = records_from_spec(str(REPO / "data" / "sample"))  # labels.csv beside the folders
+    assert root == REPO / "data" / "sample" and len(recs) == 36 and "Eyeglasses" in names
+    assert "orl/s1" in {r.identity for r in recs}
     assert all("/" in r.identity for r in recs)  # identity = folder relative to the root
+    orl = next(r for r in recs if r.identity == "orl/s1")
+    assert all(v != v for v in orl.labels.values())  # empty cells: unknown (NaN), not 0
+    glasses = [r.labels["Eyeglasses"] for r in recs if r.identity.startswith("celeba/")]
+    assert sum(glasses) >= 5 and glasses.count(0.0) >= 5  # both values, enough for a centroid each
+    root, recs, names = records_from_spec(str(REPO / "data" / "sample" / "orl"))
+    assert names == [] and len(recs) == 6
     with pytest.raises(FileNotFoundError, match="does not exist"):
         records_from_spec(str(tmp_path / "nope"))
     (tmp_path / "labels.csv").write_text("name,identity\nx.jpg,1\n")
@@ -46,7 +53,7 @@ def test_sample_faceset_contents_and_cache(  # type: ignore[no-untyped-def]
 ) -> None:
     fs = sample_faceset
     n = len(fs)
-    assert n + len(fs.failed) == 30 and n >= 28
+    assert n + len(fs.failed) == 36 and n >= 34
     assert fs.templates.shape == (n, 128) and fs.templates.dtype == torch.float32
     assert 1.2 < float(fs.templates.norm(dim=1).mean()) < 1.8  # raw templates, norm ~1.49
     assert fs.chips.shape == (n, 3, 150, 150) and fs.chips.dtype == torch.uint8

@@ -9,6 +9,7 @@ import pytest
 
 from facexplain.data.splits import (
     read_identity_list,
+    recipe_evaluation_identities,
     sealed_fraction,
     sealed_identities,
     split_identities,
@@ -67,3 +68,14 @@ def test_read_identity_list_skips_comments(tmp_path: Path) -> None:
     p = tmp_path / "ids.txt"
     p.write_text("# header\n\n12\n34  # note\n")
     assert read_identity_list(p) == ["12", "34"]
+
+
+def test_strict_held_out_identities_leave_out_those_that_judged_recipes(celeba_dir: Path) -> None:
+    """5 of the 28 sealed identities sat on the test / validation side of the seed-0 split that chose the
+    recipes before the seal: the strict held-out figures use the other 23."""
+    identities = _celeba_identities(celeba_dir)
+    chose = recipe_evaluation_identities(identities)
+    side = split_identities(identities, test_fraction=0.2, val_fraction=0.1, seed=0)
+    assert chose == {i for i, s in side.items() if s in ("test", "val")}
+    sealed = set(read_identity_list(SEALED_LIST))
+    assert sorted(chose & sealed) == ["7307", "7339", "7393", "7412", "7465"]
