@@ -32,9 +32,16 @@ def _faces(n_identities: int = 120, per_identity: int = 3) -> FaceSet:
 def test_flag_is_off_by_default_and_on_in_the_ship_preset() -> None:
     for cls in (TrainDecoderConfig, TrainSADFADConfig, TrainProbesConfig):
         assert {f.name: f.default for f in dataclasses.fields(cls)}["exclude_sealed"] is False
+    # the shipped decoder: the celeba-cpu recipe, longer, with the seal
     ship = PRESETS["celeba-cpu-ship"]
-    assert ship == {**PRESETS["celeba-cpu"], "exclude_sealed": True}
+    assert ship == {**PRESETS["celeba-cpu"], "exclude_sealed": True, "epochs": 12, "lr_decay": 0.5}
     assert "exclude_sealed" not in PRESETS["celeba-cpu"]
+    assert PRESETS["sadfad-cpu-ship"]["exclude_sealed"] is True
+    from training.probes.config import PRESETS as PROBE_PRESETS
+    from training.sadfad.config import PRESETS as SADFAD_PRESETS
+
+    assert SADFAD_PRESETS["cpu-ship"] == {**SADFAD_PRESETS["cpu"], "exclude_sealed": True}
+    assert PROBE_PRESETS["celeba-ship"] == {"exclude_sealed": True}
 
 
 def test_drop_sealed_keeps_order_failures_and_counts_identities() -> None:
