@@ -54,6 +54,9 @@ def _env(uri: str, cache: Path) -> dict[str, str]:
         FACEXPLAIN_MAX_SSI_PAIRS="100",
         FACEXPLAIN_MIN_LABEL_ITEMS="2",
         FACEXPLAIN_BATCH_SIZE="6",
+        # the session's MLflow answers slowly while other fixtures train: a 5-s poll timed out once in CI
+        # and the audit (rightly) refused a service whose registry looked unreachable
+        FACEXPLAIN_REGISTRY_TIMEOUT_S="30",
     )
 
 
