@@ -17,8 +17,6 @@ from sdk.audit import AuditConfig, AuditError, run_audit
 from sdk.client import (
     DEFAULT_PORTS,
     AttributesClient,
-    ClientSecurity,
-    ClientSecurityError,
     CounterfactualClient,
     DecodingClient,
     DirectionsClient,
@@ -42,8 +40,6 @@ __all__ = [
     "AttributesClient",
     "AuditConfig",
     "AuditError",
-    "ClientSecurity",
-    "ClientSecurityError",
     "CounterfactualClient",
     "DecodingClient",
     "DirectionsClient",
