@@ -151,6 +151,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # improving at its last epoch (best = 6) and met the held-out PSNR gate by 0.04 dB only (14.04 dB on
     # the sealed identities); an epoch that fails to improve halves the learning rate.
     "celeba-cpu-ship": {**_CELEBA_CPU, "exclude_sealed": True, "epochs": 12, "lr_decay": 0.5},
+    # Release 2 of the shipped default decoder (issue 21). Release 1 (celeba-cpu-ship) overfits: from
+    # epoch 4 its training pixel loss keeps falling (0.0398 -> 0.0353) while the validation pixel loss
+    # stays at 0.0437 and validation PSNR at 14.10, and on the strict sealed identities it gives 13.86 dB.
+    # So: more identities to learn from (test 5 % instead of 20 %: 85 % of the unsealed identities train,
+    # not 70 %; the shipped decoder is judged on the sealed identities, its own test split only gates
+    # it) and half the perceptual weight (the term trades PSNR for identity, which had 0.03 of slack
+    # over the 0.93 gate: cosine 0.961).
+    "celeba-cpu-ship-r2": {
+        **_CELEBA_CPU,
+        "exclude_sealed": True,
+        "test_fraction": 0.05,
+        "perceptual_global": 0.015,
+        "perceptual_local": 0.015,
+        "epochs": 10,
+        "lr_decay": 0.5,
+        "max_minutes": 80.0,
+    },
     # The shipped decoder of the shipped SAD/FAD net (issue 21): the region-pair recipe that met issue 5's
     # checks with that net (README, "Every gate on one registered model": pair weight 10, 10 epochs,
     # the default model's perceptual layer), on the identities outside the sealed set, re-embedding the
