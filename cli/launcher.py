@@ -5,7 +5,9 @@ it sits in the top layer. A service runs as ``python -m cli.main serve NAME`` wi
 as its working directory, whatever the caller's.
 
 A server prints one readiness line (``... listening on HOST:PORT (metrics :PORT)``) once it serves;
-asking for port 0 and reading that line back is what lets many servers share one machine.
+asking for port 0 and reading that line back is what lets many servers share one machine. The line is
+the same with TLS and authentication on (``FACEXPLAIN_TLS_*`` / ``FACEXPLAIN_AUTH_TOKENS_FILE`` in ``env``
+or the caller's environment, which ``start_service`` passes through), so readiness needs no credentials.
 """
 
 from __future__ import annotations

@@ -35,7 +35,14 @@ from cli.audit import add_audit_parser
 from cli.counterfactual import add_counterfactual_parsers
 from cli.directions import add_directions_parsers
 from cli.registry import add_registry_parser
-from sdk.client import DecodingClient, EmbeddingClient, image_from_path, template_array, wait_ready
+from sdk.client import (
+    ClientSecurityError,
+    DecodingClient,
+    EmbeddingClient,
+    image_from_path,
+    template_array,
+    wait_ready,
+)
 
 SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
 
@@ -444,6 +451,39 @@ def _add_train_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         parser.set_defaults(func=pipeline.run)
 
 
+# Client security flags: accepted before or after the subcommand of every command that calls a service, and
+# exported as the FACEXPLAIN_* variables the SDK reads, so the audit and every client get them unchanged.
+CLIENT_SECURITY_FLAGS = (
+    ("--tls-ca-file", "FACEXPLAIN_TLS_CA_FILE", "PEM CA bundle that signed the servers' certificates (turns TLS on)"),
+    ("--tls-client-cert-file", "FACEXPLAIN_TLS_CLIENT_CERT_FILE", "PEM client certificate for mutual TLS"),
+    ("--tls-client-key-file", "FACEXPLAIN_TLS_CLIENT_KEY_FILE", "PEM private key of the client certificate"),
+    ("--token", "FACEXPLAIN_TOKEN", "bearer token (prefer the FACEXPLAIN_TOKEN variable: flags show in `ps`)"),
+)
+_NO_CLIENT = ("serve", "train", "registry")
+
+
+def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security (services with TLS / authentication)")
+    for flag, env, help_text in CLIENT_SECURITY_FLAGS:
+        group.add_argument(flag, default=argparse.SUPPRESS, metavar="FILE" if "file" in flag else "TOKEN",
+                           help=f"{help_text} ({env})")  # fmt: skip
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for sub in subs for child in dict.fromkeys(sub.choices.values()) for leaf in _leaf_parsers(child)]
+
+
+def export_client_security(args: argparse.Namespace) -> None:
+    """Flags override the environment for this process and the clients it opens."""
+    for flag, env, _ in CLIENT_SECURITY_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            os.environ[env] = value
+
+
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The whole command line; ``with_training=False`` leaves out the flags of ``train`` subcommands, whose
     definitions live in training code that other commands must not import (a service host may not ship it)."""
@@ -458,13 +498,23 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     add_audit_parser(sub)
     add_registry_parser(sub)
     _add_train_parsers(sub, with_training)
+    _add_client_security_flags(p)
+    for name, child in sub.choices.items():
+        if name not in _NO_CLIENT:
+            for leaf in _leaf_parsers(child):
+                _add_client_security_flags(leaf)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(with_training=bool(argv) and argv[0] == "train").parse_args(argv)
-    return int(args.func(args))
+    export_client_security(args)
+    try:
+        return int(args.func(args))
+    except ClientSecurityError as exc:  # a setting the user gave: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from sdk.audit import AuditConfig, AuditError, run_audit
 from sdk.client import (
     DEFAULT_PORTS,
     AttributesClient,
+    ClientSecurity,
+    ClientSecurityError,
     CounterfactualClient,
     DecodingClient,
     DirectionsClient,
@@ -40,6 +42,8 @@ __all__ = [
     "AttributesClient",
     "AuditConfig",
     "AuditError",
+    "ClientSecurity",
+    "ClientSecurityError",
     "CounterfactualClient",
     "DecodingClient",
     "DirectionsClient",

@@ -3,15 +3,20 @@
 One client per service (``EmbeddingClient``, ``DecodingClient``, ``DirectionsClient``,
 ``AttributesClient``, ``CounterfactualClient``) and :class:`Facexplain`, the facade over all five.
 Retries cover UNAVAILABLE only (a server restarting or a pod rolling), with backoff; every call
-carries a deadline so an audit pipeline never hangs on a dead service; ``tls=True`` (with optional
-``root_certificates``) opens secure channels; streaming RPCs return iterators.
+carries a deadline so an audit pipeline never hangs on a dead service; streaming RPCs return iterators.
+TLS (mutual TLS with a client certificate) and the bearer token come from ``FACEXPLAIN_TLS_CA_FILE``,
+``FACEXPLAIN_TLS_CLIENT_CERT_FILE``, ``FACEXPLAIN_TLS_CLIENT_KEY_FILE`` and ``FACEXPLAIN_TOKEN`` unless a
+:class:`ClientSecurity` is given; ``tls=True`` (with optional ``root_certificates``) also opens secure channels.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import os
+from collections import namedtuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -56,24 +61,156 @@ def _retry_config(attempts: int) -> str:
     )
 
 
+# Client security from the environment (the same names the CLI flags set): what lets the SDK, the CLI and the
+# audit reach a server with TLS and tokens without each caller threading the settings through.
+ENV_TLS_CA_FILE = "FACEXPLAIN_TLS_CA_FILE"
+ENV_TLS_CLIENT_CERT_FILE = "FACEXPLAIN_TLS_CLIENT_CERT_FILE"
+ENV_TLS_CLIENT_KEY_FILE = "FACEXPLAIN_TLS_CLIENT_KEY_FILE"
+ENV_TOKEN = "FACEXPLAIN_TOKEN"
+ENV_ALLOW_INSECURE = "FACEXPLAIN_ALLOW_INSECURE"
+
+
+class ClientSecurityError(ValueError):
+    """The client's TLS or token settings cannot be used (a file unreadable, a certificate without its key,
+    a token that would travel in plaintext); the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client proves the server's identity and its own: CA bundle, client certificate, bearer token.
+
+    ``tls`` alone uses the system's root certificates; a CA file or a client certificate turns TLS on.
+    """
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    token: str = field(default="", repr=False)
+    tls: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSecurity:
+        env = os.environ if environ is None else environ
+        return cls(
+            ca_file=env.get(ENV_TLS_CA_FILE, ""),
+            cert_file=env.get(ENV_TLS_CLIENT_CERT_FILE, ""),
+            key_file=env.get(ENV_TLS_CLIENT_KEY_FILE, ""),
+            token=env.get(ENV_TOKEN, "").strip(),
+        )
+
+    @property
+    def use_tls(self) -> bool:
+        return bool(self.tls or self.ca_file or self.cert_file)
+
+    def channel_credentials(self, root_certificates: bytes | None = None) -> grpc.ChannelCredentials:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ClientSecurityError(
+                f"a client certificate needs both {ENV_TLS_CLIENT_CERT_FILE} and {ENV_TLS_CLIENT_KEY_FILE} "
+                "(--tls-client-cert-file, --tls-client-key-file)"
+            )
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ClientSecurityError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+        ca = read(self.ca_file, ENV_TLS_CA_FILE) if self.ca_file else root_certificates
+        cert = read(self.cert_file, ENV_TLS_CLIENT_CERT_FILE) if self.cert_file else None
+        key = read(self.key_file, ENV_TLS_CLIENT_KEY_FILE) if self.key_file else None
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+class _CallDetails(
+    namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    pass
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds ``authorization: Bearer <token>`` to every call (plaintext allowed only where open_channel allows it)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(d.metadata or ()), self._header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def _loopback_target(target: str) -> bool:
+    host = target.split("///")[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def open_channel(
     target: str,
     *,
     tls: bool = False,
     root_certificates: bytes | None = None,
+    security: ClientSecurity | None = None,
+    token: str | None = None,
+    server_name: str = "",
     retries: int = 4,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
 ) -> grpc.Channel:
-    """A channel with retry-on-UNAVAILABLE and generous message limits (images travel in requests)."""
-    options = [
+    """A channel with retry-on-UNAVAILABLE and generous message limits (images travel in requests).
+
+    Security comes from ``security`` or, by default, the ``FACEXPLAIN_TLS_*`` / ``FACEXPLAIN_TOKEN``
+    environment; ``tls``/``root_certificates``/``token`` add to it. ``server_name`` overrides the name the
+    server's certificate is checked against (a port-forward to a pod). A token is never sent in plaintext
+    to a host other than loopback unless ``FACEXPLAIN_ALLOW_INSECURE=1``.
+    """
+    sec = security if security is not None else ClientSecurity.from_env()
+    if tls:
+        sec = replace(sec, tls=True)
+    if token is not None:
+        sec = replace(sec, token=token)
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _retry_config(retries)),
     ]
-    if tls:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
-    return grpc.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    secure = sec.use_tls or root_certificates is not None
+    if secure:
+        channel = grpc.secure_channel(target, sec.channel_credentials(root_certificates), options=options)
+    else:
+        insecure_ok = os.environ.get(ENV_ALLOW_INSECURE, "").lower() in ("1", "true", "yes", "on")
+        if sec.token and not _loopback_target(target) and not insecure_ok:
+            raise ClientSecurityError(
+                f"refusing to send a token in plaintext to {target}: configure TLS ({ENV_TLS_CA_FILE}, "
+                f"--tls-ca-file) or set {ENV_ALLOW_INSECURE}=1 on a trusted network"
+            )
+        channel = grpc.insecure_channel(target, options=options)
+    if sec.token:
+        return grpc.intercept_channel(channel, _BearerToken(sec.token))
+    return channel
 
 
 def wait_ready(channel: grpc.Channel, timeout: float) -> None:

@@ -66,7 +66,12 @@ def build_server(
         # exits; a daemon thread inside torch at exit aborts the process (std::terminate, exit -6).
         threading.Thread(target=_warm_up, args=(servicer,), name="attributes-warm-up", daemon=False).start()
     return GrpcServer(
-        settings, SERVICE_NAME, servicer, attributes_pb2_grpc.add_AttributesServiceServicer_to_server, metrics
+        settings,
+        SERVICE_NAME,
+        servicer,
+        attributes_pb2_grpc.add_AttributesServiceServicer_to_server,
+        metrics,
+        required_models=[fr_slot, decoder_slot],  # recovery decodes before it estimates
     )
 
 

@@ -50,6 +50,7 @@ def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None
         servicer,
         counterfactual_pb2_grpc.add_CounterfactualServiceServicer_to_server,
         metrics,
+        required_models=[fr_slot],  # Attack needs no decoder; Explain and DefenceReport say UNAVAILABLE without one
     )
 
 

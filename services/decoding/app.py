@@ -38,7 +38,12 @@ def build_server(settings: DecodingSettings, pipeline: FacePipeline | None = Non
     decoder_slot, _decoder_watcher = serve_from_registry(settings, metrics, kind=decoder.KIND)
     servicer = DecodingServicer(decoder_slot, fr_slot, settings, metrics)
     return GrpcServer(
-        settings, SERVICE_NAME, servicer, decoding_pb2_grpc.add_DecodingServiceServicer_to_server, metrics
+        settings,
+        SERVICE_NAME,
+        servicer,
+        decoding_pb2_grpc.add_DecodingServiceServicer_to_server,
+        metrics,
+        required_models=[fr_slot, decoder_slot],
     )
 
 

@@ -45,7 +45,12 @@ def build_server(settings: DirectionsSettings, pipeline: FacePipeline | None = N
     store = DirectionStore(settings, registry)
     servicer = DirectionsServicer(fr_slot, decoder_slot, store, settings, metrics)
     return GrpcServer(
-        settings, SERVICE_NAME, servicer, directions_pb2_grpc.add_DirectionsServiceServicer_to_server, metrics
+        settings,
+        SERVICE_NAME,
+        servicer,
+        directions_pb2_grpc.add_DirectionsServiceServicer_to_server,
+        metrics,
+        required_models=[fr_slot],  # the decoder is optional: only decoding traversals need it
     )
 
 

@@ -22,7 +22,12 @@ def build_server(settings: ServiceSettings, pipeline: FacePipeline | None = None
     slot, _watcher = serve_embedder(settings, metrics, pipeline=pipeline)
     servicer = EmbeddingServicer(slot, settings, metrics)
     return GrpcServer(
-        settings, SERVICE_NAME, servicer, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, metrics
+        settings,
+        SERVICE_NAME,
+        servicer,
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
+        metrics,
+        required_models=[slot],
     )
 
 

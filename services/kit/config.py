@@ -40,6 +40,32 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight requests may finish")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Security (services/kit/tls.py, auth.py, access_log.py). No TLS configured = plaintext, and then the
+    # server binds loopback only unless allow_insecure says the network around it is trusted.
+    tls_cert_file: str = Field(default="", description="PEM certificate chain the server presents; empty = no TLS")
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str = Field(
+        default="", description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)"
+    )
+    allow_insecure: bool = Field(
+        default=False, description="without TLS, bind FACEXPLAIN_HOST even when it is not loopback (plaintext!)"
+    )
+    auth_tokens_file: str = Field(
+        default="",
+        description="JSON tokens file (principal, sha256 of the token, scopes, expires); set = every call needs a "
+        "bearer token (health checking excepted)",
+    )
+    access_log: bool = Field(default=True, description="one structured log line per call (never a payload)")
+    health_port: int = Field(
+        default=-1,
+        ge=-1,
+        le=65535,
+        description="plaintext port answering only gRPC health checks, on its own threads (Kubernetes gRPC probes "
+        "speak no TLS and must not queue behind busy workers); -1 = none, 0 = any free port",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=0, ge=0, description="calls in progress beyond this answer RESOURCE_EXHAUSTED; 0 = no cap"
+    )
     # Model registry (registry/client.py, services/kit/reload.py). Empty registry_uri = no registry:
     # the service serves the local default weights and never polls.
     registry_uri: str = Field(

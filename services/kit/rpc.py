@@ -1,4 +1,4 @@
-"""The wrapper every RPC handler goes through: metrics, error mapping, deadlines, safe logging.
+"""The wrapper every RPC handler goes through: metrics, error mapping, deadlines.
 
 Keeping this in one place is what makes "a bad request never takes a server down" true for every
 service: an unexpected exception becomes INTERNAL for that call and the server keeps going.
@@ -39,22 +39,10 @@ def check_batch(n: int, limit: int, items: str) -> None:
 
 
 def _finish(metrics: ServiceMetrics, method: str, code: grpc.StatusCode, start: float) -> None:
+    # The call's log line is the access log's (services/kit/access_log.py): one line per call, with its caller.
     elapsed = time.perf_counter() - start
     metrics.requests.labels(metrics.service, method, code.name).inc()
     metrics.latency.labels(metrics.service, method).observe(elapsed)
-    level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
-    log.log(
-        level,
-        "rpc %s %s",
-        method,
-        code.name,
-        extra={
-            "fx_service": metrics.service,
-            "fx_method": method,
-            "fx_code": code.name,
-            "fx_ms": round(elapsed * 1000, 2),
-        },
-    )
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> grpc.StatusCode:

@@ -1,4 +1,5 @@
-"""Server bootstrap shared by every service: gRPC server with limits, health, reflection, metrics, SIGTERM.
+"""Server bootstrap shared by every service: gRPC server with limits, TLS, authentication, the access log,
+health that means ready, reflection, metrics, SIGTERM.
 
 A service's ``app.py`` declares only what differs: the models it serves, its servicer and the generated
 ``add_*_to_server`` function (its ``build_server``). :func:`service_metrics` does the process set-up
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -19,9 +21,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.kit import tls
+from services.kit.access_log import AccessLogInterceptor
+from services.kit.auth import Authenticator, AuthInterceptor, TokenFileError, TokenStore
 from services.kit.config import ServiceSettings
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot
 
 log = logging.getLogger("facexplain.server")
 S = TypeVar("S", bound=ServiceSettings)
@@ -37,8 +43,12 @@ class GrpcServer:
         servicer: Any,
         add_to_server: Callable[[Any, grpc.Server], None],
         metrics: ServiceMetrics,
+        required_models: Sequence[ModelSlot[Any]] = (),
     ) -> None:
+        """``required_models``: the slots without which the service's main RPCs answer UNAVAILABLE; health
+        reports NOT_SERVING while any of them is empty, so a load balancer sends no traffic to it."""
         self.settings = settings
+        self.required_models = tuple(required_models)
         self.service_full_name = service_full_name
         self.metrics = metrics
         options = [
@@ -46,9 +56,17 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        interceptors: list[grpc.ServerInterceptor] = []
+        if settings.access_log:  # outermost: it also logs the calls authentication refuses
+            interceptors.append(AccessLogInterceptor())
+        if self.tokens is not None:
+            interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
@@ -56,21 +74,42 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (service_full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.host, self.port, self.certificates = tls.bind(self.server, settings)
         if self.port == 0:
-            raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+            raise RuntimeError(f"could not bind {self.host}:{settings.port}")
+        log.info(
+            "authentication %s",
+            f"on: bearer tokens from {settings.auth_tokens_file}"
+            if self.tokens
+            else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE)",
+        )
+        self.health_server: grpc.Server | None = None
+        self.health_port = 0
+        if settings.health_port >= 0:
+            # Health only, plaintext, two threads of its own and no concurrency cap: it answers while every
+            # request worker is busy, and it carries no data, so it may listen beyond loopback without TLS.
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind the health port {settings.host}:{settings.health_port}")
         self._stopped = threading.Event()
+        self._health_status: int | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> GrpcServer:
         if self.settings.metrics_enabled:
-            self.metrics.serve_http(self.settings.metrics_port, self.settings.host)
+            self.metrics.serve_http(self.settings.metrics_port, self.host)
         self.server.start()
-        for name in ("", self.service_full_name):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.health_server is not None:
+            self.health_server.start()
+            log.info("health checks also on plaintext port %s:%s", self.settings.host, self.health_port)
+        self._update_health()
+        if self.required_models:
+            threading.Thread(target=self._watch_health, name="health", daemon=True).start()
         log.info(
             "serving %s on %s (metrics port %s)",
             self.service_full_name,
@@ -80,6 +119,27 @@ class GrpcServer:
         )
         return self
 
+    def missing_models(self) -> list[str]:
+        return [slot.label for slot in self.required_models if slot.peek() is None]
+
+    def _update_health(self) -> None:
+        missing = self.missing_models()
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if missing else health_pb2.HealthCheckResponse.SERVING
+        if status == self._health_status:
+            return
+        self._health_status = status
+        for name in ("", self.service_full_name):
+            self.health.set(name, status)  # ignored once graceful shutdown has begun
+        if missing:
+            log.warning("health NOT_SERVING: no %s loaded yet", ", ".join(missing))
+        else:
+            log.info("health SERVING")
+
+    def _watch_health(self) -> None:
+        """Follow the slots: a model loaded (or swapped in) after start makes the service ready."""
+        while not self._stopped.wait(0.5):
+            self._update_health()
+
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING at once (load balancers drain), let in-flight calls finish, then close."""
         if self._stopped.is_set():
@@ -87,6 +147,8 @@ class GrpcServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.metrics.close()
         log.info("stopped %s", self.service_full_name)
 
@@ -111,9 +173,24 @@ def service_metrics(settings: ServiceSettings, service: str) -> ServiceMetrics:
     return ServiceMetrics(service)
 
 
+def check_security_settings(settings: ServiceSettings) -> None:
+    """Read the TLS files and the tokens file as the server will; raise what is wrong with them."""
+    files = tls.ServerTLSFiles.from_settings(settings)
+    if files is not None:
+        tls.ReloadingCertificates(files)
+    if settings.auth_tokens_file:
+        TokenStore(settings.auth_tokens_file)
+
+
 def run_service(service: str, settings: S, build_server: Callable[[S], GrpcServer]) -> None:
     """``facexplain serve <service>``: configure logging, build and start the server, serve until SIGTERM."""
     configure_logging(settings.log_level, settings.log_format)
+    try:  # before the models load (minutes): a typo in a certificate path or the tokens file fails at once
+        check_security_settings(settings)
+    except (tls.TLSConfigError, TokenFileError, OSError) as exc:
+        log.error("cannot start %s: %s", service, exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     server = build_server(settings).start()
     server.install_signal_handlers()
     print(f"{service} service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
