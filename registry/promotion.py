@@ -6,7 +6,8 @@ and ``register-defaults``) and the training pipelines apply:
 
 * a version lacking the tags services require is refused unless forced, since every service would
   reject it;
-* a version whose recorded quality gates failed (tag ``gates_passed`` = "false") never takes an alias
+* a version whose recorded quality gates failed (tag ``gates_passed`` = "false", or ``heldout_passed`` =
+  "false": a shipped model judged on identities its training never saw) never takes an alias
   but ``candidate`` implicitly: training registers it under ``candidate`` whatever alias was asked for,
   and ``promote`` refuses it unless forced with a reason;
 * a forced promotion is recorded on the version: tags ``promotion_forced_by`` (``by``, else
@@ -28,6 +29,7 @@ from registry.errors import RegistryError, RegistryNotFound
 
 GATES_TAG = "gates_passed"
 GATES_FAILED_TAG = "gates_failed"
+HELDOUT_TAG = "heldout_passed"
 FORCED_BY_TAG = "promotion_forced_by"
 FORCED_REASON_TAG = "promotion_forced_reason"
 FORCED_AT_TAG = "promotion_forced_at"
@@ -50,8 +52,11 @@ class Promotion:
 
 
 def gates_failed(tags: dict[str, str]) -> bool:
-    """True when the version records quality gates and they failed (no ``gates_passed`` tag = no gates)."""
-    return tags.get(GATES_TAG, "").strip().lower() == "false"
+    """True when the version records quality gates and they failed (no ``gates_passed`` tag = no gates).
+
+    The held-out verdict counts as a gate too: a decoder that meets its own test split's gates but
+    misses them on people no model saw must not become what users get by default."""
+    return any(tags.get(tag, "").strip().lower() == "false" for tag in (GATES_TAG, HELDOUT_TAG))
 
 
 def refusals(info: VersionInfo, alias: str) -> list[str]:

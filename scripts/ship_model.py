@@ -103,6 +103,7 @@ def _heldout(path: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
         "heldout_faces": str(strict["faces"]),
         "heldout_identities": str(strict["identities"]),
         "heldout_set": "sealed CelebA identities (data/splits/celeba-sealed.txt) that judged no recipe",
+        "heldout_passed": "true" if strict["passed"] else "false",
     }
     return card, tags
 

@@ -65,6 +65,9 @@ def _reg(**kw: Any) -> Any:
 def test_gates_failed_reads_the_tag() -> None:
     assert gates_failed({"gates_passed": "false"}) and gates_failed({"gates_passed": "False "})
     assert not gates_failed({"gates_passed": "true"}) and not gates_failed({})  # no gates recorded: no refusal
+    # a held-out miss is a failed gate even when the training run's own gates passed
+    assert gates_failed({"gates_passed": "true", "heldout_passed": "false"})
+    assert not gates_failed({"gates_passed": "true", "heldout_passed": "true"})
 
 
 def test_registration_alias_never_makes_failed_gates_champion() -> None:
