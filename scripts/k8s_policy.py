@@ -272,6 +272,41 @@ def service_violations(objs: Iterable[Obj]) -> list[str]:
     return out
 
 
+def reference_violations(objs: Iterable[Obj]) -> list[str]:
+    """What one object names exists beside it: a PodDisruptionBudget selects a workload's pods, an HPA
+    scales a workload of the same namespace, a pod's PersistentVolumeClaim (not from a volumeClaimTemplate)
+    is rendered with it. A dangling name applies cleanly and then protects, scales or mounts nothing."""
+    objs = list(objs)
+    pods = list(pod_templates(objs))
+    workloads = [p for p in pods if p.owner.get("kind") in _SELECTING_KINDS]
+
+    def ns(o: Obj) -> Any:
+        return o.get("metadata", {}).get("namespace")
+
+    out: list[str] = []
+    for pdb in (o for o in objs if o.get("kind") == "PodDisruptionBudget"):
+        selector = ((pdb.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not any(ns(w.owner) == ns(pdb) and _selects(selector, w.labels) for w in workloads):
+            out.append(f"{name_of(pdb)}: selector {selector} matches no workload's pods")
+    for hpa in (o for o in objs if o.get("kind") == "HorizontalPodAutoscaler"):
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        if not any(
+            o.get("kind") == ref.get("kind") and o["metadata"].get("name") == ref.get("name") and ns(o) == ns(hpa)
+            for o in objs
+        ):
+            out.append(f"{name_of(hpa)}: scales {ref.get('kind')}/{ref.get('name')}, which is not rendered")
+    claims = {(ns(o), o["metadata"].get("name")) for o in objs if o.get("kind") == "PersistentVolumeClaim"}
+    for pod in pods:
+        templated = {
+            t.get("metadata", {}).get("name") for t in (pod.owner.get("spec") or {}).get("volumeClaimTemplates") or []
+        }
+        for vol in pod.spec.get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim and (ns(pod.owner), claim) not in claims and vol.get("name") not in templated:
+                out.append(f"{pod.where}: volume {vol.get('name')} claims PVC {claim}, which is not rendered")
+    return out
+
+
 def gpu_violations(objs: Iterable[Obj]) -> list[str]:
     """Every model-serving container requests and is limited to at least one GPU, and its pod is placed on
     GPU nodes (a nodeSelector or affinity) and tolerates their taint."""
@@ -401,6 +436,7 @@ def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = N
         container_violations(objs)
         + image_violations(objs, version)
         + service_violations(objs)
+        + reference_violations(objs)
         + storage_violations(objs)
         + network_violations(objs)
     )

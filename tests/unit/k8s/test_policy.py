@@ -184,6 +184,21 @@ def test_a_service_in_another_namespace_does_not_count(rendered: Rendered) -> No
     assert any(p.startswith("Service/facexplain-attributes:") for p in problems)
 
 
+def test_dangling_references_fail(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["gpu"])
+    by_name(objs, "PodDisruptionBudget", "facexplain-directions")["spec"]["selector"]["matchLabels"] = {"x": "y"}
+    by_name(objs, "HorizontalPodAutoscaler", "facexplain-embedding")["spec"]["scaleTargetRef"]["name"] = "nope"
+    mlflow = by_name(objs, "Deployment", "facexplain-mlflow")["spec"]["template"]["spec"]
+    mlflow["volumes"][0]["persistentVolumeClaim"]["claimName"] = "gone"
+    assert policy.reference_violations(objs) == [
+        "PodDisruptionBudget/facexplain-directions: selector {'x': 'y'} matches no workload's pods",
+        "HorizontalPodAutoscaler/facexplain-embedding: scales Deployment/nope, which is not rendered",
+        "Deployment/facexplain-mlflow: volume artifacts claims PVC gone, which is not rendered",
+    ]
+    # PostgreSQL's claim comes from its volumeClaimTemplate: not a dangling name.
+    assert not [p for p in policy.reference_violations(rendered["gpu"]) if "postgres" in p]
+
+
 def test_the_gpu_overlay_without_a_gpu_on_one_server_fails(rendered: Rendered) -> None:
     objs, _, c = _server(rendered["gpu"], "facexplain-counterfactual")
     del c["resources"]["limits"]["nvidia.com/gpu"]

@@ -124,6 +124,7 @@ def test_training_jobs_read_the_registry_from_the_config_map(rendered: Rendered)
         assert not any(a.startswith("--registry") for a in c["args"]), "the registry comes from the ConfigMap"
         assert {"configMapRef": {"name": "facexplain-config"}} in c["envFrom"]
         assert spec["restartPolicy"] == "Never"
+        assert job["spec"]["suspend"] is True, "a template: applying it must not start a training run"
         assert job["spec"]["template"]["metadata"]["labels"]["facexplain.io/registry-client"] == "true"
 
 
