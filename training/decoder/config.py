@@ -151,7 +151,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # improving at its last epoch (best = 6) and met the held-out PSNR gate by 0.04 dB only (14.04 dB on
     # the sealed identities); an epoch that fails to improve halves the learning rate.
     "celeba-cpu-ship": {**_CELEBA_CPU, "exclude_sealed": True, "epochs": 12, "lr_decay": 0.5},
-    # Release 2 of the shipped default decoder (issue 21). Release 1 (celeba-cpu-ship) overfits: from
+    # Tried as release 2 of the shipped default decoder (issue 21), not shipped: same 13.86 dB on the strict
+    # sealed identities as release 1 (README, "Shipped models"). Release 1 (celeba-cpu-ship) overfits: from
     # epoch 4 its training pixel loss keeps falling (0.0398 -> 0.0353) while the validation pixel loss
     # stays at 0.0437 and validation PSNR at 14.10, and on the strict sealed identities it gives 13.86 dB.
     # So: more identities to learn from (test 5 % instead of 20 %: 85 % of the unsealed identities train,
