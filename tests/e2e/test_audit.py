@@ -1,4 +1,5 @@
-"""`facexplain audit` end to end: the five services on loopback, the session's registry, two runs, Chromium.
+"""`facexplain audit` end to end: the five services on loopback with TLS and bearer tokens, the session's
+registry, two runs, Chromium.
 
 The registry (conftest.py) holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo
 decoder trained for it as ``facexplain-dfd-dlib128`` v1, both champion. This module starts its own
@@ -7,13 +8,19 @@ audit rightly refuses), runs the CLI twice with the same seed on the bundled Cel
 the CelebA layout (images/ + labels.csv with their labels from the shared CelebA subset, so the
 Smiling / Eyeglasses centroids are attempted), checks the report, and renders index.html in headless
 Chromium (Debian's ``chromium``; missing is a failure, not a skip) with console capture and a screenshot.
+
+The services run as a deployment should: TLS with a certificate of a CA made at test time, and a tokens
+file; the audit reaches them with ``--tls-ca-file`` and the auditor's token in ``FACEXPLAIN_TOKEN``
+(issue 23: "the whole audit runs end to end with TLS and tokens on").
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -31,6 +38,8 @@ from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
 from registry import VersionInfo
 from sdk.audit_report import SECTIONS, strip_timestamps
+from sdk.client import ClientSecurity
+from tests.certs import issue, make_ca
 from tests.conftest import shared_data_dir
 from tests.service_env import registry_service_env
 
@@ -46,10 +55,28 @@ AUDIT_ARGS = [
 ]  # fmt: skip
 
 
-def _env(uri: str, cache: Path) -> dict[str, str]:
+AUDITOR_TOKEN = "e2e-auditor-token-0123456789abcdef"  # a test-time credential; the file holds its SHA-256
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, the services' certificate (localhost, 127.0.0.1) and a tokens file with the auditor's read scopes."""
+    d = tmp_path_factory.mktemp("e2e-pki")
+    ca = make_ca(d / "ca", "e2e CA")
+    server = issue(ca, d / "server", "localhost", server=True)
+    scopes = ["embed", "decode", "directions", "attributes", "counterfactual"]
+    entry = {"principal": "auditor", "sha256": hashlib.sha256(AUDITOR_TOKEN.encode()).hexdigest(), "scopes": scopes}
+    (d / "tokens.json").write_text(json.dumps({"tokens": [entry]}))
+    return {"ca": ca.cert_file, "cert": server.cert_file, "key": server.key_file, "tokens": d / "tokens.json"}
+
+
+def _env(uri: str, cache: Path, pki: dict[str, Path]) -> dict[str, str]:
     return registry_service_env(
         uri,
         cache,
+        FACEXPLAIN_TLS_CERT_FILE=str(pki["cert"]),
+        FACEXPLAIN_TLS_KEY_FILE=str(pki["key"]),
+        FACEXPLAIN_AUTH_TOKENS_FILE=str(pki["tokens"]),
         FACEXPLAIN_MAX_DATASET_ITEMS="100",
         FACEXPLAIN_MAX_SSI_PAIRS="100",
         FACEXPLAIN_MIN_LABEL_ITEMS="2",
@@ -62,14 +89,14 @@ def _env(uri: str, cache: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def services(
-    mlflow: RunningMlflow, decoder_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory
+    mlflow: RunningMlflow, decoder_v1: VersionInfo, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, RunningService]]:
     logs = tmp_path_factory.mktemp("audit-svc")
     cache = logs / "cache"
 
     def start(name: str) -> RunningService:
         (logs / name).mkdir()
-        return start_service(name, logs / name, env=_env(mlflow.uri, cache / name), timeout=600)
+        return start_service(name, logs / name, env=_env(mlflow.uri, cache / name, pki), timeout=600)
 
     with ThreadPoolExecutor(len(SERVICES)) as pool:
         started = dict(zip(SERVICES, pool.map(start, SERVICES), strict=True))
@@ -80,13 +107,14 @@ def services(
 
 
 @pytest.fixture(scope="module")
-def targets(services: dict[str, RunningService]) -> list[str]:
+def targets(services: dict[str, RunningService], pki: dict[str, Path]) -> list[str]:
     from sdk.client import DecodingClient, DirectionsClient
 
     # the decoders arrive through the alias watchers; wait for each service that needs one
     deadline = time.monotonic() + 300
+    security = ClientSecurity(ca_file=str(pki["ca"]), token=AUDITOR_TOKEN)
     for cls, name in ((DecodingClient, "decoding"), (DirectionsClient, "directions")):
-        with cls(services[name].address, timeout=30) as c:
+        with cls(services[name].address, timeout=30, security=security) as c:
             while not any(m.kind == "decoder" and m.serving for m in c.model_status().models):
                 assert time.monotonic() < deadline, f"{name}: no decoder after 300 s"
                 time.sleep(0.5)
@@ -114,20 +142,27 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _audit(
-    out: Path, data: Path, targets: list[str], *extra: str, timeout: float = 1500
+    out: Path, data: Path, targets: list[str], *extra: str, pki: dict[str, Path] | None = None, timeout: float = 1500
 ) -> subprocess.CompletedProcess:
+    """The audit CLI; with ``pki`` over TLS (``--tls-ca-file``) with the auditor's token (``FACEXPLAIN_TOKEN``)."""
     cmd = [sys.executable, "-m", "cli.main", "audit", "--fr-model", FR, "--data", str(data)]
     cmd += ["--out", str(out), "--seed", str(SEED), "--targets", *targets, *AUDIT_ARGS, *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEXPLAIN_")}
+    if pki is not None:
+        cmd += ["--tls-ca-file", str(pki["ca"])]
+        env["FACEXPLAIN_TOKEN"] = AUDITOR_TOKEN
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def runs(targets: list[str], sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def runs(
+    targets: list[str], sample_data: Path, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, Any]]:
     out = []
     for i in range(2):
         folder = tmp_path_factory.mktemp(f"audit-run{i}")
         t0 = time.perf_counter()
-        proc = _audit(folder, sample_data, targets)
+        proc = _audit(folder, sample_data, targets, pki=pki)
         seconds = time.perf_counter() - t0
         assert proc.returncode == 0, f"audit failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         print(f"audit run {i}: {seconds:.0f} s")
@@ -242,6 +277,16 @@ def test_same_seed_same_json(runs: list[dict[str, Any]]) -> None:
     assert runs[0]["json"]["audit"]["started"] and "loaded_at" in json.dumps(runs[0]["json"])
 
 
+def test_every_audit_call_was_authenticated(runs: list[dict[str, Any]], services: dict[str, RunningService]) -> None:
+    """The access logs show the audit's calls as the auditor's, each answered (TLS and tokens were on)."""
+    for name, svc in services.items():
+        calls = [json.loads(line) for line in svc.log_text().splitlines() if '"logger": "facexplain.access"' in line]
+        audit_calls = [c for c in calls if c.get("principal") == "auditor"]
+        assert len(audit_calls) >= 2, f"{name}: no call of the auditor in the access log"
+        refused = [c for c in calls if c.get("code") in ("UNAUTHENTICATED", "PERMISSION_DENIED")]
+        assert not refused, f"{name}: calls refused: {refused[:3]}"
+
+
 def test_html_renders_in_chromium(runs: list[dict[str, Any]], tmp_path: Path) -> None:
     from scripts.report_screenshot import render
 
@@ -267,24 +312,36 @@ def test_unreachable_service_is_a_clear_error(sample_data: Path, tmp_path: Path)
 
 
 def test_registry_not_reachable_is_a_clear_error(
-    targets: list[str], embedding_service: RunningService, sample_data: Path, tmp_path: Path
+    targets: list[str], pki: dict[str, Path], sample_data: Path, tmp_path: Path
 ) -> None:
     """A service that follows no registry, or one that cannot reach it, stops the audit with exit 3."""
     others = [t for t in targets if not t.startswith("embedding=")]
-    proc = _audit(tmp_path / "r1", sample_data, [*others, f"embedding={embedding_service.address}"], timeout=120)
-    assert proc.returncode == 3, proc.stderr
-    assert "the embedding service follows no model registry" in proc.stderr
-
     down = f"http://127.0.0.1:{free_port()}"
-    env = {**_env(down, tmp_path / "cache"), "FACEXPLAIN_REGISTRY_TIMEOUT_S": "1"}
-    (tmp_path / "logs").mkdir()
-    svc = start_service("embedding", tmp_path / "logs", env=env, timeout=300)  # falls back to local weights
+    envs = {
+        "none": {**_env("", tmp_path / "cache-none", pki), "FACEXPLAIN_REGISTRY_URI": ""},
+        "down": {**_env(down, tmp_path / "cache-down", pki), "FACEXPLAIN_REGISTRY_TIMEOUT_S": "1"},
+    }
+
+    def start(case: str) -> RunningService:  # both fall back to the local weights
+        (tmp_path / case).mkdir()
+        return start_service("embedding", tmp_path / case, env=envs[case], timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        svc = dict(zip(envs, pool.map(start, envs), strict=True))
     try:
-        proc = _audit(tmp_path / "r2", sample_data, [*others, f"embedding={svc.address}"], timeout=120)
+        none, unreachable = (
+            _audit(
+                tmp_path / f"r-{case}", sample_data, [*others, f"embedding={svc[case].address}"], pki=pki, timeout=120
+            )
+            for case in ("none", "down")
+        )
     finally:
-        assert svc.stop() == 0
-    assert proc.returncode == 3, proc.stderr
-    assert f"the embedding service cannot reach the model registry at {down}" in proc.stderr
+        for s in svc.values():
+            assert s.stop() == 0
+    assert none.returncode == 3, none.stderr
+    assert "the embedding service follows no model registry" in none.stderr
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert f"the embedding service cannot reach the model registry at {down}" in unreachable.stderr
 
 
 def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
@@ -307,10 +364,20 @@ def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
     assert t["decoding"] == "h:1" and t["attributes"] == "h:2" and t["embedding"] == "127.0.0.1:50051"
 
 
-def test_sdk_facade_reaches_all_five_services(services: dict[str, RunningService], targets: list[str]) -> None:
+def test_sdk_facade_reaches_all_five_services(
+    services: dict[str, RunningService], targets: list[str], pki: dict[str, Path]
+) -> None:
+    import grpc
+
     from sdk.client import AttributesClient, EmbeddingClient, Facexplain
 
-    with Facexplain(targets={n: s.address for n, s in services.items()}, timeout=30) as fx:
+    addresses = {n: s.address for n, s in services.items()}
+    with Facexplain(targets=addresses, timeout=30, security=ClientSecurity(ca_file=str(pki["ca"]))) as anonymous:
+        with pytest.raises(grpc.RpcError) as refused:
+            anonymous.embedding.model_status()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    security = ClientSecurity(ca_file=str(pki["ca"]), token=AUDITOR_TOKEN)
+    with Facexplain(targets=addresses, timeout=30, security=security) as fx:
         assert isinstance(fx.embedding, EmbeddingClient) and fx.embedding is fx.embedding  # opened once
         assert isinstance(fx.attributes, AttributesClient)
         status = fx.model_status()
