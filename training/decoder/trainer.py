@@ -183,6 +183,8 @@ def fit(
     state = _Progress(best_state=copy.deepcopy(decoder.state_dict()))
     if resume and ckpt_path.is_file():
         state = _resume(loop, ckpt_path, run_state)
+    if dist.world > 1:
+        _check_same_start(loop, state.start_epoch, ckpt_path)
     t_start = time.perf_counter()
     seen_total, time_total = 0, 0.0
     stopped = "epochs"
@@ -379,6 +381,17 @@ def _save_checkpoint(
             **checkpoint_tail(state.history, run_state),
         },
     )
+
+
+def _check_same_start(loop: _Loop, start_epoch: int, ckpt_path: Path) -> None:
+    """Every rank must resume from the same checkpoint: a rank that cannot see rank 0's ``last.pt`` (another
+    node, a folder that is not shared) would start over and wait forever in a different epoch's all-reduce."""
+    (rank0_start,) = broadcast_floats([float(start_epoch)], loop.dist)
+    if int(rank0_start) != start_epoch:
+        raise RuntimeError(
+            f"rank {loop.dist.rank} would start at epoch {start_epoch + 1} but rank 0 at {int(rank0_start) + 1}: "
+            f"{ckpt_path} must be on storage every node sees (a shared volume) to --resume"
+        )
 
 
 def _share_decision(loop: _Loop, stop_now: bool) -> bool:
