@@ -1,9 +1,9 @@
-"""What every training pipeline shares: config flags, devices and ranks, checkpoints, MLflow tracking.
+"""What every training pipeline shares: config flags, devices, checkpoints, MLflow tracking.
 
 Each pipeline (``training/decoder``, ``training/sadfad``) keeps only its method: data, loop and
 evaluation. The command-line shape (one flag per config field, presets underneath, SIGTERM ends the
-run like Ctrl-C), the device/rank rules, the atomic checkpoint write and the MLflow calls are the
-same for all of them and live here once.
+run like Ctrl-C), the device rules, the atomic checkpoint write and the MLflow calls are the
+same for all of them and live here once; what ranks do under torchrun is ``training.distributed``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-# -- devices, ranks, checkpoints ---------------------------------------------------------------------------
+# -- devices, checkpoints ---------------------------------------------------------------------------------
 
 
 def setup_run(device: str, threads: int, out_dir: Path) -> torch.device:
@@ -118,45 +118,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(name)
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """``torchrun`` sets WORLD_SIZE/RANK; NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as td  # heavy: common is imported by the light CLI modules
-
-    if not td.is_initialized():
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(td.get_rank(), td.get_world_size())
-
-
-def barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as td  # heavy: common is imported by the light CLI modules
-
-        td.barrier()
-
-
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, dist: Dist) -> list[torch.Tensor]:
-    """This rank's index batches of one epoch; the ragged tail is dropped (BatchNorm dislikes tiny batches)."""
-    import torch  # heavy: common is imported by the light CLI modules
-
-    perm = torch.randperm(n, generator=generator)
-    per_step = batch_size * dist.world
-    steps = max(1, n // per_step)
-    return [perm[s * per_step : (s + 1) * per_step][dist.rank :: dist.world] for s in range(steps)]
 
 
 def save_atomic(path: Path, state: dict[str, Any]) -> None:

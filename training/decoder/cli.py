@@ -16,6 +16,7 @@ from training.common import (
     stop_on_sigterm,
 )
 from training.decoder.config import PRESETS, TrainDecoderConfig
+from training.distributed import env_rank
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +70,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         register=not args.no_register,
         progress=not args.quiet,
     )
+    if env_rank() != 0:  # under torchrun: rank 0 reports the run; the others trained their shards
+        return 0
     m = summary.metrics
     print(
         f"trained {summary.epochs_run} epochs ({summary.stopped}), best epoch {summary.best_epoch}, "

@@ -44,13 +44,10 @@ from facexplain.viz import pairs_grid, save_png
 from registry import CHAMPION, Registry, VersionInfo
 from training.common import (
     FACESET_CACHE,
-    Dist,
     EpochLog,
     TrackedRun,
-    barrier,
     epoch_metrics,
     finite_rounded,
-    init_distributed,
     open_registry,
     register_from_run,
     replace_dir,
@@ -62,6 +59,7 @@ from training.common import (
 from training.decoder.config import TrainDecoderConfig
 from training.decoder.data import DecoderSplit, face_sides, split_faceset
 from training.decoder.trainer import FitResult, fit
+from training.distributed import Dist, distributed_params, init_distributed, node_first, rank_seed, shutdown
 
 EXPERIMENT = "facexplain-decoders"
 VAL_IDENTITY_FACES = 256  # per-epoch identity check on this many validation faces (full check at the end)
@@ -206,16 +204,41 @@ def train_decoder(
     progress: bool = True,
     faceset_cache: Path = FACESET_CACHE,
 ) -> RunSummary:
-    """Run the whole pipeline (see module docstring); returns what it measured and registered."""
+    """Run the whole pipeline (see module docstring); returns what it measured and registered.
+
+    Under ``torchrun`` every rank runs this: all train their shards (``training.distributed``), rank 0
+    alone tracks, evaluates, writes the bundle and registers; the others return a summary without
+    a run, figures or registration.
+    """
     if cfg.region_pairs < 0 or (cfg.region_pairs > 0 and not cfg.region_blends):
         raise ValueError(f"region_pairs {cfg.region_pairs} needs region_blends and a weight >= 0")
     device = setup_run(cfg.device, cfg.threads, out_dir)
-    registry = open_registry(registry_uri)
-    fr = _load_fr_model(cfg, registry, device)
     dist = init_distributed(device)
+    try:
+        return _train_decoder(cfg, dist, device, registry_uri, out_dir, resume, register, progress, faceset_cache)
+    finally:
+        shutdown(dist)
+
+
+def _train_decoder(
+    cfg: TrainDecoderConfig,
+    dist: Dist,
+    device: torch.device,
+    registry_uri: str,
+    out_dir: Path,
+    resume: bool,
+    register: bool,
+    progress: bool,
+    faceset_cache: Path,
+) -> RunSummary:
+    registry = open_registry(registry_uri)
+    with node_first(dist):  # one download per node into the model cache
+        fr = _load_fr_model(cfg, registry, device)
     data = _prepare_data(cfg, fr, dist, faceset_cache, progress)
     torch.manual_seed(cfg.seed)  # the decoder's initialisation, after the (separately seeded) data steps
     decoder = DeepFaceDecoder(cfg.decoder_config(fr.pipeline.info.dim))
+    if dist.world > 1:  # the same initialisation on every rank, then each rank's own dropout draws
+        torch.manual_seed(rank_seed(cfg.seed, dist))
     perceptual = perceptual_network(cfg, fr.pipeline.recognition_net, fr.label)
     perceptual = perceptual.to(device) if perceptual is not None else None
     train = _trainer(cfg, decoder, data, perceptual, device, out_dir, resume)
@@ -224,7 +247,7 @@ def train_decoder(
         return RunSummary("", fr.ref, "", data.sizes, {}, {}, False, result.best_epoch, result.epochs_done,
                           result.stopped, result.train_images_per_s, 0.0, str(device))  # fmt: skip
     run_state = saved_run_state(out_dir, resume)
-    mlrun = _start_tracking(cfg, fr, data, decoder, device, registry_uri, run_state)
+    mlrun = _start_tracking(cfg, fr, data, decoder, device, dist, registry_uri, run_state)
     fitted = _fit(train, fr, data, mlrun, run_state, progress)
     ev = _evaluate(decoder, fr, data, fitted, device, out_dir, mlrun)
     result = fitted.result
@@ -270,15 +293,47 @@ def _load_fr_model(cfg: TrainDecoderConfig, registry: Registry, device: torch.de
 def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cache: Path, progress: bool) -> _Data:
     """The cached face set, its optional mirrored and region-blended extras, and the identity-disjoint split.
 
-    Rank 0 builds every cache file; the other ranks wait at the barrier and then read them, so the
-    (slow) alignment and embedding run once.
+    Under torchrun each node's first process builds every cache file; the node's other ranks wait at
+    the barrier and then read them, so the (slow) alignment and embedding run once per node.
     """
-    pipeline = fr.pipeline
     root, records, label_names = records_from_spec(cfg.data)
-    if not dist.main:
-        barrier(dist)
+    with node_first(dist):
+        faces, extras, sealed_dropped = _cached_facesets(
+            cfg, fr, dist, root, records, label_names, faceset_cache, progress
+        )
+    splits = split_faceset(
+        faces,
+        cfg.out_size,
+        test_fraction=cfg.test_fraction,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        train_extra=extras,
+        pair_with=[len(extras) - 1] if cfg.region_pairs > 0 else [],  # the blends are the last extra
+    )
+    sizes = {k: len(v) for k, v in splits.items()}
+    sizes["identities_train"] = len(set(splits["train"].identities))
+    sizes["identities_test"] = len(set(splits["test"].identities))
+    sizes["failed"] = len(faces.failed)
+    if cfg.exclude_sealed:
+        sizes["sealed_identities_dropped"] = sealed_dropped
+    return _Data(root, records, faces, splits, sizes)
+
+
+def _cached_facesets(
+    cfg: TrainDecoderConfig,
+    fr: _FRModel,
+    dist: Dist,
+    root: Path,
+    records: list[FaceRecord],
+    label_names: list[str],
+    faceset_cache: Path,
+    progress: bool,
+) -> tuple[FaceSet, list[FaceSet], int]:
+    """The face set (sealed identities dropped if asked), its augmentation extras and how many sealed
+    identities went: built and cached by the first caller, read from the cache by the next."""
+    pipeline = fr.pipeline
     front_end: Path | Literal["auto"] | None = None
-    if cfg.chips_from and dist.main:
+    if cfg.chips_from and dist.node_main:
         front_end = "auto" if cfg.chips_from == "auto" else Path(cfg.chips_from)
     faces: FaceSet = build_faceset(
         root,
@@ -301,7 +356,7 @@ def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cac
         mirrored = mirror_faceset(
             all_faces,  # a face's mirror depends on that face alone: the full set's cache serves both
             pipeline.embed_chips,
-            cache_path=faceset_cache / f"{key}.hflip.npz",  # rank 0 writes it before the barrier
+            cache_path=faceset_cache / f"{key}.hflip.npz",  # the node's first rank writes it before the barrier
             progress=progress and dist.main,
         )
         extras.append(mirrored.subset(without_sealed(all_faces.identities)) if cfg.exclude_sealed else mirrored)
@@ -318,24 +373,7 @@ def _prepare_data(cfg: TrainDecoderConfig, fr: _FRModel, dist: Dist, faceset_cac
                 progress=progress and dist.main,
             )
         )
-    if dist.main:
-        barrier(dist)
-    splits = split_faceset(
-        faces,
-        cfg.out_size,
-        test_fraction=cfg.test_fraction,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        train_extra=extras,
-        pair_with=[len(extras) - 1] if cfg.region_pairs > 0 else [],  # the blends are the last extra
-    )
-    sizes = {k: len(v) for k, v in splits.items()}
-    sizes["identities_train"] = len(set(splits["train"].identities))
-    sizes["identities_test"] = len(set(splits["test"].identities))
-    sizes["failed"] = len(faces.failed)
-    if cfg.exclude_sealed:
-        sizes["sealed_identities_dropped"] = sealed_dropped
-    return _Data(root, records, faces, splits, sizes)
+    return faces, extras, sealed_dropped
 
 
 def _trainer(
@@ -375,6 +413,7 @@ def _start_tracking(
     data: _Data,
     decoder: DeepFaceDecoder,
     device: torch.device,
+    dist: Dist,
     registry_uri: str,
     run_state: dict[str, Any],
 ) -> TrackedRun:
@@ -400,6 +439,7 @@ def _start_tracking(
             **{f"faces_{k}": v for k, v in data.sizes.items()},
             "decoder_parameters": sum(p.numel() for p in decoder.parameters()),
             **runtime_params(device),
+            **distributed_params(cfg.seed, cfg.batch_size, dist),
         }
     )
     mlrun.tag("data_manifest_sha256", data.manifest)

@@ -17,23 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as td
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from facexplain.losses.dfd import DFDLossWeights, PerceptualFeatures, dfd_loss, pair_difference_loss
 from facexplain.metrics.image import psnr, ssim
 from facexplain.models.decoder import DeepFaceDecoder
-from training.common import (
+from training.common import EpochLog, checkpoint_tail, restore_checkpoint_tail, save_atomic
+from training.decoder.data import DecoderSplit
+from training.distributed import (
     Dist,
-    EpochLog,
-    checkpoint_tail,
+    broadcast_floats,
     epoch_batches,
     init_distributed,
-    restore_checkpoint_tail,
-    save_atomic,
+    reduce_means,
+    shard_batches,
+    wrap_ddp,
 )
-from training.decoder.data import DecoderSplit
 
 CHECKPOINT = "last.pt"
 
@@ -184,6 +183,8 @@ def fit(
     state = _Progress(best_state=copy.deepcopy(decoder.state_dict()))
     if resume and ckpt_path.is_file():
         state = _resume(loop, ckpt_path, run_state)
+    if dist.world > 1:
+        _check_same_start(loop, state.start_epoch, ckpt_path)
     t_start = time.perf_counter()
     seen_total, time_total = 0, 0.0
     stopped = "epochs"
@@ -194,9 +195,9 @@ def fit(
         train_means, seen, dt = _train_epoch(
             loop, train, perceptual, weights, pairs, pair_weight, batch_size, seed, epoch, epochs, progress
         )
-        seen_total += seen * dist.world
+        seen_total += seen  # every rank's faces
         time_total += dt
-        stop_now = torch.zeros(2, dtype=torch.float64, device=device)  # [stop?, lr]: rank 0 decides both
+        stop_now = False  # rank 0 decides; under torchrun it tells the others
         if dist.main:
             log, recons = _validate(loop, state, val, perceptual, weights, epoch, train_means, seen, dt)
             if on_epoch is not None:
@@ -204,14 +205,16 @@ def fit(
             _save_checkpoint(loop, state, ckpt_path, epoch, run_state)
             if len(val) > 0 and state.bad >= patience:
                 stopped = f"early stopping: no validation improvement for {patience} epochs"
-                stop_now[0] = 1
+                stop_now = True
             elif max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= max_minutes:
                 stopped = f"time budget of {max_minutes:g} min reached"
-                stop_now[0] = 1
+                stop_now = True
         epochs_done = epoch + 1
         if dist.world > 1:
-            _share_decision(loop, stop_now)
-        if bool(stop_now[0]):
+            stop_now = _share_decision(loop, stop_now)
+            if stop_now and not dist.main:
+                stopped = "stopped by rank 0"
+        if stop_now:
             break
     decoder.load_state_dict(state.best_state)
     return FitResult(
@@ -228,9 +231,7 @@ def _make_loop(decoder: DeepFaceDecoder, device: torch.device, lr: float, lr_dec
     """The model on its device (DDP-wrapped under torchrun), Adam, the optional plateau decay and average."""
     dist = init_distributed(device)
     decoder.to(device)
-    model: torch.nn.Module = decoder
-    if dist.world > 1:
-        model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(decoder, device, dist)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     # Optional: multiply the learning rate by ``lr_decay`` after an epoch without validation improvement.
     sched = (
@@ -277,14 +278,19 @@ def _train_epoch(
     epochs: int,
     progress: bool,
 ) -> tuple[dict[str, float], int, float]:
-    """One pass over this rank's batches; returns the mean loss terms, the faces seen and the seconds.
+    """One pass over this rank's batches; returns the mean loss terms, the faces seen and the seconds,
+    over every rank under torchrun (the slowest rank's seconds).
 
     The batch order and the pair draws are seeded by run seed and epoch (and rank), so a resumed run
-    and an uninterrupted one see the same batches.
+    and an uninterrupted one see the same batches. Under torchrun each rank takes its shard of the
+    epoch (``shard_batches``: a ``DistributedSampler`` with the same seed), so the ranks together see
+    the batches one process with ``batch_size * world`` would.
     """
     dist, device, model = loop.dist, loop.device, loop.model
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    batches = epoch_batches(len(train), batch_size, gen, dist)
+    if dist.world > 1:
+        batches = shard_batches(len(train), batch_size, seed * 1_000_003, epoch, dist)
+    else:
+        batches = epoch_batches(len(train), batch_size, torch.Generator().manual_seed(seed * 1_000_003 + epoch), dist)
     pair_gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7919 + dist.rank)
     n_pairs = max(1, batch_size // 2)
     loop.decoder.train()
@@ -319,8 +325,7 @@ def _train_epoch(
         seen += len(idx)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    dt = time.perf_counter() - t0
-    return {k: v / max(1, seen) for k, v in sums.items()}, seen, dt
+    return reduce_means(sums, seen, time.perf_counter() - t0, dist)
 
 
 def _validate(
@@ -352,7 +357,7 @@ def _validate(
         state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in loop.scored.state_dict().items()})
     else:
         state.bad += 1
-    log = EpochLog(epoch + 1, train_means, val_means, dt, seen * loop.dist.world / dt, improved)
+    log = EpochLog(epoch + 1, train_means, val_means, dt, seen / dt, improved)
     state.history.append(log)
     return log, recons
 
@@ -378,9 +383,20 @@ def _save_checkpoint(
     )
 
 
-def _share_decision(loop: _Loop, stop_now: torch.Tensor) -> None:
+def _check_same_start(loop: _Loop, start_epoch: int, ckpt_path: Path) -> None:
+    """Every rank must resume from the same checkpoint: a rank that cannot see rank 0's ``last.pt`` (another
+    node, a folder that is not shared) would start over and wait forever in a different epoch's all-reduce."""
+    (rank0_start,) = broadcast_floats([float(start_epoch)], loop.dist)
+    if int(rank0_start) != start_epoch:
+        raise RuntimeError(
+            f"rank {loop.dist.rank} would start at epoch {start_epoch + 1} but rank 0 at {int(rank0_start) + 1}: "
+            f"{ckpt_path} must be on storage every node sees (a shared volume) to --resume"
+        )
+
+
+def _share_decision(loop: _Loop, stop_now: bool) -> bool:
     """Rank 0's stop decision and (possibly decayed) learning rate, broadcast so every rank steps alike."""
-    stop_now[1] = loop.opt.param_groups[0]["lr"]
-    td.broadcast(stop_now, 0)
+    stop, lr = broadcast_floats([float(stop_now), loop.opt.param_groups[0]["lr"]], loop.dist)
     for group in loop.opt.param_groups:
-        group["lr"] = float(stop_now[1])
+        group["lr"] = lr
+    return stop > 0

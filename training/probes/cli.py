@@ -14,6 +14,7 @@ from training.common import (
     print_summary_json,
     stop_on_sigterm,
 )
+from training.distributed import require_single_process
 from training.probes.config import PRESETS, TrainProbesConfig
 
 
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     from training.probes.run import train_probes  # torch: the CLI builds its parser from this module
 
+    require_single_process("probes")  # no DDP here yet: N ranks would register N copies
     stop_on_sigterm()
     cfg = config_from_args(args, TrainProbesConfig, PRESETS)
     if not args.registry:

@@ -9,6 +9,7 @@ from pathlib import Path
 from facexplain.paths import var_dir
 from training import common
 from training.common import add_config_arguments, print_summary_json, stop_on_sigterm
+from training.distributed import require_single_process
 from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 
@@ -43,6 +44,7 @@ def config_from_args(args: argparse.Namespace) -> TrainSADFADConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     from training.sadfad.run import train_sadfad  # torch: the CLI builds its parser from this module
 
+    require_single_process("sadfad")  # no DDP here yet: N ranks would register N copies
     stop_on_sigterm()
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else var_dir() / "train" / f"sadfad-{args.preset}-{cfg.variant}"

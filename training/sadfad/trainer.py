@@ -32,7 +32,8 @@ from facexplain.losses.sadfad import VARIANTS, SADFADLossWeights, sadfad_objecti
 from facexplain.metrics.interpretability import PeakLocationReport, feature_difference, peak_location_stats
 from facexplain.metrics.verification import roc_auc
 from facexplain.models.sadfad import SADFADNet
-from training.common import Dist, EpochLog, checkpoint_tail, epoch_batches, restore_checkpoint_tail, save_atomic
+from training.common import EpochLog, checkpoint_tail, restore_checkpoint_tail, save_atomic
+from training.distributed import Dist, epoch_batches
 from training.sadfad.data import OcclusionSpec, SADFADSplit, batch_inputs, crop_offsets
 
 CHECKPOINT = "last.pt"

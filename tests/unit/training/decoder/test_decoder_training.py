@@ -334,3 +334,29 @@ def test_perceptual_network_for_another_fr_model() -> None:
     assert shared is not None and own is not None
     with torch.no_grad():
         torch.testing.assert_close(shared(images), own(images))
+
+
+def _ddp_resume_worker(rank: int, world: int, port: int, dirs: list[str]) -> None:
+    import os
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank)}
+    )
+    torch.set_num_threads(1)
+    _fit(Path(dirs[rank]), 3, resume=True)
+
+
+def test_distributed_resume_refuses_ranks_that_do_not_share_the_checkpoint(tmp_path: Path) -> None:
+    """Rank 1 on a node that cannot see rank 0's last.pt would start over: it stops with a clear reason
+    instead of waiting forever in another epoch's all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _fit(tmp_path / "shared", 1)  # one process: rank 0's folder holds epoch 1's checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dirs = [str(tmp_path / "shared"), str(tmp_path / "elsewhere")]
+    with pytest.raises(Exception, match="must be on storage every node sees"):
+        mp.spawn(_ddp_resume_worker, args=(2, port, dirs), nprocs=2, join=True)
