@@ -50,6 +50,7 @@ class GrpcServer:
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             options=options,
         )
+        self.servicer = servicer
         add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -87,6 +88,9 @@ class GrpcServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
+        close = getattr(self.servicer, "close", None)
+        if callable(close):  # e.g. the servicer's inference threads (services/kit/batching.py)
+            close()
         self.metrics.close()
         log.info("stopped %s", self.service_full_name)
 
