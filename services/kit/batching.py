@@ -176,8 +176,8 @@ class DynamicBatcher(Generic[K, ItemT, ResultT]):
             self._observe_batch(len(values))
             return list(self._checked(key, list(values)))
         call = self.submit(key, values, deadline=deadline)
-        if context is not None:
-            context.add_callback(call.cancel)  # runs when the RPC ends, cancellation included
+        if context is not None and not context.add_callback(call.cancel):  # runs when the RPC ends, cancelled or not
+            call.cancel()  # the RPC already ended (cancelled before we queued): nobody waits for these items
         return call.result()
 
     def submit(self, key: K, values: Sequence[ItemT], *, deadline: float | None = None) -> Call[ResultT]:

@@ -15,6 +15,7 @@ from services.kit.batching import BatchingConfig, DynamicBatcher
 from services.kit.config import ServiceSettings
 from services.kit.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.kit.metrics import ServiceMetrics
+from services.kit.models import ModelSlot, ServedModel
 
 
 class TinyModel:
@@ -262,6 +263,34 @@ def test_different_keys_never_share_a_batch(model: TinyModel) -> None:
     finally:
         batcher.stop()
     assert [b for b in model.batches if 999 not in b] == [[0, 2, 4], [1, 3]]
+
+
+def test_a_swap_mid_queue_never_mixes_versions(inputs: list[torch.Tensor]) -> None:
+    """Keys hold the served snapshot: calls made before a swap run on the old version, later ones on the new,
+    and each result can name the version that produced it."""
+    v1, v2 = TinyModel(), TinyModel()
+    torch.nn.init.normal_(v2.net[0].weight)
+    slot = ModelSlot(ServedModel("tiny", "1", "test", v1))
+    gate = threading.Event()
+
+    def run(key: ServedModel[TinyModel], xs: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        gate.wait(10)
+        return [(key.version, y) for y in key.model.net(torch.stack(xs)).detach()]
+
+    batcher = DynamicBatcher("swap", run, BatchingConfig(max_batch_size=8, wait_s=0.002, max_queue=16))
+    try:
+        blocker = batcher.submit(slot.current(), [inputs[0]])
+        old = [batcher.submit(slot.current(), [x]) for x in inputs[1:4]]
+        slot.swap(ServedModel("tiny", "2", "test", v2))
+        new = [batcher.submit(slot.current(), [x]) for x in inputs[4:7]]
+        gate.set()
+        blocker.result()
+        got = [c.result()[0] for c in old + new]
+    finally:
+        batcher.stop()
+    for (version, y), x, model in zip(got, inputs[1:7], [v1] * 3 + [v2] * 3, strict=True):
+        assert version == ("1" if model is v1 else "2")
+        assert torch.allclose(y, model.single(x), atol=1e-6)
 
 
 def test_disabled_runs_inline_on_the_calling_thread(model: TinyModel, inputs: list[torch.Tensor]) -> None:
