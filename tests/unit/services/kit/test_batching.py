@@ -269,7 +269,9 @@ def test_a_swap_mid_queue_never_mixes_versions(inputs: list[torch.Tensor]) -> No
     """Keys hold the served snapshot: calls made before a swap run on the old version, later ones on the new,
     and each result can name the version that produced it."""
     v1, v2 = TinyModel(), TinyModel()
-    torch.nn.init.normal_(v2.net[0].weight)
+    first = v2.net[0]
+    assert isinstance(first, torch.nn.Linear)
+    torch.nn.init.normal_(first.weight)  # another version: other weights
     slot = ModelSlot(ServedModel("tiny", "1", "test", v1))
     gate = threading.Event()
 
