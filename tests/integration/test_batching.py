@@ -137,7 +137,9 @@ def test_full_queue_and_deadline_in_queue_answer_at_once(
             refused_after = time.perf_counter() - t0
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "FACEXPLAIN_MAX_QUEUE" in (err.value.details() or "")
-            assert refused_after < 0.5, refused_after  # the batcher itself answers in well under 50 ms (unit test)
+            assert refused_after < 1.0, (
+                refused_after
+            )  # gRPC and image decoding under load; the batcher: < 50 ms (unit test)
             assert not running.done(), "the 32-image batch finished before the test could fill the queue"
             a, b = running.result(300), queued.result(300)
     finally:
