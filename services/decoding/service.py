@@ -7,6 +7,11 @@ only meaningful for the exact FR version it was trained on, and the two aliases 
 so every request snapshots both slots and checks that pair first (FAILED_PRECONDITION naming both
 when they disagree) rather than decoding templates into confident nonsense.
 
+Every decoder forward (Decode, DecodeBatch, Interpolate, Reconstruct) runs on the decoder's inference
+thread through a :class:`~services.kit.batching.DynamicBatcher`, so concurrent calls share one batched
+forward against one decoder version (the batch key is the decoder snapshot the request checked);
+Reconstruct's face analysis goes through the FR model's batcher the same way.
+
 Nothing here logs or keeps templates or images (see DESIGN.md); the RPC wrapper logs method, status
 and latency only.
 """
@@ -23,10 +28,11 @@ from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.directions.interpolation import lerp, positions, slerp
 from facexplain.metrics.image import SSIM_WINDOW, psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, resize01
-from facexplain.pipeline import FacePipeline
+from facexplain.pipeline import FacePipeline, FaceResult
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
 from services.decoding.settings import DecodingSettings
-from services.kit.embedder import box_to_proto, face_selection, rule_to_proto
+from services.kit.batching import BatchingConfig, DynamicBatcher
+from services.kit.embedder import AnalyzeKey, analyze_batch, box_to_proto, face_selection, rule_to_proto
 from services.kit.errors import FailedPrecondition, InvalidArgument, NoFaceFound, ResourceExhausted, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -62,6 +68,11 @@ def _same_model(a: common_pb2.ModelRef, b: common_pb2.ModelRef) -> bool:
     return not (a.version and b.version and a.version != b.version)
 
 
+def decode_batch(decoder: ServedModel[LoadedDecoder], templates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One batched decoder forward for the dynamic batcher: (d,) templates -> (3, S, S) images in [0, 1]."""
+    return list(decoder.model.decode(torch.stack([t.float() for t in templates])))
+
+
 def chip_at(chip255: torch.Tensor, size: int) -> torch.Tensor:
     """The FR model's aligned chip (3, S, S) in [0, 255] as the decoder's reference: (1, 3, size, size) in [0, 1].
 
@@ -83,6 +94,18 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
         self.fr_slot = fr_slot
         self.settings = settings
         self.metrics = metrics
+        config = BatchingConfig.from_settings(settings)
+        self.decoder_batcher: DynamicBatcher[ServedModel[LoadedDecoder], torch.Tensor, torch.Tensor] = DynamicBatcher(
+            "decoder", decode_batch, config, metrics
+        )
+        self.fr_batcher: DynamicBatcher[AnalyzeKey, torch.Tensor, FaceResult | None] = DynamicBatcher(
+            "embedder", analyze_batch, config, metrics
+        )
+
+    def close(self) -> None:
+        """Stop the inference threads (the server calls this after in-flight calls finished)."""
+        self.decoder_batcher.stop()
+        self.fr_batcher.stop()
 
     # -- helpers -------------------------------------------------------------------------------------
     def _models(self) -> tuple[ServedModel[LoadedDecoder], ServedModel[FacePipeline]]:
@@ -117,7 +140,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
     def Decode(self, request: decoding_pb2.DecodeRequest, context: grpc.ServicerContext) -> decoding_pb2.DecodeResponse:
         decoder, _fr = self._models()
         vec = self._template(request.template, decoder.model)
-        image = decoder.model.decode(vec[None])[0]
+        image = self.decoder_batcher.run(decoder, [vec], context)[0]
         return self._decode_response(image, decoder)
 
     @unary
@@ -137,7 +160,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
         check_deadline(context, "template checks")
         order = sorted(valid)
         if order:
-            images = decoder.model.decode(torch.stack([valid[i] for i in order]))
+            images = self.decoder_batcher.run(decoder, [valid[i] for i in order], context)
             for k, i in enumerate(order):
                 results[i].ok.CopyFrom(self._decode_response(images[k], decoder))
         self.metrics.items.labels("decoding", "DecodeBatch", "ok").inc(len(order))
@@ -152,13 +175,13 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
         selection = face_selection(request.selection)
         image = decode_image(request.image, self.settings.max_image_pixels)
         check_deadline(context, "image decoding")
-        result = fr.model.analyze([image], selection)[0]
+        result = self.fr_batcher.run((fr, selection), [image], context)[0]
         if result is None:
             raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
         check_deadline(context, "embedding")
         dec = decoder.model
         aligned = chip_at(result.chip, dec.out_size)
-        recon = dec.decode(result.template[None]).float()
+        recon = self.decoder_batcher.run(decoder, [result.template], context)[0][None].float()
         # Re-embed the reconstruction as the FR model sees faces (as training evaluates it).
         info = fr.model.info
         recon_template = embed_images(fr.model.embed_chips, recon, info.chip_size)[0]
@@ -211,7 +234,7 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
         s = positions(steps)
         path = slerp(a, b, s) if mode == decoding_pb2.INTERPOLATION_MODE_SLERP else lerp(a, b, s)
         check_deadline(context, "interpolation")
-        frames = dec.decode(path)
+        frames = self.decoder_batcher.run(decoder, list(path), context)
         # Unit templates stay unit length only on the sphere (slerp); a chord between them is shorter.
         normalized = request.a.normalized and request.b.normalized and mode == decoding_pb2.INTERPOLATION_MODE_SLERP
         fr_ref = _fr_ref(dec)

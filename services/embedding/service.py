@@ -1,4 +1,11 @@
-"""EmbeddingService: the gRPC adapter over ``facexplain.pipeline.FacePipeline``."""
+"""EmbeddingService: the gRPC adapter over ``facexplain.pipeline.FacePipeline``.
+
+Every pipeline forward that embeds (Embed, EmbedBatch, Verify's image probes) goes through one
+:class:`~services.kit.batching.DynamicBatcher`: handler threads decode images and wait, one inference
+thread runs concurrent calls' images as one ``analyze`` batch (detection, landmarks, alignment and
+the FR net: detection dominates the time, so batching only the FR net would leave most of it per call).
+The batch key is the served model snapshot plus the face selection, so a batch never mixes versions.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,9 @@ import torch
 
 from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from services.kit.batching import BatchingConfig, DynamicBatcher
 from services.kit.config import ServiceSettings
-from services.kit.embedder import box_to_proto, face_selection, rule_to_proto
+from services.kit.embedder import AnalyzeKey, analyze_batch, box_to_proto, face_selection, rule_to_proto
 from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -32,6 +40,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.slot = slot
         self.settings = settings
         self.metrics = metrics
+        self.batcher: DynamicBatcher[AnalyzeKey, torch.Tensor, FaceResult | None] = DynamicBatcher(
+            "embedder", analyze_batch, BatchingConfig.from_settings(settings), metrics
+        )
+
+    def close(self) -> None:
+        """Stop the inference thread (the server calls this after in-flight calls finished)."""
+        self.batcher.stop()
 
     # -- helpers -------------------------------------------------------------------------------------
     def _selection(self, value: int) -> FaceSelection:
@@ -50,8 +65,22 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             resp.aligned.CopyFrom(png_image(result.chip))
         return resp
 
+    def _analyze(
+        self,
+        served: ServedModel[FacePipeline],
+        images: list[torch.Tensor],
+        selection: FaceSelection,
+        context: grpc.ServicerContext,
+    ) -> list[FaceResult | None]:
+        return self.batcher.run((served, selection), images, context)
+
     def _probe_template(
-        self, probe: common_pb2.Probe, served: ServedModel[FacePipeline], which: str, selection: FaceSelection
+        self,
+        probe: common_pb2.Probe,
+        served: ServedModel[FacePipeline],
+        which: str,
+        selection: FaceSelection,
+        context: grpc.ServicerContext,
     ) -> torch.Tensor:
         kind = probe.WhichOneof("kind")
         info = served.model.info
@@ -70,7 +99,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 image = decode_image(probe.image, self.settings.max_image_pixels)
             except ServiceError as exc:
                 raise type(exc)(f"{which}: {exc.message}") from None
-            result = served.model.analyze([image], selection)[0]
+            result = self._analyze(served, [image], selection, context)[0]
             if result is None:
                 raise NoFaceFound(f"{which} image")
             return result.template
@@ -83,7 +112,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         selection = self._selection(request.selection)
         image = decode_image(request.image, self.settings.max_image_pixels)
         check_deadline(context, "decoding")
-        result = served.model.analyze([image], selection)[0]
+        result = self._analyze(served, [image], selection, context)[0]
         if result is None:
             raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
         return self._response(result, served, request.normalize, request.return_aligned)
@@ -105,7 +134,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "decoding")
         order = sorted(decoded)
-        faces = served.model.analyze([decoded[i] for i in order], selection) if order else []
+        faces = self._analyze(served, [decoded[i] for i in order], selection, context) if order else []
         for i, res in zip(order, faces, strict=True):
             if res is None:
                 err = NoFaceFound()
@@ -123,9 +152,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> embedding_pb2.VerifyResponse:
         served = self.slot.current()
         selection = self._selection(request.selection)
-        a = self._probe_template(request.a, served, "a", selection)
+        a = self._probe_template(request.a, served, "a", selection, context)
         check_deadline(context, "probe a")
-        b = self._probe_template(request.b, served, "b", selection)
+        b = self._probe_template(request.b, served, "b", selection, context)
         rule = served.model.info.rule
         cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
         l2 = float((a - b).norm())

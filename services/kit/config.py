@@ -34,7 +34,31 @@ class ServiceSettings(BaseSettings):
     max_workers: int = Field(8, ge=1, description="gRPC handler threads")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request/response")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width*height) accepted")
-    max_batch_size: int = Field(64, ge=1, description="most images in one batch request")
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        description="most items in one batch request, and in one dynamically batched forward pass "
+        "(services/kit/batching.py)",
+    )
+    # Dynamic batching (services/kit/batching.py): concurrent calls share one forward pass on an inference thread.
+    dynamic_batching: bool = Field(
+        True,
+        description="queue concurrent calls and run them as one batched forward on a dedicated inference thread; "
+        "false runs each call's forward on its own gRPC handler thread (the pre-batching behaviour, for comparison)",
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="most milliseconds the first queued item waits for others to join its batch; the wait only "
+        "matters when the inference thread is idle (under load batches fill while the previous forward runs)",
+    )
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="most items waiting for the inference thread; a call that would exceed it gets "
+        "RESOURCE_EXHAUSTED at once instead of waiting without bound",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight requests may finish")

@@ -12,7 +12,7 @@ import torch
 
 from facexplain.artifacts.embedder import KIND, KIND_EMBEDDER
 from facexplain.metrics.verification import VerificationRule
-from facexplain.pipeline import FacePipeline, FaceSelection
+from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import InvalidArgument
@@ -25,6 +25,16 @@ _SELECTION: dict[int, FaceSelection] = {
     embedding_pb2.FACE_SELECTION_LARGEST: FaceSelection.LARGEST,
     embedding_pb2.FACE_SELECTION_MOST_CONFIDENT: FaceSelection.MOST_CONFIDENT,
 }
+
+
+# Items that may share one batched ``analyze`` (services/kit/batching.py): same served version, same selection.
+AnalyzeKey = tuple[ServedModel[FacePipeline], FaceSelection]
+
+
+def analyze_batch(key: AnalyzeKey, images: list[torch.Tensor]) -> list[FaceResult | None]:
+    """One batched pipeline forward (detection to template) for a dynamic batcher's inference thread."""
+    served, selection = key
+    return served.model.analyze(images, selection)
 
 
 def face_selection(value: int) -> FaceSelection:

@@ -50,6 +50,33 @@ class ServiceMetrics:
             ["service"],
             registry=self.registry,
         )
+        # Dynamic batching (services/kit/batching.py), labelled by batcher (one per model slot).
+        self.batch_size = Histogram(
+            "facexplain_batch_size",
+            "Items per batched forward pass",
+            ["service", "batcher"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "facexplain_batch_queue_wait_seconds",
+            "Seconds an item waited in the batching queue before its forward pass started",
+            ["service", "batcher"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "facexplain_batch_queue_depth",
+            "Items waiting in the batching queue",
+            ["service", "batcher"],
+            registry=self.registry,
+        )
+        self.queue_dropped = Counter(
+            "facexplain_batch_dropped_total",
+            "Items that never reached a forward pass, by reason (queue_full, deadline, cancelled)",
+            ["service", "batcher", "reason"],
+            registry=self.registry,
+        )
         self.port: int | None = None
         self._http: Any = None
         self._served: dict[str, tuple[str, str]] = {}  # kind -> (model, version) marked served

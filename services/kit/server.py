@@ -68,6 +68,7 @@ class GrpcServer:
             interceptors=interceptors,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
+        self.servicer = servicer
         add_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -149,6 +150,9 @@ class GrpcServer:
         self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        close = getattr(self.servicer, "close", None)
+        if callable(close):  # e.g. the servicer's inference threads (services/kit/batching.py)
+            close()
         self.metrics.close()
         log.info("stopped %s", self.service_full_name)
 
