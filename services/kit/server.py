@@ -95,6 +95,7 @@ class GrpcServer:
             if self.health_port == 0:
                 raise RuntimeError(f"could not bind the health port {settings.host}:{settings.health_port}")
         self._stopped = threading.Event()
+        self._closed = threading.Event()  # set once stop() has closed everything, not just the gRPC server
         self._health_status: int | None = None
 
     @property
@@ -146,15 +147,18 @@ class GrpcServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
-        close = getattr(self.servicer, "close", None)
-        if callable(close):  # e.g. the servicer's inference threads (services/kit/batching.py)
-            close()
-        self.metrics.close()
-        log.info("stopped %s", self.service_full_name)
+        try:
+            self.health.enter_graceful_shutdown()
+            self.server.stop(self.settings.grace_period_s if grace is None else grace).wait()
+            if self.health_server is not None:
+                self.health_server.stop(0).wait()
+            close = getattr(self.servicer, "close", None)
+            if callable(close):  # e.g. the servicer's inference threads (services/kit/batching.py)
+                close()
+            self.metrics.close()
+            log.info("stopped %s", self.service_full_name)
+        finally:
+            self._closed.set()
 
     def install_signal_handlers(self) -> None:
         def _handler(signum: int, _frame: object) -> None:
@@ -165,7 +169,13 @@ class GrpcServer:
         signal.signal(signal.SIGINT, _handler)
 
     def wait(self) -> None:
+        """Return once the server is stopped *and* closed. The gRPC server terminates before ``stop`` has
+        closed the health server, the inference threads and the metrics; returning then would let the
+        interpreter exit under them (grpc's C++ threads abort the process: "terminate called without an
+        active exception", exit code -6 instead of 0)."""
         self.server.wait_for_termination()
+        if self._stopped.is_set():
+            self._closed.wait(self.settings.grace_period_s + 30)
 
 
 def service_metrics(settings: ServiceSettings, service: str) -> ServiceMetrics:
