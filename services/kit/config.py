@@ -76,6 +76,18 @@ class ServiceSettings(BaseSettings):
     poll_interval_s: float = Field(default=10.0, gt=0, description="seconds between alias -> version polls")
     model_cache_dir: str = Field(default="var/models", description="where downloaded model versions are kept")
     registry_timeout_s: float = Field(default=5.0, gt=0, description="HTTP timeout of one registry call")
+    trusted_digests_file: str = Field(
+        default="",
+        description="allow-list of bundle digests (one sha256 per line, optional comment; '#' lines ignored): when "
+        "set, a registered version is served only if the digest of its downloaded bundle is listed (or it is "
+        "signed by a key of trusted_keys_file); re-read when it changes; empty = not used",
+    )
+    trusted_keys_file: str = Field(
+        default="",
+        description="Ed25519 public keys (PEM blocks or lines 'ed25519:<base64> [comment]'): when set, a version "
+        "whose 'bundle_signature' tag is a valid signature of its bundle digest by one of them is trusted "
+        "(`facexplain registry sign`); re-read when it changes; empty = not used",
+    )
     registry_fallback_local: bool = Field(
         default=True,
         description="registry unreachable or its version invalid at start: serve local weights until it is",

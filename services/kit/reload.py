@@ -40,11 +40,13 @@ from registry import (
     public_uri,
     served_tags,
 )
+from registry.signing import SIGNATURE_TAG
 from services.api.v1 import common_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import NotFound
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
+from services.kit.trust import TrustPolicy
 
 log = logging.getLogger("facexplain.reload")
 T = TypeVar("T")
@@ -83,6 +85,7 @@ class ModelWatcher(Generic[T]):
         cache_dir: Path | str,
         device: str = "cpu",
         require: dict[str, str] | None = None,
+        trust: TrustPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.service = service
@@ -96,6 +99,7 @@ class ModelWatcher(Generic[T]):
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.require = dict(require or {})
+        self.trust = trust or TrustPolicy()
         self.slot: ModelSlot[T] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -213,13 +217,18 @@ class ModelWatcher(Generic[T]):
         problems = metadata_problems(self.kind, info, meta, self.require)
         if problems:
             raise BundleError("metadata incompatible: " + "; ".join(problems))
+        # Trust rests on the digest of what was downloaded (bundle.json lists every file's sha256, which
+        # the loader verifies before parsing), checked before any weight file is opened.
+        digest = bundle_digest(meta)
+        trusted_by = self.trust.check(digest, info.tags.get(SIGNATURE_TAG, ""))
         t1 = time.perf_counter()
         model = self.loader(path, info, self.device)
         timings["load"] = time.perf_counter() - t1
         metadata = {
             **flat_metadata(meta),
             **served_tags(info.tags),
-            "bundle_sha256": info.tags.get("bundle_sha256") or bundle_digest(meta),
+            "bundle_sha256": digest,
+            "trusted_by": trusted_by,
             "registry_run_id": info.run_id,
             "registry_source": info.source,
         }
@@ -370,6 +379,17 @@ def serve_from_registry(
     if not name:
         raise ValueError(f"FACEXPLAIN_MODEL_NAME is required: there is no default {kind} model")
     registry = Registry(settings.registry_uri, timeout_s=settings.registry_timeout_s)
+    trust = TrustPolicy(settings.trusted_digests_file, settings.trusted_keys_file)
+    trust.load()  # a configured trust file that cannot be read stops the service here, by name
+    if trust.enabled:
+        log.info("%s@%s: versions are served only when trusted by %s", name, alias, trust.describe())
+    else:
+        log.warning(
+            "%s@%s: no FACEXPLAIN_TRUSTED_DIGESTS_FILE / FACEXPLAIN_TRUSTED_KEYS_FILE: any version that passes the "
+            "bundle's own checks is served, so whoever can write to the registry decides what is served",
+            name,
+            alias,
+        )
     watcher: ModelWatcher[T] = ModelWatcher(
         registry,
         service=metrics.service,
@@ -382,6 +402,7 @@ def serve_from_registry(
         poll_interval_s=settings.poll_interval_s,
         cache_dir=settings.model_cache_dir,
         device=settings.torch_device(),
+        trust=trust,
     )
     initial, error, reachable = _start_up_model(watcher, settings, metrics, f"{name}@{alias}", kind, fallback)
     slot = ModelSlot(initial, registry_uri=public_uri(settings.registry_uri), label=label)
