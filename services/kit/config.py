@@ -33,7 +33,20 @@ class ServiceSettings(BaseSettings):
     metrics_enabled: bool = True
     max_workers: int = Field(8, ge=1, description="gRPC handler threads")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request/response")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width*height) accepted")
+    max_image_pixels: int = Field(
+        2048 * 2048,
+        ge=1,
+        description="largest image (width*height, read from the header before decoding) accepted; larger is "
+        "RESOURCE_EXHAUSTED. Lowered from 4096*4096 (issue 23): the FR pipeline peaks at about 100-125 bytes of "
+        "memory per decoded pixel",
+    )
+    max_request_pixels: int = Field(
+        2048 * 2048,
+        ge=0,
+        description="budget of decoded pixels per call, over all its images (decoded one at a time, charged before "
+        "decoding); an image beyond it is RESOURCE_EXHAUSTED (an item error in a batch). Bounds one call's memory "
+        "(measured: 64 crafted images in one EmbedBatch stay under 1 GB of peak RSS growth); 0 = no budget",
+    )
     max_batch_size: int = Field(64, ge=1, description="most images in one batch request")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
