@@ -212,11 +212,11 @@ def pickle_globals(data: bytes) -> list[str]:
             elif name in _STRING_OPS:
                 recent.append(str(arg))
             elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(arg)] = recent[-1] if recent else None
+                memo[int(str(arg))] = recent[-1] if recent else None
             elif name == "MEMOIZE":
                 memo[len(memo)] = recent[-1] if recent else None
             elif name in ("BINGET", "LONG_BINGET", "GET"):
-                recent.append(memo.get(int(arg)))
+                recent.append(memo.get(int(str(arg))))
             else:
                 recent.append(None)
     except Exception as exc:  # a pickle that does not even parse is no weight file either
