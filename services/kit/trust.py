@@ -60,6 +60,10 @@ class TrustPolicy:
             parts.append(f"Ed25519 keys {self.keys_file} (FACEXPLAIN_TRUSTED_KEYS_FILE)")
         return " or ".join(parts) if parts else "none: the bundle's own checks only"
 
+    def stamp(self) -> tuple[tuple[float, int] | None, ...]:
+        """Changes whenever a trust file changes: a version rejected as untrusted is retried by the next poll."""
+        return tuple(self._stamp(p) for p in (self.digests_file, self.keys_file) if p is not None)
+
     # -- reading the files (cached by mtime and size) -------------------------------------------------------
     @staticmethod
     def _stamp(path: Path) -> tuple[float, int] | None:

@@ -240,13 +240,16 @@ def test_version_signed_by_a_trusted_key_is_served(svc: RunningService, setup: d
     assert loaded.metadata["trusted_by"].startswith("signed by key ") and "(release)" in loaded.metadata["trusted_by"]
 
 
-def test_digest_added_to_the_allow_list_is_served_without_restart(svc: RunningService, setup: dict[str, Any]) -> None:
+def test_digest_added_to_the_allow_list_is_served_at_the_next_poll(svc: RunningService, setup: dict[str, Any]) -> None:
     error = _move_and_expect_rejection(svc, setup, "late")
     assert "not on the allow-list" in error
     with setup["digests_file"].open("a") as fh:
         fh.write(f"{setup['digests']['late']}  released later\n")
-    loaded = _serve(svc, setup, "late")
-    assert loaded.metadata["trusted_by"] == "allow-list (released later)"
+    # the next poll sees the changed allow-list and retries the version: no restart, no Reload
+    late = setup["versions"]["late"]
+    _wait(lambda: _embed_version(svc) == late, POLL_S + 90, f"v{late} served after its digest was listed")
+    loaded = _status(svc).models[0]
+    assert loaded.model.version == late and loaded.metadata["trusted_by"] == "allow-list (released later)"
 
 
 def test_malicious_pickle_bundle_is_refused_and_never_runs(svc: RunningService, setup: dict[str, Any]) -> None:
