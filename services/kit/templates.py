@@ -10,7 +10,6 @@ from services.api.v1 import common_pb2
 from services.kit.errors import FailedPrecondition, InvalidArgument
 from services.kit.models import ServedModel
 
-
 # Real templates have values well under 1 (the default model's norm is about 1.5) and edited ones stay
 # within a few units; 3e38 is finite yet squares to inf, so Verify answered L2 = inf, cosine 0 (issue 23).
 MAX_TEMPLATE_ABS = 1e4
