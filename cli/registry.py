@@ -5,6 +5,8 @@ facexplain registry promote facexplain-fr-dlib128 3 --alias champion
 facexplain registry promote facexplain-dfd-dlib128 2 --force --reason "demo: gates not met on 30 faces"
 facexplain registry list
 facexplain registry check facexplain-fr-dlib128 --alias challenger   # download, load, validate: promote-ready?
+facexplain registry keygen --out secrets/release                     # Ed25519 signing key + keys-file line
+facexplain registry sign facexplain-fr-dlib128 3 --key secrets/release.key   # vouch for a version's bundle digest
 
 The registry URI comes from ``--uri``, else ``FACEXPLAIN_REGISTRY_URI``, else ``MLFLOW_TRACKING_URI``,
 else ``http://127.0.0.1:5000`` (what ``make mlflow`` starts). This module only parses and prints: the
@@ -224,6 +226,62 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    """A new Ed25519 signing key (private PEM, mode 0600) and its line for FACEXPLAIN_TRUSTED_KEYS_FILE."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from registry.signing import public_key_line
+
+    key_path, pub_path = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
+    if key_path.exists() and not args.force:
+        return _fail(f"{key_path} exists (--force replaces it)")
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    pub_path.write_text(public_key_line(key.public_key(), args.comment or key_path.stem) + "\n")
+    print(f"private key: {key_path} (keep it off the registry and the services)")
+    print(f"public key line (append to FACEXPLAIN_TRUSTED_KEYS_FILE): {pub_path}")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    """Download a version, verify its files, and tag it with a signature of the digest computed here."""
+    from facexplain.artifacts.bundle import BundleError, bundle_digest, check_layout, read_metadata, verify_files
+    from registry import RegistryError, RegistryUnreachable
+    from registry.signing import SIGNATURE_TAG, TrustFileError, load_private_key, sign_digest
+
+    key = None
+    if not args.digest_only:
+        if not args.key:
+            return _fail("--key is required to sign (or --digest-only)")
+        try:
+            key = load_private_key(Path(args.key).read_bytes())
+        except (OSError, ValueError, TrustFileError) as exc:
+            return _fail(f"signing key {args.key}: {exc}")
+    reg = _registry(args)
+    try:
+        info = reg.get_version(args.name, args.version)
+        path = reg.download(info, Path(tempfile.mkdtemp(prefix="fx-sign-")))
+        meta = read_metadata(path)
+        check_layout(path, meta)
+        verify_files(path, meta)
+        digest = bundle_digest(meta)
+        if key is not None:
+            reg.set_version_tag(info.name, info.version, SIGNATURE_TAG, sign_digest(key, digest))
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except (RegistryError, BundleError, OSError) as exc:
+        return _fail(f"{args.name} v{args.version} not signed: {exc}", 4)
+    if not args.digest_only:
+        print(f"signed {info.name} v{info.version}: tag {SIGNATURE_TAG} set")
+    print(f"allow-list line (FACEXPLAIN_TRUSTED_DIGESTS_FILE): {digest}  {info.name} v{info.version}")
+    return 0
+
+
 def add_registry_parser(sub: Any) -> None:
     """Attach ``registry`` and its subcommands to the top-level ``facexplain`` parser."""
     r = sub.add_parser("registry", help="register, promote, list and check model versions (MLflow registry)")
@@ -281,3 +339,19 @@ def add_registry_parser(sub: Any) -> None:
     c.add_argument("--cache-dir", help="where to download (default: a fresh temporary folder)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_check)
+
+    k = rsub.add_parser("keygen", help="create an Ed25519 signing key and its FACEXPLAIN_TRUSTED_KEYS_FILE line")
+    k.add_argument("--out", required=True, help="path stem: writes <out>.key (private, 0600) and <out>.pub")
+    k.add_argument("--comment", default="", help="comment on the public key line (default: the file name)")
+    k.add_argument("--force", action="store_true", help="replace an existing key")
+    k.set_defaults(func=_cmd_keygen)
+
+    g = rsub.add_parser(
+        "sign", help="sign a version's bundle digest (tag bundle_signature) and print its allow-list line"
+    )
+    common(g)
+    g.add_argument("name")
+    g.add_argument("version")
+    g.add_argument("--key", help="Ed25519 private key (PEM) from `registry keygen`", default="")
+    g.add_argument("--digest-only", action="store_true", help="print the allow-list line only; set no tag")
+    g.set_defaults(func=_cmd_sign)

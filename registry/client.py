@@ -98,14 +98,16 @@ class Registry:
         except RestException as exc:
             code = str(exc.error_code)
             if code in _NOT_FOUND_CODES:
-                raise RegistryNotFound(f"{what}: {exc.message}") from None
+                raise RegistryNotFound(scrub(f"{what}: {exc.message}")) from None
             if code in _REFUSED_CODES:
-                raise RegistryError(f"{what}: {code}: {exc.message}") from None
-            raise RegistryUnreachable(f"{what}: registry error {code}: {exc.message[:300]}") from None
+                raise RegistryError(scrub(f"{what}: {code}: {exc.message}")) from None
+            raise RegistryUnreachable(scrub(f"{what}: registry error {code}: {exc.message[:300]}")) from None
         except MlflowException as exc:
-            raise RegistryUnreachable(f"{what}: {public_uri(self.uri)} unreachable ({_short(exc.message)})") from None
+            where = public_uri(self.uri)
+            raise RegistryUnreachable(scrub(f"{what}: {where} unreachable ({_short(exc.message)})")) from None
         except OSError as exc:  # requests' ConnectionError is an OSError
-            raise RegistryUnreachable(f"{what}: {public_uri(self.uri)} unreachable ({_short(str(exc))})") from None
+            where = public_uri(self.uri)
+            raise RegistryUnreachable(scrub(f"{what}: {where} unreachable ({_short(str(exc))})")) from None
 
     # -- reading ---------------------------------------------------------------------------------------
     def resolve(self, name: str, alias: str) -> VersionInfo:
@@ -348,3 +350,21 @@ def _short(message: str, limit: int = 200) -> str:
     """First line of an MLflow error, trimmed: its messages embed whole urllib3 reprs."""
     first = message.strip().splitlines()[0] if message.strip() else ""
     return first if len(first) <= limit else first[:limit] + "..."
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:token|access_token|password|passwd|secret|key|sig)=)[^&\s'\"]+")
+# MLflow's own credential variables (HTTP basic auth, bearer token); their values never reach a message.
+_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")
+
+
+def scrub(text: str) -> str:
+    """``text`` without registry credentials: user:password@ in URLs, secret query parameters, and the
+    values of MLflow's credential variables. Every registry error passes through it before it is raised
+    (and so before it reaches a log, ModelStatus or a Reload response)."""
+    text = _SECRET_PARAMS.sub(r"\1***", _URL_CREDENTIALS.sub("", text))
+    for var in _SECRET_ENV:
+        value = os.environ.get(var, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text

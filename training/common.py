@@ -158,7 +158,9 @@ def saved_run_state(out_dir: Path, resume: bool) -> dict[str, Any]:
 
     ck = out_dir / "last.pt"
     if resume and ck.is_file():
-        state: dict[str, Any] = torch.load(ck, map_location="cpu", weights_only=False).get("run_state", {})
+        # weights_only: our checkpoints hold tensors and plain containers only, so a file swapped
+        # into the run folder cannot run code on --resume (issue 23)
+        state: dict[str, Any] = torch.load(ck, map_location="cpu", weights_only=True).get("run_state", {})
         return state
     return {}
 

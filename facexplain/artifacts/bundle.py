@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import pickletools
+import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,16 +134,128 @@ def verify_files(bundle_dir: Path | str, meta: dict[str, Any]) -> None:
             )
 
 
+def check_layout(bundle_dir: Path | str, meta: dict[str, Any]) -> None:
+    """Every file a loader may open is one whose checksum was verified.
+
+    A checksum list only protects the files it names: a component pointing at an unlisted file, a
+    listed path escaping the bundle (``../``), a symbolic link or an extra file slipped in beside the
+    listed ones would each let bytes nobody checked reach a parser. All are refused, by name.
+    """
+    root = Path(bundle_dir).resolve()
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise BundleError("bundle metadata lists no files (and checksums)")
+    for rel in files:
+        p = Path(str(rel))
+        if p.is_absolute() or ".." in p.parts or not (root / p).resolve().is_relative_to(root):
+            raise BundleError(f"refused: listed file {rel!r} lies outside the bundle")
+    for path in sorted(Path(bundle_dir).rglob("*")):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if path.is_symlink():
+            raise BundleError(f"refused: {rel} is a symbolic link; a bundle holds plain files only")
+        if path.is_file() and rel != BUNDLE_JSON and rel not in files:
+            raise BundleError(f"refused: {rel} is in the bundle but not listed (with its sha256) in {BUNDLE_JSON}")
+    for comp, spec in (meta.get("components") or {}).items():
+        ref = spec.get("file") if isinstance(spec, dict) else None
+        if ref is not None and str(ref) not in files:
+            raise BundleError(f"refused: component {comp!r} reads {ref!r}, which is not listed in {BUNDLE_JSON}")
+
+
 def open_bundle(bundle_dir: Path | str, kind: str, *, verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """(directory, metadata) of a bundle that must be of ``kind``, its checksums verified first unless
-    ``verify=False``: every loader starts here, so no loader parses a file it has not checked."""
+    """(directory, metadata) of a bundle that must be of ``kind``, its layout and checksums verified first
+    unless ``verify=False``: every loader starts here, so no loader parses a file it has not checked."""
     root = Path(bundle_dir)
     meta = read_metadata(root)
     if meta["kind"] != kind:
         raise BundleError(f"{root.name}: this bundle is a {meta['kind']!r}, not a {kind!r}")
     if verify:
+        check_layout(root, meta)
         verify_files(root, meta)
     return root, meta
+
+
+# -- weights without code ----------------------------------------------------------------------------------
+
+# What a torch.save'd state dict may reference in its pickle: tensors, their storages, an OrderedDict.
+# Anything else (os.system, builtins.eval, a class with __reduce__ ...) is a program, not weights.
+_SAFE_GLOBALS = {
+    "collections OrderedDict",
+    "torch._utils _rebuild_tensor_v2",
+    "torch._utils _rebuild_parameter",
+    "torch.storage UntypedStorage",
+    *(
+        f"torch {t}Storage"
+        for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+    ),
+}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """The ``module name`` of every global a pickle would import, read from its opcodes (nothing runs).
+
+    Protocol 4's STACK_GLOBAL takes its two names from the stack; they are followed through the memo
+    when they were pushed as strings, and reported as ``"<unresolved>"`` otherwise (which is refused).
+    """
+    found: list[str] = []
+    recent: list[str | None] = []  # what the last ops pushed, for STACK_GLOBAL
+    memo: dict[int, str | None] = {}
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.append(str(arg))
+            elif name == "STACK_GLOBAL":
+                mod, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+                found.append(f"{mod} {attr}" if mod and attr else "<unresolved>")
+                recent.clear()
+            elif name in _STRING_OPS:
+                recent.append(str(arg))
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(str(arg))] = recent[-1] if recent else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                recent.append(memo.get(int(str(arg))))
+            else:
+                recent.append(None)
+    except Exception as exc:  # a pickle that does not even parse is no weight file either
+        raise BundleError(f"not a readable pickle ({type(exc).__name__}: {exc})") from None
+    return found
+
+
+def load_tensor_file(path: Path, label: str) -> Any:
+    """A ``torch.save`` state dict, refused with a clear message if its pickle is anything but tensors.
+
+    Two independent locks: the pickle's opcodes are read first and any global outside
+    :data:`_SAFE_GLOBALS` is refused by name (nothing is unpickled), then ``torch.load`` runs with
+    ``weights_only=True`` (torch's own allow-listing unpickler). A bundle is data, never code.
+    """
+    import torch
+
+    what = f"component {label!r}: {path.name}"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [n for n in zf.namelist() if n.endswith(".pkl")]
+            if len(pickles) != 1 or not pickles[0].endswith("/data.pkl"):
+                raise BundleError(f"{what} is not a torch state-dict archive (pickles: {pickles[:4]})")
+            data = zf.read(pickles[0])
+    except zipfile.BadZipFile:
+        raise BundleError(f"{what} is not a torch zip archive (legacy or foreign format refused)") from None
+    bad = sorted({g for g in pickle_globals(data) if g not in _SAFE_GLOBALS})
+    if bad:
+        raise BundleError(
+            f"refused: {what} carries a pickle payload that is not plain tensors (it would import "
+            f"{', '.join(g.replace(' ', '.') for g in bad[:5])}); it was not unpickled"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = re.search(r"(unsupported GLOBAL[^\n]*|Unsupported global[^\n]*)", str(exc))
+        why = detail.group(1) if detail else str(exc).splitlines()[0][:200]
+        raise BundleError(f"refused: {what} is not plain tensors ({why}); it was not unpickled") from None
+    except Exception as exc:
+        raise BundleError(f"{what}: cannot load ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def bundle_digest(meta: dict[str, Any]) -> str:

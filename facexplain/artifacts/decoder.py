@@ -32,6 +32,7 @@ from facexplain.artifacts.bundle import (
     BUNDLE_FORMAT,
     GOLDEN_IMAGE,
     BundleError,
+    load_tensor_file,
     open_bundle,
     write_metadata,
 )
@@ -183,7 +184,6 @@ def load_decoder_bundle(
     bundle_dir: Path | str, device: str | torch.device = "cpu", *, verify: bool = True
 ) -> LoadedDecoder:
     """Rebuild the decoder from its metadata and weights; checksums first unless ``verify=False``."""
-    import torch
 
     from facexplain.models.decoder import DecoderConfig, DeepFaceDecoder
 
@@ -197,8 +197,8 @@ def load_decoder_bundle(
     net = DeepFaceDecoder(cfg)
     spec = meta["components"].get("decoder") or {}
     path = root / str(spec.get("file", DECODER_WEIGHTS))
+    state = load_tensor_file(path, "decoder")  # refuses any pickle that is not plain tensors, by name
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
     except Exception as exc:
         raise BundleError(f"component 'decoder': cannot load {path.name} ({type(exc).__name__}: {exc})") from None

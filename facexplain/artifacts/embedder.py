@@ -29,6 +29,7 @@ from facexplain.artifacts.bundle import (
     GoldenReport,
     copy_faceapi,
     load_golden_image,
+    load_tensor_file,
     metadata_errors,
     open_bundle,
     read_metadata,
@@ -206,10 +207,8 @@ def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dic
 
 
 def _load_state(path: Path, module: torch.nn.Module, comp: str) -> None:
-    import torch
-
+    state = load_tensor_file(path, comp)  # refuses any pickle that is not plain tensors, by name
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True)
     except Exception as exc:
         raise BundleError(f"component {comp!r}: cannot load {path.name} ({type(exc).__name__}: {exc})") from None
@@ -376,7 +375,8 @@ def validate_embedder(pipeline: Any, bundle_dir: Path | str, meta: dict[str, Any
     Checks, in order: a face is found in the golden image; the template has the dimension the
     metadata promises; it is finite and non-zero; a batch of two chips gives the same template twice
     (a model exported with a fixed batch size fails here); and the template matches the one recorded
-    when the bundle was written (cosine >= ``golden.min_cosine``), which catches altered weights.
+    when the bundle was written (cosine >= :data:`DEFAULT_MIN_GOLDEN_COSINE`, or the bundle's stricter
+    ``golden.min_cosine``), which catches altered weights.
     """
     import torch
 
@@ -418,13 +418,22 @@ def validate_embedder(pipeline: Any, bundle_dir: Path | str, meta: dict[str, Any
                 f"validation: recorded golden template has dimension {exp.numel()}, the model produced {dim}"
             )
         cosine = float(torch.nn.functional.cosine_similarity(tmpl, exp, dim=0))
-        min_cos = float(golden.get("min_cosine", DEFAULT_MIN_GOLDEN_COSINE))
+        # The threshold is ours: a bundle may ask for a stricter one, never a looser one.
+        min_cos = max(DEFAULT_MIN_GOLDEN_COSINE, _number(golden.get("min_cosine"), DEFAULT_MIN_GOLDEN_COSINE))
         if not cosine >= min_cos:
             raise BundleError(
                 f"validation: golden template differs from the one recorded at registration "
                 f"(cosine {cosine:.4f} < {min_cos}); weights changed or the artifact is damaged"
             )
     return GoldenReport(dim, norm, cosine, batch_diff, time.perf_counter() - t0)
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
 
 
 # -- the kind ------------------------------------------------------------------------------------------

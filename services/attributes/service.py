@@ -116,7 +116,7 @@ class ReferenceStats:
                 images = []
                 for p in paths[s : s + bs]:
                     try:
-                        images.append(decode_encoded(p.read_bytes(), self.settings.max_image_pixels))
+                        images.append(decode_encoded(p.read_bytes(), self.settings.max_image_pixels, charge=False))
                     except (OSError, ServiceError):
                         continue
                 for res in fr.model.analyze(images) if images else []:

@@ -33,7 +33,20 @@ class ServiceSettings(BaseSettings):
     metrics_enabled: bool = True
     max_workers: int = Field(8, ge=1, description="gRPC handler threads")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request/response")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width*height) accepted")
+    max_image_pixels: int = Field(
+        2048 * 2048,
+        ge=1,
+        description="largest image (width*height, read from the header before decoding) accepted; larger is "
+        "RESOURCE_EXHAUSTED. Lowered from 4096*4096 (issue 23): the FR pipeline peaks at about 100-125 bytes of "
+        "memory per decoded pixel",
+    )
+    max_request_pixels: int = Field(
+        2048 * 2048,
+        ge=0,
+        description="budget of decoded pixels per call, over all its images (decoded one at a time, charged before "
+        "decoding); an image beyond it is RESOURCE_EXHAUSTED (an item error in a batch). Bounds one call's memory "
+        "(measured: 64 crafted images in one EmbedBatch stay under 1 GB of peak RSS growth); 0 = no budget",
+    )
     max_batch_size: int = Field(
         64,
         ge=1,
@@ -100,6 +113,18 @@ class ServiceSettings(BaseSettings):
     poll_interval_s: float = Field(default=10.0, gt=0, description="seconds between alias -> version polls")
     model_cache_dir: str = Field(default="var/models", description="where downloaded model versions are kept")
     registry_timeout_s: float = Field(default=5.0, gt=0, description="HTTP timeout of one registry call")
+    trusted_digests_file: str = Field(
+        default="",
+        description="allow-list of bundle digests (one sha256 per line, optional comment; '#' lines ignored): when "
+        "set, a registered version is served only if the digest of its downloaded bundle is listed (or it is "
+        "signed by a key of trusted_keys_file); re-read when it changes; empty = not used",
+    )
+    trusted_keys_file: str = Field(
+        default="",
+        description="Ed25519 public keys (PEM blocks or lines 'ed25519:<base64> [comment]'): when set, a version "
+        "whose 'bundle_signature' tag is a valid signature of its bundle digest by one of them is trusted "
+        "(`facexplain registry sign`); re-read when it changes; empty = not used",
+    )
     registry_fallback_local: bool = Field(
         default=True,
         description="registry unreachable or its version invalid at start: serve local weights until it is",

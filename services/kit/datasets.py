@@ -285,7 +285,7 @@ def _read_image(
     if it.image is not None:
         manifest.append((it.id, _image_digest(it.image), it.identity, it.labels))
         try:
-            return decode_image(it.image, max_pixels)
+            return decode_image(it.image, max_pixels, charge=False)  # decoded and dropped in chunks
         except ServiceError as exc:
             raise type(exc)(f"dataset item {it.id!r}: {exc.message}") from None
     assert it.path is not None
@@ -297,7 +297,7 @@ def _read_image(
         return None
     manifest.append((it.id, hashlib.sha256(data).hexdigest(), it.identity, it.labels))
     try:
-        return decode_encoded(data, max_pixels)
+        return decode_encoded(data, max_pixels, charge=False)  # server-side files, decoded and dropped in chunks
     except ServiceError as exc:
         skipped.append((it.id, exc.message))
         return None

@@ -1,13 +1,26 @@
 """Turning request images into tensors, with every way an image can be wrong mapped to a status.
 
 Decoding happens before any model sees the data, so a hostile or broken image costs a header parse
-at most: the pixel count is checked from the header before the pixels are decoded.
+at most: the format is checked against an allow-list and the pixel count against the per-image limit
+from the header, and the request's pixel budget is charged, all before the pixels are decoded.
+
+Resource safety (issue 23): an image that declares a large size in a few KB (a solid PNG compresses
+about 1000:1) costs memory in proportion to its pixels, not its bytes, and the FR pipeline holds
+several float copies of every image of a batch. So every RPC gets a budget of decoded pixels
+(``FACEXPLAIN_MAX_REQUEST_PIXELS``, set per call by :func:`services.kit.rpc.unary`); images are
+decoded one at a time and charged before their pixels are decoded; an image beyond the budget is
+RESOURCE_EXHAUSTED (an item error in a batch) and is never decoded. Pillow's decompression-bomb check
+is on as a second lock behind the header check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,13 +30,102 @@ from PIL import UnidentifiedImageError
 from services.api.v1 import common_pb2
 from services.kit.errors import InvalidArgument, ResourceExhausted
 
-# We enforce our own pixel limit from the header; PIL's bomb check would raise a different error.
-PILImage.MAX_IMAGE_PIXELS = None
+# Pillow's own bomb check, process-wide: a hard ceiling behind FACEXPLAIN_MAX_IMAGE_PIXELS (checked
+# first, from the header), so a setting raised by mistake still cannot decode a gigapixel image.
+PILLOW_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+PILImage.MAX_IMAGE_PIXELS = PILLOW_MAX_IMAGE_PIXELS
+
+# The formats a face image comes in. Everything else Pillow can parse (TIFF, GIF, EPS, ICO, TGA, PSD,
+# ...) is parser surface nobody needs here; EPS would even reach Ghostscript. PGM/PBM are Pillow's PPM.
+ALLOWED_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "WEBP")
+ALLOWED_TEXT = "JPEG, PNG, PGM/PPM, BMP or WebP"
+
+# Leading bytes -> format name, only to name a refused format in the error message.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"%!PS", "EPS/PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"DDS ", "DDS"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"icns", "ICNS"),
+    (b"qoif", "QOI"),
+    (b"BM", "BMP"),
+    (b"P1", "PBM"),
+    (b"P4", "PBM"),
+    (b"P2", "PGM"),
+    (b"P5", "PGM"),
+    (b"P3", "PPM"),
+    (b"P6", "PPM"),
+    (b"P7", "PAM"),
+    (b"PF", "PFM"),
+    (b"Pf", "PFM"),
+)
 
 _DTYPES: dict[int, np.dtype] = {
     common_pb2.DTYPE_UINT8: np.dtype("uint8"),
     common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
 }
+
+
+def sniff_format(data: bytes) -> str:
+    """The format ``data`` claims by its leading bytes (for messages only; Pillow decides what it is)."""
+    head = data[:16]
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[4:12] in (b"ftypavif", b"ftypheic", b"ftypheix", b"ftypmif1"):
+        return "AVIF/HEIF"
+    return "unknown"
+
+
+class PixelBudget:
+    """Decoded pixels one request may still spend; shared by the images of that request."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+        self._lock = threading.Lock()
+
+    def charge(self, pixels: int, what: str = "image") -> None:
+        with self._lock:
+            if self.spent + pixels > self.limit:
+                raise ResourceExhausted(
+                    f"{what} of {pixels} pixels would take this request to {self.spent + pixels} decoded pixels, "
+                    f"over its budget of {self.limit} (FACEXPLAIN_MAX_REQUEST_PIXELS); send fewer or smaller images"
+                )
+            self.spent += pixels
+
+
+_BUDGET: contextvars.ContextVar[PixelBudget | None] = contextvars.ContextVar("facexplain_pixel_budget", default=None)
+
+
+@contextlib.contextmanager
+def request_budget(limit: int | None) -> Iterator[PixelBudget | None]:
+    """Give the code run inside (one RPC) a fresh budget of ``limit`` decoded pixels; None = no budget."""
+    budget = PixelBudget(limit) if limit else None
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _charge(width: int, height: int, charge: bool) -> None:
+    budget = _BUDGET.get()
+    if charge and budget is not None:
+        budget.charge(width * height, f"image of {width}x{height}")
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
@@ -36,29 +138,67 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def decode_encoded(data: bytes, max_pixels: int) -> torch.Tensor:
-    """PNG/JPEG/PGM/... bytes -> (3, H, W) float32 RGB in [0, 255]."""
-    if not data:
-        raise InvalidArgument("image.encoded is empty")
-    try:
-        img = PILImage.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidArgument("image bytes are not a decodable image (PNG, JPEG, PGM, BMP, ...)") from None
-    except Exception as exc:
-        raise InvalidArgument(f"image header could not be read: {type(exc).__name__}") from None
-    _check_size(img.width, img.height, max_pixels)
+def _open(data: bytes, max_pixels: int) -> PILImage.Image:
+    """Pillow's image over ``data`` (header parsed, no pixels decoded), restricted to the allowed formats."""
+    claimed = sniff_format(data)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
-        rgb = img.convert("RGB")
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            img = PILImage.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise ResourceExhausted(
+            f"image exceeds the limit of {max_pixels} pixels (FACEXPLAIN_MAX_IMAGE_PIXELS), and Pillow's "
+            f"decompression-bomb check refused it from its header: {exc}"
+        ) from None
+    except UnidentifiedImageError:
+        if claimed in ("unknown", "JPEG", "PNG", "BMP", "WEBP", "PGM", "PPM", "PBM"):
+            raise InvalidArgument(f"image bytes are not a decodable image ({ALLOWED_TEXT})") from None
+        raise InvalidArgument(f"image format {claimed} is not accepted: send {ALLOWED_TEXT}") from None
     except Exception as exc:
-        raise InvalidArgument(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
-    arr = np.asarray(rgb, dtype=np.float32)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        raise InvalidArgument(f"image header could not be read: {type(exc).__name__}") from None
+    fmt = img.format or "unknown"
+    if fmt not in ALLOWED_FORMATS and fmt != "MPO":  # MPO: a multi-picture JPEG, opened by the JPEG plugin
+        img.close()
+        raise InvalidArgument(f"image format {fmt} is not accepted: send {ALLOWED_TEXT}")
+    return img
 
 
-def decode_tensor(t: common_pb2.Tensor, max_pixels: int) -> torch.Tensor:
+def _to_tensor(rgb: PILImage.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 255] with one float allocation (no float HWC copy, no second permute copy)."""
+    arr = np.asarray(rgb)  # (H, W, 3) uint8, read-only: only read below
+    out = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": the view is never written
+        src = torch.from_numpy(arr)
+    out.copy_(src.permute(2, 0, 1))
+    return out
+
+
+def decode_encoded(data: bytes, max_pixels: int, *, charge: bool = True) -> torch.Tensor:
+    """JPEG/PNG/PGM/PPM/BMP/WebP bytes -> (3, H, W) float32 RGB in [0, 255].
+
+    ``charge=False`` decodes outside the request's pixel budget (server-side dataset files, decoded
+    and dropped in chunks by a job).
+    """
+    if not data:
+        raise InvalidArgument("image.encoded is empty")
+    img = _open(data, max_pixels)
+    try:
+        _check_size(img.width, img.height, max_pixels)
+        _charge(img.width, img.height, charge)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+        except Exception as exc:
+            raise InvalidArgument(f"image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        return _to_tensor(rgb)
+    finally:
+        img.close()
+
+
+def decode_tensor(t: common_pb2.Tensor, max_pixels: int, *, charge: bool = True) -> torch.Tensor:
     """Raw HWC tensor (uint8 in [0,255] or float32 in [0,1], C in {1,3}) -> (3, H, W) float32 in [0, 255]."""
     if t.dtype not in _DTYPES:
         raise InvalidArgument(
@@ -72,6 +212,7 @@ def decode_tensor(t: common_pb2.Tensor, max_pixels: int) -> torch.Tensor:
         raise InvalidArgument(f"image tensor shape {list(t.shape)} must be [H, W], [H, W, 1] or [H, W, 3]")
     height, width, channels = (int(s) for s in shape)
     _check_size(width, height, max_pixels)
+    _charge(width, height, charge)
     dtype = _DTYPES[t.dtype]
     expected = height * width * channels * dtype.itemsize
     if len(t.data) != expected:
@@ -90,13 +231,13 @@ def decode_tensor(t: common_pb2.Tensor, max_pixels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_image(image: common_pb2.Image, max_pixels: int) -> torch.Tensor:
+def decode_image(image: common_pb2.Image, max_pixels: int, *, charge: bool = True) -> torch.Tensor:
     """Any ``Image`` message -> (3, H, W) float32 RGB in [0, 255], or a ServiceError saying what is wrong."""
     kind = image.WhichOneof("data")
     if kind == "encoded":
-        return decode_encoded(image.encoded, max_pixels)
+        return decode_encoded(image.encoded, max_pixels, charge=charge)
     if kind == "tensor":
-        return decode_tensor(image.tensor, max_pixels)
+        return decode_tensor(image.tensor, max_pixels, charge=charge)
     raise InvalidArgument("image is empty: set image.encoded (PNG/JPEG bytes) or image.tensor")
 
 

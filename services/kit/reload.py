@@ -10,7 +10,9 @@ the old version finish on it; the old model is freed when the last of them retur
 A version that fails to download, load or validate is never served: the old version keeps serving,
 the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
 ``facexplain_model_reloads_total{result="failed"}``. The watcher remembers rejected versions and
-does not retry them on every poll (a manual Reload does retry). A registry that does not answer
+does not retry them on every poll (a manual Reload does retry, from the download it already has:
+registry tags or the trust files may have changed since, the bytes have not; only a corrupt or
+refused download is dropped and fetched afresh). A registry that does not answer
 flips ``facexplain_registry_reachable`` to 0 and ``ModelStatus.registry_reachable`` to false; the
 service keeps serving and the next successful poll flips them back.
 
@@ -40,13 +42,17 @@ from registry import (
     public_uri,
     served_tags,
 )
+from registry.signing import SIGNATURE_TAG
 from services.api.v1 import common_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import NotFound
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
+from services.kit.trust import TrustPolicy
 
 log = logging.getLogger("facexplain.reload")
+# A rejection caused by the downloaded bytes themselves: the copy is dropped, a retry downloads afresh.
+_BYTES_PROBLEMS = ("corrupt artifact", "refused:")
 T = TypeVar("T")
 
 # (bundle dir, version info, device) -> the loaded model, not yet validated.
@@ -83,6 +89,7 @@ class ModelWatcher(Generic[T]):
         cache_dir: Path | str,
         device: str = "cpu",
         require: dict[str, str] | None = None,
+        trust: TrustPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.service = service
@@ -96,6 +103,7 @@ class ModelWatcher(Generic[T]):
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.require = dict(require or {})
+        self.trust = trust or TrustPolicy()
         self.slot: ModelSlot[T] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -104,6 +112,10 @@ class ModelWatcher(Generic[T]):
         self._last_error = ""
         self._served_path: Path | None = None  # the cache entry of the served version: never pruned
         self._loaded_path: Path | None = None  # that of the version last loaded (served once swapped)
+        # rejected version -> (its download, its bundle_sha256 tag): a retry (manual Reload) reuses it
+        # instead of downloading again; dropped when the bytes themselves were the problem.
+        self._kept: dict[str, tuple[Path, str]] = {}
+        self._untrusted: dict[str, tuple[Any, ...]] = {}  # version rejected as untrusted -> trust files' stamp
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def attach(self, slot: ModelSlot[T]) -> None:
@@ -142,7 +154,8 @@ class ModelWatcher(Generic[T]):
         except RegistryUnreachable:
             raise
         except Exception as exc:
-            self._reject(info.version, f"{info.name} v{info.version} (@{self.alias}) rejected: {exc}")
+            msg = f"{info.name} v{info.version} (@{self.alias}) rejected: {exc}"
+            self._reject(info.version, msg, info.tags.get("bundle_sha256", ""))
             raise
         self._served_path = self._loaded_path
         return served
@@ -169,7 +182,7 @@ class ModelWatcher(Generic[T]):
             current = slot.peek()
             if current is not None and current.name == info.name and current.version == info.version:
                 return ReloadOutcome(current is not before, current.version)
-            if not force and info.version in self._rejected:
+            if not force and info.version in self._rejected and not self._trust_changed(info.version):
                 return ReloadOutcome(False, _version(current), self._rejected[info.version])
             try:
                 served, timings = self._load(info)
@@ -179,10 +192,12 @@ class ModelWatcher(Generic[T]):
             except Exception as exc:  # whatever breaks in a new version, the old one keeps serving
                 still = f"still serving v{current.version}" if current is not None else f"no {self.kind} served"
                 msg = f"{info.name} v{info.version} (@{self.alias}) rejected, {still}: {exc}"
-                return self._fail(msg, count=True, version=info.version)
+                return self._fail(msg, count=True, version=info.version, tag_digest=info.tags.get("bundle_sha256", ""))
             old = slot.swap(served)
             self._served_path = self._loaded_path
             self._rejected.pop(info.version, None)
+            self._kept.pop(info.version, None)
+            self._untrusted.pop(info.version, None)
             self._last_error = ""
             self.metrics.set_served(served.name, served.version, self.kind)
             self.metrics.reloads.labels(self.service, "success").inc()
@@ -206,20 +221,30 @@ class ModelWatcher(Generic[T]):
         """Download, load beside the served model, check metadata, validate on the golden input."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        protect = (self._served_path,) if self._served_path is not None else ()
-        path = self._loaded_path = self.registry.download(info, self.cache_dir, protect=protect)
+        self._loaded_path = None  # until this version's bundle is on disk
+        kept = self._kept.get(info.version)
+        if kept is not None and kept[1] == info.tags.get("bundle_sha256", "") and (kept[0] / "bundle.json").is_file():
+            path = self._loaded_path = kept[0]  # a rejected version retried: its download is reused
+        else:
+            protect = tuple(p for p in (self._served_path, *(k[0] for k in self._kept.values())) if p is not None)
+            path = self._loaded_path = self.registry.download(info, self.cache_dir, protect=protect)
         timings["download"] = time.perf_counter() - t0
         meta = read_metadata(path)
         problems = metadata_problems(self.kind, info, meta, self.require)
         if problems:
             raise BundleError("metadata incompatible: " + "; ".join(problems))
+        # Trust rests on the digest of what was downloaded (bundle.json lists every file's sha256, which
+        # the loader verifies before parsing), checked before any weight file is opened.
+        digest = bundle_digest(meta)
+        trusted_by = self.trust.check(digest, info.tags.get(SIGNATURE_TAG, ""))
         t1 = time.perf_counter()
         model = self.loader(path, info, self.device)
         timings["load"] = time.perf_counter() - t1
         metadata = {
             **flat_metadata(meta),
             **served_tags(info.tags),
-            "bundle_sha256": info.tags.get("bundle_sha256") or bundle_digest(meta),
+            "bundle_sha256": digest,
+            "trusted_by": trusted_by,
             "registry_run_id": info.run_id,
             "registry_source": info.source,
         }
@@ -256,15 +281,28 @@ class ModelWatcher(Generic[T]):
         )
         return candidate, timings
 
-    def _reject(self, version: str, msg: str) -> None:
-        """Remember a bad version (polls skip it) and drop its cached download (a retry fetches it afresh)."""
+    def _trust_changed(self, version: str) -> bool:
+        """A version rejected as untrusted is retried once the trust files change (a digest added, a key rotated)."""
+        return version in self._untrusted and self._untrusted[version] != self.trust.stamp()
+
+    def _reject(self, version: str, msg: str, tag_digest: str = "") -> None:
+        """Remember a bad version (polls skip it). Its download is kept for a manual retry unless its bytes
+        were the problem (corrupt, or refused content), in which case a retry fetches it afresh."""
         self._rejected[version] = msg
+        if "untrusted: " in msg:
+            self._untrusted[version] = self.trust.stamp()
+        else:
+            self._untrusted.pop(version, None)
+        if self._loaded_path is not None and not any(m in msg for m in _BYTES_PROBLEMS):
+            self._kept[version] = (self._loaded_path, tag_digest)
+            return
+        self._kept.pop(version, None)
         self.registry.evict(self.model_name, version, self.cache_dir)
 
-    def _fail(self, msg: str, *, count: bool, version: str) -> ReloadOutcome:
+    def _fail(self, msg: str, *, count: bool, version: str, tag_digest: str = "") -> ReloadOutcome:
         assert self.slot is not None
         if version:
-            self._reject(version, msg)
+            self._reject(version, msg, tag_digest)
         if count:
             self.metrics.reloads.labels(self.service, "failed").inc()
             log.error("reload failed: %s", msg, extra={"fx_model": self.model_name, "fx_version": version})
@@ -370,6 +408,17 @@ def serve_from_registry(
     if not name:
         raise ValueError(f"FACEXPLAIN_MODEL_NAME is required: there is no default {kind} model")
     registry = Registry(settings.registry_uri, timeout_s=settings.registry_timeout_s)
+    trust = TrustPolicy(settings.trusted_digests_file, settings.trusted_keys_file)
+    trust.load()  # a configured trust file that cannot be read stops the service here, by name
+    if trust.enabled:
+        log.info("%s@%s: versions are served only when trusted by %s", name, alias, trust.describe())
+    else:
+        log.warning(
+            "%s@%s: no FACEXPLAIN_TRUSTED_DIGESTS_FILE / FACEXPLAIN_TRUSTED_KEYS_FILE: any version that passes the "
+            "bundle's own checks is served, so whoever can write to the registry decides what is served",
+            name,
+            alias,
+        )
     watcher: ModelWatcher[T] = ModelWatcher(
         registry,
         service=metrics.service,
@@ -382,6 +431,7 @@ def serve_from_registry(
         poll_interval_s=settings.poll_interval_s,
         cache_dir=settings.model_cache_dir,
         device=settings.torch_device(),
+        trust=trust,
     )
     initial, error, reachable = _start_up_model(watcher, settings, metrics, f"{name}@{alias}", kind, fallback)
     slot = ModelSlot(initial, registry_uri=public_uri(settings.registry_uri), label=label)

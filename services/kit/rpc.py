@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from services.kit.images import request_budget
 from services.kit.metrics import ServiceMetrics
 
 log = logging.getLogger("facexplain.rpc")
@@ -61,9 +62,11 @@ def unary(fn: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         metrics: ServiceMetrics = self.metrics
         start = time.perf_counter()
+        settings = getattr(self, "settings", None)
         try:
             check_deadline(context, "queueing")
-            response = fn(self, request, context)
+            with request_budget(getattr(settings, "max_request_pixels", None)):  # this call's decoded pixels
+                response = fn(self, request, context)
         except Exception as exc:
             code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
             _finish(metrics, method, code, start)

@@ -10,6 +10,10 @@ from services.api.v1 import common_pb2
 from services.kit.errors import FailedPrecondition, InvalidArgument
 from services.kit.models import ServedModel
 
+# Real templates have values well under 1 (the default model's norm is about 1.5) and edited ones stay
+# within a few units; 3e38 is finite yet squares to inf, so Verify answered L2 = inf, cosine 0 (issue 23).
+MAX_TEMPLATE_ABS = 1e4
+
 
 def template_to_proto(vec: torch.Tensor, served: ServedModel, normalized: bool = False) -> common_pb2.Template:
     v = vec.detach().float().cpu()
@@ -50,6 +54,12 @@ def template_from_proto(
     if not all(math.isfinite(x) for x in t.values):
         raise InvalidArgument("template contains NaN or infinite values")
     vec = torch.tensor(list(t.values), dtype=torch.float32)
+    peak = float(vec.abs().max())
+    if peak > MAX_TEMPLATE_ABS:
+        raise InvalidArgument(
+            f"template has a value of magnitude {peak:.3g}, beyond the sane range of +-{MAX_TEMPLATE_ABS:g} for a "
+            "template (finite but huge values overflow distances to inf)"
+        )
     if not allow_zero and float(vec.abs().max()) == 0.0:
         raise InvalidArgument("template is the zero vector")
     return vec

@@ -247,7 +247,9 @@ def _make_loop(decoder: DeepFaceDecoder, device: torch.device, lr: float, lr_dec
 
 def _resume(loop: _Loop, ckpt_path: Path, run_state: dict[str, Any] | None) -> _Progress:
     """Everything the last checkpoint holds back in place, so the resumed run continues the same sequence."""
-    ck = torch.load(ckpt_path, map_location=loop.device, weights_only=False)
+    # weights_only: our checkpoints hold tensors and plain containers only, so a file swapped
+    # into the run folder cannot run code on --resume (issue 23)
+    ck = torch.load(ckpt_path, map_location=loop.device, weights_only=True)
     loop.decoder.load_state_dict(ck["decoder"])
     loop.opt.load_state_dict(ck["optimizer"])
     if loop.sched is not None and ck.get("scheduler"):

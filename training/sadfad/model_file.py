@@ -57,7 +57,9 @@ def save_trained_model(
 
 def load_trained_model(path: Path, device: str | torch.device = "cpu") -> tuple[SADFADNet, dict[str, Any]]:
     """The net saved by ``save_trained_model`` (eval mode, no head) and the file's other entries."""
-    data = torch.load(path, map_location=device, weights_only=False)
+    # weights_only: our checkpoints hold tensors and plain containers only, so a file swapped
+    # into the run folder cannot run code on --resume (issue 23)
+    data = torch.load(path, map_location=device, weights_only=True)
     if data.get("format") != MODEL_FORMAT or data.get("architecture") != ARCHITECTURE:
         raise ValueError(f"{path}: not a SAD/FAD model file of format {MODEL_FORMAT}")
     net = SADFADNet(SADFADConfig.from_dict(data["config"]))

@@ -318,7 +318,9 @@ def _resume(
     progress: bool,
 ) -> _Progress:
     """Everything the last checkpoint holds back in place, so the resumed run continues the same sequence."""
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    # weights_only: our checkpoints hold tensors and plain containers only, so a file swapped
+    # into the run folder cannot run code on --resume (issue 23)
+    ck = torch.load(ckpt_path, map_location=device, weights_only=True)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     state = _Progress(

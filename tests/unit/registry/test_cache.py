@@ -144,3 +144,18 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path, monkeypatch: p
     kept = sorted(p.parent.name for p in (paths[0], paths[3], paths[4]))
     assert left == kept, left
     assert not legacy.exists() and not abandoned.exists()
+
+
+def test_registry_errors_never_carry_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23: MLflow credentials (in the URI or MLflow's variables) never reach an error, log or status."""
+    from registry import Registry, RegistryUnreachable
+    from registry.client import scrub
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cr3t-value")
+    text = scrub("GET https://alice:pw123@reg.example/api?token=abc&x=1 failed; bearer tok-s3cr3t-value")
+    assert "pw123" not in text and "alice" not in text and "abc" not in text and "tok-s3cr3t-value" not in text
+    assert "https://reg.example/api?token=***&x=1" in text
+    reg = Registry("http://bob:hunter2@127.0.0.1:9", timeout_s=1)
+    with pytest.raises(RegistryUnreachable) as info:
+        reg.resolve("facexplain-fr-dlib128", "champion")
+    assert "hunter2" not in str(info.value) and "bob" not in str(info.value)

@@ -79,7 +79,12 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FACEXPLAIN_PORT", "6000")
     monkeypatch.setenv("FACEXPLAIN_MAX_BATCH_SIZE", "3")
     s = ServiceSettings()
-    assert s.port == 6000 and s.max_batch_size == 3 and s.max_image_pixels == 4096 * 4096
+    assert (
+        s.port == 6000
+        and s.max_batch_size == 3
+        and s.max_image_pixels == 2048 * 2048
+        and s.max_request_pixels == 2048 * 2048
+    )
     monkeypatch.setenv("FACEXPLAIN_PORT", "-1")
     with pytest.raises(ValueError):
         ServiceSettings()

@@ -154,10 +154,22 @@ def test_failed_validation_keeps_old_version_and_is_reported_once(rig) -> None: 
     for _ in range(3):
         watcher.check()
     assert _count(metrics, "failed") == 1 and reg.downloads.count("2") == 1
-    # ... a manual reload does, and it succeeds once the problem is gone
+    # ... a manual reload does, from the download it already has, and succeeds once the problem is gone
     del val.bad["2"]
     out = watcher.reload_now()
     assert out.changed and slot.current().version == "2" and slot.status().last_reload_error == ""
+    assert reg.downloads.count("2") == 1, "a rejected version is not downloaded again"
+
+
+def test_corrupt_download_is_dropped_and_fetched_afresh(rig) -> None:  # type: ignore[no-untyped-def]
+    reg, val, _metrics, watcher, slot = rig
+    val.bad["2"] = "corrupt artifact: sha256 of weights/x.bin is 0123..., bundle.json says 4567..."
+    reg.alias = "2"
+    assert "corrupt artifact" in watcher.check().error
+    assert not (watcher.cache_dir / NAME / "2").exists()  # evicted
+    del val.bad["2"]
+    assert watcher.reload_now().changed and slot.current().version == "2"
+    assert reg.downloads.count("2") == 2
 
 
 def test_incompatible_metadata_is_rejected(rig) -> None:  # type: ignore[no-untyped-def]
