@@ -165,11 +165,14 @@ def resolve_under_root(root_setting: str, relative: str, what: str) -> Path:
     if relative.startswith(("/", "\\")) or Path(relative).is_absolute():
         raise PermissionDenied(f"{what} must be relative to the server's data root, got an absolute path")
     root = Path(root_setting).resolve()
-    target = (root / relative).resolve()
-    if target != root and root not in target.parents:
-        raise PermissionDenied(f"{what} {relative!r} leaves the server's data root")
-    if not target.exists():
-        raise NotFound(f"{what} {relative!r} does not exist under the server's data root")
+    try:  # a name the OS refuses (too long, a component over NAME_MAX) is the caller's error, not ours
+        target = (root / relative).resolve()
+        if target != root and root not in target.parents:
+            raise PermissionDenied(f"{what} {relative!r} leaves the server's data root")
+        if not target.exists():
+            raise NotFound(f"{what} {relative!r} does not exist under the server's data root")
+    except OSError as exc:
+        raise InvalidArgument(f"{what} is not a usable path ({exc.strerror or exc})") from None
     return target
 
 
