@@ -102,9 +102,17 @@ class ResolvedDataset:
         return len(self.ids)
 
 
-def _clean_labels(labels: dict[str, float]) -> dict[str, float]:
-    """Labels with NaN (the CSV and face-set marker for "unknown") left out, as a missing key is."""
-    return {str(k): float(v) for k, v in labels.items() if not math.isnan(float(v))}
+def _clean_labels(labels: dict[str, float], item_id: str = "") -> dict[str, float]:
+    """Labels with NaN (the CSV and face-set marker for "unknown") left out, as a missing key is; an
+    infinite label is no measurement at all and would turn a regression's fit into NaN, so it is refused."""
+    out: dict[str, float] = {}
+    for k, v in labels.items():
+        x = float(v)
+        if math.isinf(x):
+            raise InvalidArgument(f"dataset item {item_id!r}: label {k!r} is {x}; labels are finite (NaN = unknown)")
+        if not math.isnan(x):
+            out[str(k)] = x
+    return out
 
 
 def _template_bytes(t: common_pb2.Template) -> bytes:
@@ -147,7 +155,7 @@ def _inline_items(items: list[common_pb2.LabeledImage]) -> list[DatasetItem]:
             DatasetItem(
                 id=item_id,
                 identity=it.identity,
-                labels=_clean_labels(dict(it.labels)),
+                labels=_clean_labels(dict(it.labels), item_id),
                 image=it.image if kind == "image" else None,
                 template=it.template if kind == "template" else None,
             )
@@ -207,11 +215,12 @@ def _server_items(ds: common_pb2.ServerDataset, settings: DatasetLimits) -> tupl
         path = rec.path.resolve()
         if root not in path.parents:  # a labels CSV naming ../ files, or a symlink out of the volume
             raise PermissionDenied(f"dataset {ds.path!r} names a file outside the server's data root")
+        item_id = rec.path.relative_to(base).as_posix()
         items.append(
             DatasetItem(
-                id=rec.path.relative_to(base).as_posix(),
+                id=item_id,
                 identity=rec.identity,
-                labels=_clean_labels(rec.labels),
+                labels=_clean_labels(rec.labels, item_id),
                 path=path,
             )
         )

@@ -23,3 +23,12 @@ def test_missing_and_escaping_paths_keep_their_codes(tmp_path: Path) -> None:
         resolve_under_root(str(tmp_path), "nope", "dataset path")
     with pytest.raises(PermissionDenied):
         resolve_under_root(str(tmp_path), "../outside", "dataset path")
+
+
+def test_an_infinite_label_is_invalid_argument_and_nan_means_unknown() -> None:
+    """Found by the fuzz suite: an inline label of inf was accepted and reached the regression fit."""
+    from services.kit.datasets import _clean_labels
+
+    assert _clean_labels({"Smiling": 1.0, "Eyeglasses": float("nan")}, "a") == {"Smiling": 1.0}
+    with pytest.raises(InvalidArgument, match=r"item 'a': label 'yaw' is -inf"):
+        _clean_labels({"yaw": float("-inf")}, "a")
