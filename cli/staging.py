@@ -373,7 +373,8 @@ def staging_test(
             mlflow = stack.enter_context(
                 port_forward(namespace, MLFLOW_SERVICE, service_port(objects, MLFLOW_SERVICE), kubeconfig)
             )
-            registry_uri = f"http://{mlflow}"
+            # "localhost", not 127.0.0.1: MLflow 3 answers only the Host names in MLFLOW_SERVER_ALLOWED_HOSTS
+            registry_uri = f"http://localhost:{mlflow.rsplit(':', 1)[1]}"
             targets = {
                 s: stack.enter_context(
                     port_forward(namespace, f"facexplain-{s}", service_port(objects, f"facexplain-{s}"), kubeconfig)
