@@ -65,6 +65,13 @@ class FakeCluster:
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if path == "/version":
             return 200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
+        if path == f"/api/v1/namespaces/{NAMESPACE}/events":
+            return 200, {"kind": "EventList", "items": [{"reason": "BackOff", "message": "Back-off restarting"}]}
+        if path == f"/api/v1/namespaces/{NAMESPACE}/pods":
+            pod = {"metadata": {"name": "facexplain-embedding-0"}, "spec": {"containers": [{"name": "server"}]}}
+            return 200, {"kind": "PodList", "items": [pod]}
+        if path == f"/api/v1/namespaces/{NAMESPACE}/pods/facexplain-embedding-0/log":
+            return 200, "model load failed: no champion"
         if method == "PATCH":
             if path in self.refuse:
                 return 403, {"kind": "Status", "message": "forbidden by the test"}
@@ -281,3 +288,20 @@ def test_unknown_kind_is_an_error_not_a_guess() -> None:
 def test_rollout_complete(status: dict[str, int], complete: bool) -> None:
     obj = {"kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 1}, "status": status}
     assert staging.rollout_complete(obj) is complete
+
+
+def test_failure_diagnostics_hold_every_pods_log_and_the_events(
+    cluster: tuple[FakeCluster, Path], tmp_path: Path
+) -> None:
+    state, kubeconfig = cluster
+    api = staging.api_client(str(kubeconfig))
+    out = staging.collect_diagnostics(api, NAMESPACE, tmp_path / "diag")
+
+    assert json.loads((out / "events.json").read_text())["items"][0]["reason"] == "BackOff"
+    assert (out / "facexplain-embedding-0.server.log").read_text() == "model load failed: no champion"
+    logs = [s for s in state.seen if s.path.endswith("/log")]
+    assert [s.query for s in logs] == [
+        {"container": ["server"], "previous": ["false"]},
+        {"container": ["server"], "previous": ["true"]},
+    ]
+    assert all(s.authorization == f"Bearer {TOKEN}" for s in state.seen)
