@@ -1,6 +1,6 @@
 """`facexplain staging up|test|down`: the rendered ``k8s/overlays/staging`` on the cluster in ``KUBECONFIG``.
 
-facexplain staging up [--overlay k8s/overlays/staging] [--no-wait] [--timeout 900]
+facexplain staging up [--overlay k8s/overlays/staging] [--no-wait] [--no-register] [--timeout 900]
 facexplain staging test [--out var/staging] [-- PYTEST_ARGS...]
 facexplain staging down [--no-wait]
 
@@ -18,8 +18,11 @@ instead of API discovery, so that a kind the table lacks is an error naming it r
 that the requests are a pure function of the rendered objects (tests/unit/cli/test_staging.py checks them
 against a real HTTP server).
 
-``test`` port-forwards the Services (``kubectl port-forward``; NetworkPolicies let nothing else in), checks
-every gRPC service's health, registers the default models through the in-cluster MLflow, and runs
+``up`` waits in two steps: PostgreSQL and MLflow roll out, the default models are registered through the
+registry Service (port-forwarded; a model server reports SERVING only once it holds its models, so it could
+never become ready in an empty registry), then the model servers roll out. ``test`` port-forwards the
+Services (``kubectl port-forward``; NetworkPolicies let nothing else in), checks every gRPC service's health
+and runs
 ``tests/e2e`` with the addresses in ``FACEXPLAIN_E2E_TARGETS`` / ``FACEXPLAIN_E2E_REGISTRY_URI``. On any
 failure the pods' logs and the namespace's events go to a folder. ``down`` deletes the objects in reverse
 order, the Namespace last.
@@ -35,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,14 +258,36 @@ def wait_rollouts(api: ApiClient, objects: Iterable[Obj], timeout: float, poll: 
     return done
 
 
-def up(api: ApiClient, objects: list[Obj], wait: bool = True, timeout: float = 900.0) -> None:
+def is_registry_tier(obj: Obj) -> bool:
+    """PostgreSQL and the MLflow server: what must run before the model servers can become ready."""
+    return obj["kind"] == "StatefulSet" or (obj["kind"] == "Deployment" and obj["metadata"]["name"] == MLFLOW_SERVICE)
+
+
+def up(
+    api: ApiClient,
+    objects: list[Obj],
+    wait: bool = True,
+    timeout: float = 900.0,
+    register: Callable[[], None] | None = None,
+) -> None:
+    """Apply, then wait in two steps with ``register`` between them. A model server reports SERVING only once
+    its models are loaded, and a fresh staging registry holds none: waiting for every rollout before
+    registering would wait for ever (the startupProbe would restart the servers meanwhile). So: the registry
+    tier rolls out, the default models go in, then the model servers roll out."""
     version = check_server(api)
     print(f"server-side apply to {api.configuration.host} (Kubernetes {version}), field manager {FIELD_MANAGER}")
     for what, status in apply(api, objects):
         print(f"  {'created' if status == 201 else 'applied'}  {what}", flush=True)
-    if wait:
-        wait_rollouts(api, objects, timeout)
-        print(f"namespace {staging_namespace(objects)}: every rollout complete, the MLflow server is ready")
+    if not wait:
+        if register is not None:
+            print("not waiting, so not registering the default models: run `facexplain staging up` again to do so")
+        return
+    deadline = time.monotonic() + timeout
+    wait_rollouts(api, [o for o in objects if is_registry_tier(o)], timeout)
+    if register is not None:
+        register()
+    wait_rollouts(api, [o for o in objects if not is_registry_tier(o)], max(deadline - time.monotonic(), 1.0))
+    print(f"namespace {staging_namespace(objects)}: every rollout complete, the MLflow server is ready")
 
 
 # -- down ---------------------------------------------------------------------------------------------------
@@ -322,6 +347,25 @@ def port_forward(namespace: str, service: str, port: int, kubeconfig: str | None
         proc.wait(timeout=10)
 
 
+@contextmanager
+def registry_forward(objects: list[Obj], kubeconfig: str | None) -> Iterator[str]:
+    """The in-staging MLflow's URI through a port-forward. "localhost", not 127.0.0.1: MLflow 3 answers only
+    the Host names in MLFLOW_SERVER_ALLOWED_HOSTS, and the overlay lists localhost (for the probes)."""
+    port = service_port(objects, MLFLOW_SERVICE)
+    with port_forward(staging_namespace(objects), MLFLOW_SERVICE, port, kubeconfig) as address:
+        yield f"http://localhost:{address.rsplit(':', 1)[1]}"
+
+
+def register_defaults(objects: list[Obj], kubeconfig: str | None) -> None:
+    """`facexplain registry register-defaults` through the registry Service (idempotent: a version holding the
+    same weights is not registered twice)."""
+    with registry_forward(objects, kubeconfig) as uri:
+        print(f"registering the default models through svc/{MLFLOW_SERVICE} ({uri})", flush=True)
+        cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--uri", uri]
+        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+            raise StagingError(f"registering the default models at {uri} failed (output above)")
+
+
 def service_port(objects: Iterable[Obj], name: str) -> int:
     for o in objects:
         if o["kind"] == "Service" and o["metadata"]["name"] == name:
@@ -370,11 +414,7 @@ def staging_test(
     check_server(api)
     try:
         with ExitStack() as stack:
-            mlflow = stack.enter_context(
-                port_forward(namespace, MLFLOW_SERVICE, service_port(objects, MLFLOW_SERVICE), kubeconfig)
-            )
-            # "localhost", not 127.0.0.1: MLflow 3 answers only the Host names in MLFLOW_SERVER_ALLOWED_HOSTS
-            registry_uri = f"http://localhost:{mlflow.rsplit(':', 1)[1]}"
+            registry_uri = stack.enter_context(registry_forward(objects, kubeconfig))
             targets = {
                 s: stack.enter_context(
                     port_forward(namespace, f"facexplain-{s}", service_port(objects, f"facexplain-{s}"), kubeconfig)
@@ -382,9 +422,6 @@ def staging_test(
                 for s in SERVICES
             }
             check_health(targets)
-            print(f"registering the default models through {MLFLOW_SERVICE} ({registry_uri})", flush=True)
-            cli = [sys.executable, "-m", "cli.main"]
-            subprocess.run([*cli, "registry", "register-defaults", "--uri", registry_uri], cwd=REPO, check=True)
             env = dict(
                 os.environ,
                 FACEXPLAIN_E2E_TARGETS=",".join(f"{k}={v}" for k, v in targets.items()),
@@ -411,7 +448,8 @@ def _cmd_staging(args: argparse.Namespace) -> int:
         objects = render_overlay(Path(args.overlay))
         api = api_client(args.kubeconfig, args.context)
         if args.staging_command == "up":
-            up(api, objects, wait=not args.no_wait, timeout=args.timeout)
+            register = None if args.no_register else lambda: register_defaults(objects, args.kubeconfig)
+            up(api, objects, wait=not args.no_wait, timeout=args.timeout, register=register)
             return 0
         if args.staging_command == "down":
             down(api, objects, wait=not args.no_wait, timeout=args.timeout)
@@ -427,8 +465,11 @@ def add_staging_parser(sub: Any) -> None:
     s = sub.add_parser("staging", help="deploy k8s/overlays/staging to the cluster in KUBECONFIG, test it, remove it")
     ssub = s.add_subparsers(dest="staging_command", required=True)
     for name, help_text in (
-        ("up", "server-side apply the rendered overlay, wait for every rollout and the MLflow server"),
-        ("test", "port-forward, health checks, register the default models, run tests/e2e; logs on failure"),
+        (
+            "up",
+            "server-side apply the rendered overlay, wait for MLflow, register the default models, wait for the rest",
+        ),
+        ("test", "port-forward the Services, health checks, run tests/e2e against them; logs and events on failure"),
         ("down", "delete the overlay's objects and the namespace"),
     ):
         p = ssub.add_parser(name, help=help_text)
@@ -439,6 +480,12 @@ def add_staging_parser(sub: Any) -> None:
         if name in ("up", "down"):
             p.add_argument("--no-wait", action="store_true", help="do not wait for rollouts / the namespace to go")
             p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (default 900)")
+        if name == "up":
+            p.add_argument(
+                "--no-register",
+                action="store_true",
+                help="do not register the default models between the registry's rollout and the servers'",
+            )
         else:
             p.add_argument("--out", default=str(REPO / "var" / "staging"), help="where failure logs go")
             p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")

@@ -177,7 +177,8 @@ def test_up_server_side_applies_every_rendered_object_in_dependency_order(
     mlflow = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/facexplain-mlflow"
     state.unready_reads[mlflow] = 1  # the MLflow server is not ready at the first look: `up` must wait for it
 
-    assert main(["staging", "up", "--kubeconfig", str(kubeconfig), "--timeout", "60"]) == 0
+    # --no-register: registering needs `kubectl port-forward` to a pod, which only a real cluster offers
+    assert main(["staging", "up", "--kubeconfig", str(kubeconfig), "--timeout", "60", "--no-register"]) == 0
 
     assert state.seen[0].method == "GET" and state.seen[0].path == "/version"
     patches = [s for s in state.seen if s.method == "PATCH"]
@@ -223,6 +224,22 @@ def test_up_server_side_applies_every_rendered_object_in_dependency_order(
     again = [s for s in state.seen[n:] if s.method == "PATCH"]
     assert [(s.path, s.body) for s in again] == [(p.path, p.body) for p in patches]
     assert "applied  Deployment/facexplain-embedding" in capsys.readouterr().out
+
+
+def test_up_registers_the_models_once_the_registry_is_ready_and_before_waiting_for_the_servers(
+    cluster: tuple[FakeCluster, Path], rendered: list[dict[str, Any]]
+) -> None:
+    state, kubeconfig = cluster
+    registered_at: list[int] = []
+    api = staging.api_client(str(kubeconfig))
+    staging.up(api, rendered, timeout=60, register=lambda: registered_at.append(len(state.seen)))
+
+    assert len(registered_at) == 1
+    before = {s.path.rsplit("/", 1)[1] for s in state.seen[: registered_at[0]] if s.method == "GET"}
+    after = {s.path.rsplit("/", 1)[1] for s in state.seen[registered_at[0] :] if s.method == "GET"}
+    assert before == {"version", "facexplain-postgres", "facexplain-mlflow"}
+    assert after == {f"facexplain-{svc}" for svc in staging.SERVICES}
+    assert all(s.method == "GET" for s in state.seen[registered_at[0] :])
 
 
 def test_down_deletes_in_reverse_order_namespace_last(
