@@ -322,3 +322,20 @@ def test_failure_diagnostics_hold_every_pods_log_and_the_events(
         {"container": ["server"], "previous": ["true"]},
     ]
     assert all(s.authorization == f"Bearer {TOKEN}" for s in state.seen)
+
+
+def test_staging_test_failure_leaves_logs_and_events(
+    cluster: tuple[FakeCluster, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing is deployed: the real kubectl cannot port-forward to the registry Service, and `staging test`
+    # must fail with the reason and leave the namespace's diagnostics behind.
+    state, kubeconfig = cluster
+    out = tmp_path / "runs"
+    assert main(["staging", "test", "--kubeconfig", str(kubeconfig), "--out", str(out)]) == 1
+
+    err = capsys.readouterr().err
+    assert "port-forward svc/facexplain-mlflow" in err and "pod logs and events:" in err
+    (run,) = out.iterdir()
+    assert (run / "events.json").is_file() and (run / "facexplain-embedding-0.server.log").is_file()
+    # the real kubectl asked the same server (its API discovery, which this server does not offer)
+    assert any(s.path == "/api" for s in state.seen)
