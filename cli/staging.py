@@ -37,6 +37,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -167,9 +168,16 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> Api
 
 
 def request(
-    api: ApiClient, method: str, path: str, query: Sequence[tuple[str, str]] = (), body: Any = None, **headers: str
+    api: ApiClient,
+    method: str,
+    path: str,
+    query: Sequence[tuple[str, str]] = (),
+    body: Any = None,
+    raw: bool = False,
+    **headers: str,
 ) -> tuple[int, Any]:
-    """One API request: (HTTP status, decoded JSON body or None). Non-2xx is returned, not raised."""
+    """One API request: (HTTP status, decoded JSON body or None; the text when ``raw``). Non-2xx is returned,
+    not raised."""
     from urllib3.exceptions import HTTPError
 
     header_params = {"Accept": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
@@ -183,6 +191,8 @@ def request(
         host = api.configuration.host
         raise StagingError(f"no Kubernetes API server in KUBECONFIG answering at {host}: {exc}") from None
     try:
+        if raw:
+            return response.status, data.decode(errors="replace")
         return response.status, json.loads(data) if data else None
     except ValueError:
         return response.status, data.decode(errors="replace")
@@ -330,21 +340,24 @@ def port_forward(namespace: str, service: str, port: int, kubeconfig: str | None
     local = _free_port()
     env = dict(os.environ, **({"KUBECONFIG": kubeconfig} if kubeconfig else {}))
     cmd = [find_kubectl(), "-n", namespace, "port-forward", "--address", "127.0.0.1", f"svc/{service}"]
-    proc = subprocess.Popen([*cmd, f"{local}:{port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", local)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                raise StagingError(f"port-forward svc/{service}: {out.strip() or 'no listener after 30 s'}")
-            time.sleep(0.2)
-        yield f"127.0.0.1:{local}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    # a file, not a pipe: kubectl prints a line per connection, and a pipe nobody reads would fill and stall it
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([*cmd, f"{local}:{port}"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", local)) == 0:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    out = log.read().decode(errors="replace")
+                    raise StagingError(f"port-forward svc/{service}: {out.strip() or 'no listener after 30 s'}")
+                time.sleep(0.2)
+            yield f"127.0.0.1:{local}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @contextmanager
@@ -379,8 +392,11 @@ def check_health(targets: dict[str, str], timeout: float = 60.0) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     for name, target in targets.items():
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        try:
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise StagingError(f"{name} at {target}: health check failed: {exc.code().name}") from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise StagingError(
                 f"{name} at {target}: health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
@@ -400,7 +416,8 @@ def collect_diagnostics(api: ApiClient, namespace: str, out: Path) -> Path:
         for c in pod["spec"].get("containers", []):
             for previous in ("false", "true"):
                 query = [("container", c["name"]), ("previous", previous)]
-                status, text = request(api, "GET", f"/api/v1/namespaces/{namespace}/pods/{name}/log", query)
+                path = f"/api/v1/namespaces/{namespace}/pods/{name}/log"
+                status, text = request(api, "GET", path, query, raw=True)
                 if status == 200:
                     suffix = ".previous" if previous == "true" else ""
                     (out / f"{name}.{c['name']}{suffix}.log").write_text(str(text))

@@ -26,6 +26,7 @@ from cli.main import main
 from tests.unit.k8s.conftest import policy
 
 TOKEN = "staging-test-token"
+POD_LOG = '{"level": "ERROR", "message": "model load failed: no champion"}\n'  # the servers log JSON lines
 NAMESPACE = "facexplain-staging"
 # Written out, not derived from cli.staging.KINDS: the test must catch a wrong plural or group.
 PLURALS = {
@@ -71,7 +72,7 @@ class FakeCluster:
             pod = {"metadata": {"name": "facexplain-embedding-0"}, "spec": {"containers": [{"name": "server"}]}}
             return 200, {"kind": "PodList", "items": [pod]}
         if path == f"/api/v1/namespaces/{NAMESPACE}/pods/facexplain-embedding-0/log":
-            return 200, "model load failed: no champion"
+            return 200, POD_LOG
         if method == "PATCH":
             if path in self.refuse:
                 return 403, {"kind": "Status", "message": "forbidden by the test"}
@@ -123,9 +124,10 @@ def cluster(tmp_path: Path) -> Iterator[tuple[FakeCluster, Path]]:
                     )
                 )
                 code, reply = state.handle(self.command, url.path, body)
-            out = json.dumps(reply).encode()
+            text = isinstance(reply, str)  # a pod log is plain text
+            out = reply.encode() if text else json.dumps(reply).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
@@ -315,7 +317,7 @@ def test_failure_diagnostics_hold_every_pods_log_and_the_events(
     out = staging.collect_diagnostics(api, NAMESPACE, tmp_path / "diag")
 
     assert json.loads((out / "events.json").read_text())["items"][0]["reason"] == "BackOff"
-    assert (out / "facexplain-embedding-0.server.log").read_text() == "model load failed: no champion"
+    assert (out / "facexplain-embedding-0.server.log").read_text() == POD_LOG  # as written, not re-encoded
     logs = [s for s in state.seen if s.path.endswith("/log")]
     assert [s.query for s in logs] == [
         {"container": ["server"], "previous": ["false"]},
