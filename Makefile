@@ -100,3 +100,12 @@ MODEL ?= facexplain-dfd-dlib128
 
 recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=name) and compare its figures with its card
 	$(BIN)/python scripts/ship_model.py recreate $(MODEL) --registry $(REGISTRY_URI)
+
+# -- Staging on a Kubernetes cluster (the one in KUBECONFIG; see README "Deploy") ---------------------------------
+.PHONY: staging
+
+staging: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run tests/e2e against it, tear it down
+	@$(BIN)/python -m cli.main staging up && $(BIN)/python -m cli.main staging test; rc=$$?; \
+		$(BIN)/python -m cli.main staging down; \
+		if [ $$rc -ne 0 ]; then echo "make staging: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
+		exit $$rc
