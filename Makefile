@@ -13,7 +13,7 @@ PROTO_STAMP := services/api/v1/.generated
 setup: $(STAMP) $(WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
 
 $(STAMP): requirements.lock pyproject.toml
-	scripts/setup_system.sh
+	scripts/setup_system.sh $(if $(filter 1,$(FACEXPLAIN_WITH_PODMAN)),--podman)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip<27"
 	$(BIN)/pip install -q -r requirements.lock
@@ -97,3 +97,17 @@ MODEL ?= facexplain-dfd-dlib128
 
 recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=name) and compare its figures with its card
 	$(BIN)/python scripts/ship_model.py recreate $(MODEL) --registry $(REGISTRY_URI)
+
+# -- Container images (podman; nothing from an image registry; see k8s/images/ and README "Deploy") -----------
+.PHONY: setup-podman images images-cuda
+
+setup-podman:  ## podman, buildah, runc, debootstrap and a containers.conf drop-in for this kind of machine
+	scripts/setup_system.sh --podman
+
+images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU) and facexplain/mlflow:<version>
+	@command -v podman >/dev/null || $(MAKE) setup-podman
+	scripts/build_images.sh cpu mlflow
+
+images-cuda: $(STAMP)  ## facexplain/service:<version>-cuda: the same image with PyPI's CUDA torch (downloads GBs)
+	@command -v podman >/dev/null || $(MAKE) setup-podman
+	scripts/build_images.sh cuda
