@@ -13,7 +13,7 @@ PROTO_STAMP := services/api/v1/.generated
 setup: $(STAMP) $(WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
 
 $(STAMP): requirements.lock pyproject.toml
-	scripts/setup_system.sh
+	scripts/setup_system.sh $(if $(filter 1,$(FACEXPLAIN_WITH_PODMAN)),--podman)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip<27"
 	$(BIN)/pip install -q -r requirements.lock
@@ -109,3 +109,17 @@ staging: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run
 		$(BIN)/python -m cli.main staging down; \
 		if [ $$rc -ne 0 ]; then echo "make staging: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
 		exit $$rc
+
+# -- Container images (podman; nothing from an image registry; see k8s/images/ and README "Deploy") -----------
+.PHONY: setup-podman images images-cuda
+
+setup-podman:  ## podman, buildah, runc, debootstrap and a containers.conf drop-in for this kind of machine
+	scripts/setup_system.sh --podman
+
+images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU) and facexplain/mlflow:<version>
+	@command -v podman >/dev/null || $(MAKE) setup-podman
+	scripts/build_images.sh cpu mlflow
+
+images-cuda: $(STAMP)  ## facexplain/service:<version>-cuda: the same image with PyPI's CUDA torch (downloads GBs)
+	@command -v podman >/dev/null || $(MAKE) setup-podman
+	scripts/build_images.sh cuda
