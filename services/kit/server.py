@@ -9,7 +9,9 @@ module owns everything operational so the services stay about their method.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -168,6 +170,11 @@ class GrpcServer:
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
 
+    @property
+    def closed(self) -> bool:
+        """stop() has run to its end (every part closed)."""
+        return self._closed.is_set()
+
     def wait(self) -> None:
         """Return once the server is stopped *and* closed. The gRPC server terminates before ``stop`` has
         closed the health server, the inference threads and the metrics; returning then would let the
@@ -209,3 +216,18 @@ def run_service(service: str, settings: S, build_server: Callable[[S], GrpcServe
     server.install_signal_handlers()
     print(f"{service} service listening on {server.address} (metrics :{server.metrics.port})", flush=True)
     server.wait()
+    _exit_after_close(0 if server.closed else 1)
+
+
+def _exit_after_close(code: int) -> None:
+    """Leave without interpreter finalisation once :meth:`GrpcServer.stop` has closed everything.
+
+    Daemon threads that native code still holds (a registry watcher inside a download or ``torch.load``,
+    grpc's and torch's pools) make finalisation abort now and then with "terminate called without an active
+    exception" (exit -6 after a clean stop; seen in CI). Nothing is left to flush but the logs and the
+    standard streams, so flush those and exit with the server's own status."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
