@@ -14,7 +14,8 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,28 @@ from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, star
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
 from registry import CHAMPION, Registry, VersionInfo
+
+
+def start_side_by_side(names: Iterable[str], start: Callable[[str], RunningService]) -> dict[str, RunningService]:
+    """Start one server per name at once (each loads its models on its own); if any fails to start, stop
+    those that did and raise the first failure, so a fixture never leaks a half-started fleet."""
+    names = list(names)
+    running: dict[str, RunningService] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str) -> None:
+        try:
+            running[name] = start(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with ThreadPoolExecutor(max(1, len(names))) as pool:
+        list(pool.map(one, names))
+    if errors:
+        for svc in running.values():
+            svc.stop()
+        raise errors[0]
+    return {name: running[name] for name in names}
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from cli.launcher import RunningMlflow, RunningService, start_service
 from registry import VersionInfo
 from services.api.v1 import common_pb2, directions_pb2, embedding_pb2
 from tests.fuzzing import DOCUMENTED, Fuzzer, Material, Rpc, all_rpcs, good_requests, invoke, status_of
+from tests.servers import start_side_by_side
 from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
@@ -98,10 +98,8 @@ def fleet(
     for p in sorted((celeba_dir / "images").glob("*.jpg"))[:N_FACES]:
         shutil.copy(p, root / "faces" / p.name)
     (base / "outside").mkdir()
-    running: dict[str, RunningService] = {}
-    errors: list[BaseException] = []
 
-    def start(name: str) -> None:
+    def start(name: str) -> RunningService:
         env = registry_service_env(
             mlflow.uri,
             base / f"cache-{name}",
@@ -110,19 +108,10 @@ def fleet(
             FACEXPLAIN_DATA_ROOT=str(root),
             **LIMITS[name],
         )
-        try:
-            running[name] = start_service(name, base, env=env, timeout=300)
-        except BaseException as exc:
-            errors.append(exc)
+        return start_service(name, base, env=env, timeout=300)
 
-    threads = [threading.Thread(target=start, args=(name,)) for name in LIMITS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    running = start_side_by_side(LIMITS, start)
     try:
-        if errors:
-            raise errors[0]
         yield running
     finally:
         codes = {name: svc.stop() for name, svc in running.items()}

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from cli.launcher import REPO, RunningService, start_service
 from sdk.client import ClientSecurity, open_channel
 from services.api.v1 import common_pb2, decoding_pb2, embedding_pb2
 from tests.certs import CA, Issued, issue, make_ca
+from tests.servers import start_side_by_side
 
 pytestmark = pytest.mark.integration
 
@@ -93,23 +93,10 @@ def _server_env(pki: dict[str, Any], **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def secured(pki: dict[str, Any]) -> Iterator[dict[str, RunningService]]:
     """The five services with TLS and tokens, started side by side (each loads its models on its own)."""
-    running: dict[str, RunningService] = {}
-    errors: list[BaseException] = []
-
-    def start(name: str) -> None:
-        try:
-            running[name] = start_service(name, pki["logs"], env=_server_env(pki), timeout=300)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(name,)) for name in SERVICES]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    running = start_side_by_side(
+        SERVICES, lambda name: start_service(name, pki["logs"], env=_server_env(pki), timeout=300)
+    )
     try:
-        if errors:
-            raise errors[0]
         yield running
     finally:
         for svc in running.values():
