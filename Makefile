@@ -85,7 +85,7 @@ train-sadfad: mlflow  ## interpretable FR net (SAD/FAD) on ../shared/data/celeba
 
 train-sadfad-decoder: mlflow  ## a decoder for the SAD/FAD model (the default decoder's recipe; re-embeds a cached CelebA face set)
 	$(BIN)/python -m cli.main train decoder --preset $(DECODER_PRESET) \
-		--fr-model facexplain-sadfad-casia@champion --register-as facexplain-dfd-sadfad --perceptual dlib_resnet \
+		--fr-model facexplain-sadfad-celeba@champion --register-as facexplain-dfd-sadfad --perceptual dlib_resnet \
 		--chips-from auto --registry $(REGISTRY_URI) --out var/train/decoder-sadfad-$(DECODER_PRESET)
 
 train-probes: mlflow  ## accessory/appearance probes (eyeglasses, smiling, ...) on ../shared/data/celeba_subset, registered as facexplain-probes-faceapi

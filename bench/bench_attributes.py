@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ from bench.bench_directions import CELEBA, decode, load_context, pick
 from bench.common import RESULTS, machine, write
 from facexplain.artifacts.probes import load_probe_bundle
 from facexplain.attributes.defaults import default_catalog
+from facexplain.attributes.gate import attribute_gate
 from facexplain.attributes.report import importance_chart, write_compare_csv
-from facexplain.attributes.template_probe import knn_decodability, linear_decodability
+from facexplain.attributes.template_probe import knn_decodability, linear_decodability, linear_predictions
 from facexplain.metrics.invariance import mirror_invariance
 from facexplain.paths import var_dir
 from registry import Registry, RegistryError
@@ -130,11 +132,19 @@ def _one_model(args: argparse.Namespace, fr: str, dec: str, probes: Any) -> dict
             "smallest_mi": smallest,
             "largest_control_mi": largest_control,
             "control_below_smallest": bool(largest_control < smallest),
+            # issue 25 item 7: gated over the attributes the template is shown to carry (held-out R² > 0.05)
+            "gate": asdict(
+                attribute_gate(
+                    rows,
+                    {a: {"linear": v.get("r2"), "knn": v.get("knn_r2")} for a, v in probe["attributes"].items()},
+                )
+            ),
             "at_or_below_control": at_control,
             "not_significant_p_over_0_05": [r.attribute for r in finite if r.p_value > 0.05],
             "reproducible_same_seed": same,
         },
         "group_mean_mi": {g: float(np.mean(v)) for g, v in by_group.items()},
+        "slack": _slack(rows, probe),
         "_rows": rows,
     }
 
@@ -158,7 +168,12 @@ def _template_probe(
             continue
         score = linear_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name])
         knn = knn_decodability(fit_t, fit_values[spec.name], test_t, original[spec.name], k=20)
-        out["attributes"][spec.name] = {**score.__dict__, "knn_r2": knn.r2, "knn_r": knn.r}
+        out["attributes"][spec.name] = {
+            **score.__dict__,
+            "knn_r2": knn.r2,
+            "knn_r": knn.r,
+            "probe_mi": _probe_mi(args, fit_t, fit_values[spec.name], test_t, original[spec.name]),
+        }
     # A mirror-invariant model cannot keep the sign of yaw or roll but could keep its size.
     for angle in ("yaw", "roll"):
         if angle in fit_values and angle in original:
@@ -167,6 +182,48 @@ def _template_probe(
             knn = knn_decodability(fit_t, fit_abs, test_t, test_abs, k=20)
             out["attributes"][f"|{angle}|"] = {**score.__dict__, "knn_r2": knn.r2, "knn_r": knn.r}
     return out
+
+
+def _probe_mi(args: argparse.Namespace, fit_t: Any, fit_v: Any, test_t: Any, test_v: Any) -> float:
+    """I(a; ridge(z)) on the test faces with the importance table's estimator (KSG, same k and seed):
+    a second lower bound of I(a; z), comparable number for number with I(a; â)."""
+    from facexplain.attributes.importance import mutual_information
+
+    pred, observed, _ = linear_predictions(fit_t, fit_v, test_t, test_v)
+    if pred.shape[0] < args.k + 2:
+        return math.nan
+    return mutual_information(observed, pred, estimator="knn", k=args.k, seed=args.seed).mi
+
+
+def _slack(rows: list[Any], probe: dict[str, Any]) -> dict[str, Any]:
+    """How loose the decoder's bound I(a; â) <= I(a; z) is, as far as the ridge probe can show.
+
+    Both I(a; â) and I(a; ridge(z)) are lower bounds of I(a; z) (each is a function of z), so
+    ``max(0, I(a; ridge(z)) - I(a; â))`` is a lower bound of the slack: information the template
+    provably holds that the decoded face does not show. It says nothing where the probe finds less than
+    the decoder (a non-linear code the ridge cannot read); "beyond the interval" marks attributes whose
+    probe value lies above the decoder estimate's upper interval end, so sampling noise cannot explain it.
+    """
+    per: dict[str, Any] = {}
+    for r in rows:
+        pm = probe["attributes"].get(r.attribute, {}).get("probe_mi")
+        if pm is None or not math.isfinite(pm) or not math.isfinite(r.mi):
+            continue
+        per[r.attribute] = {
+            "decoded_mi": r.mi,
+            "decoded_ci_high": r.ci_high,
+            "probe_mi": pm,
+            "slack_at_least": max(0.0, pm - r.mi),
+            "beyond_interval": bool(pm > r.ci_high),
+        }
+    beyond = sorted((a for a, v in per.items() if v["beyond_interval"]), key=lambda a: -per[a]["slack_at_least"])
+    return {
+        "attributes": per,
+        "compared": len(per),
+        "probe_above_decoder": sum(1 for v in per.values() if v["slack_at_least"] > 0),
+        "beyond_interval": beyond,
+        "mean_slack_at_least": float(np.mean([v["slack_at_least"] for v in per.values()])) if per else math.nan,
+    }
 
 
 def _mirror_cosine(ctx: Any, idx: np.ndarray, batch_size: int) -> dict[str, float]:
@@ -273,6 +330,19 @@ def main() -> int:
             )
             + f"; face vs mirror cosine {mirror['face_vs_mirror_cosine_mean']:.3f} "
             f"(same person, other photo {mirror['same_person_other_photo_cosine_mean']:.3f})"
+        )
+        g = c["gate"]
+        print(
+            f"  gate over carried attributes (probe R² > {g['min_r2']}): {'met' if g['passed'] else 'NOT met'}; "
+            f"{len(g['carried'])} carried, smallest {g['smallest_carried']} {g['smallest_carried_mi']:.3f} vs control "
+            f"{g['largest_control_mi']:.3f}; at/below control {g['below_or_at_control']}; not carried "
+            + ", ".join(f"{a} (R² {r2:.2f})" for a, r2 in g["not_carried"].items())
+        )
+        sl = payload["models"][lab]["slack"]
+        print(
+            f"  slack of I(a; â) <= I(a; z): probe above decoder on {sl['probe_above_decoder']}/{sl['compared']}, "
+            f"beyond the interval on {len(sl['beyond_interval'])}: "
+            + ", ".join(f"{a} +{sl['attributes'][a]['slack_at_least']:.2f}" for a in sl["beyond_interval"][:10])
         )
     return 0
 

@@ -5,6 +5,19 @@ decoder) -> the same image-based estimators that measure the original face. This
 only, generic over callables, so the service, the CLI and the tests adapt it rather than repeat it:
 whatever decodes templates and whatever catalogue estimates attributes are passed in.
 
+What stands in for Ren et al.'s generator. The paper decodes through a pretrained image generator:
+a latent-space transformer maps the template into the generator's latent space (its eq. 5-11) and the
+generator renders the face. This project has no such generator (no package registry ships one whose
+weights we may install), so the FR model's Deep Face Decoder (:mod:`facexplain.models.decoder`,
+trained per FR model on the CelebA subset, 64 px) takes its place. The inequality the importance table
+rests on is unchanged, because any decoder is a function of z: I(a; â) <= I(a; z) (data processing).
+What changes is how tight it is. A generator's face prior renders fine texture, hair and high-frequency
+detail at full resolution where the 64-px decoder blurs them, so the bound is looser here for texture
+and fine geometry, and no better for attributes the template does not carry (a prior can add detail,
+not information about a). ``bench/bench_attributes.py`` measures that slack per attribute: a second
+lower bound, I(a; ridge(z)) on held-out identities with the same estimator, exceeds I(a; â) by at
+least the information the decoder path leaves out (README, "Attributes").
+
 Both sides are measured the same way on purpose: the landmark net is run by the catalogue on the
 original chips *and* on the decoded faces (rather than reusing the chips' stored landmarks for the
 originals), so that a and â come from one procedure and differences between them reflect the

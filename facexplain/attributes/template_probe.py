@@ -91,16 +91,36 @@ def linear_decodability(
     R² per component is ``1 - SSE / SST`` on the test faces around *their* mean, so predicting the
     training mean scores about 0 and worse than that is negative; the reported R² averages components.
     """
+    pred, yb, n_train = linear_predictions(train_templates, train_values, test_templates, test_values, alpha)
+    if pred.shape[0] == 0:
+        return ProbeScore(math.nan, math.nan, n_train, int(yb.shape[0]))
+    return _score(pred, yb, n_train)
+
+
+def linear_predictions(
+    train_templates: ArrayLike,
+    train_values: ArrayLike,
+    test_templates: ArrayLike,
+    test_values: ArrayLike,
+    alpha: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The ridge probe's predictions on the test faces, with the values they predict and the training size.
+
+    Returned rather than only scored because the prediction is itself a function of the template, so
+    I(a; probe(z)) is a second lower bound of I(a; z) beside I(a; â), estimable with the very estimator
+    of the importance table: where it exceeds I(a; â), the decoder path provably leaves that much out
+    (``bench/bench_attributes.py``, "slack"). Rows with a non-finite value are dropped on both sides, as
+    in the scores; with fewer than 3 faces on a side the predictions are empty (0 rows).
+    """
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     xa, ya, xb, yb = _sides(train_templates, train_values, test_templates, test_values)
     if xa.shape[0] < 3 or xb.shape[0] < 3:
-        return ProbeScore(math.nan, math.nan, int(xa.shape[0]), int(xb.shape[0]))
+        return np.empty((0, yb.shape[1])), yb, int(xa.shape[0])
     mx, my = xa.mean(axis=0), ya.mean(axis=0)
     xc = xa - mx
     w = np.linalg.solve(xc.T @ xc + alpha * np.eye(xc.shape[1]), xc.T @ (ya - my))
-    pred = (xb - mx) @ w + my
-    return _score(pred, yb, int(xa.shape[0]))
+    return (xb - mx) @ w + my, yb, int(xa.shape[0])
 
 
 def knn_decodability(

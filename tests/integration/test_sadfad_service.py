@@ -29,7 +29,7 @@ from training.sadfad.config import PRESETS, VARIANT_NAMES, TrainSADFADConfig
 
 pytestmark = pytest.mark.integration
 
-NAME = "facexplain-sadfad-casia"
+NAME = "facexplain-sadfad-celeba"
 FACE = REPO / "data" / "sample" / "celeba" / "id7201" / "001085.jpg"
 OTHER_PERSON = REPO / "data" / "sample" / "celeba" / "id7202" / "006155.jpg"
 

@@ -175,7 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SAD/FAD net's cached face set instead of detecting again.
     "sadfad-cpu-ship": {
         **_CELEBA_CPU,
-        "fr_model": "facexplain-sadfad-casia@champion",
+        "fr_model": "facexplain-sadfad-celeba@champion",
         "register_as": "facexplain-dfd-sadfad",
         "perceptual": "dlib_resnet",
         "chips_from": "auto",

@@ -69,7 +69,7 @@ class TrainSADFADConfig:
     device: str = "auto"
     threads: int = 0
     # registry (the bundle step; see training/sadfad/__init__.py)
-    register_as: str = "facexplain-sadfad-casia"
+    register_as: str = "facexplain-sadfad-celeba"
     alias: str = "auto"
 
     def __post_init__(self) -> None:

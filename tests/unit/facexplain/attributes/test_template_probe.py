@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from facexplain.attributes.template_probe import knn_decodability, linear_decodability
+from facexplain.attributes.template_probe import knn_decodability, linear_decodability, linear_predictions
 
 
 def _templates(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,3 +81,21 @@ def test_knn_probe_finds_what_the_linear_one_cannot() -> None:
     assert math.isnan(knn_decodability(ta[:5], ya[100:105], tb, yb, k=10).r2)
     with pytest.raises(ValueError, match="k must"):
         knn_decodability(ta, ya, tb, yb, k=0)
+
+
+def test_linear_predictions_are_what_the_score_is_computed_from() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(300, 16))
+    a = z[:, 0] + 0.1 * rng.normal(size=300)
+    a[205] = np.nan  # dropped on the test side, so predictions and observed values stay aligned
+    pred, observed, n_train = linear_predictions(z[:200], a[:200], z[200:], a[200:])
+    assert n_train == 200 and pred.shape == observed.shape == (99, 1)
+    r = np.corrcoef(pred[:, 0], observed[:, 0])[0, 1]
+    assert r == pytest.approx(linear_decodability(z[:200], a[:200], z[200:], a[200:]).r)
+    assert r > 0.9
+
+
+def test_linear_predictions_empty_when_too_few_faces() -> None:
+    z = np.eye(4)
+    pred, observed, _ = linear_predictions(z[:2], [0.0, 1.0], z[2:], [1.0, 2.0])
+    assert pred.shape[0] == 0 and observed.shape == (2, 1)
