@@ -17,6 +17,11 @@ collects, for one served FR model on one folder of faces:
                  tilts (the sign of yaw and roll), nor which side an asymmetric feature is on
 (g) counterfactual  pairs scored by the embedding service (Verify), then counterfactual Explain for the
                  worst-scored genuine and best-scored impostor pairs
+(h) occlusion    eyes / nose / mouth hidden on a few faces (decoding Occlude, DFD §4.3.2): how much of the
+                 template survives the occluder, and whether the decoder paints the occluder or fills the face in
+(i) aggregation  verification (TAR at the model's rule, AUC) against the number n of templates averaged per
+                 identity (DFD §4.4), on the templates of every face of DATA (embedding Embed, Verify for the
+                 rule), and identity centroids decoded beside one photo's decoding (directions Aggregate)
 
 Every random choice takes ``seed``; two runs with the same seed give the same ``audit.json`` except
 timestamps (``*_at``, ``started``, ``finished``). Direction sets are cited by the id the directions
@@ -147,6 +152,9 @@ class AuditConfig:
     max_pairs: int = 60  # pairs scored (seeded sample of all pairs when there are more)
     explain_pairs: int = 2  # counterfactuals per kind: worst genuine, best impostor
     attack_steps: int = 10
+    max_occlusions: int = 4  # faces occluded (the first audited ones)
+    aggregation_repeats: int = 5  # seeded probe / enrolment draws per identity for the aggregation curve
+    max_centroids: int = 6  # identities whose centroid is decoded
     connect_timeout: float = 20.0
     quiet: bool = False
 
@@ -878,6 +886,117 @@ class Audit:
             },
         }
 
+    # (h) occlusion ------------------------------------------------------------------------------------------
+    def occlusion(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        """Each named region hidden on a few faces, decoded (decoding Occlude); means per region."""
+        chosen = inputs.faces[: self.cfg.max_occlusions]
+        faces: list[dict[str, Any]] = []
+        failed: list[dict[str, str]] = []
+        with self.bar(len(chosen), "occlusions") as bar:
+            for i, f in enumerate(chosen):
+                try:
+                    resp = self.clients["decoding"].occlude(image_from_path(f.path), timeout=300)
+                except grpc.RpcError as err:
+                    if err.code() not in DATA_REFUSED:
+                        raise
+                    failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
+                    bar.update()
+                    continue
+                regions = [{k: _field(x, k) for k in OCCLUSION_FIELDS} for x in resp.results]
+                pictures = [(resp.aligned.encoded, resp.reconstruction.encoded)]
+                pictures += [(x.occluded.encoded, x.reconstruction.encoded) for x in resp.results]
+                name = f"occlusion/{i:03d}.png"
+                self.save_grid(pictures, name)
+                faces.append({"path": f.rel, "identity": f.identity, "regions": regions, "grid": f"images/{name}"})
+                sec["decoder"] = model_ref(resp.decoder)
+                sec["fr_model"] = model_ref(resp.fr_model)
+                sec["rule"] = {"metric": resp.rule.metric, "threshold": finite(resp.rule.threshold)}
+                bar.update()
+        sec["faces"] = faces
+        sec["failed"] = failed
+        names = [r["region"] for r in faces[0]["regions"]] if faces else []
+        summary = {}
+        for name in names:
+            rows = [r for f in faces for r in f["regions"] if r["region"] == name]
+            summary[name] = {
+                k: finite(float(np.mean([float(r[k]) for r in rows if r[k] is not None])))
+                for k in OCCLUSION_FIELDS
+                if k != "region"
+            }
+            summary[name]["n"] = len(rows)
+        sec["summary"] = summary
+
+    # (i) aggregation -------------------------------------------------------------------------------------
+    def served_rule(self, a: Any, b: Any) -> Any:
+        """The FR model's verification rule as the embedding service applies it (one Verify of two templates)."""
+        from facexplain.metrics.verification import VerificationRule
+
+        r = (
+            self.clients["embedding"]
+            .verify(common_pb2.Probe(template=a), common_pb2.Probe(template=b), timeout=60)
+            .rule
+        )
+        if r.metric not in ("l2", "cosine"):
+            raise AuditError(f"the embedding service's rule has an unknown metric {r.metric!r}", 4)
+        return VerificationRule(r.metric, float(r.threshold), bool(r.accept_below), r.source), bool(r.normalized)  # type: ignore[arg-type]
+
+    def aggregation(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        """TAR / FAR / AUC against n aggregated templates, over every face of DATA; centroids decoded."""
+        import torch
+
+        from facexplain.metrics.aggregation import aggregation_curve, largest_n, powers_of_two
+
+        kept: list[tuple[Face, Any]] = []
+        with self.bar(len(inputs.everything), "aggregation templates") as bar:
+            for f in inputs.everything:
+                t = self.template(f)
+                if t is not None:
+                    kept.append((f, t))
+                bar.update()
+        identities = [f.identity for f, _ in kept]
+        max_n = largest_n(identities)
+        sec["faces"] = len(kept)
+        sec["seed"] = self.cfg.seed
+        sec["repeats"] = self.cfg.aggregation_repeats
+        sec["aggregation"] = "normalised mean of the identity's templates (rescaled to their mean norm)"
+        if max_n < 1:
+            sec["skipped"] = "fewer than 2 identities with 2 faces: nothing to aggregate"
+            return
+        rule, normalized = self.served_rule(kept[0][1], kept[1][1])
+        x = torch.tensor([list(t.values) for _, t in kept], dtype=torch.float64)
+        if normalized:
+            x = torch.nn.functional.normalize(x, dim=1)
+        sec["rule"] = {"metric": rule.metric, "threshold": finite(rule.threshold), "accept_below": rule.accept_below}
+        curve = aggregation_curve(
+            x, identities, powers_of_two(max_n), rule, self.cfg.seed, self.cfg.aggregation_repeats
+        )
+        sec["curve"] = [{k: finite(v) if isinstance(v, float) else v for k, v in p.as_dict().items()} for p in curve]
+        self.decoded_centroids(kept, sec)
+
+    def decoded_centroids(self, kept: list[tuple[Face, Any]], sec: dict[str, Any]) -> None:
+        """Per identity (seeded pick): one photo's decoded template above the decoded mean of all its photos."""
+        by_id: dict[str, list[Any]] = {}
+        for f, t in kept:
+            by_id.setdefault(f.identity, []).append(t)
+        names = sample(
+            sorted(n for n, ts in by_id.items() if len(ts) >= 2), self.cfg.max_centroids, self.rng("centroids")
+        )
+        pictures: list[tuple[bytes, bytes]] = []
+        rows = []
+        with self.bar(len(names), "centroids") as bar:
+            for name in sorted(names):
+                probes = [common_pb2.Probe(template=t) for t in by_id[name]]
+                agg = self.clients["directions"].aggregate(probes, normalize=True, decode=True, timeout=300)
+                one = self.clients["directions"].aggregate(probes[:1], decode=True, timeout=300)
+                pictures.append((one.decoded_mean.encoded, agg.decoded_mean.encoded))
+                rows.append({"identity": name, "faces": len(probes)})
+                sec["decoder"] = model_ref(agg.decoder)
+                bar.update()
+        sec["centroids"] = rows
+        if pictures:
+            self.save_grid(pictures, "aggregation/centroids.png")
+            sec["centroids_grid"] = "images/aggregation/centroids.png"
+
     # the whole audit ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -908,6 +1027,28 @@ class Audit:
         return self.result
 
 
+# What the audit keeps of each OcclusionResult (numbers and decisions; the pictures go to a grid).
+OCCLUSION_FIELDS = (
+    "region",
+    "occluded_fraction",
+    "template_cosine",
+    "template_same_person",
+    "decoded_identity_cosine",
+    "decoded_same_person",
+    "inside_to_occluder",
+    "inside_to_original",
+    "inside_to_clean_decoding",
+    "outside_to_original",
+    "outside_to_clean_decoding",
+    "fills_in",
+)
+
+
+def _field(message: Any, key: str) -> Any:
+    v = getattr(message, key)
+    return finite(v) if isinstance(v, float) else v
+
+
 @dataclass
 class ScoredPair:
     """A pair of faces and its row in ``audit.json`` (what the embedding service said of it)."""
@@ -928,6 +1069,8 @@ STEPS: tuple[tuple[str, Callable[[Audit, AuditInputs, dict[str, Any]], None]], .
     ("importance", Audit.importance),
     ("mirror", Audit.mirror),
     ("counterfactuals", Audit.counterfactuals),
+    ("occlusion", Audit.occlusion),
+    ("aggregation", Audit.aggregation),
 )
 
 

@@ -336,6 +336,17 @@ class DecodingClient(_ServiceClient):
         req = decoding_pb2.ReconstructRequest(image=image, selection=selection)
         return self._call(self.stub.Reconstruct, req, timeout)
 
+    def occlude(
+        self,
+        image: common_pb2.Image,
+        regions: list[str] | None = None,
+        *,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> decoding_pb2.OccludeResponse:
+        req = decoding_pb2.OccludeRequest(image=image, regions=regions or [], selection=selection)
+        return self._call(self.stub.Occlude, req, timeout)
+
     def interpolate(
         self,
         a: common_pb2.Template,
