@@ -31,6 +31,7 @@ SECTIONS = (
     "counterfactuals",
     "occlusion",
     "aggregation",
+    "privacy",
 )
 
 
@@ -413,6 +414,59 @@ def _aggregation(r: dict[str, Any]) -> str:
     return out
 
 
+def _privacy(r: dict[str, Any]) -> str:
+    sec = r["privacy"]
+    if sec.get("skipped"):
+        return f'<p class="muted">{_e(sec["label"])}: skipped: {_e(sec["skipped"])}</p>'
+    p, v, c, dec = sec["probe"], sec["verification"], sec["cosine_to_original"], sec["decoded"]
+    rule = sec["rule"]
+    out = (
+        f"<p>Modification: {_e(sec['method'])}; label <b>{_e(sec['label'])}</b> ({sec['positives']} of "
+        f"{sec['faces']} faces positive, {sec['identities']} identities, seed {sec['seed']}). A modified template "
+        f"keeps cosine {_num(c['mean'])} (lowest {_num(c['min'])}) to its original.</p>"
+    )
+    out += "<p><b>What is suppressed.</b> Held-out linear probe (R², identities split in two seeded halves):</p>"
+    out += _table(
+        ["probe", "R²"],
+        [
+            ["fitted and scored on the original templates", _num(p["r2_before"])],
+            ["fitted on the originals, scored on the modified templates", _num(p["r2_fixed_probe_after"])],
+            ["refitted and scored on the modified templates", _num(p["r2_refit_after"])],
+        ],
+    )
+    if dec.get("skipped"):
+        out += f'<p class="muted">decoder path skipped: {_e(dec["skipped"])}</p>'
+    else:
+        out += (
+            f"<p>Through the decoder: {_e(dec['attribute'])} estimated on the decoded face separates the labelled "
+            f"faces with AUC {_num(dec['auc_before'])} before and {_num(dec['auc_after'])} after (0.5 = not "
+            f"readable); mean estimate {_num(dec['mean_before'])} → {_num(dec['mean_after'])}, mean change "
+            f"{_num(dec['mean_abs_change'])}.</p>"
+        )
+    out += (
+        f"<p><b>What verification keeps</b> (every pair of these faces, rule {_e(rule['metric'])} "
+        f"{'&lt;' if rule['accept_below'] else '&gt;'} {_num(rule['threshold'])}):</p>"
+    )
+    out += _table(
+        ["templates", "TAR", "FAR", "AUC", "genuine pairs", "impostor pairs"],
+        [
+            [
+                side,
+                _num(x["tar"]),
+                _num(x["far"], 4),
+                _num(x["auc"], 4),
+                str(x["genuine_pairs"]),
+                str(x["impostor_pairs"]),
+            ]
+            for side, x in (("original", v["before"]), ("modified", v["after"]))
+        ],
+    )
+    if sec.get("grid"):
+        out += _trust(r) + "<p>Top: decoded original templates; bottom: decoded modified templates.</p>"
+        out += _img(sec["grid"], "decoded original above decoded modified templates", "wide")
+    return out
+
+
 TITLES = {
     "models": "Models",
     "reconstructions": "Reconstructions",
@@ -423,6 +477,7 @@ TITLES = {
     "counterfactuals": "Counterfactual explanations",
     "occlusion": "Occlusion: what the template keeps, what the decoder fills in",
     "aggregation": "Aggregation: verification against the number of templates per identity",
+    "privacy": "Privacy: validating a template modification",
 }
 RENDER = {
     "models": _models,
@@ -434,6 +489,7 @@ RENDER = {
     "counterfactuals": _counterfactuals,
     "occlusion": _occlusion,
     "aggregation": _aggregation,
+    "privacy": _privacy,
 }
 CSS = """
 body{font-family:sans-serif;margin:2em auto;max-width:1180px;color:#222;line-height:1.4}

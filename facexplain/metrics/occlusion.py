@@ -18,6 +18,7 @@ Every image is RGB in [0, 1] at the decoder's output size; masks are resized to 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class OcclusionEffect:
         """The decoder drew something closer to the face than to the occluder inside the hidden region."""
         return self.inside_to_original < self.inside_to_occluder
 
-    def as_dict(self) -> dict[str, float | bool]:
+    def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "fills_in": self.fills_in}
 
 

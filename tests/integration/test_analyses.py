@@ -29,8 +29,9 @@ from tests.service_env import registry_service_env
 
 pytestmark = pytest.mark.integration
 
-SAMPLE = REPO / "data" / "sample" / "celeba"
-FLEET = ("decoding",)
+DATA = REPO / "data" / "sample"  # CelebA and ORL faces; labels.csv holds the CelebA faces' labels
+SAMPLE = DATA / "celeba"
+FLEET = ("embedding", "decoding", "directions", "attributes")
 SEED = 5
 
 
@@ -42,7 +43,13 @@ def fleet(
 
     def start(name: str) -> RunningService:
         (logs / name).mkdir()
-        env = registry_service_env(mlflow.uri, logs / name / "cache", FACEXPLAIN_MAX_BATCH_SIZE="16")
+        env = registry_service_env(
+            mlflow.uri,
+            logs / name / "cache",
+            FACEXPLAIN_MAX_BATCH_SIZE="16",
+            FACEXPLAIN_MIN_LABEL_ITEMS="2",
+            FACEXPLAIN_REGISTRY_TIMEOUT_S="30",
+        )
         return start_service(name, logs / name, env=env, timeout=600)
 
     running = start_side_by_side(FLEET, start)
@@ -56,8 +63,10 @@ def fleet(
 def audit(fleet: dict[str, RunningService], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
     """An audit connected to the fleet (only the services these steps use), once each has its decoder."""
     out = tmp_path_factory.mktemp("analyses-report")
-    cfg = AuditConfig("facexplain-fr-dlib128@champion", data=SAMPLE, out=out, seed=SEED, quiet=True)
+    cfg = AuditConfig("facexplain-fr-dlib128@champion", data=DATA, out=out, seed=SEED, quiet=True)
     cfg.max_occlusions = 2
+    cfg.max_centroids = 3
+    cfg.aggregation_repeats = 3
     a = Audit(cfg)
     deadline = time.monotonic() + 300
     for name, svc in fleet.items():
@@ -75,7 +84,7 @@ def audit(fleet: dict[str, RunningService], tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def inputs() -> AuditInputs:
-    faces, labels, _ = load_faces(SAMPLE)
+    faces, labels, _ = load_faces(DATA)
     return AuditInputs(faces, faces, labels)
 
 
@@ -103,8 +112,8 @@ def test_occlusion_section(audit: Audit, inputs: AuditInputs) -> None:
     assert sec["decoder"]["version"] == "1" and sec["fr_model"]["version"] == "1"
     for f in sec["faces"]:
         assert [r["region"] for r in f["regions"]] == ["eyes", "nose", "mouth"]
-        with Image.open(audit.out / f["grid"]) as im:
-            assert im.size[0] > 2 * im.size[1]  # four columns: clean face, then each region
+        with Image.open(audit.out / f["grid"]) as im:  # four columns (clean face, then each region), two rows
+            assert im.size[0] >= 4 * 112 and 2 * 112 <= im.size[1] < 3 * 112
         for r in f["regions"]:
             assert 0.03 < r["occluded_fraction"] < 0.4
             # the occluder moved the template, but the template kept most of the face
@@ -144,3 +153,99 @@ def test_occlude_rejects_bad_requests_and_keeps_serving(fleet: dict[str, Running
     # still serving; one region only when asked for one
     resp = audit.clients["decoding"].occlude(face, ["mouth"])
     assert [r.region for r in resp.results] == ["mouth"] and svc.alive()
+
+
+# -- aggregation (DFD §4.4) -------------------------------------------------------------------------------
+
+
+def test_aggregation_section(audit: Audit, inputs: AuditInputs) -> None:
+    sec = _step(audit, "aggregation", inputs)
+    assert not sec.get("skipped") and sec["faces"] >= 33
+    # 3 photos per identity: enrolments of 1 and 2 photos, each against a third
+    assert [p["n"] for p in sec["curve"]] == [1, 2]
+    one, two = sec["curve"]
+    assert one["identities"] == two["identities"] >= 11 and one["n_genuine"] == one["identities"] * 3
+    assert sec["rule"]["metric"] == "l2" and sec["rule"]["accept_below"]
+    for p in sec["curve"]:
+        assert 0 <= p["far"] <= p["tar"] <= 1 and p["auc"] > 0.9
+    # averaging two photos brings the enrolment nearer the person's other photo
+    assert two["genuine_score_mean"] < one["genuine_score_mean"]
+    assert len(sec["centroids"]) == 3 and (audit.out / sec["centroids_grid"]).stat().st_size > 1000
+    assert sec["decoder"]["version"] == "1"
+
+
+# -- privacy (DFD §4.5) -----------------------------------------------------------------------------------
+
+
+def test_privacy_section(audit: Audit, inputs: AuditInputs) -> None:
+    sec = _step(audit, "privacy", inputs)
+    assert not sec.get("skipped"), sec.get("skipped")
+    assert sec["label"] == "Smiling" and sec["faces"] >= 27 and 0 < sec["positives"] < sec["faces"]
+    assert sec["set"]["method"] == "centroid" and sec["set"]["target"] == "Smiling"
+    # the modification changes the templates, but not beyond recognition
+    assert 0.5 < sec["cosine_to_original"]["mean"] < 0.9999
+    # what verification keeps: pairs of the same person still score far above pairs of two people
+    before, after = sec["verification"]["before"], sec["verification"]["after"]
+    assert before["genuine_pairs"] == after["genuine_pairs"] >= 27
+    assert after["auc"] > 0.85 and before["auc"] > 0.9
+    # what is suppressed: the probe fitted on the originals reads less of Smiling from the modified templates
+    p = sec["probe"]
+    assert p["r2_fixed_probe_after"] < p["r2_before"]
+    dec = sec["decoded"]
+    assert not dec.get("skipped"), dec.get("skipped")
+    # the accessory probe when the service has one, else the expression net's "happy"
+    assert dec["attribute"] in ("smiling", "expression:happy") and dec["mean_abs_change"] > 0
+    assert 0 <= dec["auc_before"] <= 1 and 0 <= dec["auc_after"] <= 1
+    assert (audit.out / sec["grid"]).stat().st_size > 1000
+
+
+def test_suppress_rejects_bad_requests_and_keeps_serving(fleet: dict[str, RunningService], audit: Audit) -> None:
+    from services.api.v1 import directions_pb2, directions_pb2_grpc
+
+    svc = fleet["directions"]
+    t = audit.template(audit_faces()[0])
+    probe = common_pb2.Probe(template=t)
+    axis = directions_pb2.Direction(name="axis", vector=[1.0] + [0.0] * 127)
+
+    def rejected(req: directions_pb2.SuppressRequest) -> grpc.RpcError:
+        with grpc.insecure_channel(svc.address) as ch, pytest.raises(grpc.RpcError) as info:
+            directions_pb2_grpc.DirectionsServiceStub(ch).Suppress(req, timeout=120)
+        assert isinstance(info.value, grpc.RpcError)
+        return info.value
+
+    cases = [
+        (directions_pb2.SuppressRequest(inline=axis), grpc.StatusCode.INVALID_ARGUMENT, "no probes"),
+        (directions_pb2.SuppressRequest(probes=[probe]), grpc.StatusCode.INVALID_ARGUMENT, "no direction"),
+        (
+            directions_pb2.SuppressRequest(probes=[probe], inline=directions_pb2.Direction(vector=[0.0] * 128)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "zero vector",
+        ),
+        (
+            directions_pb2.SuppressRequest(probes=[probe], inline=directions_pb2.Direction(vector=[1.0] * 5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dimension 5",
+        ),
+        (directions_pb2.SuppressRequest(probes=[probe] * 17, inline=axis), grpc.StatusCode.RESOURCE_EXHAUSTED, "17"),
+        (
+            directions_pb2.SuppressRequest(
+                probes=[probe],
+                set_direction=directions_pb2.SetDirection(set=common_pb2.DirectionSetRef(id="no-such-set")),
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "no-such-set",
+        ),
+    ]
+    for req, code, text in cases:
+        err = rejected(req)
+        assert err.code() == code and text in (err.details() or ""), (code, err.details())
+    # still serving: the axis is gone from the template and its norm is kept
+    r = audit.clients["directions"].suppress([probe], inline=axis)
+    assert abs(r.templates[0].values[0]) < 1e-6 and svc.alive()
+    n0 = sum(v * v for v in t.values) ** 0.5
+    n1 = sum(v * v for v in r.templates[0].values) ** 0.5
+    assert abs(n0 - n1) < 1e-4 and 0 < r.cosine_to_original[0] < 1
+
+
+def audit_faces() -> list[Any]:
+    return load_faces(DATA)[0]
