@@ -162,6 +162,7 @@ class AuditConfig:
     max_centroids: int = 6  # identities whose centroid is decoded
     privacy_label: str = "Smiling"  # the binary label whose centroid direction the privacy step removes
     privacy_pictures: int = 4  # faces shown decoded before / after the modification
+    privacy_decoded: int = 0  # faces whose decoded attribute is estimated (seeded sample; 0 = all)
     connect_timeout: float = 20.0
     quiet: bool = False
 
@@ -1038,8 +1039,10 @@ class Audit:
         if len({f.identity for f in faces}) < 4 or len(set(values)) < 2:
             sec["skipped"] = f"{len(faces)} faces with a {label} label: need both values and 4 identities"
             return
+        # the templates the audit already has: the service skips detection and embedding
+        items = [labeled_image(f.rel, template=self.template(f), identity=f.identity, labels=f.labels) for f in faces]
         req = directions_pb2.DiscoverCentroidRequest(
-            dataset=self.dataset(faces, f"audit-privacy-{label}"), label=label, positive_values=[1.0]
+            dataset=inline_dataset(items, f"audit-privacy-{label}"), label=label, positive_values=[1.0]
         )
         result = self.discover_or_skip(self.clients["directions"].discover_centroid(req), f"centroid {label}", sec)
         if result is None:
@@ -1074,7 +1077,12 @@ class Audit:
             "mean": finite(report.cosine_to_original_mean),
             "min": finite(report.cosine_to_original_min),
         }
-        sec["decoded"] = self.privacy_decoded(label, values, before_t, after_t)
+        k = len(faces) if self.cfg.privacy_decoded <= 0 else min(self.cfg.privacy_decoded, len(faces))
+        pick = sorted(self.rng("privacy-decoded").choice(len(faces), size=k, replace=False).tolist())
+        sec["decoded"] = self.privacy_decoded(
+            label, [values[i] for i in pick], [before_t[i] for i in pick], [after_t[i] for i in pick]
+        )
+        sec["decoded"]["faces"] = k
         self.privacy_pictures(faces[: self.cfg.privacy_pictures], s.id, sec)
 
     def privacy_decoded(self, label: str, values: list[float], before: list[Any], after: list[Any]) -> dict[str, Any]:

@@ -67,6 +67,7 @@ def audit(fleet: dict[str, RunningService], tmp_path_factory: pytest.TempPathFac
     cfg.max_occlusions = 2
     cfg.max_centroids = 3
     cfg.aggregation_repeats = 3
+    cfg.privacy_decoded = 16
     a = Audit(cfg)
     deadline = time.monotonic() + 300
     for name, svc in fleet.items():
@@ -84,8 +85,10 @@ def audit(fleet: dict[str, RunningService], tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def inputs() -> AuditInputs:
+    """The 30 CelebA sample faces (10 people, 3 photos each) with their CelebA labels."""
     faces, labels, _ = load_faces(DATA)
-    return AuditInputs(faces, faces, labels)
+    celeba = [f for f in faces if f.rel.startswith("celeba/")]
+    return AuditInputs(celeba, celeba, labels)
 
 
 def _step(audit: Audit, name: str, inputs: AuditInputs) -> dict[str, Any]:
@@ -160,11 +163,11 @@ def test_occlude_rejects_bad_requests_and_keeps_serving(fleet: dict[str, Running
 
 def test_aggregation_section(audit: Audit, inputs: AuditInputs) -> None:
     sec = _step(audit, "aggregation", inputs)
-    assert not sec.get("skipped") and sec["faces"] >= 33
+    assert not sec.get("skipped") and sec["faces"] >= 28
     # 3 photos per identity: enrolments of 1 and 2 photos, each against a third
     assert [p["n"] for p in sec["curve"]] == [1, 2]
     one, two = sec["curve"]
-    assert one["identities"] == two["identities"] >= 11 and one["n_genuine"] == one["identities"] * 3
+    assert one["identities"] == two["identities"] >= 9 and one["n_genuine"] == one["identities"] * 3
     assert sec["rule"]["metric"] == "l2" and sec["rule"]["accept_below"]
     for p in sec["curve"]:
         assert 0 <= p["far"] <= p["tar"] <= 1 and p["auc"] > 0.9
@@ -194,7 +197,7 @@ def test_privacy_section(audit: Audit, inputs: AuditInputs) -> None:
     dec = sec["decoded"]
     assert not dec.get("skipped"), dec.get("skipped")
     # the accessory probe when the service has one, else the expression net's "happy"
-    assert dec["attribute"] in ("smiling", "expression:happy") and dec["mean_abs_change"] > 0
+    assert dec["attribute"] in ("smiling", "expression:happy") and dec["mean_abs_change"] > 0 and dec["faces"] == 16
     assert 0 <= dec["auc_before"] <= 1 and 0 <= dec["auc_after"] <= 1
     assert (audit.out / sec["grid"]).stat().st_size > 1000
 
