@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         vb, va, dec = r["verification_before"], r["verification_after"], r["decoded"]
         print(
             f"{r['label']}: probe R² {r['probe_r2_before']:.3f} -> fixed {r['probe_r2_fixed']:.3f}, refit "
-            f"{r['probe_r2_refit']:.3f}; decoded AUC {dec['auc_before']:.3f} -> {dec['auc_after']:.3f}; "
+            f"{r['probe_r2_refit']:.3f}; probe AUC {r['probe_auc_before']:.3f} -> fixed {r['probe_auc_fixed']:.3f}, "
+            f"refit {r['probe_auc_refit']:.3f}; decoded AUC {dec['auc_before']:.3f} -> {dec['auc_after']:.3f}; "
             f"TAR {vb['tar']:.3f} -> {va['tar']:.3f}, FAR {vb['far']:.4f} -> {va['far']:.4f}, "
             f"AUC {vb['auc']:.4f} -> {va['auc']:.4f}; cosine to original {r['cosine_to_original_mean']:.3f}"
         )

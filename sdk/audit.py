@@ -157,12 +157,12 @@ class AuditConfig:
     max_pairs: int = 60  # pairs scored (seeded sample of all pairs when there are more)
     explain_pairs: int = 2  # counterfactuals per kind: worst genuine, best impostor
     attack_steps: int = 10
-    max_occlusions: int = 4  # faces occluded (the first audited ones)
+    max_occlusions: int = 3  # faces occluded (the first audited ones)
     aggregation_repeats: int = 5  # seeded probe / enrolment draws per identity for the aggregation curve
-    max_centroids: int = 6  # identities whose centroid is decoded
+    max_centroids: int = 4  # identities whose centroid is decoded
     privacy_label: str = "Smiling"  # the binary label whose centroid direction the privacy step removes
     privacy_pictures: int = 4  # faces shown decoded before / after the modification
-    privacy_decoded: int = 0  # faces whose decoded attribute is estimated (seeded sample; 0 = all)
+    privacy_decoded: int = 24  # faces whose decoded attribute is estimated (seeded sample; 0 = all)
     connect_timeout: float = 20.0
     quiet: bool = False
 
@@ -1068,6 +1068,9 @@ class Audit:
             "r2_before": finite(report.probe_r2_before),
             "r2_fixed_probe_after": finite(report.probe_r2_fixed),
             "r2_refit_after": finite(report.probe_r2_refit),
+            "auc_before": finite(report.probe_auc_before),
+            "auc_fixed_probe_after": finite(report.probe_auc_fixed),
+            "auc_refit_after": finite(report.probe_auc_refit),
         }
         sec["verification"] = {
             side: {k: finite(v) if isinstance(v, float) else v for k, v in asdict(ver).items()}

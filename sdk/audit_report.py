@@ -425,13 +425,24 @@ def _privacy(r: dict[str, Any]) -> str:
         f"{sec['faces']} faces positive, {sec['identities']} identities, seed {sec['seed']}). A modified template "
         f"keeps cosine {_num(c['mean'])} (lowest {_num(c['min'])}) to its original.</p>"
     )
-    out += "<p><b>What is suppressed.</b> Held-out linear probe (R², identities split in two seeded halves):</p>"
+    out += (
+        "<p><b>What is suppressed.</b> Held-out linear probe (identities split in two seeded halves; AUC of its "
+        "predictions against the label, 0.5 = not readable):</p>"
+    )
     out += _table(
-        ["probe", "R²"],
+        ["probe", "R²", "AUC"],
         [
-            ["fitted and scored on the original templates", _num(p["r2_before"])],
-            ["fitted on the originals, scored on the modified templates", _num(p["r2_fixed_probe_after"])],
-            ["refitted and scored on the modified templates", _num(p["r2_refit_after"])],
+            ["fitted and scored on the original templates", _num(p["r2_before"]), _num(p.get("auc_before"))],
+            [
+                "fitted on the originals, scored on the modified templates",
+                _num(p["r2_fixed_probe_after"]),
+                _num(p.get("auc_fixed_probe_after")),
+            ],
+            [
+                "refitted and scored on the modified templates",
+                _num(p["r2_refit_after"]),
+                _num(p.get("auc_refit_after")),
+            ],
         ],
     )
     if dec.get("skipped"):

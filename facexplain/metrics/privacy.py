@@ -47,6 +47,9 @@ class PrivacyReport:
     probe_r2_before: float  # probe fitted and scored on original templates (held-out identities)
     probe_r2_fixed: float  # fitted on original templates, scored on modified ones
     probe_r2_refit: float  # fitted and scored on modified templates
+    probe_auc_before: float  # the same three probes' held-out predictions as a classifier's AUC (binary labels;
+    probe_auc_fixed: float  # NaN otherwise): 0.5 = the attribute is not linearly readable
+    probe_auc_refit: float
     verification_before: Verification
     verification_after: Verification
     cosine_to_original_mean: float
@@ -96,6 +99,37 @@ def _probe(fit: np.ndarray, score: np.ndarray, y: np.ndarray, halves: tuple[np.n
     return float(np.mean(ok)) if ok else math.nan
 
 
+def _ridge_predict(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """The ridge fit of ``linear_decodability`` (unit templates, intercept, alpha 1): predictions on ``xb``."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(n > 0, n, 1.0)
+
+    xa, xb = unit(xa), unit(xb)
+    mx, my = xa.mean(axis=0), ya.mean(axis=0)
+    xc = xa - mx
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(xc.shape[1]), xc.T @ (ya - my))
+    return (xb - mx) @ w + my
+
+
+def _probe_auc(fit: np.ndarray, score: np.ndarray, y: np.ndarray, halves: tuple[np.ndarray, np.ndarray]) -> float:
+    """Held-out predictions of both halves pooled, as a classifier's AUC (NaN unless the labels are 0/1)."""
+    known = np.isfinite(y[:, 0])
+    if not set(np.unique(y[known, 0]).tolist()) <= {0.0, 1.0}:
+        return math.nan
+    preds, labels = [], []
+    for p, q in (halves, halves[::-1]):
+        p, q = p[known[p]], q[known[q]]
+        if len(p) < 3 or len(q) < 1:
+            continue
+        preds.append(_ridge_predict(fit[p], y[p], score[q])[:, 0])
+        labels.append(y[q, 0])
+    if not preds:
+        return math.nan
+    return attribute_auc(np.concatenate(preds), np.concatenate(labels))
+
+
 def privacy_validation(
     before: torch.Tensor,
     after: torch.Tensor,
@@ -118,6 +152,9 @@ def privacy_validation(
         probe_r2_before=_probe(x0, x0, y, halves),
         probe_r2_fixed=_probe(x0, x1, y, halves),
         probe_r2_refit=_probe(x1, x1, y, halves),
+        probe_auc_before=_probe_auc(x0, x0, y, halves),
+        probe_auc_fixed=_probe_auc(x0, x1, y, halves),
+        probe_auc_refit=_probe_auc(x1, x1, y, halves),
         verification_before=verification(before, identities, rule),
         verification_after=verification(after, identities, rule),
         cosine_to_original_mean=float(cos.mean()),

@@ -79,3 +79,13 @@ def test_verification_and_helpers() -> None:
     assert len(a) + len(b) == 64 and not {names[i] for i in a} & {names[i] for i in b}
     assert attribute_auc([0.9, 0.8, 0.1, float("nan")], [1, 1, 0, 1]) == 1.0
     assert math.isnan(attribute_auc([0.1, 0.2], [1, 1]))
+
+
+def test_probe_auc_reads_a_binary_attribute_and_loses_it_with_its_axis() -> None:
+    x, names, y, axis = _faces()
+    r = privacy_validation(x, remove_direction(x, axis), y, names, COSINE, seed=3)
+    assert r.probe_auc_before > 0.9
+    assert r.probe_auc_fixed < 0.7 and r.probe_auc_refit < 0.7
+    # a numeric (non-binary) attribute has R² but no AUC
+    numeric = [v * 2.5 for v in y]
+    assert math.isnan(privacy_validation(x, x, numeric, names, COSINE, seed=3).probe_auc_before)
