@@ -980,7 +980,7 @@ class Audit:
         sec["faces"] = len(kept)
         sec["seed"] = self.cfg.seed
         sec["repeats"] = self.cfg.aggregation_repeats
-        sec["aggregation"] = "normalised mean of the identity's templates (rescaled to their mean norm)"
+        sec["aggregation"] = "normalised mean (rescaled to the photos' mean norm)"
         if max_n < 1:
             sec["skipped"] = "fewer than 2 identities with 2 faces: nothing to aggregate"
             return
