@@ -57,6 +57,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         max_pairs=args.max_pairs,
         explain_pairs=args.explain_pairs,
         attack_steps=args.attack_steps,
+        max_occlusions=args.max_occlusions,
+        privacy_label=args.privacy_label,
         connect_timeout=args.connect_timeout,
         quiet=args.quiet,
     )
@@ -106,6 +108,10 @@ def add_audit_parser(sub: Any) -> None:
     p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="pairs scored for the counterfactual step")
     p.add_argument("--explain-pairs", type=int, default=d.explain_pairs, help="counterfactuals per pair kind")
     p.add_argument("--attack-steps", type=int, default=d.attack_steps)
+    p.add_argument(
+        "--privacy-label", default=d.privacy_label, help="binary label whose direction the privacy step removes"
+    )
+    p.add_argument("--max-occlusions", type=int, default=d.max_occlusions, help="faces occluded (eyes, nose, mouth)")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_audit)

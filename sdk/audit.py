@@ -17,6 +17,15 @@ collects, for one served FR model on one folder of faces:
                  tilts (the sign of yaw and roll), nor which side an asymmetric feature is on
 (g) counterfactual  pairs scored by the embedding service (Verify), then counterfactual Explain for the
                  worst-scored genuine and best-scored impostor pairs
+(h) occlusion    eyes / nose / mouth hidden on a few faces (decoding Occlude, DFD §4.3.2): how much of the
+                 template survives the occluder, and whether the decoder paints the occluder or fills the face in
+(i) aggregation  verification (TAR at the model's rule, AUC) against the number n of templates averaged per
+                 identity (DFD §4.4), on the templates of every face of DATA (embedding Embed, Verify for the
+                 rule), and identity centroids decoded beside one photo's decoding (directions Aggregate)
+(j) privacy      a template modification validated (DFD §4.5): the label's centroid direction (directions
+                 DiscoverCentroid) removed from every template (directions Suppress); what is suppressed (a
+                 held-out linear probe on the templates; the attribute estimated on the decoded face, attributes
+                 RecoverAttributes) and what verification keeps (TAR / FAR / AUC at the model's rule)
 
 Every random choice takes ``seed``; two runs with the same seed give the same ``audit.json`` except
 timestamps (``*_at``, ``started``, ``finished``). Direction sets are cited by the id the directions
@@ -91,6 +100,7 @@ RUN_SCOPED_KEYS = ("started", "finished")
 # What a service answers when the request's data cannot be used (no face, too few faces for a label):
 # the audit records the reason and goes on; any other status stops it.
 DATA_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+_REFUSED_CODES = {c.value[0] for c in DATA_REFUSED}  # the same codes as ItemError.code numbers
 
 
 # What a served version's registry tags say about how far to trust it (ModelStatus metadata): the figures
@@ -147,6 +157,12 @@ class AuditConfig:
     max_pairs: int = 60  # pairs scored (seeded sample of all pairs when there are more)
     explain_pairs: int = 2  # counterfactuals per kind: worst genuine, best impostor
     attack_steps: int = 10
+    max_occlusions: int = 3  # faces occluded (the first audited ones)
+    aggregation_repeats: int = 5  # seeded probe / enrolment draws per identity for the aggregation curve
+    max_centroids: int = 4  # identities whose centroid is decoded
+    privacy_label: str = "Smiling"  # the binary label whose centroid direction the privacy step removes
+    privacy_pictures: int = 4  # faces shown decoded before / after the modification
+    privacy_decoded: int = 24  # faces whose decoded attribute is estimated (seeded sample; 0 = all)
     connect_timeout: float = 20.0
     quiet: bool = False
 
@@ -754,6 +770,19 @@ class Audit:
                 raise
             return None
 
+    def prefetch_templates(self, faces: list[Face], batch: int = 16) -> None:
+        """Embed the faces not embedded yet, ``batch`` images per EmbedBatch (one batched forward each)."""
+        todo = [f for f in faces if f.rel not in self.templates]
+        for k in range(0, len(todo), batch):
+            chunk = todo[k : k + batch]
+            resp = self.clients["embedding"].embed_batch([image_from_path(f.path) for f in chunk], timeout=600)
+            for f, r in zip(chunk, resp.results, strict=True):
+                if r.HasField("ok"):
+                    self.templates[f.rel] = r.ok.template
+                elif r.error.code in _REFUSED_CODES:
+                    self.templates[f.rel] = None
+                # any other item error: left for template() to retry one by one (and fail loudly)
+
     def template(self, f: Face) -> Any:
         if f.rel not in self.templates:
             self.templates[f.rel] = self.embed_or_none(image_from_path(f.path))
@@ -878,6 +907,232 @@ class Audit:
             },
         }
 
+    # (h) occlusion ------------------------------------------------------------------------------------------
+    def occlusion(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        """Each named region hidden on a few faces, decoded (decoding Occlude); means per region."""
+        chosen = inputs.faces[: self.cfg.max_occlusions]
+        faces: list[dict[str, Any]] = []
+        failed: list[dict[str, str]] = []
+        with self.bar(len(chosen), "occlusions") as bar:
+            for i, f in enumerate(chosen):
+                try:
+                    resp = self.clients["decoding"].occlude(image_from_path(f.path), timeout=300)
+                except grpc.RpcError as err:
+                    if err.code() not in DATA_REFUSED:
+                        raise
+                    failed.append({"path": f.rel, "reason": f"{err.code().name}: {err.details()}"})
+                    bar.update()
+                    continue
+                regions = [{k: _field(x, k) for k in OCCLUSION_FIELDS} for x in resp.results]
+                pictures = [(resp.aligned.encoded, resp.reconstruction.encoded)]
+                pictures += [(x.occluded.encoded, x.reconstruction.encoded) for x in resp.results]
+                name = f"occlusion/{i:03d}.png"
+                self.save_grid(pictures, name)
+                faces.append({"path": f.rel, "identity": f.identity, "regions": regions, "grid": f"images/{name}"})
+                sec["decoder"] = model_ref(resp.decoder)
+                sec["fr_model"] = model_ref(resp.fr_model)
+                sec["rule"] = {"metric": resp.rule.metric, "threshold": finite(resp.rule.threshold)}
+                bar.update()
+        sec["faces"] = faces
+        sec["failed"] = failed
+        names = [r["region"] for r in faces[0]["regions"]] if faces else []
+        summary = {}
+        for name in names:
+            rows = [r for f in faces for r in f["regions"] if r["region"] == name]
+            summary[name] = {
+                k: finite(float(np.mean([float(r[k]) for r in rows if r[k] is not None])))
+                for k in OCCLUSION_FIELDS
+                if k != "region"
+            }
+            summary[name]["n"] = len(rows)
+        sec["summary"] = summary
+
+    # (i) aggregation -------------------------------------------------------------------------------------
+    def served_rule(self, a: Any, b: Any) -> Any:
+        """The FR model's verification rule as the embedding service applies it (one Verify of two templates)."""
+        from facexplain.metrics.verification import VerificationRule
+
+        r = (
+            self.clients["embedding"]
+            .verify(common_pb2.Probe(template=a), common_pb2.Probe(template=b), timeout=60)
+            .rule
+        )
+        if r.metric not in ("l2", "cosine"):
+            raise AuditError(f"the embedding service's rule has an unknown metric {r.metric!r}", 4)
+        return VerificationRule(r.metric, float(r.threshold), bool(r.accept_below), r.source), bool(r.normalized)  # type: ignore[arg-type]
+
+    def aggregation(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        """TAR / FAR / AUC against n aggregated templates, over every face of DATA; centroids decoded."""
+        import torch
+
+        from facexplain.metrics.aggregation import aggregation_curve, largest_n, powers_of_two
+
+        kept: list[tuple[Face, Any]] = []
+        self.prefetch_templates(inputs.everything)
+        with self.bar(len(inputs.everything), "aggregation templates") as bar:
+            for f in inputs.everything:
+                t = self.template(f)
+                if t is not None:
+                    kept.append((f, t))
+                bar.update()
+        identities = [f.identity for f, _ in kept]
+        max_n = largest_n(identities)
+        sec["faces"] = len(kept)
+        sec["seed"] = self.cfg.seed
+        sec["repeats"] = self.cfg.aggregation_repeats
+        sec["aggregation"] = "normalised mean (rescaled to the photos' mean norm)"
+        if max_n < 1:
+            sec["skipped"] = "fewer than 2 identities with 2 faces: nothing to aggregate"
+            return
+        rule, normalized = self.served_rule(kept[0][1], kept[1][1])
+        x = torch.tensor([list(t.values) for _, t in kept], dtype=torch.float64)
+        if normalized:
+            x = torch.nn.functional.normalize(x, dim=1)
+        sec["rule"] = {"metric": rule.metric, "threshold": finite(rule.threshold), "accept_below": rule.accept_below}
+        curve = aggregation_curve(
+            x, identities, powers_of_two(max_n), rule, self.cfg.seed, self.cfg.aggregation_repeats
+        )
+        sec["curve"] = [{k: finite(v) if isinstance(v, float) else v for k, v in p.as_dict().items()} for p in curve]
+        self.decoded_centroids(kept, sec)
+
+    def decoded_centroids(self, kept: list[tuple[Face, Any]], sec: dict[str, Any]) -> None:
+        """Per identity (seeded pick): one photo's decoded template above the decoded mean of all its photos."""
+        by_id: dict[str, list[Any]] = {}
+        for f, t in kept:
+            by_id.setdefault(f.identity, []).append(t)
+        names = sample(
+            sorted(n for n, ts in by_id.items() if len(ts) >= 2), self.cfg.max_centroids, self.rng("centroids")
+        )
+        pictures: list[tuple[bytes, bytes]] = []
+        rows = []
+        with self.bar(len(names), "centroids") as bar:
+            for name in sorted(names):
+                probes = [common_pb2.Probe(template=t) for t in by_id[name]]
+                agg = self.clients["directions"].aggregate(probes, normalize=True, decode=True, timeout=300)
+                one = self.clients["directions"].aggregate(probes[:1], decode=True, timeout=300)
+                pictures.append((one.decoded_mean.encoded, agg.decoded_mean.encoded))
+                rows.append({"identity": name, "faces": len(probes)})
+                sec["decoder"] = model_ref(agg.decoder)
+                bar.update()
+        sec["centroids"] = rows
+        if pictures:
+            self.save_grid(pictures, "aggregation/centroids.png")
+            sec["centroids_grid"] = "images/aggregation/centroids.png"
+
+    # (j) privacy -----------------------------------------------------------------------------------------
+    def privacy(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
+        """Remove the label's centroid direction from every template; measure what is hidden and what is kept."""
+        import torch
+
+        from facexplain.metrics.privacy import privacy_validation
+
+        label = self.cfg.privacy_label
+        sec["label"] = label
+        sec["method"] = "remove the label's centroid direction, rescale each template to its norm (directions Suppress)"
+        sec["seed"] = self.cfg.seed
+        if label not in inputs.label_names:
+            sec["skipped"] = f"the data has no {label} label (no labels.csv with that column)"
+            return
+        self.prefetch_templates([f for f in inputs.everything if label in f.labels])
+        faces = [f for f in inputs.everything if label in f.labels and self.template(f) is not None]
+        values = [float(f.labels[label]) for f in faces]
+        if len({f.identity for f in faces}) < 4 or len(set(values)) < 2:
+            sec["skipped"] = f"{len(faces)} faces with a {label} label: need both values and 4 identities"
+            return
+        # the templates the audit already has: the service skips detection and embedding
+        items = [labeled_image(f.rel, template=self.template(f), identity=f.identity, labels=f.labels) for f in faces]
+        req = directions_pb2.DiscoverCentroidRequest(
+            dataset=inline_dataset(items, f"audit-privacy-{label}"), label=label, positive_values=[1.0]
+        )
+        result = self.discover_or_skip(self.clients["directions"].discover_centroid(req), f"centroid {label}", sec)
+        if result is None:
+            return
+        s = result.sets[0]
+        sec["set"] = self.direction_set(s)
+        before_t = [self.template(f) for f in faces]
+        after_t: list[Any] = []
+        for k in range(0, len(faces), 16):
+            probes = [common_pb2.Probe(template=t) for t in before_t[k : k + 16]]
+            after_t.extend(self.clients["directions"].suppress(probes, set=s.id, index=0, timeout=300).templates)
+        before = torch.tensor([list(t.values) for t in before_t], dtype=torch.float64)
+        after = torch.tensor([list(t.values) for t in after_t], dtype=torch.float64)
+        rule, normalized = self.served_rule(before_t[0], before_t[1])
+        if normalized:
+            before, after = torch.nn.functional.normalize(before, dim=1), torch.nn.functional.normalize(after, dim=1)
+        report = privacy_validation(before, after, values, [f.identity for f in faces], rule, self.cfg.seed)
+        sec["faces"] = report.faces
+        sec["identities"] = report.identities
+        sec["positives"] = int(sum(v > 0.5 for v in values))
+        sec["rule"] = {"metric": rule.metric, "threshold": finite(rule.threshold), "accept_below": rule.accept_below}
+        sec["probe"] = {
+            "r2_before": finite(report.probe_r2_before),
+            "r2_fixed_probe_after": finite(report.probe_r2_fixed),
+            "r2_refit_after": finite(report.probe_r2_refit),
+            "auc_before": finite(report.probe_auc_before),
+            "auc_fixed_probe_after": finite(report.probe_auc_fixed),
+            "auc_refit_after": finite(report.probe_auc_refit),
+        }
+        sec["verification"] = {
+            side: {k: finite(v) if isinstance(v, float) else v for k, v in asdict(ver).items()}
+            for side, ver in (("before", report.verification_before), ("after", report.verification_after))
+        }
+        sec["cosine_to_original"] = {
+            "mean": finite(report.cosine_to_original_mean),
+            "min": finite(report.cosine_to_original_min),
+        }
+        k = len(faces) if self.cfg.privacy_decoded <= 0 else min(self.cfg.privacy_decoded, len(faces))
+        pick = sorted(self.rng("privacy-decoded").choice(len(faces), size=k, replace=False).tolist())
+        sec["decoded"] = self.privacy_decoded(
+            label, [values[i] for i in pick], [before_t[i] for i in pick], [after_t[i] for i in pick]
+        )
+        sec["decoded"]["faces"] = k
+        self.privacy_pictures(faces[: self.cfg.privacy_pictures], s.id, sec)
+
+    def privacy_decoded(self, label: str, values: list[float], before: list[Any], after: list[Any]) -> dict[str, Any]:
+        """The attribute estimated on the decoded original and modified templates (attributes RecoverAttributes)."""
+        from facexplain.metrics.privacy import attribute_auc
+
+        served = {a.name: list(a.components) for a in self.clients["attributes"].list_attributes(timeout=60).attributes}
+        name, component = estimate_for(label, served)
+        if not name:
+            return {"attribute": "", "skipped": f"the attributes service estimates nothing that reads {label}"}
+        est: dict[str, list[float]] = {"before": [], "after": []}
+        try:
+            with self.bar(2 * len(before), f"{name} on decoded faces") as bar:
+                for side, templates in (("before", before), ("after", after)):
+                    for t in templates:
+                        r = self.clients["attributes"].recover_attributes(
+                            common_pb2.Probe(template=t), attributes=[name], timeout=300
+                        )
+                        v = [a.value[component] for a in r.recovered if a.name == name and len(a.value) > component]
+                        est[side].append(float(v[0]) if v else math.nan)
+                        bar.update()
+        except grpc.RpcError as err:
+            if err.code() not in DATA_REFUSED:
+                raise
+            return {"attribute": name, "skipped": f"{err.code().name}: {err.details()}"}
+        b, a = np.asarray(est["before"]), np.asarray(est["after"])
+        return {
+            "attribute": name if len(served[name]) <= 1 else f"{name}:{served[name][component]}",
+            "auc_before": finite(attribute_auc(b, values)),
+            "auc_after": finite(attribute_auc(a, values)),
+            "mean_before": finite(float(np.nanmean(b))),
+            "mean_after": finite(float(np.nanmean(a))),
+            "mean_abs_change": finite(float(np.nanmean(np.abs(a - b)))),
+        }
+
+    def privacy_pictures(self, faces: list[Face], set_id: str, sec: dict[str, Any]) -> None:
+        """A few faces decoded from their original (top) and modified (bottom) templates."""
+        if not faces:
+            return
+        probes = [common_pb2.Probe(template=self.template(f)) for f in faces]
+        r = self.clients["directions"].suppress(probes, set=set_id, index=0, decode=True, timeout=300)
+        pictures = [(o.encoded, m.encoded) for o, m in zip(r.decoded_originals, r.decoded, strict=True)]
+        self.save_grid(pictures, "privacy/decoded.png")
+        sec["grid"] = "images/privacy/decoded.png"
+        sec["grid_faces"] = [f.rel for f in faces]
+        sec["decoder"] = model_ref(r.decoder)
+
     # the whole audit ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -908,6 +1163,44 @@ class Audit:
         return self.result
 
 
+# What the audit keeps of each OcclusionResult (numbers and decisions; the pictures go to a grid).
+OCCLUSION_FIELDS = (
+    "region",
+    "occluded_fraction",
+    "template_cosine",
+    "template_same_person",
+    "decoded_identity_cosine",
+    "decoded_same_person",
+    "inside_to_occluder",
+    "inside_to_original",
+    "inside_to_clean_decoding",
+    "outside_to_original",
+    "outside_to_clean_decoding",
+    "fills_in",
+)
+
+
+def _field(message: Any, key: str) -> Any:
+    v = getattr(message, key)
+    return finite(v) if isinstance(v, float) else v
+
+
+# Where the attributes service has no probe of a CelebA label itself (accessory probes not registered), the
+# estimator component that reads it: (attribute, component name).
+LABEL_ESTIMATES = {"Smiling": ("expression", "happy"), "Male": ("gender", "p_male")}
+
+
+def estimate_for(label: str, served: dict[str, list[str]]) -> tuple[str, int]:
+    """The served attribute (and component index) that estimates a CelebA ``label``; ("", 0) when none does."""
+    own = label.lower()  # the accessory probes' name for the label (facexplain.attributes.accessory)
+    if own in served:
+        return own, 0
+    attr, comp = LABEL_ESTIMATES.get(label, ("", ""))
+    if attr in served and comp in served[attr]:
+        return attr, served[attr].index(comp)
+    return "", 0
+
+
 @dataclass
 class ScoredPair:
     """A pair of faces and its row in ``audit.json`` (what the embedding service said of it)."""
@@ -928,6 +1221,9 @@ STEPS: tuple[tuple[str, Callable[[Audit, AuditInputs, dict[str, Any]], None]], .
     ("importance", Audit.importance),
     ("mirror", Audit.mirror),
     ("counterfactuals", Audit.counterfactuals),
+    ("occlusion", Audit.occlusion),
+    ("aggregation", Audit.aggregation),
+    ("privacy", Audit.privacy),
 )
 
 

@@ -21,7 +21,18 @@ from typing import Any
 from facexplain.artifacts.decoder import KIND_DECODER
 
 RUN_SCOPED = ("started", "finished")
-SECTIONS = ("models", "reconstructions", "ssi", "labels", "importance", "mirror", "counterfactuals")
+SECTIONS = (
+    "models",
+    "reconstructions",
+    "ssi",
+    "labels",
+    "importance",
+    "mirror",
+    "counterfactuals",
+    "occlusion",
+    "aggregation",
+    "privacy",
+)
 
 
 def is_run_scoped(key: str) -> bool:
@@ -311,6 +322,162 @@ def _counterfactuals(r: dict[str, Any]) -> str:
     return out
 
 
+def _occlusion(r: dict[str, Any]) -> str:
+    sec = r["occlusion"]
+    rule = sec.get("rule") or {}
+    out = _trust(r) + (
+        "<p>Each region is hidden (painted black) on the aligned face, the occluded face is embedded and its "
+        f"template decoded by {_ref(sec.get('decoder'))} (FR model {_ref(sec.get('fr_model'))}; rule "
+        f"{_e(rule.get('metric', ''))} at {_num(rule.get('threshold'))}). <b>Template kept</b>: cosine of the "
+        "occluded face's template to the clean one's, and of the decoded occluded face to the clean face. "
+        "<b>Filled in</b>: inside the hidden region, the mean |RGB| error of the decoded occluded face to the "
+        "occluder and to the original face (smaller to the face: the decoder draws a face there, so the template "
+        "did not record the occluder); outside it, the error to the original is the yardstick. In each grid the "
+        "first column is the clean face and its decoding, then one column per region.</p>"
+    )
+    rows = [
+        [
+            _e(name),
+            str(s["n"]),
+            _num(s["occluded_fraction"], 2),
+            _num(s["template_cosine"]),
+            _num(s["template_same_person"], 2),
+            _num(s["decoded_identity_cosine"]),
+            _num(s["decoded_same_person"], 2),
+            _num(s["inside_to_occluder"]),
+            _num(s["inside_to_original"]),
+            _num(s["outside_to_original"]),
+            _num(s["fills_in"], 2),
+        ]
+        for name, s in sec["summary"].items()
+    ]
+    out += _table(
+        [
+            "region",
+            "faces",
+            "hidden share",
+            "template cosine",
+            "template accepted",
+            "decoded identity cosine",
+            "decoded accepted",
+            "inside: error to occluder",
+            "inside: error to face",
+            "outside: error to face",
+            "filled in",
+        ],
+        rows,
+    )
+    for f in sec["faces"]:
+        out += f"<figure>{_img(f['grid'], 'occluded faces above their decodings', 'strip')}"
+        out += f"<figcaption>{_e(f['path'])}: clean, then {_e(', '.join(x['region'] for x in f['regions']))}"
+        out += "</figcaption></figure>"
+    if sec["failed"]:
+        out += "<p>Not occluded: " + "; ".join(f"{_e(f['path'])} ({_e(f['reason'])})" for f in sec["failed"])
+        out += "</p>"
+    return out
+
+
+def _aggregation(r: dict[str, Any]) -> str:
+    sec = r["aggregation"]
+    if sec.get("skipped"):
+        return f'<p class="muted">skipped: {_e(sec["skipped"])}</p>'
+    rule = sec["rule"]
+    out = (
+        f"<p>Each identity is enrolled with the {_e(sec['aggregation'])} of n of its photos and verified against "
+        f"another of its photos (genuine) and every other identity's (impostor); {sec['repeats']} seeded draws "
+        f"(seed {sec['seed']}) over {sec['faces']} faces. TAR and FAR at the model's own rule "
+        f"({_e(rule['metric'])} {'&lt;' if rule['accept_below'] else '&gt;'} {_num(rule['threshold'])}, not "
+        "refitted per n). A model whose templates average well verifies better as n grows.</p>"
+    )
+    rows = [
+        [
+            str(p["n"]),
+            _num(p["tar"]),
+            _num(p["far"], 4),
+            _num(p["auc"], 4),
+            _num(p["genuine_score_mean"]),
+            _num(p["impostor_score_mean"]),
+            str(p["identities"]),
+            str(p["n_genuine"]),
+        ]
+        for p in sec["curve"]
+    ]
+    out += _table(["n", "TAR", "FAR", "AUC", "genuine score", "impostor score", "identities", "genuine pairs"], rows)
+    if sec.get("centroids_grid"):
+        out += _trust(r) + (
+            f"<p>Top: one photo's template decoded; bottom: the identity's centroid (mean of all its photos) "
+            f"decoded by {_ref(sec.get('decoder'))}. Identities: "
+            + _e(", ".join(f"{c['identity']} ({c['faces']})" for c in sec["centroids"]))
+            + "</p>"
+        )
+        out += _img(sec["centroids_grid"], "single-photo decodings above decoded identity centroids", "wide")
+    return out
+
+
+def _privacy(r: dict[str, Any]) -> str:
+    sec = r["privacy"]
+    if sec.get("skipped"):
+        return f'<p class="muted">{_e(sec["label"])}: skipped: {_e(sec["skipped"])}</p>'
+    p, v, c, dec = sec["probe"], sec["verification"], sec["cosine_to_original"], sec["decoded"]
+    rule = sec["rule"]
+    out = (
+        f"<p>Modification: {_e(sec['method'])}; label <b>{_e(sec['label'])}</b> ({sec['positives']} of "
+        f"{sec['faces']} faces positive, {sec['identities']} identities, seed {sec['seed']}). A modified template "
+        f"keeps cosine {_num(c['mean'])} (lowest {_num(c['min'])}) to its original.</p>"
+    )
+    out += (
+        "<p><b>What is suppressed.</b> Held-out linear probe (identities split in two seeded halves; AUC of its "
+        "predictions against the label, 0.5 = not readable):</p>"
+    )
+    out += _table(
+        ["probe", "R²", "AUC"],
+        [
+            ["fitted and scored on the original templates", _num(p["r2_before"]), _num(p.get("auc_before"))],
+            [
+                "fitted on the originals, scored on the modified templates",
+                _num(p["r2_fixed_probe_after"]),
+                _num(p.get("auc_fixed_probe_after")),
+            ],
+            [
+                "refitted and scored on the modified templates",
+                _num(p["r2_refit_after"]),
+                _num(p.get("auc_refit_after")),
+            ],
+        ],
+    )
+    if dec.get("skipped"):
+        out += f'<p class="muted">decoder path skipped: {_e(dec["skipped"])}</p>'
+    else:
+        out += (
+            f"<p>Through the decoder: {_e(dec['attribute'])} estimated on the decoded face separates the labelled "
+            f"faces with AUC {_num(dec['auc_before'])} before and {_num(dec['auc_after'])} after (0.5 = not "
+            f"readable); mean estimate {_num(dec['mean_before'])} → {_num(dec['mean_after'])}, mean change "
+            f"{_num(dec['mean_abs_change'])}.</p>"
+        )
+    out += (
+        f"<p><b>What verification keeps</b> (every pair of these faces, rule {_e(rule['metric'])} "
+        f"{'&lt;' if rule['accept_below'] else '&gt;'} {_num(rule['threshold'])}):</p>"
+    )
+    out += _table(
+        ["templates", "TAR", "FAR", "AUC", "genuine pairs", "impostor pairs"],
+        [
+            [
+                side,
+                _num(x["tar"]),
+                _num(x["far"], 4),
+                _num(x["auc"], 4),
+                str(x["genuine_pairs"]),
+                str(x["impostor_pairs"]),
+            ]
+            for side, x in (("original", v["before"]), ("modified", v["after"]))
+        ],
+    )
+    if sec.get("grid"):
+        out += _trust(r) + "<p>Top: decoded original templates; bottom: decoded modified templates.</p>"
+        out += _img(sec["grid"], "decoded original above decoded modified templates", "wide")
+    return out
+
+
 TITLES = {
     "models": "Models",
     "reconstructions": "Reconstructions",
@@ -319,6 +486,9 @@ TITLES = {
     "importance": "Attribute importance",
     "mirror": "Mirror invariance: what a template cannot keep",
     "counterfactuals": "Counterfactual explanations",
+    "occlusion": "Occlusion: what the template keeps, what the decoder fills in",
+    "aggregation": "Aggregation: verification against the number of templates per identity",
+    "privacy": "Privacy: validating a template modification",
 }
 RENDER = {
     "models": _models,
@@ -328,6 +498,9 @@ RENDER = {
     "importance": _importance,
     "mirror": _mirror,
     "counterfactuals": _counterfactuals,
+    "occlusion": _occlusion,
+    "aggregation": _aggregation,
+    "privacy": _privacy,
 }
 CSS = """
 body{font-family:sans-serif;margin:2em auto;max-width:1180px;color:#222;line-height:1.4}

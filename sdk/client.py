@@ -336,6 +336,17 @@ class DecodingClient(_ServiceClient):
         req = decoding_pb2.ReconstructRequest(image=image, selection=selection)
         return self._call(self.stub.Reconstruct, req, timeout)
 
+    def occlude(
+        self,
+        image: common_pb2.Image,
+        regions: list[str] | None = None,
+        *,
+        selection: embedding_pb2.FaceSelection.ValueType = embedding_pb2.FACE_SELECTION_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> decoding_pb2.OccludeResponse:
+        req = decoding_pb2.OccludeRequest(image=image, regions=regions or [], selection=selection)
+        return self._call(self.stub.Occlude, req, timeout)
+
     def interpolate(
         self,
         a: common_pb2.Template,
@@ -530,6 +541,25 @@ class DirectionsClient(_ServiceClient):
         elif inline is not None:
             req.inline.CopyFrom(inline)
         return self._call(self.stub.Traverse, req, timeout)
+
+    def suppress(
+        self,
+        probes: list[common_pb2.Probe],
+        *,
+        set: common_pb2.DirectionSetRef | str | None = None,
+        index: int = 0,
+        inline: directions_pb2.Direction | None = None,
+        decode: bool = False,
+        timeout: float | None = None,
+    ) -> directions_pb2.SuppressResponse:
+        """Remove direction ``index`` of a stored ``set`` (or an ``inline`` one) from the probes' templates."""
+        req = directions_pb2.SuppressRequest(probes=probes, decode=decode)
+        if set is not None:
+            ref = set_ref(set) if isinstance(set, str) else set
+            req.set_direction.CopyFrom(directions_pb2.SetDirection(set=ref, index=index))
+        elif inline is not None:
+            req.inline.CopyFrom(inline)
+        return self._call(self.stub.Suppress, req, timeout)
 
     def apply_equivariance(
         self,

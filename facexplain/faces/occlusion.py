@@ -267,3 +267,35 @@ def occlude_batch(
     rect = sample_rectangle(seed, mesh.size, width, height, margin)
     masks = occlusion_masks(mesh, landmarks68, rect, images.shape[-1])
     return occlude(images, masks, fill), masks, rect
+
+
+# Named face regions for occlusion analysis (DFD §4.3.2): the landmarks (iBUG 68) whose frontal
+# positions a region's occluder covers. A named region is a rectangle over the *frontal template* (not
+# over one face's pixels), so "eyes" hides the same physical part of every face however it is posed.
+OCCLUSION_REGIONS: dict[str, tuple[int, ...]] = {
+    "eyes": tuple(range(36, 48)),  # both eyes (a bar across them, as sunglasses would be)
+    "nose": tuple(range(27, 36)),
+    "mouth": tuple(range(48, 68)),
+}
+
+
+def region_rect(region: str, size: int = 150, padding: float = 0.25, margin: float = 0.06) -> OcclusionRect:
+    """The rectangle hiding ``region`` in the frontal template of a ``size`` chip with ``padding``.
+
+    The bounding box of the region's landmarks on dlib's mean face, grown by ``margin * size`` pixels
+    on every side (a tight box would leave the eye corners and lashes visible). Raises ``KeyError`` for
+    an unknown region.
+    """
+    index = OCCLUSION_REGIONS[region]
+    pts, tmpl_index = dlib_frontal_template(size, padding)
+    rows = [tmpl_index.index(i) for i in index]
+    p = pts[rows]
+    m = margin * size
+    lo, hi = p.min(dim=0).values - m, p.max(dim=0).values + m
+    return OcclusionRect(float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+
+
+def chip_mesh(size: int = 150, padding: float = 0.25) -> FaceMesh:
+    """The mesh over dlib's mean face in a ``size`` chip: what region occluders are warped through."""
+    pts, index = dlib_frontal_template(size, padding)
+    return FaceMesh.from_template(pts, size, index)

@@ -19,6 +19,7 @@ and latency only.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 import grpc
 import torch
@@ -26,7 +27,10 @@ import torch.nn.functional as F
 
 from facexplain.artifacts.decoder import LoadedDecoder
 from facexplain.directions.interpolation import lerp, positions, slerp
+from facexplain.faces.occlusion import OCCLUSION_REGIONS, FaceMesh, chip_mesh, occlude, occlusion_masks, region_rect
+from facexplain.faces.regions import landmarks_to_chip
 from facexplain.metrics.image import SSIM_WINDOW, psnr, ssim
+from facexplain.metrics.occlusion import occlusion_effects
 from facexplain.metrics.reconstruction import embed_images, resize01
 from facexplain.pipeline import FacePipeline, FaceResult
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
@@ -80,6 +84,27 @@ def chip_at(chip255: torch.Tensor, size: int) -> torch.Tensor:
     reconstruction with what the decoder could at best have drawn at its resolution.
     """
     return resize01(chip255[None].float() / 255.0, size).clamp(0.0, 1.0)
+
+
+@lru_cache(maxsize=4)
+def _mesh(size: int, padding: float) -> FaceMesh:
+    """The occlusion mesh of an FR model's chip geometry (a Delaunay triangulation: built once)."""
+    return chip_mesh(size, padding)
+
+
+def occlusion_regions(names: list[str]) -> list[str]:
+    """The regions an Occlude request names (all when none), or INVALID_ARGUMENT."""
+    if not names:
+        return list(OCCLUSION_REGIONS)
+    known = ", ".join(OCCLUSION_REGIONS)
+    seen: set[str] = set()
+    for name in names:
+        if name not in OCCLUSION_REGIONS:
+            raise InvalidArgument(f"unknown occlusion region {name!r}; one of {known}")
+        if name in seen:
+            raise InvalidArgument(f"occlusion region {name!r} is named twice")
+        seen.add(name)
+    return list(names)
 
 
 class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
@@ -201,6 +226,63 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
             reconstruction=_png01(recon[0]),
             template=template_to_proto(template, fr),
             metrics=metrics,
+            decoder=decoder.ref(),
+            fr_model=_fr_ref(dec),
+            face=box_to_proto(result.face.box, result.face.score),
+        )
+
+    @unary
+    def Occlude(
+        self, request: decoding_pb2.OccludeRequest, context: grpc.ServicerContext
+    ) -> decoding_pb2.OccludeResponse:
+        decoder, fr = self._models()
+        regions = occlusion_regions(list(request.regions))
+        selection = face_selection(request.selection)
+        image = decode_image(request.image, self.settings.max_image_pixels)
+        check_deadline(context, "image decoding")
+        result = self.fr_batcher.run((fr, selection), [image], context)[0]
+        if result is None:
+            raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
+        info = fr.model.info
+        dec = decoder.model
+        size, padding = info.chip_size, info.chip_padding
+        # The occluders are drawn on the FR model's own chip, so the model embeds what it would see.
+        chip_lm = landmarks_to_chip(result.face.landmarks[None].float().cpu(), size, padding)
+        mesh = _mesh(size, padding)
+        masks = torch.cat([occlusion_masks(mesh, chip_lm, region_rect(r, size, padding), size) for r in regions])
+        chip = result.chip.float()[None].expand(len(regions), -1, -1, -1)
+        occluded = occlude(chip, masks)
+        with torch.no_grad():
+            occ_templates = fr.model.embed_chips(occluded).float().cpu()
+        check_deadline(context, "embedding the occluded faces")
+        template = result.template.float()
+        images = self.decoder_batcher.run(decoder, [template, *occ_templates], context)
+        decoded_clean, decoded_occ = images[0].float(), torch.stack(images[1:]).float()
+        decoded_templates = embed_images(fr.model.embed_chips, decoded_occ, size)
+        aligned = chip_at(result.chip, dec.out_size)[0]
+        occluded01 = resize01(occluded / 255.0, dec.out_size).clamp(0.0, 1.0)
+        effects = occlusion_effects(
+            template,
+            occ_templates,
+            decoded_templates,
+            aligned,
+            occluded01,
+            decoded_clean,
+            decoded_occ,
+            masks,
+            info.rule,
+        )
+        results = [
+            decoding_pb2.OcclusionResult(
+                region=r, occluded=_png01(occluded01[i]), reconstruction=_png01(decoded_occ[i]), **e.as_dict()
+            )
+            for i, (r, e) in enumerate(zip(regions, effects, strict=True))
+        ]
+        return decoding_pb2.OccludeResponse(
+            aligned=_png01(aligned),
+            reconstruction=_png01(decoded_clean),
+            results=results,
+            rule=rule_to_proto(info.rule),
             decoder=decoder.ref(),
             fr_model=_fr_ref(dec),
             face=box_to_proto(result.face.box, result.face.score),

@@ -32,6 +32,7 @@ from facexplain.artifacts.direction_set import (
 )
 from facexplain.directions.aggregate import agglomerative_clusters, mean_template
 from facexplain.directions.fit_checks import centroid_mds
+from facexplain.directions.suppress import remove_direction
 from facexplain.directions.traverse import traverse
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import common_pb2, directions_pb2, directions_pb2_grpc
@@ -163,6 +164,48 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
             raise InvalidArgument(f"{which} {entry.set_id} is an equivariance map set, not a direction set")
         check_same_fr(entry, fr)
         return entry, entry.data
+
+    def _direction(
+        self, request: directions_pb2.TraverseRequest | directions_pb2.SuppressRequest, fr: ServedModel[FacePipeline]
+    ) -> tuple[torch.Tensor, directions_pb2.Direction]:
+        """The request's direction (a stored set's or inline) as a vector, and its description (no vector)."""
+        info = fr.model.info
+        which = request.WhichOneof("direction")
+        if which == "set_direction":
+            sd = request.set_direction
+            _entry, data = self._set_direction(sd.set, fr, "set_direction.set")
+            k = len(data.names)
+            if not 0 <= sd.index < k:
+                raise InvalidArgument(
+                    f"set_direction.index is {sd.index}; set {data.set_id} holds directions 0..{k - 1}"
+                )
+            vec = torch.from_numpy(np.asarray(data.vectors[sd.index], dtype=np.float32))
+            direction = directions_pb2.Direction(
+                name=data.names[sd.index],
+                eigenvalue=data.eigenvalues[sd.index],
+                explained_variance=data.explained_variance[sd.index],
+                stddev=data.stddev[sd.index],
+            )
+        elif which == "inline":
+            d = request.inline
+            if len(d.vector) != info.dim:
+                raise InvalidArgument(f"inline direction has dimension {len(d.vector)}; {fr.name} uses {info.dim}")
+            if not all(math.isfinite(v) for v in d.vector):
+                raise InvalidArgument("inline direction contains NaN or infinite values")
+            vec = torch.tensor(list(d.vector), dtype=torch.float32)
+            if float(vec.abs().max()) == 0.0:
+                raise InvalidArgument("inline direction is the zero vector")
+            if not (math.isfinite(d.stddev) and d.stddev >= 0):
+                raise InvalidArgument(f"inline direction stddev must be finite and >= 0, got {d.stddev}")
+            direction = directions_pb2.Direction(
+                name=d.name or "inline",
+                eigenvalue=d.eigenvalue,
+                explained_variance=d.explained_variance,
+                stddev=d.stddev,
+            )
+        else:
+            raise InvalidArgument("no direction: set set_direction or inline")
+        return vec, direction
 
     def _probes(self, probes: list[common_pb2.Probe], fr: ServedModel[FacePipeline], selection: int) -> torch.Tensor:
         """Templates of several probes; the images among them are detected and embedded in one batch."""
@@ -323,7 +366,6 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
         self, request: directions_pb2.TraverseRequest, context: grpc.ServicerContext
     ) -> directions_pb2.TraverseResponse:
         fr = self.fr_slot.current()
-        info = fr.model.info
         selection = face_selection(request.selection)
         alphas = list(request.alphas) or list(DEFAULT_ALPHAS)
         if len(alphas) > self.settings.max_alphas:
@@ -332,41 +374,7 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
             )
         if not all(math.isfinite(a) for a in alphas):
             raise InvalidArgument("alphas must be finite")
-        which = request.WhichOneof("direction")
-        if which == "set_direction":
-            sd = request.set_direction
-            _entry, data = self._set_direction(sd.set, fr, "set_direction.set")
-            k = len(data.names)
-            if not 0 <= sd.index < k:
-                raise InvalidArgument(
-                    f"set_direction.index is {sd.index}; set {data.set_id} holds directions 0..{k - 1}"
-                )
-            vec = torch.from_numpy(np.asarray(data.vectors[sd.index], dtype=np.float32))
-            direction = directions_pb2.Direction(
-                name=data.names[sd.index],
-                eigenvalue=data.eigenvalues[sd.index],
-                explained_variance=data.explained_variance[sd.index],
-                stddev=data.stddev[sd.index],
-            )
-        elif which == "inline":
-            d = request.inline
-            if len(d.vector) != info.dim:
-                raise InvalidArgument(f"inline direction has dimension {len(d.vector)}; {fr.name} uses {info.dim}")
-            if not all(math.isfinite(v) for v in d.vector):
-                raise InvalidArgument("inline direction contains NaN or infinite values")
-            vec = torch.tensor(list(d.vector), dtype=torch.float32)
-            if float(vec.abs().max()) == 0.0:
-                raise InvalidArgument("inline direction is the zero vector")
-            if not (math.isfinite(d.stddev) and d.stddev >= 0):
-                raise InvalidArgument(f"inline direction stddev must be finite and >= 0, got {d.stddev}")
-            direction = directions_pb2.Direction(
-                name=d.name or "inline",
-                eigenvalue=d.eigenvalue,
-                explained_variance=d.explained_variance,
-                stddev=d.stddev,
-            )
-        else:
-            raise InvalidArgument("no direction: set set_direction or inline")
+        vec, direction = self._direction(request, fr)
         if request.scale in (directions_pb2.ALPHA_SCALE_UNSPECIFIED, directions_pb2.ALPHA_SCALE_ABSOLUTE):
             multipliers = [float(a) for a in alphas]
         elif request.scale == directions_pb2.ALPHA_SCALE_STDDEV:
@@ -459,6 +467,35 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
             resp.decoded_mean.CopyFrom(png01(images[0]))
             for cluster, image in zip(resp.clusters, images[1:], strict=True):
                 cluster.decoded.CopyFrom(png01(image))
+            resp.decoder.CopyFrom(decoder.ref())
+        return resp
+
+    @unary
+    def Suppress(
+        self, request: directions_pb2.SuppressRequest, context: grpc.ServicerContext
+    ) -> directions_pb2.SuppressResponse:
+        fr = self.fr_slot.current()
+        n = len(request.probes)
+        if n == 0:
+            raise InvalidArgument("no probes: give at least one face (image or template)")
+        check_batch(n, self.settings.max_batch_size, "probes")
+        vec, direction = self._direction(request, fr)
+        decoder = self._decoder(fr) if request.decode else None
+        x = self._probes(list(request.probes), fr, request.selection)
+        check_deadline(context, "embedding")
+        moved = remove_direction(x.double(), vec.double())
+        cosines = F.cosine_similarity(moved, x.double(), dim=1)
+        resp = directions_pb2.SuppressResponse(
+            templates=[_tproto(t, fr) for t in moved],
+            originals=[_tproto(t, fr) for t in x],
+            cosine_to_original=[float(c) for c in cosines],
+            direction=direction,
+            fr_model=fr.ref(),
+        )
+        if decoder is not None:
+            images = decoder.model.decode(torch.cat([x, moved]).float())
+            resp.decoded_originals.extend(png01(im) for im in images[:n])
+            resp.decoded.extend(png01(im) for im in images[n:])
             resp.decoder.CopyFrom(decoder.ref())
         return resp
 

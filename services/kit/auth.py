@@ -69,14 +69,25 @@ _V1 = "facexplain.v1."
 # the server's memory for the caller to fetch: a read. A method missing here is refused (fail closed).
 METHOD_SCOPES: dict[str, Rule] = {
     **{f"/{_V1}EmbeddingService/{m}": Rule(EMBED) for m in ("Embed", "EmbedBatch", "Verify", "Landmarks")},
-    **{f"/{_V1}DecodingService/{m}": Rule(DECODE) for m in ("Decode", "DecodeBatch", "Reconstruct", "Interpolate")},
+    **{
+        f"/{_V1}DecodingService/{m}": Rule(DECODE)
+        for m in ("Decode", "DecodeBatch", "Reconstruct", "Interpolate", "Occlude")
+    },
     **{
         f"/{_V1}DirectionsService/{m}": Rule(DIRECTIONS, admin_if="register")
         for m in ("DiscoverSSI", "DiscoverCentroid", "DiscoverRegression", "FitEquivariance")
     },
     **{
         f"/{_V1}DirectionsService/{m}": Rule(DIRECTIONS)
-        for m in ("GetDirectionSet", "ListDirectionSets", "Traverse", "ApplyEquivariance", "Aggregate", "CentroidMDS")
+        for m in (
+            "GetDirectionSet",
+            "ListDirectionSets",
+            "Traverse",
+            "ApplyEquivariance",
+            "Aggregate",
+            "Suppress",
+            "CentroidMDS",
+        )
     },
     **{
         f"/{_V1}AttributesService/{m}": Rule(ATTRIBUTES)

@@ -85,3 +85,13 @@ def test_the_models_table_says_which_versions_are_shipped() -> None:
             model("facexplain-dfd-dlib128", "2", {}), model("face-api/x", "local", {})]}}}}  # fmt: skip
     html = _models(r)
     assert "shipped: models/facexplain-dfd-dlib128/1" in html and "registry" in html and "built in" in html
+
+
+def test_privacy_estimate_for_a_label() -> None:
+    """The privacy step reads a label with its own probe when served, else a named estimator component."""
+    from sdk.audit import estimate_for
+
+    assert estimate_for("Smiling", {"smiling": ["p"], "expression": ["neutral", "happy"]}) == ("smiling", 0)
+    assert estimate_for("Smiling", {"expression": ["neutral", "happy", "sad"]}) == ("expression", 1)
+    assert estimate_for("Male", {"gender": ["p_male"]}) == ("gender", 0)
+    assert estimate_for("Bald", {"expression": ["neutral", "happy"]}) == ("", 0)

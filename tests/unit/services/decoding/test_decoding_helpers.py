@@ -132,3 +132,15 @@ def test_decoding_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("FACEXPLAIN_MAX_INTERPOLATION_STEPS", "1")
     with pytest.raises(ValueError):
         DecodingSettings()
+
+
+def test_occlusion_regions_default_to_all_and_refuse_unknown_or_repeated() -> None:
+    from services.decoding.service import occlusion_regions
+    from services.kit.errors import InvalidArgument
+
+    assert occlusion_regions([]) == ["eyes", "nose", "mouth"]
+    assert occlusion_regions(["mouth", "eyes"]) == ["mouth", "eyes"]
+    with pytest.raises(InvalidArgument, match="unknown occlusion region 'ears'"):
+        occlusion_regions(["ears"])
+    with pytest.raises(InvalidArgument, match="named twice"):
+        occlusion_regions(["eyes", "eyes"])
