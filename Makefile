@@ -116,9 +116,9 @@ staging: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run
 setup-podman:  ## podman, buildah, runc, debootstrap and a containers.conf drop-in for this kind of machine
 	scripts/setup_system.sh --podman
 
-images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU) and facexplain/mlflow:<version>
+images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU), facexplain/mlflow:<version>, facexplain/postgres:<version>
 	@command -v podman >/dev/null || $(MAKE) setup-podman
-	scripts/build_images.sh cpu mlflow
+	scripts/build_images.sh cpu mlflow postgres
 
 images-cuda: $(STAMP)  ## facexplain/service:<version>-cuda: the same image with PyPI's CUDA torch (downloads GBs)
 	@command -v podman >/dev/null || $(MAKE) setup-podman
