@@ -104,30 +104,38 @@ recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=nam
 # -- Staging (see README "Deploy"): the cluster in KUBECONFIG, or podman containers where there is none -------
 .PHONY: staging staging-k8s staging-podman
 
+define STAGING_K8S
+$(BIN)/python -m cli.main staging up && $(BIN)/python -m cli.main staging test; rc=$$?; \
+	$(BIN)/python -m cli.main staging down; \
+	if [ $$rc -ne 0 ]; then echo "make staging: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
+	exit $$rc
+endef
+
+define STAGING_PODMAN
+$(BIN)/python -m cli.main staging check --podman || scripts/build_images.sh cpu mlflow postgres || exit $$?; \
+	start=$$(date +%s); \
+	$(BIN)/python -m cli.main staging up --podman --timeout 1800 && $(BIN)/python -m cli.main staging test --podman; rc=$$?; \
+	$(BIN)/python -m cli.main staging down --podman; \
+	echo "make staging (podman): exit $$rc after $$(( $$(date +%s) - start )) s (logs on failure: var/staging-podman/)"; \
+	exit $$rc
+endef
+
 staging: setup  ## k8s/overlays/staging on the cluster in KUBECONFIG, else as podman containers; tests/e2e against it; remove it
 	@if [ -n "$${KUBECONFIG:-}" ] || [ -f "$$HOME/.kube/config" ]; then \
-		$(MAKE) --no-print-directory staging-k8s; \
+		$(STAGING_K8S); \
 	elif command -v podman >/dev/null && podman info >/dev/null 2>&1; then \
-		echo "make staging: no KUBECONFIG here, podman runs containers: make staging-podman"; \
-		$(MAKE) --no-print-directory staging-podman; \
+		echo "make staging: no KUBECONFIG here and podman runs containers: the overlay as podman containers"; \
+		$(STAGING_PODMAN); \
 	else \
-		echo "make staging: needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\") or podman (make setup-podman images)" >&2; \
+		echo "make staging: needs a Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: README \"Deploy\") or podman (make setup-podman images)" >&2; \
 		exit 2; \
 	fi
 
 staging-k8s: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run tests/e2e against it, tear it down
-	@$(BIN)/python -m cli.main staging up && $(BIN)/python -m cli.main staging test; rc=$$?; \
-		$(BIN)/python -m cli.main staging down; \
-		if [ $$rc -ne 0 ]; then echo "make staging-k8s: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
-		exit $$rc
+	@$(STAGING_K8S)
 
 staging-podman: setup  ## no cluster: the same overlay as podman containers (kube play), tests/e2e against it, removed
-	@$(BIN)/python -m cli.main staging check --podman || $(MAKE) --no-print-directory images
-	@start=$$(date +%s); \
-		$(BIN)/python -m cli.main staging up --podman --timeout 1800 && $(BIN)/python -m cli.main staging test --podman; rc=$$?; \
-		$(BIN)/python -m cli.main staging down --podman; \
-		echo "make staging-podman: exit $$rc after $$(( $$(date +%s) - start )) s (logs on failure: var/staging-podman/)"; \
-		exit $$rc
+	@$(STAGING_PODMAN)
 
 # -- Container images (podman; nothing from an image registry; see k8s/images/ and README "Deploy") -----------
 .PHONY: setup-podman images images-cuda

@@ -398,8 +398,13 @@ def _crashing(podman: Podman, pods: Iterable[str], limit: int = 3) -> list[str]:
     return [line.split()[0] for line in counts.splitlines() if len(line.split()) == 2 and int(line.split()[1]) > limit]
 
 
-def up(plan: Plan, state: Path = STATE_DIR, timeout: float = 1200.0, register: bool = True) -> dict[str, float]:
-    """Play the plan in two tiers with the registration between them; seconds per step."""
+def up(
+    plan: Plan,
+    state: Path = STATE_DIR,
+    timeout: float = 1200.0,
+    register: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Play the plan in two tiers with ``register(mlflow_uri)`` between them; seconds per step."""
     podman = Podman(state)
     problems = readiness(podman, plan.images)
     if problems:
@@ -429,15 +434,10 @@ def up(plan: Plan, state: Path = STATE_DIR, timeout: float = 1200.0, register: b
 
     times["mlflow_healthy_s"] = _wait(f"MLflow /health at {uri}", registry_up, timeout)
     print(f"  healthy  MLflow ({uri}) after {times['mlflow_healthy_s']:.0f} s, PostgreSQL-backed", flush=True)
-    if register:
+    if register is not None:
         t = time.monotonic()
-        from cli.staging import StagingError, register_for_staging
-
         print(f"registering the default models through the in-staging MLflow ({uri})", flush=True)
-        try:
-            register_for_staging(uri)
-        except StagingError as exc:
-            raise PodmanStagingError(str(exc)) from None
+        register(uri)
         times["register_s"] = time.monotonic() - t
     t = time.monotonic()
     podman.run("kube", "play", "--network", plan.network, str(state / "servers.yaml"))
@@ -495,7 +495,9 @@ def staging_test(plan: Plan, out: Path, pytest_args: Iterable[str], state: Path 
             FACEXPLAIN_E2E_REGISTRY_URI=plan.registry_uri(),
         )
         print(f"pytest tests/e2e with FACEXPLAIN_E2E_TARGETS={env['FACEXPLAIN_E2E_TARGETS']}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/e2e", *pytest_args], cwd=REPO, env=env)
+        # -rP: the passed tests' own figures (audit seconds, the alias move under load) in the summary
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", "tests/e2e", *pytest_args]
+        code = subprocess.run(cmd, cwd=REPO, env=env)
         if code.returncode != 0:
             raise PodmanStagingError(f"tests/e2e failed (exit {code.returncode})")
     except PodmanStagingError as exc:

@@ -502,7 +502,8 @@ def _cmd_podman(args: argparse.Namespace, objects: list[Obj]) -> int:
                 print("podman can run containers here and the staging images exist")
             return 1 if problems else 0
         if args.staging_command == "up":
-            ps.up(ps.translate(objects), timeout=args.timeout, register=not args.no_register)
+            register = None if args.no_register else register_for_staging
+            ps.up(ps.translate(objects), timeout=args.timeout, register=register)
             return 0
         if args.staging_command == "down":
             try:
@@ -512,8 +513,9 @@ def _cmd_podman(args: argparse.Namespace, objects: list[Obj]) -> int:
             ps.down(plan)
             (ps.STATE_DIR / "plan.json").unlink(missing_ok=True)
             return 0
-        return ps.staging_test(ps.load_plan(), Path(args.out), args.pytest_args)
-    except (ps.PodmanStagingError, subprocess.TimeoutExpired) as exc:
+        out = Path(args.out) if args.out else ps.STATE_DIR / "logs"
+        return ps.staging_test(ps.load_plan(), out, args.pytest_args)
+    except (ps.PodmanStagingError, StagingError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.staging_command == "up":
             try:
@@ -537,7 +539,8 @@ def _cmd_staging(args: argparse.Namespace) -> int:
         if args.staging_command == "down":
             down(api, objects, wait=not args.no_wait, timeout=args.timeout)
             return 0
-        return staging_test(api, objects, args.kubeconfig, Path(args.out), args.pytest_args)
+        out = Path(args.out) if args.out else REPO / "var" / "staging"
+        return staging_test(api, objects, args.kubeconfig, out, args.pytest_args)
     except StagingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -578,5 +581,7 @@ def add_staging_parser(sub: Any) -> None:
                 help="do not register the default models between the registry's rollout and the servers'",
             )
         else:
-            p.add_argument("--out", default=str(REPO / "var" / "staging"), help="where failure logs go")
+            p.add_argument(
+                "--out", help="where failure logs go (default var/staging, with --podman var/staging-podman/logs)"
+            )
             p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
