@@ -1,17 +1,19 @@
-"""`facexplain audit` end to end: the five services on loopback with TLS and bearer tokens, the session's
-registry, two runs, Chromium.
+"""`facexplain audit` end to end against the five services of conftest.py: on loopback (TLS, bearer tokens,
+the session's registry) or a deployed staging (FACEXPLAIN_E2E_TARGETS), two runs, Chromium.
 
-The registry (conftest.py) holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo
-decoder trained for it as ``facexplain-dfd-dlib128`` v1, both champion. This module starts its own
-five services following both aliases (the shared embedding fixture serves local weights, which the
-audit rightly refuses), runs the CLI twice with the same seed on the bundled CelebA sample faces in
-the CelebA layout (images/ + labels.csv with their labels from the shared CelebA subset, so the
-Smiling / Eyeglasses centroids are attempted), checks the report, and renders index.html in headless
+On loopback the registry holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo decoder
+trained for it as ``facexplain-dfd-dlib128`` v1, both champion, and conftest.py starts five services
+following both aliases (the shared embedding fixture serves local weights, which the audit rightly
+refuses); in staging, what `facexplain staging up` registered. The CLI runs twice with the same seed on
+the bundled CelebA sample faces in the CelebA layout (images/ + labels.csv with their labels from the
+shared CelebA subset, so the Smiling / Eyeglasses centroids are attempted); the report must name the
+versions behind ``champion`` in the registry the services follow; index.html is rendered in headless
 Chromium (Debian's ``chromium``; missing is a failure, not a skip) with console capture and a screenshot.
 
-The services run as a deployment should: TLS with a certificate of a CA made at test time, and a tokens
-file; the audit reaches them with ``--tls-ca-file`` and the auditor's token in ``FACEXPLAIN_TOKEN``
-(issue 23: "the whole audit runs end to end with TLS and tokens on").
+On loopback the services run as a deployment should: TLS with a certificate of a CA made at test time,
+and a tokens file; the audit reaches them with ``--tls-ca-file`` and the auditor's token in
+``FACEXPLAIN_TOKEN`` (issue 23: "the whole audit runs end to end with TLS and tokens on"). A staging
+serves plaintext without tokens, so the two tests that need the loopback processes skip there.
 """
 
 from __future__ import annotations
