@@ -101,14 +101,41 @@ MODEL ?= facexplain-dfd-dlib128
 recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=name) and compare its figures with its card
 	$(BIN)/python scripts/ship_model.py recreate $(MODEL) --registry $(REGISTRY_URI)
 
-# -- Staging on a Kubernetes cluster (the one in KUBECONFIG; see README "Deploy") ---------------------------------
-.PHONY: staging
+# -- Staging (see README "Deploy"): the cluster in KUBECONFIG, or podman containers where there is none -------
+.PHONY: staging staging-k8s staging-podman
 
-staging: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run tests/e2e against it, tear it down
-	@$(BIN)/python -m cli.main staging up && $(BIN)/python -m cli.main staging test; rc=$$?; \
-		$(BIN)/python -m cli.main staging down; \
-		if [ $$rc -ne 0 ]; then echo "make staging: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
-		exit $$rc
+define STAGING_K8S
+$(BIN)/python -m cli.main staging up && $(BIN)/python -m cli.main staging test; rc=$$?; \
+	$(BIN)/python -m cli.main staging down; \
+	if [ $$rc -ne 0 ]; then echo "make staging: failed (exit $$rc); needs a reachable Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: docs in README \"Deploy\")" >&2; fi; \
+	exit $$rc
+endef
+
+define STAGING_PODMAN
+$(BIN)/python -m cli.main staging check --podman || scripts/build_images.sh cpu mlflow postgres || exit $$?; \
+	start=$$(date +%s); \
+	$(BIN)/python -m cli.main staging up --podman --timeout 1800 && $(BIN)/python -m cli.main staging test --podman; rc=$$?; \
+	$(BIN)/python -m cli.main staging down --podman; \
+	echo "make staging (podman): exit $$rc after $$(( $$(date +%s) - start )) s (logs on failure: var/staging-podman/)"; \
+	exit $$rc
+endef
+
+staging: setup  ## k8s/overlays/staging on the cluster in KUBECONFIG, else as podman containers; tests/e2e against it; remove it
+	@if [ -n "$${KUBECONFIG:-}" ] || [ -f "$$HOME/.kube/config" ]; then \
+		$(STAGING_K8S); \
+	elif command -v podman >/dev/null && podman info >/dev/null 2>&1; then \
+		echo "make staging: no KUBECONFIG here and podman runs containers: the overlay as podman containers"; \
+		$(STAGING_PODMAN); \
+	else \
+		echo "make staging: needs a Kubernetes API server in KUBECONFIG (kind, minikube or a GPU cluster: README \"Deploy\") or podman (make setup-podman images)" >&2; \
+		exit 2; \
+	fi
+
+staging-k8s: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run tests/e2e against it, tear it down
+	@$(STAGING_K8S)
+
+staging-podman: setup  ## no cluster: the same overlay as podman containers (kube play), tests/e2e against it, removed
+	@$(STAGING_PODMAN)
 
 # -- Container images (podman; nothing from an image registry; see k8s/images/ and README "Deploy") -----------
 .PHONY: setup-podman images images-cuda
@@ -116,9 +143,9 @@ staging: setup  ## deploy k8s/overlays/staging to the cluster in KUBECONFIG, run
 setup-podman:  ## podman, buildah, runc, debootstrap and a containers.conf drop-in for this kind of machine
 	scripts/setup_system.sh --podman
 
-images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU) and facexplain/mlflow:<version>
+images: $(STAMP)  ## Debian base (debootstrap), facexplain/service:<version> (CPU), facexplain/mlflow:<version>, facexplain/postgres:<version>
 	@command -v podman >/dev/null || $(MAKE) setup-podman
-	scripts/build_images.sh cpu mlflow
+	scripts/build_images.sh cpu mlflow postgres
 
 images-cuda: $(STAMP)  ## facexplain/service:<version>-cuda: the same image with PyPI's CUDA torch (downloads GBs)
 	@command -v podman >/dev/null || $(MAKE) setup-podman

@@ -3,6 +3,7 @@
 facexplain staging up [--overlay k8s/overlays/staging] [--no-wait] [--no-register] [--timeout 900]
 facexplain staging test [--out var/staging] [-- PYTEST_ARGS...]
 facexplain staging down [--no-wait]
+facexplain staging up|test|down|check --podman   the same overlay as containers, no cluster (cli/podman_staging.py)
 
 ``up`` renders the overlay with ``kubectl kustomize`` (what ``make k8s-validate`` checks, byte for byte) and
 server-side applies every object with the official ``kubernetes`` client: one ``PATCH`` per object, content
@@ -369,14 +370,43 @@ def registry_forward(objects: list[Obj], kubeconfig: str | None) -> Iterator[str
         yield f"http://localhost:{address.rsplit(':', 1)[1]}"
 
 
+def register_for_staging(uri: str) -> None:
+    """`facexplain registry register-defaults` at ``uri`` (idempotent: a version holding the same weights is
+    not registered twice), then the shipped decoder made champion if nothing is: registration leaves it at
+    ``candidate`` while it misses its quality gates, and a staging whose decoding, directions, attributes and
+    counterfactual servers have no decoder tests nothing. The promotion is forced with the reason recorded
+    on the version (as ``make demo`` does), never over a champion someone chose."""
+    from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+    from registry import CANDIDATE, CHAMPION, Registry, RegistryNotFound
+
+    cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--uri", uri]
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise StagingError(f"registering the default models at {uri} failed (output above)")
+    reg = Registry(uri, timeout_s=30, max_retries=2)
+    try:
+        reg.resolve(DEFAULT_DECODER_MODEL, CHAMPION)
+        return
+    except RegistryNotFound:
+        pass
+    try:
+        cand = reg.resolve(DEFAULT_DECODER_MODEL, CANDIDATE)
+    except RegistryNotFound:
+        raise StagingError(f"no {DEFAULT_DECODER_MODEL} at {uri} after register-defaults: is models/ intact?") from None
+    reason = (
+        f"staging: the shipped decoder ({cand.tags.get('shipped_from', '?')}) misses its quality gates "
+        f"({cand.tags.get('gates_failed', '?')}); served in staging so that every service is exercised"
+    )
+    cmd = [sys.executable, "-m", "cli.main", "registry", "promote", DEFAULT_DECODER_MODEL, cand.version]
+    cmd += ["--alias", CHAMPION, "--uri", uri, "--force", "--reason", reason, "--by", "facexplain staging"]
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise StagingError(f"promoting {DEFAULT_DECODER_MODEL} v{cand.version} to {CHAMPION} failed (output above)")
+
+
 def register_defaults(objects: list[Obj], kubeconfig: str | None) -> None:
-    """`facexplain registry register-defaults` through the registry Service (idempotent: a version holding the
-    same weights is not registered twice)."""
+    """The default models through the registry Service (:func:`register_for_staging`)."""
     with registry_forward(objects, kubeconfig) as uri:
         print(f"registering the default models through svc/{MLFLOW_SERVICE} ({uri})", flush=True)
-        cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--uri", uri]
-        if subprocess.run(cmd, cwd=REPO).returncode != 0:
-            raise StagingError(f"registering the default models at {uri} failed (output above)")
+        register_for_staging(uri)
 
 
 def service_port(objects: Iterable[Obj], name: str) -> int:
@@ -460,9 +490,47 @@ def staging_test(
 # -- command line -------------------------------------------------------------------------------------------
 
 
+def _cmd_podman(args: argparse.Namespace, objects: list[Obj]) -> int:
+    from cli import podman_staging as ps
+
+    try:
+        if args.staging_command == "check":
+            problems = ps.readiness(ps.Podman(), ps.translate(objects, host_port=lambda *_: 0).images)
+            for p in problems:
+                print(f"podman staging cannot run here: {p}", file=sys.stderr)
+            if not problems:
+                print("podman can run containers here and the staging images exist")
+            return 1 if problems else 0
+        if args.staging_command == "up":
+            register = None if args.no_register else register_for_staging
+            ps.up(ps.translate(objects), timeout=args.timeout, register=register)
+            return 0
+        if args.staging_command == "down":
+            try:
+                plan = ps.load_plan()
+            except ps.PodmanStagingError:  # nothing recorded: remove whatever the overlay's names hold
+                plan = ps.translate(objects, host_port=lambda *_: 0)
+            ps.down(plan)
+            (ps.STATE_DIR / "plan.json").unlink(missing_ok=True)
+            return 0
+        out = Path(args.out) if args.out else ps.STATE_DIR / "logs"
+        return ps.staging_test(ps.load_plan(), out, args.pytest_args)
+    except (ps.PodmanStagingError, StagingError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.staging_command == "up":
+            try:
+                folder = ps.collect_logs(ps.load_plan(), ps.STATE_DIR / "logs-up")
+                print(f"container logs: {folder}", file=sys.stderr)
+            except ps.PodmanStagingError:
+                pass
+        return 2
+
+
 def _cmd_staging(args: argparse.Namespace) -> int:
     try:
         objects = render_overlay(Path(args.overlay))
+        if getattr(args, "podman", False) or args.staging_command == "check":
+            return _cmd_podman(args, objects)
         api = api_client(args.kubeconfig, args.context)
         if args.staging_command == "up":
             register = None if args.no_register else lambda: register_defaults(objects, args.kubeconfig)
@@ -471,7 +539,8 @@ def _cmd_staging(args: argparse.Namespace) -> int:
         if args.staging_command == "down":
             down(api, objects, wait=not args.no_wait, timeout=args.timeout)
             return 0
-        return staging_test(api, objects, args.kubeconfig, Path(args.out), args.pytest_args)
+        out = Path(args.out) if args.out else REPO / "var" / "staging"
+        return staging_test(api, objects, args.kubeconfig, out, args.pytest_args)
     except StagingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -488,12 +557,20 @@ def add_staging_parser(sub: Any) -> None:
         ),
         ("test", "port-forward the Services, health checks, run tests/e2e against them; logs and events on failure"),
         ("down", "delete the overlay's objects and the namespace"),
+        ("check", "with --podman: exit 0 when podman can run containers here and the staging images exist"),
     ):
         p = ssub.add_parser(name, help=help_text)
         p.add_argument("--overlay", default=str(STAGING_OVERLAY), help="kustomization to render (default staging)")
         p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, else ~/.kube/config)")
         p.add_argument("--context", help="kubeconfig context (default: its current-context)")
+        p.add_argument(
+            "--podman",
+            action="store_true",
+            help="no cluster: run the overlay as containers with `podman kube play` (cli/podman_staging.py)",
+        )
         p.set_defaults(func=_cmd_staging)
+        if name == "check":
+            continue
         if name in ("up", "down"):
             p.add_argument("--no-wait", action="store_true", help="do not wait for rollouts / the namespace to go")
             p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (default 900)")
@@ -504,5 +581,7 @@ def add_staging_parser(sub: Any) -> None:
                 help="do not register the default models between the registry's rollout and the servers'",
             )
         else:
-            p.add_argument("--out", default=str(REPO / "var" / "staging"), help="where failure logs go")
+            p.add_argument(
+                "--out", help="where failure logs go (default var/staging, with --podman var/staging-podman/logs)"
+            )
             p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build facexplain's container images with podman, with nothing pulled from an image registry:
 #
-#   scripts/build_images.sh [cpu] [cuda] [mlflow]      (default: cpu mlflow; what `make images` runs)
+#   scripts/build_images.sh [cpu] [cuda] [mlflow] [postgres]  (default: cpu mlflow postgres; `make images`)
 #
 #   facexplain/debian-base:bookworm    Debian bookworm from the archive (debootstrap --variant=minbase, imported)
 #   facexplain/service:<version>       the services, CLI and pipelines, CPU torch      (k8s/images/service.Containerfile)
 #   facexplain/service:<version>-cuda  the same with PyPI's CUDA torch (needs PyPI)    (same file, FLAVOUR=cuda)
 #   facexplain/mlflow:<version>        MLflow server + PostgreSQL driver               (k8s/images/mlflow.Containerfile)
+#   facexplain/postgres:<version>      Debian's PostgreSQL for staging without a registry (k8s/images/postgres.Containerfile)
 #
 # <version> is the project version in pyproject.toml; no image is ever tagged `latest`.
 # Inputs gathered here into var/images/ (not committed): the wheels of requirements.lock and
@@ -27,9 +28,9 @@ command -v podman >/dev/null || {
 }
 
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(cpu mlflow)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(cpu mlflow postgres)
 for t in "${TARGETS[@]}"; do
-  case "$t" in cpu | cuda | mlflow) ;; *) echo "unknown image '$t' (cpu, cuda, mlflow)" >&2; exit 2 ;; esac
+  case "$t" in cpu | cuda | mlflow | postgres) ;; *) echo "unknown image '$t' (cpu, cuda, mlflow, postgres)" >&2; exit 2 ;; esac
 done
 
 PY=.venv/bin/python
@@ -153,8 +154,9 @@ build() {  # build <name> <tag> <Containerfile> [podman build args...]
 : >>"$REPORT"
 record "# $(date -u +%FT%TZ) scripts/build_images.sh ${TARGETS[*]} (podman $(podman version --format '{{.Client.Version}}'))"
 build_base
-gather_wheels
-gather_faceapi
+case " ${TARGETS[*]} " in  # the PostgreSQL image needs neither wheels nor weights
+  *" cpu "* | *" cuda "* | *" mlflow "*) gather_wheels; gather_faceapi ;;
+esac
 for t in "${TARGETS[@]}"; do
   case "$t" in
     cpu)
@@ -169,6 +171,13 @@ for t in "${TARGETS[@]}"; do
       ;;
     mlflow)
       build mlflow "localhost/facexplain/mlflow:$VERSION" k8s/images/mlflow.Containerfile
+      ;;
+    postgres)  # its own small context: the Containerfile and the entry point, nothing of the project
+      start=$SECONDS
+      log "building localhost/facexplain/postgres:$VERSION (k8s/images/postgres.Containerfile)"
+      "${NICE[@]}" podman build --network=host -f k8s/images/postgres.Containerfile --build-arg BASE_IMAGE="$BASE_IMAGE" \
+        --build-arg VERSION="$VERSION" -t "localhost/facexplain/postgres:$VERSION" k8s/images
+      record "localhost/facexplain/postgres:$VERSION (postgres): $((SECONDS - start)) s, $(size_mb "localhost/facexplain/postgres:$VERSION") MB"
       ;;
   esac
 done

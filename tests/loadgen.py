@@ -2,8 +2,9 @@
 against one server, each outcome classified, the server's memory read before and after.
 
 accepted = OK, rejected = RESOURCE_EXHAUSTED (the concurrency cap, FACEXPLAIN_MAX_CONCURRENT_RPCS, or a
-budget), failed = anything else (must stay 0). Shared by tests/integration/test_load_limits.py (seconds)
-and bench/bench_load.py (the soak, minutes).
+budget), failed = anything else (must stay 0). Shared by tests/integration/test_load_limits.py (seconds),
+bench/bench_load.py (the soak, minutes) and tests/e2e/test_services.py (any RPC, over TLS with a token,
+while an alias moves: :func:`run_calls`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class LoadResult:
     failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    answers: Counter[str] = field(default_factory=Counter)  # what run_calls' call returned, per accepted call
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -55,6 +58,7 @@ class LoadResult:
             "seconds": round(self.seconds, 2),
             "accepted_per_s": round(self.accepted / self.seconds, 2) if self.seconds else 0.0,
             "accepted_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)},
+            **({"answers": dict(self.answers)} if self.answers else {}),
         }
 
 
@@ -71,30 +75,60 @@ def run_load(
     """``clients`` threads call Embed back to back until ``max_calls`` calls are made or ``duration_s`` passes
     (whichever comes first; at least one must be given). One channel per client, like separate callers; a
     refused caller waits ``backoff_s`` before its next call, as a client honouring RESOURCE_EXHAUSTED would."""
-    if max_calls is None and duration_s is None:
-        raise ValueError("a bounded load needs max_calls or duration_s")
+    requests = [embedding_pb2.EmbedRequest(image=common_pb2.Image(encoded=f)) for f in faces]
+
+    def embed(channel: grpc.Channel, n: int) -> str:
+        embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(requests[n % len(requests)], timeout=timeout_s)
+        return ""
+
+    return run_calls(
+        lambda: grpc.insecure_channel(address),
+        embed,
+        clients=clients,
+        max_calls=max_calls,
+        duration_s=duration_s,
+        backoff_s=backoff_s,
+    )
+
+
+def run_calls(
+    open_channel: Callable[[], grpc.Channel],
+    call: Callable[[grpc.Channel, int], str],
+    *,
+    clients: int,
+    max_calls: int | None = None,
+    duration_s: float | None = None,
+    until: Callable[[], bool] | None = None,
+    backoff_s: float = 0.05,
+) -> LoadResult:
+    """The load loop of :func:`run_load` for any RPC: ``call(channel, n)`` makes call number ``n`` and returns a
+    label counted in ``answers`` (e.g. the model version that answered). It stops at ``max_calls``, after
+    ``duration_s``, or once ``until()`` is true (checked between calls), whichever comes first."""
+    if max_calls is None and duration_s is None and until is None:
+        raise ValueError("a bounded load needs max_calls, duration_s or until")
     result = LoadResult()
     lock = threading.Lock()
     issued = 0
     t0 = time.perf_counter()
     end = t0 + duration_s if duration_s is not None else float("inf")
-    requests = [embedding_pb2.EmbedRequest(image=common_pb2.Image(encoded=f)) for f in faces]
 
     def take() -> int | None:
         nonlocal issued
         with lock:
             if (max_calls is not None and issued >= max_calls) or time.perf_counter() >= end:
                 return None
+            if until is not None and until():
+                return None
             issued += 1
             return issued
 
     def client() -> None:
-        with grpc.insecure_channel(address) as ch:
-            stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        with open_channel() as ch:
             while (n := take()) is not None:
                 start = time.perf_counter()
+                answer = ""
                 try:
-                    stub.Embed(requests[n % len(requests)], timeout=timeout_s)
+                    answer = call(ch, n)
                     code = grpc.StatusCode.OK
                 except grpc.RpcError as err:
                     code = err.code()
@@ -104,6 +138,8 @@ def run_load(
                     if code == grpc.StatusCode.OK:
                         result.accepted += 1
                         result.latencies_ms.append(ms)
+                        if answer:
+                            result.answers[answer] += 1
                     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         result.rejected += 1
                     else:

@@ -1,23 +1,24 @@
-"""`facexplain audit` end to end: the five services on loopback with TLS and bearer tokens, the session's
-registry, two runs, Chromium.
+"""`facexplain audit` end to end against the five services of conftest.py: on loopback (TLS, bearer tokens,
+the session's registry) or a deployed staging (FACEXPLAIN_E2E_TARGETS), two runs, Chromium.
 
-The registry (conftest.py) holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo
-decoder trained for it as ``facexplain-dfd-dlib128`` v1, both champion. This module starts its own
-five services following both aliases (the shared embedding fixture serves local weights, which the
-audit rightly refuses), runs the CLI twice with the same seed on the bundled CelebA sample faces in
-the CelebA layout (images/ + labels.csv with their labels from the shared CelebA subset, so the
-Smiling / Eyeglasses centroids are attempted), checks the report, and renders index.html in headless
+On loopback the registry holds the default FR model as ``facexplain-fr-dlib128`` v1 and the demo decoder
+trained for it as ``facexplain-dfd-dlib128`` v1, both champion, and conftest.py starts five services
+following both aliases (the shared embedding fixture serves local weights, which the audit rightly
+refuses); in staging, what `facexplain staging up` registered. The CLI runs twice with the same seed on
+the bundled CelebA sample faces in the CelebA layout (images/ + labels.csv with their labels from the
+shared CelebA subset, so the Smiling / Eyeglasses centroids are attempted); the report must name the
+versions behind ``champion`` in the registry the services follow; index.html is rendered in headless
 Chromium (Debian's ``chromium``; missing is a failure, not a skip) with console capture and a screenshot.
 
-The services run as a deployment should: TLS with a certificate of a CA made at test time, and a tokens
-file; the audit reaches them with ``--tls-ca-file`` and the auditor's token in ``FACEXPLAIN_TOKEN``
-(issue 23: "the whole audit runs end to end with TLS and tokens on").
+On loopback the services run as a deployment should: TLS with a certificate of a CA made at test time,
+and a tokens file; the audit reaches them with ``--tls-ca-file`` and the auditor's token in
+``FACEXPLAIN_TOKEN`` (issue 23: "the whole audit runs end to end with TLS and tokens on"). A staging
+serves plaintext without tokens, so the two tests that need the loopback processes skip there.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -33,19 +34,16 @@ from typing import Any
 
 import pytest
 
-from cli.launcher import REPO, RunningMlflow, RunningService, free_port, start_service
+from cli.launcher import REPO, RunningService, free_port, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
-from registry import VersionInfo
 from sdk.audit_report import SECTIONS, strip_timestamps
 from sdk.client import ClientSecurity
-from tests.certs import issue, make_ca
 from tests.conftest import shared_data_dir
-from tests.service_env import registry_service_env
+from tests.e2e.conftest import SERVICES, Deployment, service_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
-SERVICES = ("embedding", "decoding", "directions", "attributes", "counterfactual")
 FR = f"{DEFAULT_FR_MODEL}@champion"
 SEED = 3
 CHROMIUM = Path("/usr/bin/chromium")
@@ -55,70 +53,18 @@ AUDIT_ARGS = [
 ]  # fmt: skip
 
 
-AUDITOR_TOKEN = "e2e-auditor-token-0123456789abcdef"  # a test-time credential; the file holds its SHA-256
+@pytest.fixture(scope="module")
+def targets(deployment: Deployment) -> list[str]:
+    return deployment.target_args()
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, the services' certificate (localhost, 127.0.0.1) and a tokens file with the auditor's read scopes."""
-    d = tmp_path_factory.mktemp("e2e-pki")
-    ca = make_ca(d / "ca", "e2e CA")
-    server = issue(ca, d / "server", "localhost", server=True)
-    scopes = ["embed", "decode", "directions", "attributes", "counterfactual"]
-    entry = {"principal": "auditor", "sha256": hashlib.sha256(AUDITOR_TOKEN.encode()).hexdigest(), "scopes": scopes}
-    (d / "tokens.json").write_text(json.dumps({"tokens": [entry]}))
-    return {"ca": ca.cert_file, "cert": server.cert_file, "key": server.key_file, "tokens": d / "tokens.json"}
+def served(deployment: Deployment) -> dict[str, str]:
+    """The versions behind ``champion`` in the registry the services follow: what the audit must name."""
+    from registry import CHAMPION, Registry
 
-
-def _env(uri: str, cache: Path, pki: dict[str, Path]) -> dict[str, str]:
-    return registry_service_env(
-        uri,
-        cache,
-        FACEXPLAIN_TLS_CERT_FILE=str(pki["cert"]),
-        FACEXPLAIN_TLS_KEY_FILE=str(pki["key"]),
-        FACEXPLAIN_AUTH_TOKENS_FILE=str(pki["tokens"]),
-        FACEXPLAIN_MAX_DATASET_ITEMS="100",
-        FACEXPLAIN_MAX_SSI_PAIRS="100",
-        FACEXPLAIN_MIN_LABEL_ITEMS="2",
-        FACEXPLAIN_BATCH_SIZE="6",
-        # the session's MLflow answers slowly while other fixtures train: a 5-s poll timed out once in CI
-        # and the audit (rightly) refused a service whose registry looked unreachable
-        FACEXPLAIN_REGISTRY_TIMEOUT_S="30",
-    )
-
-
-@pytest.fixture(scope="module")
-def services(
-    mlflow: RunningMlflow, decoder_v1: VersionInfo, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, RunningService]]:
-    logs = tmp_path_factory.mktemp("audit-svc")
-    cache = logs / "cache"
-
-    def start(name: str) -> RunningService:
-        (logs / name).mkdir()
-        return start_service(name, logs / name, env=_env(mlflow.uri, cache / name, pki), timeout=600)
-
-    with ThreadPoolExecutor(len(SERVICES)) as pool:
-        started = dict(zip(SERVICES, pool.map(start, SERVICES), strict=True))
-    yield started
-    for name, svc in started.items():
-        code = svc.stop()
-        assert code == 0, f"{name} service exit {code}; log tail:\n{svc.log_text()[-2000:]}"
-
-
-@pytest.fixture(scope="module")
-def targets(services: dict[str, RunningService], pki: dict[str, Path]) -> list[str]:
-    from sdk.client import DecodingClient, DirectionsClient
-
-    # the decoders arrive through the alias watchers; wait for each service that needs one
-    deadline = time.monotonic() + 300
-    security = ClientSecurity(ca_file=str(pki["ca"]), token=AUDITOR_TOKEN)
-    for cls, name in ((DecodingClient, "decoding"), (DirectionsClient, "directions")):
-        with cls(services[name].address, timeout=30, security=security) as c:
-            while not any(m.kind == "decoder" and m.serving for m in c.model_status().models):
-                assert time.monotonic() < deadline, f"{name}: no decoder after 300 s"
-                time.sleep(0.5)
-    return [f"{n}={services[n].address}" for n in SERVICES]
+    reg = Registry(deployment.registry_uri, timeout_s=30, max_retries=2)
+    return {m: reg.resolve(m, CHAMPION).version for m in (DEFAULT_FR_MODEL, DEFAULT_DECODER_MODEL)}
 
 
 @pytest.fixture(scope="module")
@@ -142,27 +88,29 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _audit(
-    out: Path, data: Path, targets: list[str], *extra: str, pki: dict[str, Path] | None = None, timeout: float = 1500
+    out: Path, data: Path, targets: list[str], *extra: str, dep: Deployment | None = None, timeout: float = 1500
 ) -> subprocess.CompletedProcess:
-    """The audit CLI; with ``pki`` over TLS (``--tls-ca-file``) with the auditor's token (``FACEXPLAIN_TOKEN``)."""
+    """The audit CLI; against ``dep`` with its TLS CA (``--tls-ca-file``) and token (``FACEXPLAIN_TOKEN``)
+    when it has them (the loopback services do, a staging serves plaintext)."""
     cmd = [sys.executable, "-m", "cli.main", "audit", "--fr-model", FR, "--data", str(data)]
     cmd += ["--out", str(out), "--seed", str(SEED), "--targets", *targets, *AUDIT_ARGS, *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEXPLAIN_")}
-    if pki is not None:
-        cmd += ["--tls-ca-file", str(pki["ca"])]
-        env["FACEXPLAIN_TOKEN"] = AUDITOR_TOKEN
+    if dep is not None and dep.ca_file is not None:
+        cmd += ["--tls-ca-file", str(dep.ca_file)]
+    if dep is not None and dep.token is not None:
+        env["FACEXPLAIN_TOKEN"] = dep.token
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def runs(
-    targets: list[str], sample_data: Path, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    targets: list[str], sample_data: Path, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
 ) -> list[dict[str, Any]]:
     out = []
     for i in range(2):
         folder = tmp_path_factory.mktemp(f"audit-run{i}")
         t0 = time.perf_counter()
-        proc = _audit(folder, sample_data, targets, pki=pki)
+        proc = _audit(folder, sample_data, targets, dep=deployment)
         seconds = time.perf_counter() - t0
         assert proc.returncode == 0, f"audit failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         print(f"audit run {i}: {seconds:.0f} s")
@@ -181,7 +129,7 @@ def _numbers(d: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, d
 
 
-def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
+def test_report_content(runs: list[dict[str, Any]], sample_data: Path, served: dict[str, str]) -> None:
     r = runs[0]["json"]
     folder: Path = runs[0]["dir"]
     for key in SECTIONS:
@@ -193,17 +141,19 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
     for desc in ("reconstructions", "ssi traversals", "scoring pairs", "counterfactuals"):
         assert desc in runs[0]["proc"].stderr
 
-    # (a) every model with name and version; the FR model and decoder are the registry's v1
+    # (a) every model with name and version: the ones behind champion in the registry the services follow
+    # (v1 of each on loopback; in staging, what `registry register-defaults` registered there)
+    fr_v, dec_v = served[DEFAULT_FR_MODEL], served[DEFAULT_DECODER_MODEL]
     models = r["models"]
-    assert models["fr_model"] == {"name": DEFAULT_FR_MODEL, "alias": "champion", "version": "1"}
+    assert models["fr_model"] == {"name": DEFAULT_FR_MODEL, "alias": "champion", "version": fr_v}
     for name in SERVICES:
         st = models["services"][name]
         assert st["registry_reachable"] and st["models"], name
         assert all(m["name"] and m["version"] for m in st["models"]), name
         kinds = {(m["kind"], m["name"], m["version"]) for m in st["models"] if m["serving"]}
-        assert ("embedder", DEFAULT_FR_MODEL, "1") in kinds, name
+        assert ("embedder", DEFAULT_FR_MODEL, fr_v) in kinds, name
         if name != "embedding":
-            assert ("decoder", DEFAULT_DECODER_MODEL, "1") in kinds, name
+            assert ("decoder", DEFAULT_DECODER_MODEL, dec_v) in kinds, name
     # data manifest
     assert re.fullmatch(r"[0-9a-f]{64}", r["data"]["manifest_sha256"])
     assert r["data"]["n_images"] == 30 and len(r["data"]["audited"]) == 12
@@ -211,7 +161,7 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
 
     # (b) reconstructions with the service's metrics and a grid
     rec = r["reconstructions"]
-    assert rec["summary"]["n"] >= 3 and rec["decoder"]["version"] == "1"
+    assert rec["summary"]["n"] >= 3 and rec["decoder"]["version"] == dec_v
     assert all(f["psnr"] > 5 and -1 <= f["ssim"] <= 1 and -1 <= f["identity_cosine"] <= 1 for f in rec["faces"])
     assert (folder / rec["grid"]).stat().st_size > 1000
 
@@ -220,7 +170,7 @@ def test_report_content(runs: list[dict[str, Any]], sample_data: Path) -> None:
     assert sorted(s["target"] for s in ssi["sets"]) == ["eyes", "lower_face", "nose"]
     for s in ssi["sets"]:
         assert s["method"] == "ssi" and s["seed"] == SEED and len(s["directions"]) == 2
-        assert s["fr_model"]["version"] == "1" and s["set_id"] and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])
+        assert s["fr_model"]["version"] == fr_v and s["set_id"] and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])
         t = s["traversal"]
         assert len(t["alphas"]) == 5 and (folder / t["strip"]).stat().st_size > 1000
 
@@ -277,9 +227,11 @@ def test_same_seed_same_json(runs: list[dict[str, Any]]) -> None:
     assert runs[0]["json"]["audit"]["started"] and "loaded_at" in json.dumps(runs[0]["json"])
 
 
-def test_every_audit_call_was_authenticated(runs: list[dict[str, Any]], services: dict[str, RunningService]) -> None:
+def test_every_audit_call_was_authenticated(runs: list[dict[str, Any]], deployment: Deployment) -> None:
     """The access logs show the audit's calls as the auditor's, each answered (TLS and tokens were on)."""
-    for name, svc in services.items():
+    if deployment.deployed:
+        pytest.skip("reads the loopback processes' access logs; a staging serves without tokens")
+    for name, svc in deployment.processes.items():
         calls = [json.loads(line) for line in svc.log_text().splitlines() if '"logger": "facexplain.access"' in line]
         audit_calls = [c for c in calls if c.get("principal") == "auditor"]
         assert len(audit_calls) >= 2, f"{name}: no call of the auditor in the access log"
@@ -312,14 +264,17 @@ def test_unreachable_service_is_a_clear_error(sample_data: Path, tmp_path: Path)
 
 
 def test_registry_not_reachable_is_a_clear_error(
-    targets: list[str], pki: dict[str, Path], sample_data: Path, tmp_path: Path
+    targets: list[str], deployment: Deployment, sample_data: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A service that follows no registry, or one that cannot reach it, stops the audit with exit 3."""
+    if deployment.deployed:
+        pytest.skip("starts misconfigured embedding services of its own beside the loopback ones")
+    pki = request.getfixturevalue("pki")
     others = [t for t in targets if not t.startswith("embedding=")]
     down = f"http://127.0.0.1:{free_port()}"
     envs = {
-        "none": {**_env("", tmp_path / "cache-none", pki), "FACEXPLAIN_REGISTRY_URI": ""},
-        "down": {**_env(down, tmp_path / "cache-down", pki), "FACEXPLAIN_REGISTRY_TIMEOUT_S": "1"},
+        "none": {**service_env("", tmp_path / "cache-none", pki), "FACEXPLAIN_REGISTRY_URI": ""},
+        "down": {**service_env(down, tmp_path / "cache-down", pki), "FACEXPLAIN_REGISTRY_TIMEOUT_S": "1"},
     }
 
     def start(case: str) -> RunningService:  # both fall back to the local weights
@@ -331,7 +286,11 @@ def test_registry_not_reachable_is_a_clear_error(
     try:
         none, unreachable = (
             _audit(
-                tmp_path / f"r-{case}", sample_data, [*others, f"embedding={svc[case].address}"], pki=pki, timeout=120
+                tmp_path / f"r-{case}",
+                sample_data,
+                [*others, f"embedding={svc[case].address}"],
+                dep=deployment,
+                timeout=120,
             )
             for case in ("none", "down")
         )
@@ -364,27 +323,27 @@ def test_pairs_file_and_targets(sample_data: Path, tmp_path: Path) -> None:
     assert t["decoding"] == "h:1" and t["attributes"] == "h:2" and t["embedding"] == "127.0.0.1:50051"
 
 
-def test_sdk_facade_reaches_all_five_services(
-    services: dict[str, RunningService], targets: list[str], pki: dict[str, Path]
-) -> None:
+def test_sdk_facade_reaches_all_five_services(deployment: Deployment, served: dict[str, str]) -> None:
     import grpc
 
     from sdk.client import AttributesClient, EmbeddingClient, Facexplain
 
-    addresses = {n: s.address for n, s in services.items()}
-    with Facexplain(targets=addresses, timeout=30, security=ClientSecurity(ca_file=str(pki["ca"]))) as anonymous:
-        with pytest.raises(grpc.RpcError) as refused:
-            anonymous.embedding.model_status()
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    security = ClientSecurity(ca_file=str(pki["ca"]), token=AUDITOR_TOKEN)
-    with Facexplain(targets=addresses, timeout=30, security=security) as fx:
+    addresses = deployment.addresses
+    if deployment.token is not None:  # with tokens on, a caller without one is refused
+        ca = str(deployment.ca_file or "")
+        with Facexplain(targets=addresses, timeout=30, security=ClientSecurity(ca_file=ca)) as anonymous:
+            with pytest.raises(grpc.RpcError) as refused:
+                anonymous.embedding.model_status()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with Facexplain(targets=addresses, timeout=30, security=deployment.security) as fx:
         assert isinstance(fx.embedding, EmbeddingClient) and fx.embedding is fx.embedding  # opened once
         assert isinstance(fx.attributes, AttributesClient)
         status = fx.model_status()
         assert set(status) == {"embedding", "decoding", "directions", "attributes", "counterfactual"}
         for name, resp in status.items():
             fr = [m for m in resp.models if m.kind == "embedder" and m.model.name == "facexplain-fr-dlib128"]
-            assert fr and fr[0].model.version == "1", f"{name} does not serve the FR model v1: {resp}"
+            want = served[DEFAULT_FR_MODEL]
+            assert fr and fr[0].model.version == want, f"{name} does not serve the FR model v{want}: {resp}"
     with pytest.raises(ValueError, match="unknown service"):
         Facexplain(targets={"embeding": "127.0.0.1:1"})
     assert Facexplain("10.0.0.9").targets["counterfactual"] == "10.0.0.9:50055"
