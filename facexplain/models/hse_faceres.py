@@ -69,6 +69,7 @@ class HseFaceRes(nn.Module):
     """
 
     arch = ARCHITECTURE
+    centre: torch.Tensor
 
     def __init__(self, graph: TfjsGraphNet, centre: torch.Tensor | None = None, channels: str = CHANNELS) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch import nn
 from facexplain.models.tfops import depthwise_hwcm_to_torch, hwio_to_oihw, same_pad
 from facexplain.models.weights import read_weight_groups
 
-_UNARY = {
+_UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Relu": torch.relu,
     "Relu6": lambda x: torch.clamp(x, 0.0, 6.0),
     "Abs": torch.abs,
@@ -43,7 +44,7 @@ _UNARY = {
     "Exp": torch.exp,
     "Identity": lambda x: x,
 }
-_BINARY = {
+_BINARY: dict[str, Callable[..., torch.Tensor]] = {
     "Add": torch.add,
     "AddV2": torch.add,
     "BiasAdd": torch.add,
@@ -54,7 +55,7 @@ _BINARY = {
     "Minimum": torch.minimum,
 }
 _CONV = {"Conv2D", "_FusedConv2D", "DepthwiseConv2dNative", "FusedDepthwiseConv2dNative"}
-_REDUCE = {"Sum": torch.sum, "Mean": torch.mean, "Max": torch.amax}
+_REDUCE: dict[str, Callable[..., torch.Tensor]] = {"Sum": torch.sum, "Mean": torch.mean, "Max": torch.amax}
 SUPPORTED_OPS = frozenset(
     {"Const", "Placeholder", "Squeeze", "Reshape", "Pad", "MatMul", "_FusedMatMul", "Softmax", "ConcatV2"}
     | set(_UNARY)
@@ -253,8 +254,7 @@ class TfjsGraphNet(nn.Module):
         x = self._value(env, step.inputs[0])
         if op == "Squeeze":
             dims = _attr_ints(a, "squeeze_dims") or [i for i, s in enumerate(_to_nhwc(x).shape) if s == 1]
-            axes = sorted((_axis(d, x.dim()) for d in dims), reverse=True)
-            for d in axes:
+            for d in sorted((_axis(d, x.dim()) for d in dims), reverse=True):
                 x = x.squeeze(d)
             return x
         if op in _REDUCE:
