@@ -9,7 +9,8 @@
   calibrated rule's TAR/FAR on CelebA identities held apart by the project's split (``held_apart_sample``,
   the sample the default model's AUC is quoted on; the rule was calibrated on training identities);
 * independence: Pearson correlation between the two models' scores (default: -L2, its rule's metric;
-  second: cosine) over the same impostor pairs, the default model run in-process on the same images.
+  second: cosine) over the same impostor pairs, the default model run in-process on the same images
+  (also: rank correlation, and with the default model's cosine).
 
 Writes bench/results/second-model-cpu.json.
 """
@@ -72,6 +73,15 @@ def embed_grpc(address: str, paths: list[Path]) -> tuple[dict[int, np.ndarray], 
                 out[start + r.index] = template_array(r.ok.template)
     client.close()
     return out, model
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(np.float64)
+
+
+def _cosine_pairs(t: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    n = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return (n[i] * n[j]).sum(1)
 
 
 def main() -> None:
@@ -155,6 +165,10 @@ def main() -> None:
         "default_model_same_pairs": {"auc": round(roc_auc(s1, genuine), 5)},
         "impostor_score_correlation": round(float(np.corrcoef(s1[~genuine], s2[~genuine])[0, 1]), 4),
         "genuine_score_correlation": round(float(np.corrcoef(s1[genuine], s2[genuine])[0, 1]), 4),
+        "impostor_rank_correlation": round(float(np.corrcoef(_ranks(s1[~genuine]), _ranks(s2[~genuine]))[0, 1]), 4),
+        "impostor_correlation_default_cosine": round(
+            float(np.corrcoef(_cosine_pairs(t1_, i, j)[~genuine], s2[~genuine])[0, 1]), 4
+        ),
         "calibration": calibration["calibration"],
         "seconds": round(time.time() - t0, 1),
         "machine": machine(),
