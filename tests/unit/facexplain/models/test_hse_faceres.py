@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,29 @@ def test_five_point_alignment_lands_on_the_reference() -> None:
     chip_to_image = five_point_transforms(lm, ref)[0]
     mapped = ref @ chip_to_image[:, :2].T + chip_to_image[:, 2]
     assert torch.allclose(mapped, image_pts, atol=1e-9)
+
+
+def test_bundle_alignment_fields_are_checked() -> None:
+    from facexplain.artifacts.bundle import BundleError
+    from facexplain.artifacts.embedder import _alignment_fields
+
+    assert _alignment_fields({"template": "dlib get_face_chip", "chip_size": 150, "padding": 0.25}) == {}
+    ref = [list(p) for p in reference_points()]
+    assert _alignment_fields({"scheme": "arcface_5pt", "reference": ref})["reference"] == reference_points()
+    with pytest.raises(BundleError, match="unknown"):
+        _alignment_fields({"scheme": "eyes_only"})
+    with pytest.raises(BundleError, match="five"):
+        _alignment_fields({"scheme": "arcface_5pt", "reference": ref[:3]})
+    with pytest.raises(BundleError, match="reference"):
+        _alignment_fields({"scheme": "arcface_5pt"})
+
+
+def test_a_tfjs_graph_component_names_a_file_inside_the_bundle(tmp_path: Path) -> None:
+    from facexplain.artifacts.bundle import BundleError
+    from facexplain.artifacts.embedder import _load_tfjs_graph_recognition
+
+    spec = {"arch": "hse_faceres_1024", "format": "tfjs_graph", "model": "../faceres.json", "file": "x.pt"}
+    with pytest.raises(BundleError, match="bad tfjs graph file name"):
+        _load_tfjs_graph_recognition(tmp_path, spec)
+    with pytest.raises(BundleError, match="unknown architecture"):
+        _load_tfjs_graph_recognition(tmp_path, {**spec, "arch": "resnet100"})
