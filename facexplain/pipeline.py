@@ -19,7 +19,7 @@ from enum import Enum
 
 import torch
 
-from facexplain.faces.align import align_faces, align_faces_from_images
+from facexplain.faces.align import DLIB_ALIGNMENT, align_faces, align_faces_from_images
 from facexplain.faces.detect import FaceDetector
 from facexplain.metrics.verification import DLIB_L2_RULE, VerificationRule
 from facexplain.models.landmarks import FaceLandmark68Net, landmarks_for_image_boxes
@@ -48,6 +48,14 @@ class EmbedderInfo:
     chip_size: int
     chip_padding: float
     rule: VerificationRule
+    # how chips are cut: dlib's 68-point chip (default) or a five-point similarity onto ``reference``
+    alignment: str = DLIB_ALIGNMENT
+    reference: tuple[tuple[float, float], ...] | None = None
+
+    def alignment_args(self) -> dict[str, object]:
+        """Keyword arguments of :func:`facexplain.faces.align.align_faces` for this model's chips."""
+        ref = torch.tensor(self.reference, dtype=torch.float64) if self.reference is not None else None
+        return {"size": self.chip_size, "padding": self.chip_padding, "alignment": self.alignment, "reference": ref}
 
 
 DEFAULT_EMBEDDER = EmbedderInfo(
@@ -167,8 +175,7 @@ class FacePipeline:
         return align_faces(
             image[None].to(self.device),
             landmarks[None].to(self.device, torch.float32),
-            size=self.info.chip_size,
-            padding=self.info.chip_padding,
+            **self.info.alignment_args(),  # type: ignore[arg-type]
         )[0]
 
     def embed_chips(self, chips: torch.Tensor) -> torch.Tensor:
@@ -192,8 +199,7 @@ class FacePipeline:
                 images,
                 torch.tensor(idx),
                 landmarks.to(self.device, torch.float32),
-                size=self.info.chip_size,
-                padding=self.info.chip_padding,
+                **self.info.alignment_args(),  # type: ignore[arg-type]
             )
             templates = self.embed_chips(chips).cpu()
             for k, i in enumerate(idx):

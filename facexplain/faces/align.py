@@ -97,6 +97,53 @@ def chip_transforms(landmarks68: torch.Tensor, size: int = 150, padding: float =
     return torch.cat([eff, offset.unsqueeze(-1)], dim=-1).to(dtype)
 
 
+# Five points from the 68 iBUG landmarks, in the order of MTCNN/InsightFace's five: the eye centres
+# (mean of each eye's six points; the eye on the image's left first), the nose tip, the mouth corners.
+FIVE_POINT_GROUPS = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
+DLIB_ALIGNMENT = "dlib"
+ARCFACE_5PT_ALIGNMENT = "arcface_5pt"
+ALIGNMENTS = (DLIB_ALIGNMENT, ARCFACE_5PT_ALIGNMENT)
+
+
+def five_points(landmarks68: torch.Tensor) -> torch.Tensor:
+    """(N, 68, 2) -> (N, 5, 2): eye centres, nose tip, mouth corners."""
+    return torch.stack([landmarks68[:, list(g)].mean(dim=1) for g in FIVE_POINT_GROUPS], dim=1)
+
+
+def five_point_transforms(landmarks68: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(N, 68, 2) image landmarks -> (N, 2, 3) chip-to-image maps for a five-point reference (5, 2).
+
+    InsightFace-style: the least-squares similarity from the image's five points onto the reference
+    (what ``skimage``'s ``SimilarityTransform.estimate(src=landmarks, dst=reference)`` fits), inverted
+    here because sampling needs chip -> image. Pixel-index coordinates on both sides, as cv2's
+    ``warpAffine`` uses them.
+    """
+    pts = five_points(landmarks68.detach().to(torch.float64))
+    fit = similarity_transform(pts, reference.to(pts.device, torch.float64))  # image -> chip
+    a, t = fit[:, :, :2], fit[:, :, 2:]
+    a_inv = torch.linalg.inv(a)
+    inv = torch.cat([a_inv, -(a_inv @ t)], dim=-1)
+    dtype = landmarks68.dtype if landmarks68.is_floating_point() else torch.float32
+    return inv.to(dtype)
+
+
+def face_transforms(
+    landmarks68: torch.Tensor,
+    size: int,
+    padding: float,
+    alignment: str = DLIB_ALIGNMENT,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Chip-to-image maps of either alignment (``reference``: the five-point template, chip pixels)."""
+    if alignment == DLIB_ALIGNMENT:
+        return chip_transforms(landmarks68, size, padding)
+    if alignment == ARCFACE_5PT_ALIGNMENT:
+        if reference is None:
+            raise ValueError("five-point alignment needs its reference points")
+        return five_point_transforms(landmarks68, reference)
+    raise ValueError(f"unknown alignment {alignment!r}; expected one of {ALIGNMENTS}")
+
+
 def _to_homogeneous(m: torch.Tensor) -> torch.Tensor:
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=m.dtype, device=m.device).expand(m.shape[0], 1, 3)
     return torch.cat([m, bottom], dim=1)
@@ -130,7 +177,12 @@ def _sample_chips(canvas: torch.Tensor, chip_to_image: torch.Tensor, image_wh: t
 
 
 def align_faces(
-    image_batch: torch.Tensor, landmarks68: torch.Tensor, size: int = 150, padding: float = 0.25
+    image_batch: torch.Tensor,
+    landmarks68: torch.Tensor,
+    size: int = 150,
+    padding: float = 0.25,
+    alignment: str = DLIB_ALIGNMENT,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, C, H, W) images, one face each, + (N, 68, 2) landmarks -> (N, C, size, size) dlib-style chips.
 
@@ -140,7 +192,7 @@ def align_faces(
     """
     n, _, h, w = image_batch.shape
     wh = torch.tensor([[w, h]], device=image_batch.device).expand(n, 2)
-    return _sample_chips(image_batch, chip_transforms(landmarks68, size, padding), wh, size)
+    return _sample_chips(image_batch, face_transforms(landmarks68, size, padding, alignment, reference), wh, size)
 
 
 def align_faces_from_images(
@@ -149,6 +201,8 @@ def align_faces_from_images(
     landmarks68: torch.Tensor,
     size: int = 150,
     padding: float = 0.25,
+    alignment: str = DLIB_ALIGNMENT,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chips for N faces drawn from differently sized (C, H_i, W_i) images in one batched call.
 
@@ -162,4 +216,5 @@ def align_faces_from_images(
     canvas = torch.stack([F.pad(img, (0, wmax - img.shape[-1], 0, hmax - img.shape[-2])) for img in images])
     sizes = torch.tensor([[img.shape[-1], img.shape[-2]] for img in images], device=canvas.device)
     index = image_index.to(device=canvas.device, dtype=torch.long)
-    return _sample_chips(canvas[index], chip_transforms(landmarks68, size, padding), sizes[index], size)
+    transforms = face_transforms(landmarks68, size, padding, alignment, reference)
+    return _sample_chips(canvas[index], transforms, sizes[index], size)

