@@ -34,8 +34,8 @@ $(PROTO_STAMP): $(PROTOS) scripts/gen_protos.py $(STAMP)
 proto: $(PROTO_STAMP)  ## regenerate Python code from protos/
 
 test: setup  ## the whole suite: fast tests first, then real servers on loopback
-	$(BIN)/pytest -q -m "not integration" tests
-	$(BIN)/pytest -q -m integration tests
+	$(BIN)/pytest -q -m "not integration" --durations=15 tests
+	$(BIN)/pytest -q -m integration --durations=25 tests
 
 demo: setup  ## registry with the shipped models, all five services, an audit of the bundled sample faces, stop
 	$(BIN)/python scripts/demo.py

@@ -1,12 +1,15 @@
 """Identity quality of the served default model, measured through gRPC on real faces.
 
 CelebA: identities held apart by the project's identity split (the test side, never used for
-training anything); ORL: all 400 images, leave-one-out rank-1. Images where no face is found count
-against the model (a miss for rank-1; left out of pairs but reported).
+training anything); ORL: leave-one-out rank-1 over the 200 images of subjects s1-s20 by default (all
+400, with the padded second detection pass tight ORL crops take, cost a minute more on 2 cores for the
+same check); ``FACEXPLAIN_ORL_SUBJECTS=40`` runs the whole set, as the README's figure was measured.
+Images where no face is found count against the model (a miss for rank-1; left out of pairs but reported).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,8 @@ from facexplain.metrics.verification import DLIB_L2_RULE, pair_scores, rank1_acc
 from sdk.client import EmbeddingClient, image_from_path, template_array
 
 pytestmark = pytest.mark.integration
+
+ORL_SUBJECTS = int(os.environ.get("FACEXPLAIN_ORL_SUBJECTS", "20"))
 
 
 def _embed_all(client: EmbeddingClient, paths: list[Path]) -> tuple[list[int], np.ndarray]:
@@ -51,11 +56,12 @@ def test_celeba_pair_auc_on_held_apart_identities(embedding_client: EmbeddingCli
 
 
 def test_orl_rank1(embedding_client: EmbeddingClient, orl_dir: Path) -> None:
-    records = orl_records(orl_dir)
-    assert len(records) == 400
+    records = [r for r in orl_records(orl_dir) if int(r.identity[1:]) <= ORL_SUBJECTS]
+    assert len(records) == 10 * ORL_SUBJECTS
     kept, templates = _embed_all(embedding_client, [r.path for r in records])
     ids = [records[k].identity for k in kept]
     rank1_found = rank1_accuracy(torch.from_numpy(templates), ids, DLIB_L2_RULE)
     rank1 = rank1_found * len(kept) / len(records)  # a face not found is a miss
-    print(f"\nORL: {len(kept)}/400 faces found, rank-1 {rank1_found:.4f} on found, {rank1:.4f} counting misses")
+    found = f"{len(kept)}/{len(records)} faces found"
+    print(f"\nORL: {found}, rank-1 {rank1_found:.4f} on found, {rank1:.4f} counting misses")
     assert rank1 >= 0.97
