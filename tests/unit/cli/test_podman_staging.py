@@ -116,7 +116,7 @@ def test_every_port_is_published_on_loopback_only(rendered: list[dict[str, Any]]
         for c in o["spec"]["template"]["spec"]["containers"]
         for p in c.get("ports", [])
     ]
-    assert len(ports) == len(rendered_ports) == 12  # grpc + metrics x5, MLflow http, PostgreSQL
+    assert len(ports) == len(rendered_ports) == 17  # grpc + metrics + health x5, MLflow http, PostgreSQL
     assert all(p["hostIP"] == "127.0.0.1" and p["hostPort"] >= 40000 for _, p in ports)
     assert len({p["hostPort"] for _, p in ports}) == len(ports)  # five metrics ports on 9090 do not collide
     for pod, p in ports:
