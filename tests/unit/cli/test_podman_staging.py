@@ -178,6 +178,15 @@ def test_what_podman_cannot_express_is_an_error(rendered: list[dict[str, Any]]) 
     odd = [*copy.deepcopy(rendered), {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x"}}]
     with pytest.raises(ps.PodmanStagingError, match="CronJob"):
         ps.translate(odd, host_port=_ports(), version=VERSION)
+    # The base's TLS Secret volume left in by an overlay that renders no such Secret: said before kube play.
+    tls = copy.deepcopy(rendered)
+    embedding = next(o for o in tls if o["kind"] == "Deployment" and o["metadata"]["name"] == "facexplain-embedding")
+    spec = embedding["spec"]["template"]["spec"]
+    spec["volumes"].append({"name": "tls", "secret": {"secretName": "facexplain-tls"}})
+    with pytest.raises(
+        ps.PodmanStagingError, match="facexplain-embedding: volume tls mounts the Secret facexplain-tls"
+    ):
+        ps.translate(tls, host_port=_ports(), version=VERSION)
 
 
 def test_containers_conf_uses_runc_and_ulimits_within_the_hard_limits(tmp_path: Path) -> None:
