@@ -297,6 +297,16 @@ def translate(objects: list[Obj], *, host_port: HostPort = free_port, version: s
                 if pvc and pvc not in plan.volumes and pvc not in tmpfs:
                     plan.volumes.append(pvc)
             plan.images += [c["image"] for c in pod["spec"]["containers"] if c["image"] not in plan.images]
+    for doc in (*plan.registry_docs, *plan.server_docs):
+        for volume in doc["spec"].get("volumes", []) if doc["kind"] == "Pod" else []:
+            ref = volume.get("secret") or {}
+            if ref and not ref.get("optional") and ref.get("secretName") not in plan.secrets:
+                raise PodmanStagingError(
+                    f"Pod {doc['metadata']['name']}: volume {volume['name']} mounts the Secret "
+                    f"{ref.get('secretName')}, which the overlay does not render (a cluster would hold the pod "
+                    "pending, podman would fail it); staging serves plaintext: k8s/overlays/staging/plaintext.yaml "
+                    "drops the base's TLS Secret"
+                )
     missing = [f"facexplain-{s}" for s in SERVICES if f"facexplain-{s}" not in plan.published]
     if missing or MLFLOW_POD not in plan.published:
         raise PodmanStagingError(f"the overlay renders no pod for {', '.join(missing or [MLFLOW_POD])}")

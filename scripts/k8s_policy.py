@@ -35,6 +35,8 @@ KUBERNETES_VERSION = "1.31.0"
 OVERLAYS = {"staging": REPO / "k8s/overlays/staging", "gpu": REPO / "k8s/overlays/gpu"}
 TRAINING = {"training-jobs": REPO / "k8s/training/jobs", "training-pytorchjob": REPO / "k8s/training/pytorchjob"}
 GPU_KUSTOMIZATIONS = {"gpu", "training-pytorchjob"}
+# Production-shaped overlays: model servers serve TLS (staging alone is plaintext, for the e2e suite).
+TLS_KUSTOMIZATIONS = {"gpu"}
 
 MODEL_SERVER_LABEL = "facexplain.io/model-server"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -384,6 +386,125 @@ def network_violations(objs: Iterable[Obj]) -> list[str]:
     return out
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_TLS_FILES = ("FACEXPLAIN_TLS_CERT_FILE", "FACEXPLAIN_TLS_KEY_FILE")
+_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def container_env(objs: Iterable[Obj], pod: PodTemplate, container: Obj) -> dict[str, str]:
+    """The literal environment ``container`` starts with: its ConfigMaps (envFrom, same namespace), then env."""
+    ns = pod.owner.get("metadata", {}).get("namespace")
+    maps = {
+        o["metadata"].get("name"): o.get("data") or {}
+        for o in objs
+        if o.get("kind") == "ConfigMap" and o.get("metadata", {}).get("namespace") == ns
+    }
+    env: dict[str, str] = {}
+    for src in container.get("envFrom") or []:
+        name = (src.get("configMapRef") or {}).get("name")
+        env.update({k: str(v) for k, v in maps.get(name, {}).items()})
+    env.update({e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e})
+    return env
+
+
+def _secret_mount(pod: PodTemplate, container: Obj, path: str) -> tuple[Obj | None, Obj | None]:
+    """The volumeMount holding ``path`` (the deepest) and the volume behind it."""
+    mounts = [
+        m
+        for m in container.get("volumeMounts") or []
+        if path == m.get("mountPath") or path.startswith(str(m.get("mountPath", "")).rstrip("/") + "/")
+    ]
+    if not mounts:
+        return None, None
+    mount = max(mounts, key=lambda m: len(str(m.get("mountPath"))))
+    volumes = {v.get("name"): v for v in pod.spec.get("volumes") or []}
+    return mount, volumes.get(mount.get("name"))
+
+
+def _from_secret(volume: Obj) -> bool:
+    if volume.get("secret"):
+        return True
+    sources = (volume.get("projected") or {}).get("sources") or []
+    return bool(sources) and all("secret" in s for s in sources)
+
+
+def _int(text: str | None, default: int = -1) -> int:
+    try:
+        return int(str(text))
+    except ValueError:
+        return default
+
+
+def tls_violations(objs: Iterable[Obj]) -> list[str]:
+    """Outside staging, every model server serves its gRPC port over TLS (the kit otherwise binds the pod's
+    loopback only, out of reach of Services and probes, or with FACEXPLAIN_ALLOW_INSECURE serves faces in
+    clear), from files on a mounted Secret (whole, so that rotation reaches the pod); its gRPC probes, which
+    speak no TLS, ask the plaintext health port (FACEXPLAIN_HEALTH_PORT); and no NetworkPolicy opens that
+    port to other pods (the kubelet probes from the node, which NetworkPolicy always lets in)."""
+    objs = list(objs)
+    out: list[str] = []
+    policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
+    for pod in pod_templates(objs):
+        if not pod.model_server:
+            continue
+        health_ports: set[Any] = set()
+        for where, c, init in _containers(pod):
+            if init:
+                continue
+            env = container_env(objs, pod, c)
+            if env.get("FACEXPLAIN_ALLOW_INSECURE", "").strip().lower() in _TRUE:
+                out.append(f"{where}: FACEXPLAIN_ALLOW_INSECURE is on (plaintext beyond loopback outside staging)")
+            files = [
+                *_TLS_FILES,
+                *(["FACEXPLAIN_TLS_CLIENT_CA_FILE"] if env.get("FACEXPLAIN_TLS_CLIENT_CA_FILE") else []),
+            ]
+            for key in files:
+                path = env.get(key, "")
+                if not path:
+                    out.append(f"{where}: {key} is not set: no TLS on the gRPC port")
+                    continue
+                mount, volume = _secret_mount(pod, c, path)
+                if volume is None or not _from_secret(volume):
+                    out.append(f"{where}: {key} {path} is on no mounted Secret volume")
+                elif mount is not None and mount.get("subPath"):
+                    out.append(f"{where}: {key} {path} is mounted with subPath (a rotated Secret never reaches it)")
+            health = _int(env.get("FACEXPLAIN_HEALTH_PORT"))
+            if health < 1:
+                out.append(f"{where}: FACEXPLAIN_HEALTH_PORT is not set: the kubelet's gRPC probes cannot speak TLS")
+            elif health == _int(env.get("FACEXPLAIN_PORT"), 50051):
+                out.append(f"{where}: FACEXPLAIN_HEALTH_PORT {health} is the gRPC port")
+            else:
+                health_ports.add(health)
+                health_ports.update(p["name"] for p in c.get("ports") or [] if p.get("containerPort") == health)
+            for probe in _PROBES:
+                grpc_probe = (c.get(probe) or {}).get("grpc")
+                if grpc_probe is not None and grpc_probe.get("port") != health:
+                    out.append(
+                        f"{where}: {probe} asks port {grpc_probe.get('port')}, not the plaintext health port "
+                        f"(FACEXPLAIN_HEALTH_PORT {health}): a gRPC probe speaks no TLS"
+                    )
+        ns = pod.owner.get("metadata", {}).get("namespace")
+        for np in policies:
+            spec = np.get("spec") or {}
+            if np.get("metadata", {}).get("namespace") != ns:
+                continue
+            if not _selects((spec.get("podSelector") or {}).get("matchLabels") or {}, pod.labels):
+                continue
+            for rule in spec.get("ingress") or []:
+                if not rule.get("ports"):
+                    out.append(f"{name_of(np)}: an ingress rule opens every port of {pod.where}, its health port too")
+                    continue
+                for port in rule["ports"]:
+                    number, end = port.get("port"), port.get("endPort")
+                    hit = number in health_ports or (
+                        isinstance(number, int)
+                        and any(number <= h <= (end or number) for h in health_ports if isinstance(h, int))
+                    )
+                    if hit:
+                        out.append(f"{name_of(np)}: opens the plaintext health port ({number}) of {pod.where} to pods")
+    return out
+
+
 def env_names(objs: Iterable[Obj]) -> set[str]:
     """Every FACEXPLAIN_* name the manifests set: ConfigMap keys and container env."""
     names: set[str] = set()
@@ -429,8 +550,9 @@ def project_version() -> str:
         return str(tomllib.load(fh)["project"]["version"])
 
 
-def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = None) -> list[str]:
-    """Every policy over one rendered kustomization; ``gpu``: its model servers must hold GPUs."""
+def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = None, tls: bool = False) -> list[str]:
+    """Every policy over one rendered kustomization; ``gpu``: its model servers must hold GPUs; ``tls``: they
+    must serve TLS, with probes on the plaintext health port (every overlay but staging)."""
     objs = list(objs)
     out = (
         container_violations(objs)
@@ -442,6 +564,8 @@ def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = N
     )
     if gpu:
         out += gpu_violations(objs)
+    if tls:
+        out += tls_violations(objs)
     return out
 
 
@@ -456,7 +580,7 @@ def main(argv: list[str]) -> int:
         objs = render(path, kubectl)
         problems = (
             schema_violations(objs)
-            + policy_violations(objs, gpu=label in GPU_KUSTOMIZATIONS, version=version)
+            + policy_violations(objs, gpu=label in GPU_KUSTOMIZATIONS, version=version, tls=label in TLS_KUSTOMIZATIONS)
             + env_violations(objs, known)
         )
         print(

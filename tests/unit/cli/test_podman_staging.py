@@ -116,7 +116,7 @@ def test_every_port_is_published_on_loopback_only(rendered: list[dict[str, Any]]
         for c in o["spec"]["template"]["spec"]["containers"]
         for p in c.get("ports", [])
     ]
-    assert len(ports) == len(rendered_ports) == 12  # grpc + metrics x5, MLflow http, PostgreSQL
+    assert len(ports) == len(rendered_ports) == 17  # grpc + metrics + health x5, MLflow http, PostgreSQL
     assert all(p["hostIP"] == "127.0.0.1" and p["hostPort"] >= 40000 for _, p in ports)
     assert len({p["hostPort"] for _, p in ports}) == len(ports)  # five metrics ports on 9090 do not collide
     for pod, p in ports:
@@ -178,6 +178,15 @@ def test_what_podman_cannot_express_is_an_error(rendered: list[dict[str, Any]]) 
     odd = [*copy.deepcopy(rendered), {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x"}}]
     with pytest.raises(ps.PodmanStagingError, match="CronJob"):
         ps.translate(odd, host_port=_ports(), version=VERSION)
+    # The base's TLS Secret volume left in by an overlay that renders no such Secret: said before kube play.
+    tls = copy.deepcopy(rendered)
+    embedding = next(o for o in tls if o["kind"] == "Deployment" and o["metadata"]["name"] == "facexplain-embedding")
+    spec = embedding["spec"]["template"]["spec"]
+    spec["volumes"].append({"name": "tls", "secret": {"secretName": "facexplain-tls"}})
+    with pytest.raises(
+        ps.PodmanStagingError, match="facexplain-embedding: volume tls mounts the Secret facexplain-tls"
+    ):
+        ps.translate(tls, host_port=_ports(), version=VERSION)
 
 
 def test_containers_conf_uses_runc_and_ulimits_within_the_hard_limits(tmp_path: Path) -> None:

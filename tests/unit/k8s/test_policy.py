@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.k8s.conftest import BROKEN, by_name, policy
+from tests.unit.k8s.conftest import BROKEN, REPO, by_name, policy
 
 Obj = dict[str, Any]
 Rendered = dict[str, list[Obj]]
@@ -22,8 +22,8 @@ def known_env() -> set[str]:
 @pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob"])
 def test_every_kustomization_passes_the_policy(rendered: Rendered, label: str, known_env: set[str]) -> None:
     objs = rendered[label]
-    gpu = label in policy.GPU_KUSTOMIZATIONS
-    assert policy.policy_violations(objs, gpu=gpu, version=policy.project_version()) == []
+    gpu, tls = label in policy.GPU_KUSTOMIZATIONS, label in policy.TLS_KUSTOMIZATIONS
+    assert policy.policy_violations(objs, gpu=gpu, version=policy.project_version(), tls=tls) == []
     assert policy.env_violations(objs, known_env) == []
 
 
@@ -226,3 +226,149 @@ def test_an_unknown_setting_name_fails(rendered: Rendered, known_env: set[str]) 
     assert policy.env_violations(objs, known_env) == [
         "FACEXPLAIN_REGISTRY_URL: set in the manifests but read by no setting"
     ]
+
+
+# -- TLS outside staging ------------------------------------------------------------------------------------
+
+
+def test_every_overlay_but_staging_is_held_to_tls() -> None:
+    assert set(policy.OVERLAYS) - {"staging"} == policy.TLS_KUSTOMIZATIONS
+
+
+def test_the_staging_overlay_would_not_pass_as_a_tls_one(rendered: Rendered) -> None:
+    problems = policy.tls_violations(rendered["staging"])
+    for name in ("embedding", "decoding", "directions", "attributes", "counterfactual"):
+        where = f"Deployment/facexplain-{name} container server"
+        assert f"{where}: FACEXPLAIN_TLS_CERT_FILE is not set: no TLS on the gRPC port" in problems
+        assert f"{where}: FACEXPLAIN_ALLOW_INSECURE is on (plaintext beyond loopback outside staging)" in problems
+    assert len(problems) == 15, problems  # cert, key, allow-insecure x5; its probes already ask the health port
+    assert not [p for p in problems if "mlflow" in p or "postgres" in p], "only model servers serve gRPC"
+
+
+def test_a_kustomization_with_tls_undone_fails_the_tls_policy(kubectl: str) -> None:
+    # tests/data/k8s/broken-tls: the real base with TLS undone four ways (see its kustomization.yaml).
+    objs = policy.render(REPO / "tests" / "data" / "k8s" / "broken-tls", kubectl)
+    assert policy.policy_violations(objs, gpu=False, version=policy.project_version()) == []
+    problems = policy.policy_violations(objs, gpu=False, version=policy.project_version(), tls=True)
+    dep = "Deployment/facexplain-{} container server: "
+    assert sorted(problems) == sorted(
+        [
+            dep.format("embedding") + "readinessProbe asks port 50051, not the plaintext health port "
+            "(FACEXPLAIN_HEALTH_PORT 8081): a gRPC probe speaks no TLS",
+            dep.format("decoding") + "FACEXPLAIN_ALLOW_INSECURE is on (plaintext beyond loopback outside staging)",
+            dep.format("directions") + "FACEXPLAIN_TLS_CERT_FILE /etc/facexplain/tls/tls.crt is on no mounted "
+            "Secret volume",
+            dep.format("directions") + "FACEXPLAIN_TLS_KEY_FILE /etc/facexplain/tls/tls.key is on no mounted "
+            "Secret volume",
+        ]
+        + [
+            f"NetworkPolicy/facexplain-model-servers: opens the plaintext health port (health) of "
+            f"Deployment/facexplain-{name} to pods"
+            for name in ("embedding", "decoding", "directions", "attributes", "counterfactual")
+        ]
+    )
+
+
+def _config(key: str, value: str | None) -> Callable[[list[Obj]], object]:
+    def change(objs: list[Obj]) -> None:
+        data = by_name(objs, "ConfigMap", "facexplain-config")["data"]
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+
+    return change
+
+
+def _embedding(change: Callable[[Obj, Obj], object]) -> Callable[[list[Obj]], object]:
+    def apply(objs: list[Obj]) -> None:
+        dep = by_name(objs, "Deployment", "facexplain-embedding")
+        change(dep, dep["spec"]["template"]["spec"]["containers"][0])
+
+    return apply
+
+
+def _mount(**fields: Any) -> Callable[[Obj, Obj], object]:
+    return lambda dep, c: next(m for m in c["volumeMounts"] if m["name"] == "tls").update(fields)
+
+
+def _servers_policy_rule(rule: Obj) -> Callable[[list[Obj]], object]:
+    return lambda objs: by_name(objs, "NetworkPolicy", "facexplain-model-servers")["spec"]["ingress"].append(rule)
+
+
+TLS_BREAKS: dict[str, tuple[Callable[[list[Obj]], object], str]] = {
+    "no key": (_config("FACEXPLAIN_TLS_KEY_FILE", None), "FACEXPLAIN_TLS_KEY_FILE is not set"),
+    "empty certificate": (_config("FACEXPLAIN_TLS_CERT_FILE", ""), "FACEXPLAIN_TLS_CERT_FILE is not set"),
+    "plaintext allowed": (_config("FACEXPLAIN_ALLOW_INSECURE", "true"), "FACEXPLAIN_ALLOW_INSECURE is on"),
+    "no health port": (_config("FACEXPLAIN_HEALTH_PORT", None), "FACEXPLAIN_HEALTH_PORT is not set"),
+    "health port off": (_config("FACEXPLAIN_HEALTH_PORT", "-1"), "FACEXPLAIN_HEALTH_PORT is not set"),
+    "certificate outside the mount": (
+        _config("FACEXPLAIN_TLS_CERT_FILE", "/var/lib/facexplain/tls.crt"),
+        "FACEXPLAIN_TLS_CERT_FILE /var/lib/facexplain/tls.crt is on no mounted Secret volume",
+    ),
+    "client CA outside the mount": (
+        _config("FACEXPLAIN_TLS_CLIENT_CA_FILE", "/tmp/ca.crt"),
+        "FACEXPLAIN_TLS_CLIENT_CA_FILE /tmp/ca.crt is on no mounted Secret volume",
+    ),
+    "secret mounted by subPath": (
+        _embedding(_mount(subPath="tls.crt")),
+        "is mounted with subPath",
+    ),
+    "secret volume unmounted": (
+        _embedding(lambda dep, c: c["volumeMounts"].remove(next(m for m in c["volumeMounts"] if m["name"] == "tls"))),
+        "FACEXPLAIN_TLS_CERT_FILE /etc/facexplain/tls/tls.crt is on no mounted Secret volume",
+    ),
+    "health port is the gRPC port": (
+        _embedding(lambda dep, c: c["env"].append({"name": "FACEXPLAIN_HEALTH_PORT", "value": "50051"})),
+        "FACEXPLAIN_HEALTH_PORT 50051 is the gRPC port",
+    ),
+    "liveness probe on the TLS port": (
+        _embedding(lambda dep, c: c["livenessProbe"]["grpc"].__setitem__("port", 50051)),
+        "livenessProbe asks port 50051, not the plaintext health port",
+    ),
+    "startup probe on the TLS port": (
+        _embedding(lambda dep, c: c["startupProbe"]["grpc"].__setitem__("port", 50051)),
+        "startupProbe asks port 50051",
+    ),
+    "health port opened by number": (
+        _servers_policy_rule({"from": [{"podSelector": {}}], "ports": [{"port": 8081, "protocol": "TCP"}]}),
+        "opens the plaintext health port (8081) of Deployment/facexplain-embedding",
+    ),
+    "health port inside an opened range": (
+        _servers_policy_rule({"from": [{"podSelector": {}}], "ports": [{"port": 8000, "endPort": 8100}]}),
+        "opens the plaintext health port (8000) of Deployment/facexplain-embedding",
+    ),
+    "every port opened": (
+        _servers_policy_rule({"from": [{"podSelector": {}}]}),
+        "an ingress rule opens every port of Deployment/facexplain-embedding",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TLS_BREAKS))
+def test_each_tls_break_fails_the_tls_policy(rendered: Rendered, case: str) -> None:
+    objs = copy.deepcopy(rendered["gpu"])
+    assert policy.tls_violations(objs) == []
+    breaking, expected = TLS_BREAKS[case]
+    breaking(objs)
+    problems = policy.tls_violations(objs)
+    assert any("facexplain-embedding" in p and expected in p for p in problems), problems
+
+
+def test_a_projected_secret_counts_and_a_policy_elsewhere_does_not(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["gpu"])
+    spec = by_name(objs, "Deployment", "facexplain-embedding")["spec"]["template"]["spec"]
+    (tls,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+    tls["projected"] = {"sources": [{"secret": tls.pop("secret")}]}
+    # A policy in another namespace opening every port selects none of these pods.
+    objs.append(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "elsewhere", "namespace": "other"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]},
+        }
+    )
+    assert policy.tls_violations(objs) == []
+    tls["projected"]["sources"].append({"configMap": {"name": "facexplain-config"}})
+    assert "is on no mounted Secret volume" in " ".join(policy.tls_violations(objs))

@@ -13,6 +13,9 @@ import pytest
 from tests.unit.k8s.conftest import REPO, by_name, policy
 
 SERVERS = {"embedding": 50051, "decoding": 50052, "directions": 50053, "attributes": 50054, "counterfactual": 50055}
+HEALTH_PORT = 8081
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+TLS_DIR = "/etc/facexplain/tls"
 Rendered = dict[str, list[dict[str, Any]]]
 
 
@@ -45,7 +48,9 @@ def test_overlay_has_every_server_the_registry_and_its_database(rendered: Render
         (c,) = dep["spec"]["template"]["spec"]["containers"]
         assert c["command"] == ["facexplain"] and c["args"] == ["serve", name]
         assert {"name": "FACEXPLAIN_PORT", "value": str(port)} in c["env"]
-        assert c["readinessProbe"]["grpc"]["port"] == port
+        # The kubelet's gRPC probes speak no TLS: every one asks the plaintext health port, never the gRPC one.
+        assert {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"} in c["ports"]
+        assert [c[p]["grpc"]["port"] for p in PROBES] == [HEALTH_PORT] * 3
         svc = by_name(objs, "Service", f"facexplain-{name}")
         assert svc["spec"]["ports"][0]["port"] == port
         assert by_name(objs, "Service", f"facexplain-{name}-pods")["spec"]["clusterIP"] == "None"
@@ -92,6 +97,40 @@ def test_gpu_runs_the_cuda_image_on_gpu_nodes_and_scales(rendered: Rendered) -> 
     assert not [o for o in objs if o["kind"] == "Secret"]
 
 
+def test_gpu_serves_tls_from_the_operators_secret(rendered: Rendered) -> None:
+    objs = rendered["gpu"]
+    config = by_name(objs, "ConfigMap", "facexplain-config")["data"]
+    assert config["FACEXPLAIN_TLS_CERT_FILE"] == f"{TLS_DIR}/tls.crt"
+    assert config["FACEXPLAIN_TLS_KEY_FILE"] == f"{TLS_DIR}/tls.key"
+    assert config["FACEXPLAIN_HEALTH_PORT"] == str(HEALTH_PORT)
+    assert "FACEXPLAIN_ALLOW_INSECURE" not in config
+    for name in SERVERS:
+        spec = by_name(objs, "Deployment", f"facexplain-{name}")["spec"]["template"]["spec"]
+        (tls,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+        assert tls["secret"] == {"secretName": "facexplain-tls", "defaultMode": 0o440}  # optional: no
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls"]
+        # The whole Secret, read-only: a subPath mount would never see a rotated certificate.
+        assert mount == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+        # TLS on the gRPC port: no h2c (cleartext HTTP/2) hint to whatever routes it.
+        for svc in (f"facexplain-{name}", f"facexplain-{name}-pods"):
+            assert "appProtocol" not in by_name(objs, "Service", svc)["spec"]["ports"][0]
+
+
+def test_staging_is_plaintext_and_mounts_no_certificate(rendered: Rendered) -> None:
+    objs = rendered["staging"]
+    config = by_name(objs, "ConfigMap", "facexplain-config")["data"]
+    assert config["FACEXPLAIN_ALLOW_INSECURE"] == "true"
+    assert not [k for k in config if k.startswith("FACEXPLAIN_TLS_")]
+    assert config["FACEXPLAIN_HEALTH_PORT"] == str(HEALTH_PORT)
+    for name in SERVERS:
+        spec = by_name(objs, "Deployment", f"facexplain-{name}")["spec"]["template"]["spec"]
+        assert not [v for v in spec["volumes"] if "secret" in v or v["name"] == "tls"]
+        assert not [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == TLS_DIR]
+        for svc in (f"facexplain-{name}", f"facexplain-{name}-pods"):
+            grpc_port = by_name(objs, "Service", svc)["spec"]["ports"][0]
+            assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"] == "kubernetes.io/h2c"
+
+
 def test_staging_provides_every_required_secret_it_references(rendered: Rendered) -> None:
     objs = rendered["staging"]
     secrets = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
@@ -106,6 +145,10 @@ def test_staging_provides_every_required_secret_it_references(rendered: Rendered
                 ref = src.get("secretRef")
                 if ref and not ref.get("optional"):
                     required.add(ref["name"])
+        for vol in pod.spec.get("volumes") or []:  # a Secret volume that is not there keeps the pod pending
+            ref = vol.get("secret")
+            if ref and not ref.get("optional"):
+                required.add(ref["secretName"])
     assert required and required <= secrets, f"referenced {required}, provided {secrets}"
 
 

@@ -4,11 +4,18 @@ settings class with the values the manifests mean (a typo'd value would fail at 
 from __future__ import annotations
 
 import os
+import shutil
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from tests.unit.k8s.conftest import by_name
+from services.kit import tls
+from services.kit.config import ServiceSettings
+from tests.certs import issue, make_ca
+from tests.unit.k8s.conftest import REPO, by_name, policy
 
 Rendered = dict[str, list[dict[str, Any]]]
 PORTS = {"embedding": 50051, "decoding": 50052, "directions": 50053, "attributes": 50054, "counterfactual": 50055}
@@ -62,3 +69,60 @@ def test_server_environment_parses_into_its_settings(
     assert settings.grace_period_s < pod["terminationGracePeriodSeconds"], "drain must end before the SIGKILL"
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts >= {"/tmp", env["FACEXPLAIN_VAR_DIR"]}
+    # The kubelet's gRPC probes (no TLS) ask the plaintext health port the server opens.
+    container = pod["containers"][0]
+    assert settings.health_port == 8081
+    assert {container[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8081}
+
+
+def bind_as_the_pod(objs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Bind (never start: nothing answers) a bare gRPC server as the embedding pod's environment says, with
+    the TLS files it names laid out under ``tmp_path`` as the mounted Secret would hold them."""
+    for name in [n for n in os.environ if n.startswith("FACEXPLAIN_")]:
+        monkeypatch.delenv(name)
+    env = pod_env(objs, "facexplain-embedding")
+    ca = make_ca(tmp_path / "ca")
+    leaf = issue(ca, tmp_path / "issued", "facexplain-embedding", server=True)
+    made = {
+        "FACEXPLAIN_TLS_CERT_FILE": leaf.cert_file,
+        "FACEXPLAIN_TLS_KEY_FILE": leaf.key_file,
+        "FACEXPLAIN_TLS_CLIENT_CA_FILE": ca.cert_file,
+    }
+    for key in [k for k in made if env.get(k)]:
+        target = tmp_path / env[key].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made[key], target)
+        env[key] = str(target)
+    for name, value in {**env, "FACEXPLAIN_PORT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        return tls.bind(server, ServiceSettings())
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("overlay", ["staging", "gpu"])
+def test_servers_bind_the_pod_address_with_tls_outside_staging(
+    rendered: Rendered, overlay: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The kit binds only the pod's loopback when it has neither TLS nor FACEXPLAIN_ALLOW_INSECURE, out of
+    reach of Services and probes: each overlay's environment must make it bind the pod address, staging in
+    plaintext, the gpu overlay with the certificate of the mounted Secret."""
+    host, port, certificates = bind_as_the_pod(rendered[overlay], monkeypatch, tmp_path)
+    assert host == "0.0.0.0" and port > 0
+    assert (certificates is not None) == (overlay == "gpu")
+    if certificates is not None:
+        assert certificates.files.client_ca is None  # server-authenticated; k8s/components/mtls adds the CA
+
+
+def test_the_mtls_component_makes_the_gpu_overlay_mutual(
+    kubectl: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # tests/data/k8s/gpu-mtls: the gpu overlay + k8s/components/mtls, as an operator would compose them.
+    objs = policy.render(REPO / "tests" / "data" / "k8s" / "gpu-mtls", kubectl)
+    assert policy.schema_violations(objs) == []
+    assert policy.policy_violations(objs, gpu=True, version=policy.project_version(), tls=True) == []
+    host, _, certificates = bind_as_the_pod(objs, monkeypatch, tmp_path)
+    assert host == "0.0.0.0" and certificates is not None
+    assert certificates.files.client_ca == tmp_path / "etc/facexplain/tls/ca.crt"  # ca.crt of the same Secret
