@@ -5,6 +5,9 @@ service's templates on real faces, over REST and TorchServe's gRPC API, with Tor
 TorchServe is an optional install (`make setup-torchserve`). Without Java the module is skipped; with Java
 on the machine but no TorchServe it fails, saying what to run, so CI (which runs `make setup-torchserve`)
 never passes by silently skipping it. One server serves the whole module (its start-up takes 15-30 s).
+
+The decoder is the shipped one (models/), bound to the session's FR version and registered under a name of
+its own (the session's ``facexplain-dfd-dlib128`` belongs to the training fixture's version numbering).
 """
 
 from __future__ import annotations
@@ -23,34 +26,49 @@ import pytest
 
 from cli.main import main as cli_main
 from cli.torchserve import RunningTorchServe, start_torchserve, torchserve_missing
+from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
 from facexplain.data.faces import list_images
 from registry import CHAMPION, Registry, VersionInfo
+from tests.conftest import REPO
+from tests.servers import retarget_decoder_bundle
 
 pytestmark = pytest.mark.integration
 
-N_FACES = 8  # sent at once, so TorchServe batches them (batch 16 / 50 ms)
+N_FACES = 6  # sent at once, so TorchServe batches them (batch 16 / 50 ms)
 MIN_COSINE = 0.9999
+DECODER = "facexplain-dfd-torchserve"
+SHIPPED_DECODER = REPO / "models" / DEFAULT_DECODER_MODEL / "1" / "bundle"
 
 
 @pytest.fixture(scope="module")
-def exported(mlflow: Any, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(
+    mlflow: Any, registry: Registry, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Both archives, written by the CLI from the session's registry: TorchServe model name -> .mar."""
     missing = torchserve_missing()
     if missing:
         if shutil.which("java"):
             pytest.fail(f"java is installed but TorchServe cannot run: {missing}")
         pytest.skip(f"TorchServe needs Java 17: {missing}")
-    store = tmp_path_factory.mktemp("ts-store")
-    ref = f"{DEFAULT_FR_MODEL}@{CHAMPION}"
-    assert cli_main(["export", "torchserve", ref, "--out", str(store), "--uri", mlflow.uri]) == 0
-    return store / f"{DEFAULT_FR_MODEL}.mar"
+    work = tmp_path_factory.mktemp("ts-export")
+    bundle = retarget_decoder_bundle(SHIPPED_DECODER, work / "decoder", fr_v1.version)
+    registry.register_bundle(bundle, DECODER, description="shipped decoder (TorchServe test)", alias=CHAMPION)
+    out = work / "store"
+    for ref in (f"{DEFAULT_FR_MODEL}@{CHAMPION}", f"{DECODER}@{CHAMPION}"):
+        assert cli_main(["export", "torchserve", ref, "--out", str(out), "--uri", mlflow.uri]) == 0
+    return {DEFAULT_FR_MODEL: out / f"{DEFAULT_FR_MODEL}.mar", DECODER: out / f"{DECODER}.mar"}
 
 
 @pytest.fixture(scope="module")
-def torchserve(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTorchServe]:
-    server = start_torchserve(
-        tmp_path_factory.mktemp("ts"), exported.parent, {DEFAULT_FR_MODEL: exported.name}, timeout=300
-    )
+def exported(store: dict[str, Path]) -> Path:
+    return store[DEFAULT_FR_MODEL]
+
+
+@pytest.fixture(scope="module")
+def torchserve(store: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTorchServe]:
+    mars = {name: mar.name for name, mar in store.items()}
+    server = start_torchserve(tmp_path_factory.mktemp("ts"), store[DEFAULT_FR_MODEL].parent, mars, timeout=300)
     yield server
     server.stop()
 
@@ -64,7 +82,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _service_templates(embedding_client: Any, faces: list[Path]) -> np.ndarray:
+@pytest.fixture(scope="module")
+def ours(embedding_client: Any, faces: list[Path]) -> np.ndarray:
+    """The embedding service's templates of ``faces`` (the reference every TorchServe answer is held to)."""
     from sdk.client import image_from_path, template_array
 
     resp = embedding_client.embed_batch([image_from_path(p) for p in faces])
@@ -106,7 +126,7 @@ def test_altered_archive_is_refused(exported: Path, tmp_path: Path) -> None:
 
 
 def test_rest_templates_equal_the_embedding_service(
-    torchserve: RunningTorchServe, embedding_client: Any, faces: list[Path]
+    torchserve: RunningTorchServe, ours: np.ndarray, faces: list[Path]
 ) -> None:
     from services.torchserve.client import rest_predict, template_of
 
@@ -115,13 +135,12 @@ def test_rest_templates_equal_the_embedding_service(
 
     with ThreadPoolExecutor(len(faces)) as pool:  # concurrent: TorchServe batches them
         ts = np.asarray(list(pool.map(one, faces)), dtype=np.float32)
-    ours = _service_templates(embedding_client, faces)
     cos = _cosines(ts, ours)
     assert cos.min() >= MIN_COSINE, f"TorchServe vs embedding service cosines {np.round(cos, 6).tolist()}"
 
 
 def test_grpc_templates_equal_the_embedding_service(
-    torchserve: RunningTorchServe, embedding_client: Any, faces: list[Path]
+    torchserve: RunningTorchServe, ours: np.ndarray, faces: list[Path]
 ) -> None:
     from services.torchserve.client import TorchServeGrpc, template_of
 
@@ -134,7 +153,7 @@ def test_grpc_templates_equal_the_embedding_service(
             )
     finally:
         client.close()
-    cos = _cosines(ts, _service_templates(embedding_client, faces))
+    cos = _cosines(ts, ours)
     assert cos.min() >= MIN_COSINE, f"TorchServe (gRPC) vs embedding service cosines {np.round(cos, 6).tolist()}"
 
 
@@ -155,3 +174,40 @@ def test_bad_input_gets_a_precise_status(torchserve: RunningTorchServe) -> None:
         rest_predict(torchserve.rest, DEFAULT_FR_MODEL, buf.getvalue(), "image/png")
     assert noface.value.code == 422
     assert json.loads(noface.value.read())["code"] == "FAILED_PRECONDITION"
+
+
+def test_decoder_archive_decodes_as_facexplain_does(
+    torchserve: RunningTorchServe,
+    store: dict[str, Path],
+    ours: np.ndarray,
+    fr_v1: VersionInfo,
+    tmp_path: Path,
+) -> None:
+    """A service template in, the decoder's face out: the pixels the bundle's own loader and decode give."""
+    import io
+
+    import torch
+    from google.protobuf import json_format
+    from PIL import Image
+
+    from facexplain.artifacts.decoder import load_decoder_bundle
+    from services.api.v1 import common_pb2
+    from services.torchserve.client import rest_predict
+
+    template = ours[0]
+    ref = common_pb2.ModelRef(name=DEFAULT_FR_MODEL, version=fr_v1.version)
+    msg = common_pb2.Template(values=template.tolist(), dim=template.size, model=ref)
+    png = rest_predict(torchserve.rest, DECODER, json_format.MessageToJson(msg).encode(), "application/json")
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    with zipfile.ZipFile(store[DECODER]) as zf:
+        zf.extractall(tmp_path)
+    want = load_decoder_bundle(tmp_path / "bundle").decode(torch.from_numpy(template)[None])[0]
+    want_px = (want.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy().astype(np.int16)
+    assert got.shape == want_px.shape
+    assert int(np.abs(got - want_px).max()) <= 1
+    other_version = common_pb2.ModelRef(name=DEFAULT_FR_MODEL, version="99")
+    other = common_pb2.Template(values=template.tolist(), model=other_version)
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        rest_predict(torchserve.rest, DECODER, json_format.MessageToJson(other).encode(), "application/json")
+    assert wrong.value.code == 400
+    assert json.loads(wrong.value.read())["code"] == "FAILED_PRECONDITION"
