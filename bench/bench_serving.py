@@ -25,6 +25,14 @@ All servers start first; then each concurrency level is one round: the in-proces
 path in turn, so slow drift in the machine's load (it is shared) hits all paths of a level alike. Ratios to
 the limit use the limit of the same round. The load average at start and end is recorded.
 
+On a shared, oversubscribed machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the result; every
+server inherits it). Measured here at load average ~10 on 2 cores: one ``analyze`` of one photo took
+1.9-4.1 s on a process's main thread against 0.35-0.45 s on another thread of the same process, and
+0.3-0.7 s on the main thread with ``PASSIVE``: OpenMP's spin-waiting team of the main thread collapses when
+its threads are not scheduled together. The in-process limit and TorchServe (whose worker runs the handler
+on its main thread) fall 5-10x under load while our service (inference thread) does not, which would make
+every ratio to them meaningless. On an idle machine spinning helps the main thread instead (issue 24).
+
 Writes bench/results/<out>.json (default ``serving-<device>``).
 """
 
@@ -334,6 +342,8 @@ def main() -> None:
             "threads": args.threads,
             "device": args.device,
             "order": "interleaved: per concurrency level, the in-process limit then every served path in turn",
+            # read by libgomp when torch loads, in this process and every server (they inherit the environment)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         },
         "load_average_start": list(os.getloadavg()),
     }
