@@ -105,6 +105,20 @@ MODEL ?= facexplain-dfd-dlib128
 recreate-model: register-defaults  ## re-run a shipped model's recipe (MODEL=name) and compare its figures with its card
 	$(BIN)/python scripts/ship_model.py recreate $(MODEL) --registry $(REGISTRY_URI)
 
+# -- TorchServe: an export target and the serving baseline (issue 24; see services/torchserve/) ----------------
+.PHONY: setup-torchserve torchserve
+TS_STAMP := $(VENV)/.torchserve-installed
+
+setup-torchserve: $(TS_STAMP)  ## TorchServe 0.12 + archiver (requirements-torchserve.lock) into the venv; Java 17 if missing
+
+$(TS_STAMP): requirements-torchserve.lock $(STAMP)
+	scripts/setup_system.sh --torchserve
+	$(BIN)/pip install -q -r requirements-torchserve.lock -c requirements.lock
+	touch $@
+
+torchserve: setup-torchserve register-defaults  ## export the champion FR model and decoder to var/torchserve, serve them on 127.0.0.1 (REST 8080, gRPC 7070)
+	FACEXPLAIN_REGISTRY_URI=$(REGISTRY_URI) $(BIN)/python scripts/torchserve.py
+
 # -- Staging (see README "Deploy"): the cluster in KUBECONFIG, or podman containers where there is none -------
 .PHONY: staging staging-k8s staging-podman
 

@@ -13,6 +13,7 @@ facexplain counterfactual attack|explain IMAGE REF --target 127.0.0.1:50055 --ou
 facexplain traverse IMAGE --target 127.0.0.1:50053 --set ID|NAME@VERSION --index K --alphas -2 0 2 --out strip.png
 facexplain registry register-defaults | promote NAME VERSION [--alias champion] | list | check NAME
 facexplain staging up | test | down        # k8s/overlays/staging on the cluster in KUBECONFIG
+facexplain export torchserve NAME@ALIAS --out DIR   # a TorchServe .mar of a registered embedder/decoder
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cli.counterfactual import add_counterfactual_parsers
 from cli.directions import add_directions_parsers
 from cli.registry import add_registry_parser
 from cli.staging import add_staging_parser
+from cli.torchserve import add_export_parser
 from sdk.client import (
     ClientSecurityError,
     DecodingClient,
@@ -461,7 +463,7 @@ CLIENT_SECURITY_FLAGS = (
     ("--tls-client-key-file", "FACEXPLAIN_TLS_CLIENT_KEY_FILE", "PEM private key of the client certificate"),
     ("--token", "FACEXPLAIN_TOKEN", "bearer token (prefer the FACEXPLAIN_TOKEN variable: flags show in `ps`)"),
 )
-_NO_CLIENT = ("serve", "train", "registry", "staging")
+_NO_CLIENT = ("serve", "train", "registry", "staging", "export")
 
 
 def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
@@ -500,6 +502,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     add_audit_parser(sub)
     add_registry_parser(sub)
     add_staging_parser(sub)
+    add_export_parser(sub)
     _add_train_parsers(sub, with_training)
     _add_client_security_flags(p)
     for name, child in sub.choices.items():

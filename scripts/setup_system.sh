@@ -5,13 +5,25 @@
 # With --podman (or FACEXPLAIN_WITH_PODMAN=1) also podman, buildah, runc and debootstrap, which only
 # `make images` needs, and a containers.conf drop-in that makes podman 4.3 run containers on machines
 # like these (see podman_config below).
+# With --torchserve (or FACEXPLAIN_WITH_TORCHSERVE=1) also Java 17 (openjdk-17-jre-headless) when `java` is
+# missing: TorchServe's frontend is a Java program (`make setup-torchserve`, `make torchserve`).
 set -euo pipefail
 with_podman=${FACEXPLAIN_WITH_PODMAN:-0}
-[ "${1:-}" = "--podman" ] && with_podman=1
+with_torchserve=${FACEXPLAIN_WITH_TORCHSERVE:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --podman) with_podman=1 ;;
+    --torchserve) with_torchserve=1 ;;
+    *) echo "unknown option $arg (expected --podman, --torchserve)" >&2; exit 2 ;;
+  esac
+done
 need=()
 python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
 command -v chromium >/dev/null || need+=(chromium)  # renders the audit report in the end-to-end test
+if [ "$with_torchserve" = 1 ]; then
+  command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+fi
 if [ "$with_podman" = 1 ]; then
   for tool in podman buildah runc debootstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
 fi
