@@ -357,13 +357,59 @@ class Podman:
         return subprocess.run([str(self.exe), *args], env=self.env, capture_output=True, timeout=120).returncode == 0
 
 
-def readiness(podman: Podman, images: Iterable[str]) -> list[str]:
-    """Why podman staging cannot run here (empty: it can): podman runs a container, the images exist."""
+# What the service image copies from the checkout (k8s/images/service.Containerfile's COPY lines): an image
+# built from other contents would stage old code under a current name.
+SOURCE_PATHS = (
+    "pyproject.toml", "README.md", "requirements.lock", "facexplain", "registry", "services", "training",
+    "sdk", "cli", "protos", "scripts/gen_protos.py", "data", "models", "k8s/images",
+)  # fmt: skip
+SOURCE_LABEL = "io.facexplain.source-digest"
+SERVICE_IMAGE_PREFIX = "localhost/facexplain/service:"
+
+
+def source_digest(repo: Path = REPO) -> str:
+    """sha256 over the path and bytes of every file the service image copies, in sorted order.
+
+    Contents, not commits: a clean clone and a worktree with the same files get the same digest, and
+    an uncommitted change counts. Caches (``__pycache__``, generated stubs are sources too) are skipped."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in SOURCE_PATHS:
+        root = repo / rel
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(f.relative_to(repo).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def image_label(podman: Podman, image: str, label: str) -> str:
+    proc = subprocess.run(
+        [str(podman.exe), "image", "inspect", "--format", f'{{{{ index .Labels "{label}" }}}}', image],
+        env=podman.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    value = proc.stdout.strip() if proc.returncode == 0 else ""
+    return "" if value == "<no value>" else value
+
+
+def readiness(podman: Podman, images: Iterable[str], digest: str | None = None) -> list[str]:
+    """Why podman staging cannot run here (empty: it can): podman runs a container, the images exist, and
+    the service image was built from the checkout's current sources (``digest``; None = not checked)."""
     problems = []
     base = "localhost/facexplain/debian-base:bookworm"
     for image in images:
         if not podman.ok("image", "exists", image):
             problems.append(f"image {image} missing (`make images` builds it)")
+        elif digest is not None and image.startswith(SERVICE_IMAGE_PREFIX):
+            built = image_label(podman, image, SOURCE_LABEL)
+            if built != digest:
+                problems.append(
+                    f"image {image} was built from other sources ({built[:12] or 'no digest label'}, the checkout "
+                    f"is {digest[:12]}; `make images` rebuilds it)"
+                )
     if not problems and not podman.ok("run", "--rm", "--network=none", base, "true"):
         problems.append(f"podman cannot run a container here (podman run {base} true failed)")
     return problems
@@ -416,7 +462,7 @@ def up(
 ) -> dict[str, float]:
     """Play the plan in two tiers with ``register(mlflow_uri)`` between them; seconds per step."""
     podman = Podman(state)
-    problems = readiness(podman, plan.images)
+    problems = readiness(podman, plan.images, source_digest())
     if problems:
         raise PodmanStagingError("; ".join(problems))
     down(plan, state, quiet=True)  # a previous run's leftovers would hold the names and ports

@@ -495,7 +495,8 @@ def _cmd_podman(args: argparse.Namespace, objects: list[Obj]) -> int:
 
     try:
         if args.staging_command == "check":
-            problems = ps.readiness(ps.Podman(), ps.translate(objects, host_port=lambda *_: 0).images)
+            images = ps.translate(objects, host_port=lambda *_: 0).images
+            problems = ps.readiness(ps.Podman(), images, ps.source_digest())
             for p in problems:
                 print(f"podman staging cannot run here: {p}", file=sys.stderr)
             if not problems:

@@ -151,6 +151,8 @@ build() {  # build <name> <tag> <Containerfile> [podman build args...]
   record "$tag ($name): $((SECONDS - start)) s, $(size_mb "$tag") MB"
 }
 
+# Which sources the service image holds (cli/podman_staging.py: staging refuses an image built from others).
+SOURCE_DIGEST=$("$PY" -c 'from cli.podman_staging import source_digest; print(source_digest())')
 : >>"$REPORT"
 record "# $(date -u +%FT%TZ) scripts/build_images.sh ${TARGETS[*]} (podman $(podman version --format '{{.Client.Version}}'))"
 build_base
@@ -161,12 +163,12 @@ for t in "${TARGETS[@]}"; do
   case "$t" in
     cpu)
       build cpu "localhost/facexplain/service:$VERSION" k8s/images/service.Containerfile \
-        --build-arg FLAVOUR=cpu --build-arg FACEAPI_VERSION="$FACEAPI_VERSION" --build-arg FACEAPI_SHA256="$FACEAPI_SHA256"
+        --label "io.facexplain.source-digest=$SOURCE_DIGEST" --build-arg FLAVOUR=cpu --build-arg FACEAPI_VERSION="$FACEAPI_VERSION" --build-arg FACEAPI_SHA256="$FACEAPI_SHA256"
       ;;
     cuda)
       ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
       build cuda "localhost/facexplain/service:$VERSION-cuda" k8s/images/service.Containerfile \
-        --build-arg FLAVOUR=cuda --build-arg FACEAPI_VERSION="$FACEAPI_VERSION" --build-arg FACEAPI_SHA256="$FACEAPI_SHA256" \
+        --label "io.facexplain.source-digest=$SOURCE_DIGEST" --build-arg FLAVOUR=cuda --build-arg FACEAPI_VERSION="$FACEAPI_VERSION" --build-arg FACEAPI_SHA256="$FACEAPI_SHA256" \
         --build-arg TORCH_INDEX_URL="${FACEXPLAIN_TORCH_INDEX_URL:-https://pypi.org/simple}" --secret id=pip-ca,src="$ca"
       ;;
     mlflow)

@@ -206,3 +206,22 @@ def test_the_cli_takes_podman_on_every_verb_and_keeps_the_cluster_verbs() -> Non
         assert parser.parse_args(["staging", verb, "--podman"]).podman
     args = parser.parse_args(["staging", "up", "--timeout", "30"])
     assert not args.podman and args.timeout == 30 and args.staging_command == "up"
+
+
+def test_source_digest_follows_the_contents_the_service_image_copies(tmp_path: Path) -> None:
+    from cli.podman_staging import source_digest
+
+    (tmp_path / "facexplain").mkdir()
+    (tmp_path / "facexplain" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    first = source_digest(tmp_path)
+    (tmp_path / "facexplain" / "__pycache__").mkdir()
+    (tmp_path / "facexplain" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run.log").write_text("not a source\n")
+    assert source_digest(tmp_path) == first  # caches and var/ are not what the image is built from
+    (tmp_path / "facexplain" / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != first
+    (tmp_path / "facexplain" / "a.py").write_text("x = 1\n")
+    (tmp_path / "facexplain" / "a.py").rename(tmp_path / "facexplain" / "b.py")
+    assert source_digest(tmp_path) != first  # a renamed file is another image
