@@ -359,8 +359,10 @@ class Podman:
 
 # What the service image copies from the checkout (k8s/images/service.Containerfile's COPY lines): an image
 # built from other contents would stage old code under a current name.
+# README.md is copied too (pyproject names it) but is left out: a documentation change does not make
+# another image, and rebuilding 2 GB for it would only slow staging down.
 SOURCE_PATHS = (
-    "pyproject.toml", "README.md", "requirements.lock", "facexplain", "registry", "services", "training",
+    "pyproject.toml", "requirements.lock", "facexplain", "registry", "services", "training",
     "sdk", "cli", "protos", "scripts/gen_protos.py", "data", "models", "k8s/images",
 )  # fmt: skip
 SOURCE_LABEL = "io.facexplain.source-digest"
