@@ -185,6 +185,8 @@ def handle(data: list[Any] | None, context: Any) -> list[Any] | None:
         _served = load_exported(Path(context.system_properties["model_dir"]))
     if data is None:
         return None
-    if _served.kind == "embedder":
+    from facexplain.artifacts.embedder import KIND_EMBEDDER
+
+    if _served.kind == KIND_EMBEDDER:
         return embed_batch(_served, data, context)
     return decode_batch(_served, data, context)
