@@ -171,6 +171,7 @@ def good_requests(m: Material) -> dict[str, Message]:
         "decoding.DecodeBatch": decoding_pb2.DecodeBatchRequest(templates=t[:2]),
         "decoding.Reconstruct": decoding_pb2.ReconstructRequest(image=_img(f[2])),
         "decoding.Interpolate": decoding_pb2.InterpolateRequest(a=t[0], b=t[1], steps=3, strip=True),
+        "decoding.Occlude": decoding_pb2.OccludeRequest(image=_img(f[0]), regions=["eyes"]),
         "decoding.ModelStatus": common_pb2.ModelStatusRequest(),
         "decoding.Reload": common_pb2.ReloadRequest(),
         "directions.DiscoverSSI": directions_pb2.DiscoverSSIRequest(
@@ -221,6 +222,11 @@ def good_requests(m: Material) -> dict[str, Message]:
             faces=[common_pb2.Probe(template=x) for x in t], n_clusters=2, linkage="average", decode=True
         ),
         "directions.CentroidMDS": directions_pb2.CentroidMDSRequest(centroids=centroids, metric="cosine", seed=1),
+        "directions.Suppress": directions_pb2.SuppressRequest(
+            probes=[common_pb2.Probe(template=x) for x in t[:2]],
+            set_direction=directions_pb2.SetDirection(set=set_ref, index=0),
+            decode=True,
+        ),
         "directions.ModelStatus": common_pb2.ModelStatusRequest(),
         "directions.Reload": common_pb2.ReloadRequest(),
         "attributes.RecoverAttributes": attributes_pb2.RecoverAttributesRequest(
