@@ -85,6 +85,16 @@ def centroids(
     )
 
 
+def default_model_faceset(data: str, faceset: str, pipeline: FacePipeline) -> FaceSet:
+    """``faceset`` when given, else the default model's face set of ``data`` (built once, then cached)."""
+    if faceset:
+        return FaceSet.load(Path(faceset))
+    root, records, names = records_from_spec(data)
+    return build_faceset(
+        root, records, pipeline, fr_key=DEFAULT_FR_KEY, label_names=names, cache_dir=var_dir() / "cache" / "facesets"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=CELEBA)
@@ -100,18 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipeline = FacePipeline.default()
-    if args.faceset:
-        faces = FaceSet.load(Path(args.faceset))
-    else:
-        root, records, names = records_from_spec(args.data)
-        faces = build_faceset(
-            root,
-            records,
-            pipeline,
-            fr_key=DEFAULT_FR_KEY,
-            label_names=names,
-            cache_dir=var_dir() / "cache" / "facesets",
-        )
+    faces = default_model_faceset(args.data, args.faceset, pipeline)
     max_n = min(args.max_n, largest_n(faces.identities))
     ns = powers_of_two(max_n)
     rule = pipeline.info.rule

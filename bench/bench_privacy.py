@@ -27,19 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.bench_aggregation import CELEBA, DECODER
+from bench.bench_aggregation import CELEBA, DECODER, default_model_faceset
 from bench.common import machine, write
 from facexplain.artifacts.decoder import load_decoder_bundle
 from facexplain.artifacts.probes import default_estimator
 from facexplain.attributes.defaults import default_catalog
 from facexplain.attributes.recovery import recover_dataset
-from facexplain.data.faceset import FaceSet, build_faceset, records_from_spec
+from facexplain.data.faceset import FaceSet
 from facexplain.data.splits import split_identities
 from facexplain.directions.labels import centroid_directions
 from facexplain.directions.suppress import remove_direction
 from facexplain.metrics.privacy import attribute_auc, privacy_validation
-from facexplain.paths import var_dir
-from facexplain.pipeline import DEFAULT_FR_KEY, FacePipeline
+from facexplain.pipeline import FacePipeline
 
 PROBES = Path(__file__).resolve().parent.parent / "models" / "facexplain-probes-faceapi" / "1" / "bundle"
 
@@ -92,18 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipeline = FacePipeline.default()
-    if args.faceset:
-        faces = FaceSet.load(Path(args.faceset))
-    else:
-        root, records, names = records_from_spec(args.data)
-        faces = build_faceset(
-            root,
-            records,
-            pipeline,
-            fr_key=DEFAULT_FR_KEY,
-            label_names=names,
-            cache_dir=var_dir() / "cache" / "facesets",
-        )
+    faces = default_model_faceset(args.data, args.faceset, pipeline)
     decoder = load_decoder_bundle(args.decoder)
     split_seed = int((decoder.meta.get("training") or {}).get("seed", 0))
     side = split_identities(faces.identities, test_fraction=0.2, val_fraction=0.1, seed=split_seed)
