@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	scripts/setup_system.sh $(if $(filter 1,$(FACEXPLAIN_WITH_PODMAN)),--podman)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip<27"
-	$(BIN)/pip install -q -r requirements.lock
+	scripts/install_lock.sh $(VENV) requirements.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
