@@ -60,6 +60,52 @@ def start_service(
     service: str, log_dir: Path, env: dict[str, str] | None = None, timeout: float = 120.0
 ) -> RunningService:
     """``facexplain serve <service>`` on a free port; waits for its readiness line."""
+    return spawn_service(service, log_dir, env, timeout).wait()
+
+
+@dataclass
+class StartingService:
+    """A service process that has been started but may still be loading its models.
+
+    Several can load at once (the demo starts all five while the first steps run): each spends most
+    of its start importing torch and fetching bundles, and two cores overlap that better than a queue.
+    """
+
+    name: str
+    proc: subprocess.Popen[str]
+    log_path: Path
+    lines: list[str]
+    found: dict[str, str]
+    ready: threading.Event
+    deadline: float
+    timeout: float
+
+    def wait(self) -> RunningService:
+        """Block until the readiness line; the process is killed if it does not come in time."""
+        while not self.ready.wait(0.2):
+            if time.monotonic() > self.deadline:
+                self.proc.kill()
+                raise RuntimeError(
+                    f"{self.name} did not start within {self.timeout} s; log:\n{self.log_path.read_text()[-3000:]}"
+                )
+        if not self.found:
+            self.proc.wait(5)
+            raise RuntimeError(f"{self.name} exited before serving; log:\n{self.log_path.read_text()[-3000:]}")
+        return RunningService(
+            self.name, self.found["addr"], int(self.found["metrics"]), self.proc, self.log_path, self.lines
+        )
+
+    def stop(self) -> None:
+        """Stop a service that never became ready (the caller gave up on it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def spawn_service(
+    service: str, log_dir: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> StartingService:
+    """``facexplain serve <service>`` on a free port, without waiting: ``.wait()`` gives the running service."""
     log_path = log_dir / f"{service}.log"
     full_env = {
         **os.environ,
@@ -92,15 +138,7 @@ def start_service(
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.2):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{service} did not start within {timeout} s; log:\n{log_path.read_text()[-3000:]}")
-    if not found:
-        proc.wait(5)
-        raise RuntimeError(f"{service} exited before serving; log:\n{log_path.read_text()[-3000:]}")
-    return RunningService(service, found["addr"], int(found["metrics"]), proc, log_path, lines)
+    return StartingService(service, proc, log_path, lines, found, ready, time.monotonic() + timeout, timeout)
 
 
 # -- MLflow tracking server + Model Registry (``make mlflow``, the registry tests, the demo) ---------------

@@ -4,12 +4,11 @@ Starts an MLflow server on loopback (sqlite + local artifacts under ``var/demo/m
 default face model and the trained models the repository ships (``models/``; re-runs reuse them).
 Nothing is trained. The shipped decoder misses its quality gates, so registration leaves it at
 ``candidate``; the demo serves it with a recorded forced promotion (see ``_force_shipped_candidate``). It
-starts the embedding service serving ``champion`` from the registry, embeds ``data/sample`` with the
-``facexplain embed`` CLI and prints per-identity verification under the model's stored rule; starts
-the decoding service and writes aligned chips, reconstructions and metrics with ``facexplain
-reconstruct``. Last, it starts the directions, attributes and counterfactual services and runs
-``facexplain audit`` on the labelled samples (``data/sample/labels.csv``), writing the HTML report
-(``var/demo/report/index.html``) and ``audit.json``. Everything stops on exit (Ctrl-C included).
+then starts all five services at once (each loads ``champion`` from the registry while the first steps
+run), embeds ``data/sample`` with the ``facexplain embed`` CLI and prints per-identity verification
+under the model's stored rule, writes aligned chips, reconstructions and metrics with ``facexplain
+reconstruct`` through the decoding service, and last runs ``facexplain audit`` on the labelled samples
+(``data/sample/labels.csv``), writing the HTML report (``var/demo/report/index.html``) and ``audit.json``. Everything stops on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -25,12 +24,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cli.launcher import RunningService, start_mlflow, start_service  # noqa: E402
+from cli.launcher import RunningService, StartingService, spawn_service, start_mlflow  # noqa: E402
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL  # noqa: E402
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL  # noqa: E402
 from registry import CANDIDATE, CHAMPION, Registry, RegistryNotFound, VersionInfo  # noqa: E402
 
 AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
+SERVICES = ("embedding", "decoding", *AUDIT_SERVICES)
 
 
 def _cli(*args: str) -> None:
@@ -107,13 +107,38 @@ def print_verification(npz: Path) -> None:
         print("no face found in:", ", ".join(f for f, _ in data["failed"]))
 
 
-def embed_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService], t0: float) -> None:
+class Services:
+    """The five services, all started at once (each loads its models from the registry meanwhile) and
+    waited for when a step first needs them; stopped last-started first."""
+
+    def __init__(self, uri: str, out_dir: Path) -> None:
+        env = {"FACEXPLAIN_REGISTRY_URI": uri}
+        self.starting: dict[str, StartingService] = {
+            name: spawn_service(
+                name, out_dir, env={**env, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL} if name == "embedding" else env
+            )
+            for name in SERVICES
+        }
+        self.running: list[RunningService] = []
+
+    def get(self, name: str) -> RunningService:
+        for svc in self.running:
+            if svc.name == name:
+                return svc
+        svc = self.starting.pop(name).wait()
+        self.running.append(svc)
+        return svc
+
+    def stop(self) -> None:
+        for pending in self.starting.values():
+            pending.stop()
+        for svc in reversed(self.running):
+            print(f"{svc.name} service stopped (exit {svc.stop()})")
+
+
+def embed_step(out_dir: Path, sample: Path, services: Services, t0: float) -> None:
     """The embedding service on the registry's champion; the samples embedded with `facexplain embed`."""
-    print("starting the embedding service (serving champion from the registry) ...", flush=True)
-    svc = start_service(
-        "embedding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL}
-    )
-    running.append(svc)
+    svc = services.get("embedding")
     print(f"embedding service on {svc.address}, metrics on :{svc.metrics_port}, log {svc.log_path}")
     npz = out_dir / "templates.npz"
     _cli("embed", str(sample), "--target", svc.address, "--out", str(npz))
@@ -121,12 +146,9 @@ def embed_step(uri: str, out_dir: Path, sample: Path, running: list[RunningServi
     print(f"\ntemplates written to {npz}  ({time.monotonic() - t0:.0f} s)\n")
 
 
-def reconstruct_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService], t0: float) -> None:
+def reconstruct_step(uri: str, out_dir: Path, sample: Path, services: Services, t0: float) -> None:
     """The decoding service on the registered champions; `facexplain reconstruct` on the samples."""
-    print(served_decoder(uri), flush=True)
-    print("starting the decoding service (decoder and FR model from the registry) ...", flush=True)
-    dsvc = start_service("decoding", out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri})
-    running.append(dsvc)
+    dsvc = services.get("decoding")
     print(f"decoding service on {dsvc.address}, metrics on :{dsvc.metrics_port}, log {dsvc.log_path}")
     recon_dir = out_dir / "reconstructions"
     _cli("reconstruct", str(sample), "--target", dsvc.address, "--out", str(recon_dir))
@@ -134,12 +156,10 @@ def reconstruct_step(uri: str, out_dir: Path, sample: Path, running: list[Runnin
     print(f"the registered versions, their cards and training runs: {uri}  ({time.monotonic() - t0:.0f} s)")
 
 
-def audit_step(uri: str, out_dir: Path, sample: Path, running: list[RunningService]) -> None:
-    """The other three services, then `facexplain audit` of the champion against all five."""
-    print("\nstarting the directions, attributes and counterfactual services for the audit ...", flush=True)
-    for name in AUDIT_SERVICES:
-        running.append(start_service(name, out_dir, env={"FACEXPLAIN_REGISTRY_URI": uri}))
-    targets = [f"{svc.name}={svc.address}" for svc in running]
+def audit_step(out_dir: Path, sample: Path, services: Services) -> None:
+    """`facexplain audit` of the champion against all five services."""
+    print("\nthe audit runs against all five services ...", flush=True)
+    targets = [f"{name}={services.get(name).address}" for name in SERVICES]
     report = out_dir / "report"
     _cli(
         "audit",
@@ -164,17 +184,21 @@ def main() -> int:
     t0 = time.monotonic()
     print("starting the MLflow registry (10-20 s) ...", flush=True)
     mlflow = start_mlflow(out_dir / "mlflow")
-    running: list[RunningService] = []  # stopped last-started first
+    services: Services | None = None
     try:
         print(f"MLflow UI: {mlflow.uri}")
         _cli("registry", "register-defaults", "--uri", mlflow.uri)
-        embed_step(mlflow.uri, out_dir, sample, running, t0)
-        reconstruct_step(mlflow.uri, out_dir, sample, running, t0)
-        audit_step(mlflow.uri, out_dir, sample, running)
+        decoder = served_decoder(mlflow.uri)  # any forced promotion happens before a service loads champion
+        print("starting the five services; they load champion from the registry meanwhile ...", flush=True)
+        services = Services(mlflow.uri, out_dir)
+        embed_step(out_dir, sample, services, t0)
+        print(decoder, flush=True)
+        reconstruct_step(mlflow.uri, out_dir, sample, services, t0)
+        audit_step(out_dir, sample, services)
         print(f"demo finished in {time.monotonic() - t0:.0f} s")
     finally:
-        for svc in reversed(running):
-            print(f"{svc.name} service stopped (exit {svc.stop()})")
+        if services is not None:
+            services.stop()
         mlflow.stop()
         print("MLflow stopped")
     return 0
