@@ -4,11 +4,12 @@ Starts an MLflow server on loopback (sqlite + local artifacts under ``var/demo/m
 default face model and the trained models the repository ships (``models/``; re-runs reuse them).
 Nothing is trained. The shipped decoder misses its quality gates, so registration leaves it at
 ``candidate``; the demo serves it with a recorded forced promotion (see ``_force_shipped_candidate``). It
-then starts all five services at once (each loads ``champion`` from the registry while the first steps
-run), embeds ``data/sample`` with the ``facexplain embed`` CLI and prints per-identity verification
-under the model's stored rule, writes aligned chips, reconstructions and metrics with ``facexplain
-reconstruct`` through the decoding service, and last runs ``facexplain audit`` on the labelled samples
-(``data/sample/labels.csv``), writing the HTML report (``var/demo/report/index.html``) and ``audit.json``. Everything stops on exit (Ctrl-C included).
+then starts the five services (the other four load ``champion`` from the registry while the first
+steps run: :class:`Services`), embeds ``data/sample`` with the ``facexplain embed`` CLI and prints
+per-identity verification under the model's stored rule, writes aligned chips, reconstructions and
+metrics with ``facexplain reconstruct`` through the decoding service, and last runs ``facexplain
+audit`` on the labelled samples (``data/sample/labels.csv``), writing the HTML report
+(``var/demo/report/index.html``) and ``audit.json``. Everything stops on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -108,18 +109,28 @@ def print_verification(npz: Path) -> None:
 
 
 class Services:
-    """The five services, all started at once (each loads its models from the registry meanwhile) and
-    waited for when a step first needs them; stopped last-started first."""
+    """The five services, waited for when a step first needs them; stopped last-started first.
+
+    The embedding service starts alone: on a fresh clone it builds the FR model's derived caches
+    (the converted landmark predictor, the downloaded bundle) that every other service reuses; five
+    processes building them at once took two minutes longer than one. The other four then start
+    together and load their models while the embed step runs.
+    """
 
     def __init__(self, uri: str, out_dir: Path) -> None:
         env = {"FACEXPLAIN_REGISTRY_URI": uri}
-        self.starting: dict[str, StartingService] = {
-            name: spawn_service(
-                name, out_dir, env={**env, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL} if name == "embedding" else env
-            )
-            for name in SERVICES
-        }
+        self.starting: dict[str, StartingService] = {}
         self.running: list[RunningService] = []
+        try:
+            self.starting["embedding"] = spawn_service(
+                "embedding", out_dir, env={**env, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL}
+            )
+            self.get("embedding")
+            for name in SERVICES[1:]:
+                self.starting[name] = spawn_service(name, out_dir, env=env)
+        except BaseException:
+            self.stop()
+            raise
 
     def get(self, name: str) -> RunningService:
         for svc in self.running:
@@ -189,7 +200,7 @@ def main() -> int:
         print(f"MLflow UI: {mlflow.uri}")
         _cli("registry", "register-defaults", "--uri", mlflow.uri)
         decoder = served_decoder(mlflow.uri)  # any forced promotion happens before a service loads champion
-        print("starting the five services; they load champion from the registry meanwhile ...", flush=True)
+        print("starting the services (each loads champion from the registry) ...", flush=True)
         services = Services(mlflow.uri, out_dir)
         embed_step(out_dir, sample, services, t0)
         print(decoder, flush=True)
