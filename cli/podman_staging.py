@@ -304,8 +304,8 @@ def translate(objects: list[Obj], *, host_port: HostPort = free_port, version: s
                 raise PodmanStagingError(
                     f"Pod {doc['metadata']['name']}: volume {volume['name']} mounts the Secret "
                     f"{ref.get('secretName')}, which the overlay does not render (a cluster would hold the pod "
-                    "pending, podman would fail it); staging serves plaintext: k8s/overlays/staging/plaintext.yaml "
-                    "drops the base's TLS Secret"
+                    "pending, podman would fail it); staging serves plaintext without auth: "
+                    "k8s/overlays/staging/plaintext.yaml drops the base's TLS and auth Secrets"
                 )
     missing = [f"facexplain-{s}" for s in SERVICES if f"facexplain-{s}" not in plan.published]
     if missing or MLFLOW_POD not in plan.published:

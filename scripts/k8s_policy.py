@@ -37,6 +37,8 @@ TRAINING = {"training-jobs": REPO / "k8s/training/jobs", "training-pytorchjob": 
 GPU_KUSTOMIZATIONS = {"gpu", "training-pytorchjob"}
 # Production-shaped overlays: model servers serve TLS (staging alone is plaintext, for the e2e suite).
 TLS_KUSTOMIZATIONS = {"gpu"}
+# ... and authenticate their callers (tokens file and/or JWKS from a mounted Secret); staging alone is open.
+AUTH_KUSTOMIZATIONS = {"gpu"}
 
 MODEL_SERVER_LABEL = "facexplain.io/model-server"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -435,6 +437,49 @@ def _int(text: str | None, default: int = -1) -> int:
         return default
 
 
+def _secret_file_violations(where: str, pod: PodTemplate, container: Obj, key: str, path: str) -> list[str]:
+    """A file the server re-reads when it changes must come from a Secret mounted whole: a subPath mount
+    is never updated, so a rotated certificate or a revoked token would not reach the pod."""
+    mount, volume = _secret_mount(pod, container, path)
+    if volume is None or not _from_secret(volume):
+        return [f"{where}: {key} {path} is on no mounted Secret volume"]
+    if mount is not None and mount.get("subPath"):
+        return [f"{where}: {key} {path} is mounted with subPath (a rotated Secret never reaches it)"]
+    return []
+
+
+_AUTH_FILES = ("FACEXPLAIN_AUTH_TOKENS_FILE", "FACEXPLAIN_AUTH_JWKS_FILE")
+
+
+def auth_violations(objs: Iterable[Obj]) -> list[str]:
+    """Outside staging, every model server authenticates its callers (without a tokens or JWKS file any
+    caller that reaches the port may call any RPC, Reload included), from files on a mounted Secret (whole,
+    so that a revoked token or a rotated signing key reaches the pod); a JWKS comes with the issuer and
+    audience a token must name (the server refuses to start without them)."""
+    objs = list(objs)
+    out: list[str] = []
+    for pod in pod_templates(objs):
+        if not pod.model_server:
+            continue
+        for where, c, init in _containers(pod):
+            if init:
+                continue
+            env = container_env(objs, pod, c)
+            configured = [key for key in _AUTH_FILES if env.get(key, "").strip()]
+            if not configured:
+                out.append(
+                    f"{where}: neither FACEXPLAIN_AUTH_TOKENS_FILE nor FACEXPLAIN_AUTH_JWKS_FILE is set: "
+                    "any caller may call any RPC"
+                )
+            for key in configured:
+                out += _secret_file_violations(where, pod, c, key, env[key].strip())
+            if "FACEXPLAIN_AUTH_JWKS_FILE" in configured:
+                for key in ("FACEXPLAIN_AUTH_JWT_ISSUER", "FACEXPLAIN_AUTH_JWT_AUDIENCE"):
+                    if not env.get(key, "").strip():
+                        out.append(f"{where}: FACEXPLAIN_AUTH_JWKS_FILE is set but {key} is not")
+    return out
+
+
 def tls_violations(objs: Iterable[Obj]) -> list[str]:
     """Outside staging, every model server serves its gRPC port over TLS (the kit otherwise binds the pod's
     loopback only, out of reach of Services and probes, or with FACEXPLAIN_ALLOW_INSECURE serves faces in
@@ -463,11 +508,7 @@ def tls_violations(objs: Iterable[Obj]) -> list[str]:
                 if not path:
                     out.append(f"{where}: {key} is not set: no TLS on the gRPC port")
                     continue
-                mount, volume = _secret_mount(pod, c, path)
-                if volume is None or not _from_secret(volume):
-                    out.append(f"{where}: {key} {path} is on no mounted Secret volume")
-                elif mount is not None and mount.get("subPath"):
-                    out.append(f"{where}: {key} {path} is mounted with subPath (a rotated Secret never reaches it)")
+                out += _secret_file_violations(where, pod, c, key, path)
             health = _int(env.get("FACEXPLAIN_HEALTH_PORT"))
             if health < 1:
                 out.append(f"{where}: FACEXPLAIN_HEALTH_PORT is not set: the kubelet's gRPC probes cannot speak TLS")
@@ -550,9 +591,12 @@ def project_version() -> str:
         return str(tomllib.load(fh)["project"]["version"])
 
 
-def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = None, tls: bool = False) -> list[str]:
+def policy_violations(
+    objs: Iterable[Obj], *, gpu: bool, version: str | None = None, tls: bool = False, auth: bool = False
+) -> list[str]:
     """Every policy over one rendered kustomization; ``gpu``: its model servers must hold GPUs; ``tls``: they
-    must serve TLS, with probes on the plaintext health port (every overlay but staging)."""
+    must serve TLS, with probes on the plaintext health port; ``auth``: they must authenticate callers (both
+    for every overlay but staging)."""
     objs = list(objs)
     out = (
         container_violations(objs)
@@ -566,6 +610,8 @@ def policy_violations(objs: Iterable[Obj], *, gpu: bool, version: str | None = N
         out += gpu_violations(objs)
     if tls:
         out += tls_violations(objs)
+    if auth:
+        out += auth_violations(objs)
     return out
 
 
@@ -580,7 +626,13 @@ def main(argv: list[str]) -> int:
         objs = render(path, kubectl)
         problems = (
             schema_violations(objs)
-            + policy_violations(objs, gpu=label in GPU_KUSTOMIZATIONS, version=version, tls=label in TLS_KUSTOMIZATIONS)
+            + policy_violations(
+                objs,
+                gpu=label in GPU_KUSTOMIZATIONS,
+                version=version,
+                tls=label in TLS_KUSTOMIZATIONS,
+                auth=label in AUTH_KUSTOMIZATIONS,
+            )
             + env_violations(objs, known)
         )
         print(

@@ -13,6 +13,7 @@ guess about the layout fails loudly instead of loading garbage.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,9 @@ class ShapePredictorArrays:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        # a name of this process's own: services started side by side on a fresh checkout build the same cache
+        # at once, and a shared temporary name let one process's rename pull the file from under another's
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, **{k: getattr(self, k) for k in self.__dataclass_fields__})
         tmp.replace(path)
 

@@ -1,7 +1,9 @@
-"""Authentication and per-service scopes: bearer tokens checked against a tokens file, as a server interceptor.
+"""Authentication and per-service scopes: bearer tokens checked against a tokens file, or JWTs checked against a
+JWKS file (:mod:`services.kit.jwt_auth`), as a server interceptor.
 
-Auth is on whenever ``FACEXPLAIN_AUTH_TOKENS_FILE`` is set. The file holds SHA-256 digests of the tokens,
-never the tokens themselves, so reading the file (a Secret, a backup) does not let anyone call::
+Auth is on whenever ``FACEXPLAIN_AUTH_TOKENS_FILE`` or ``FACEXPLAIN_AUTH_JWKS_FILE`` is set. The tokens file
+holds SHA-256 digests of the tokens, never the tokens themselves, so reading the file (a Secret, a backup)
+does not let anyone call::
 
     {"tokens": [
       {"principal": "audit-pipeline", "sha256": "<hex sha256 of the token>", "scopes": ["embed", "decode"],
@@ -33,11 +35,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
 from services.kit.access_log import Behavior, client_common_name, current_call, split_method, wrap_handler
+
+if TYPE_CHECKING:  # jwt_auth imports this module (Principal, AuthError, WatchedFile)
+    from services.kit.jwt_auth import JwtVerifier
 
 log = logging.getLogger("facexplain.auth")
 
@@ -110,7 +115,11 @@ OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 ANY_CREDENTIAL_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 
 
-class TokenFileError(ValueError):
+class AuthConfigError(ValueError):
+    """A credentials file or setting cannot be used; the message names the file or setting and says why."""
+
+
+class TokenFileError(AuthConfigError):
     """The tokens file cannot be used; the message says which entry and field, and why."""
 
 
@@ -211,15 +220,26 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class TokenStore:
-    """The tokens file, re-read when it changes (checked at most every ``recheck_s`` seconds)."""
+T = TypeVar("T")
 
-    def __init__(self, path: Path | str, recheck_s: float = 1.0) -> None:
+
+class WatchedFile(Generic[T]):
+    """A credentials file parsed at start and re-parsed when it changes (checked at most every ``recheck_s``
+    seconds), so a Kubernetes Secret rotation reaches the server without a restart. An unusable file at start
+    raises; one that becomes unusable later makes :meth:`current` None (fail closed: serving the old content
+    would keep a revoked credential alive) until it is fixed."""
+
+    error_cls: type[AuthConfigError] = AuthConfigError
+
+    def __init__(
+        self, path: Path | str, parse: Callable[[str, str], T], setting: str, what: str, recheck_s: float
+    ) -> None:
         self.path = Path(path)
         self.recheck_s = recheck_s
+        self._parse, self._setting, self._what = parse, setting, what
         self._lock = threading.Lock()
         self._stamp = self._stat_or_fail()
-        self._tokens: Tokens | None = self._read()  # an unusable file at start stops the server
+        self._value: T | None = self._read()  # an unusable file at start stops the server
         self.error = ""
         self._checked = time.monotonic()
 
@@ -227,40 +247,61 @@ class TokenStore:
         try:
             st = os.stat(self.path)
         except OSError as exc:
-            raise TokenFileError(f"FACEXPLAIN_AUTH_TOKENS_FILE {self.path}: cannot read it ({exc.strerror})") from None
+            raise self.error_cls(f"{self._setting} {self.path}: cannot read it ({exc.strerror})") from None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read(self) -> Tokens:
+    def _read(self) -> T:
         try:
             text = self.path.read_text()
         except OSError as exc:
-            raise TokenFileError(f"{self.path}: cannot read it ({exc.strerror})") from None
-        return parse_tokens(text, str(self.path))
+            raise self.error_cls(f"{self.path}: cannot read it ({exc.strerror})") from None
+        return self._parse(text, str(self.path))
 
-    def tokens(self) -> Tokens | None:
-        """The current tokens; None while the file is unusable (then :attr:`error` says why)."""
+    def current(self) -> T | None:
+        """The file's current content; None while the file is unusable (then :attr:`error` says why)."""
         now = time.monotonic()
         if now - self._checked < self.recheck_s:
-            return self._tokens
+            return self._value
         with self._lock:
             self._checked = now
             try:
                 stamp = self._stat_or_fail()
                 if stamp == self._stamp:
-                    return self._tokens
+                    return self._value
                 self._stamp = stamp
-                self._tokens, self.error = self._read(), ""
-                log.info("tokens file reloaded: %s", self.path)
-            except TokenFileError as exc:
-                self._tokens, self.error = None, str(exc)
-                log.error("tokens file unusable, refusing every call until it is fixed: %s", exc)
-            return self._tokens
+                self._value, self.error = self._read(), ""
+                log.info("%s reloaded: %s", self._what, self.path)
+            except AuthConfigError as exc:
+                self._value, self.error = None, str(exc)
+                log.error("%s unusable, refusing the calls it decides until it is fixed: %s", self._what, exc)
+            return self._value
+
+
+class TokenStore(WatchedFile[Tokens]):
+    """The tokens file (``FACEXPLAIN_AUTH_TOKENS_FILE``), re-read when it changes."""
+
+    error_cls = TokenFileError
+
+    def __init__(self, path: Path | str, recheck_s: float = 1.0) -> None:
+        super().__init__(path, parse_tokens, "FACEXPLAIN_AUTH_TOKENS_FILE", "tokens file", recheck_s)
+
+    def tokens(self) -> Tokens | None:
+        """The current tokens; None while the file is unusable (then :attr:`error` says why)."""
+        return self.current()
 
 
 class AuthError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+_JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+
+
+def looks_like_jwt(token: str) -> bool:
+    """A compact JWS: three base64url parts. Decides only where a bearer is checked, never whether it is valid."""
+    return _JWT_SHAPE.match(token) is not None
 
 
 def bearer_token(metadata: Any) -> str | None:
@@ -272,21 +313,36 @@ def bearer_token(metadata: Any) -> str | None:
 
 
 class Authenticator:
-    """Who the caller is and whether the method (and request) is within their scopes."""
+    """Who the caller is and whether the method (and request) is within their scopes.
 
-    def __init__(self, store: TokenStore) -> None:
-        self.store = store
+    With both a tokens file and a JWKS file, a bearer shaped like a JWT (three base64url parts) is verified
+    against the JWKS, any other against the tokens file; a caller without a bearer may still be admitted by
+    its client certificate (tokens file ``client_cn``)."""
+
+    def __init__(self, store: TokenStore | None, jwt: JwtVerifier | None = None) -> None:
+        if store is None and jwt is None:
+            raise ValueError("an Authenticator needs a tokens file, a JWKS file or both")
+        self.store, self.jwt = store, jwt
 
     def identify(self, metadata: Any, context: grpc.ServicerContext) -> Principal:
-        tokens = self.store.tokens()
-        if tokens is None:
-            raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED, "credentials cannot be checked: the server's tokens file is invalid"
-            )
         token = bearer_token(metadata)
         if token == "":
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata; expected 'Bearer <token>'"
+            )
+        if token is not None and self.jwt is not None and looks_like_jwt(token):
+            return self.jwt.verify(token)
+        if self.store is None:
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send 'authorization: Bearer <JWT>' (FACEXPLAIN_TOKEN or --token)"
+                if token is None
+                else "invalid token: this server accepts only JWTs signed by a key of its JWKS",
+            )
+        tokens = self.store.tokens()
+        if tokens is None:
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED, "credentials cannot be checked: the server's tokens file is invalid"
             )
         principal: Principal | None
         if token is not None:

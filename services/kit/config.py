@@ -92,6 +92,17 @@ class ServiceSettings(BaseSettings):
         description="JSON tokens file (principal, sha256 of the token, scopes, expires); set = every call needs a "
         "bearer token (health checking excepted)",
     )
+    auth_jwks_file: str = Field(
+        default="",
+        description="JWK set of the identity provider's public signing keys (RS256, ES256, EdDSA); set = every call "
+        "needs a bearer (health checking excepted), and a bearer shaped like a JWT is verified against it. Re-read "
+        "when it changes (key rotation). Needs auth_jwt_issuer and auth_jwt_audience",
+    )
+    auth_jwt_issuer: str = Field(default="", description="the 'iss' every accepted JWT must carry")
+    auth_jwt_audience: str = Field(default="", description="the audience ('aud') every accepted JWT must name")
+    auth_jwt_leeway_s: float = Field(
+        default=30.0, ge=0, le=300, description="clock skew allowed when checking a JWT's exp and nbf"
+    )
     access_log: bool = Field(default=True, description="one structured log line per call (never a payload)")
     health_port: int = Field(
         default=-1,

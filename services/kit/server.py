@@ -25,8 +25,9 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kit import tls
 from services.kit.access_log import AccessLogInterceptor
-from services.kit.auth import Authenticator, AuthInterceptor, TokenFileError, TokenStore
+from services.kit.auth import AuthConfigError, Authenticator, AuthInterceptor, TokenStore
 from services.kit.config import ServiceSettings
+from services.kit.jwt_auth import JwksStore, JwtVerifier
 from services.kit.logs import configure_logging
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot
@@ -58,12 +59,13 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        self.authenticator = authenticator(settings)
+        self.tokens = self.authenticator.store if self.authenticator else None
         interceptors: list[grpc.ServerInterceptor] = []
         if settings.access_log:  # outermost: it also logs the calls authentication refuses
             interceptors.append(AccessLogInterceptor())
-        if self.tokens is not None:
-            interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
+        if self.authenticator is not None:
+            interceptors.append(AuthInterceptor(self.authenticator))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             options=options,
@@ -80,11 +82,17 @@ class GrpcServer:
         self.host, self.port, self.certificates = tls.bind(self.server, settings)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.host}:{settings.port}")
+        sources = [f"bearer tokens from {settings.auth_tokens_file}"] if settings.auth_tokens_file else []
+        if settings.auth_jwks_file:
+            sources.append(
+                f"JWTs from JWKS {settings.auth_jwks_file} (issuer {settings.auth_jwt_issuer}, "
+                f"audience {settings.auth_jwt_audience})"
+            )
         log.info(
             "authentication %s",
-            f"on: bearer tokens from {settings.auth_tokens_file}"
-            if self.tokens
-            else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE)",
+            f"on: {'; '.join(sources)}"
+            if sources
+            else "OFF: any caller may call any RPC (set FACEXPLAIN_AUTH_TOKENS_FILE or FACEXPLAIN_AUTH_JWKS_FILE)",
         )
         self.health_server: grpc.Server | None = None
         self.health_port = 0
@@ -194,21 +202,35 @@ def service_metrics(settings: ServiceSettings, service: str) -> ServiceMetrics:
     return ServiceMetrics(service)
 
 
+def authenticator(settings: ServiceSettings) -> Authenticator | None:
+    """The credentials the settings configure (tokens file, JWKS file or both); None = auth off.
+    Raises :class:`AuthConfigError` naming the file or setting that cannot be used."""
+    store = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    verifier = None
+    if settings.auth_jwks_file:
+        verifier = JwtVerifier(
+            JwksStore(settings.auth_jwks_file),
+            settings.auth_jwt_issuer,
+            settings.auth_jwt_audience,
+            settings.auth_jwt_leeway_s,
+        )
+    return Authenticator(store, verifier) if store or verifier else None
+
+
 def check_security_settings(settings: ServiceSettings) -> None:
-    """Read the TLS files and the tokens file as the server will; raise what is wrong with them."""
+    """Read the TLS files and the credentials files as the server will; raise what is wrong with them."""
     files = tls.ServerTLSFiles.from_settings(settings)
     if files is not None:
         tls.ReloadingCertificates(files)
-    if settings.auth_tokens_file:
-        TokenStore(settings.auth_tokens_file)
+    authenticator(settings)
 
 
 def run_service(service: str, settings: S, build_server: Callable[[S], GrpcServer]) -> None:
     """``facexplain serve <service>``: configure logging, build and start the server, serve until SIGTERM."""
     configure_logging(settings.log_level, settings.log_format)
-    try:  # before the models load (minutes): a typo in a certificate path or the tokens file fails at once
+    try:  # before the models load (minutes): a typo in a certificate path or a credentials file fails at once
         check_security_settings(settings)
-    except (tls.TLSConfigError, TokenFileError, OSError) as exc:
+    except (tls.TLSConfigError, AuthConfigError, OSError) as exc:
         log.error("cannot start %s: %s", service, exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

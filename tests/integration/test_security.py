@@ -1,9 +1,10 @@
 """Security over real gRPC on loopback: TLS, mutual TLS, bearer tokens with scopes, the access log.
 
-All five services run once for the module with TLS (a CA and server certificate made at test time) and
-a tokens file, without a registry: the scope checks sit in front of every RPC, so ModelStatus and Reload
-show them on services that have no model to serve; the embedding service (local weights) also answers
-real RPCs on real faces. A second embedding server requires client certificates (mutual TLS).
+All five services run once for the module with TLS (a CA and server certificate made at test time), a
+tokens file and a JWKS file (an identity provider's key made at test time), without a registry: the scope
+checks sit in front of every RPC, so ModelStatus and Reload show them on services that have no model to
+serve; the embedding service (local weights) also answers real RPCs on real faces. A second embedding server
+requires client certificates (mutual TLS).
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from jwt.algorithms import ECAlgorithm
 
 from cli.launcher import REPO, RunningService, start_service
 from sdk.client import ClientSecurity, open_channel
@@ -57,6 +62,24 @@ def _token(name: str) -> str:
     return f"test-token-{name}-0123456789abcdef"
 
 
+JWT_ISSUER, JWT_AUDIENCE = "https://idp.test.example", "facexplain-test"
+# The identity provider's signing keys, made for the module: idp-1 is published in the JWKS at start, idp-2
+# only by the rotation test; stranger is never published.
+JWT_KEYS = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("idp-1", "idp-2", "stranger")}
+
+
+def _public_jwk(private: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
+    jwk: dict[str, Any] = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return jwk | {"kid": kid, "use": "sig", "alg": "ES256"}
+
+
+def _jwt(scopes: list[str], kid: str = "idp-1", key: str = "", lifetime_s: int = 600, **claims: Any) -> str:
+    now = int(time.time())
+    body = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "jwt-caller", "iat": now, "exp": now + lifetime_s}
+    body |= {"scope": " ".join(scopes)} | claims
+    return jwt.encode(body, JWT_KEYS[key or kid], algorithm="ES256", headers={"kid": kid})
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("pki")
@@ -68,12 +91,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ]
     tokens.append({"principal": "cert-ops", "client_cn": "auditor.example", "scopes": ["embed"]})
     (d / "tokens.json").write_text(json.dumps({"tokens": tokens}))
+    (d / "jwks.json").write_text(json.dumps({"keys": [_public_jwk(JWT_KEYS["idp-1"], "idp-1")]}))
     return {
         "ca": ca,
         "server": issue(ca, d / "server", "localhost", server=True),
         "client_ca": client_ca,
         "client": issue(client_ca, d / "client", "auditor.example", server=False),
         "tokens": d / "tokens.json",
+        "jwks": d / "jwks.json",
         "logs": tmp_path_factory.mktemp("security-logs"),
     }
 
@@ -84,6 +109,10 @@ def _server_env(pki: dict[str, Any], **extra: str) -> dict[str, str]:
         "FACEXPLAIN_TLS_CERT_FILE": str(server.cert_file),
         "FACEXPLAIN_TLS_KEY_FILE": str(server.key_file),
         "FACEXPLAIN_AUTH_TOKENS_FILE": str(pki["tokens"]),
+        # both credentials at once: a bearer shaped like a JWT is checked against the JWKS, others the tokens file
+        "FACEXPLAIN_AUTH_JWKS_FILE": str(pki["jwks"]),
+        "FACEXPLAIN_AUTH_JWT_ISSUER": JWT_ISSUER,
+        "FACEXPLAIN_AUTH_JWT_AUDIENCE": JWT_AUDIENCE,
         "FACEXPLAIN_TORCH_THREADS": "1",
         "FACEXPLAIN_REGISTRY_URI": "",
         **extra,
@@ -116,9 +145,11 @@ def mutual(pki: dict[str, Any]) -> Iterator[RunningService]:
     svc.stop()
 
 
-def _channel(svc: RunningService, pki: dict[str, Any], token: str | None = None, **kw: Any) -> grpc.Channel:
+def _channel(
+    svc: RunningService, pki: dict[str, Any], token: str | None = None, raw_token: str = "", **kw: Any
+) -> grpc.Channel:
     ca: CA = pki["ca"]
-    sec = ClientSecurity(ca_file=str(ca.cert_file), token=_token(token) if token else "", **kw)
+    sec = ClientSecurity(ca_file=str(ca.cert_file), token=raw_token or (_token(token) if token else ""), **kw)
     return open_channel(svc.address, security=sec, retries=1)
 
 
@@ -226,6 +257,61 @@ def test_tokens_and_scopes(name: str, secured: dict[str, RunningService], pki: d
     bad = ClientSecurity(ca_file=str(pki["ca"].cert_file), token="not-a-known-token")
     with open_channel(svc.address, security=bad, retries=1) as ch:
         assert _model_status(ch, service) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_jwts_and_scopes(name: str, secured: dict[str, RunningService], pki: dict[str, Any]) -> None:
+    """The same contract with JWTs from the JWKS as with the tokens file, on every service."""
+    svc, service = secured[name], SERVICES[name]
+    everything = ["admin", *SCOPE.values()]
+    with _channel(svc, pki, raw_token=_jwt([SCOPE[name]])) as ch:
+        assert _model_status(ch, service) == grpc.StatusCode.OK
+        assert _reload(ch, service) == grpc.StatusCode.PERMISSION_DENIED  # no admin scope
+    with _channel(svc, pki, raw_token=_jwt(["openid", "profile"])) as ch:  # valid, none of our scopes
+        assert _model_status(ch, service) == grpc.StatusCode.PERMISSION_DENIED
+    with _channel(svc, pki, raw_token=_jwt(everything)) as ch:
+        assert _reload(ch, service) not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    refused = {
+        "expired": _jwt(everything, lifetime_s=-300),  # beyond the 30 s leeway
+        "signed by a stranger under our kid": _jwt(everything, key="stranger"),
+        "unknown kid": _jwt(everything, kid="stranger"),
+        "another issuer": _jwt(everything, iss="https://evil.example"),
+        "another audience": _jwt(everything, aud="some-other-service"),
+    }
+    for why, token in refused.items():
+        with _channel(svc, pki, raw_token=token) as ch:
+            assert _model_status(ch, service) == grpc.StatusCode.UNAUTHENTICATED, why
+
+
+def test_jwt_embeds_a_real_face_and_jwks_rotation_needs_no_restart(
+    secured: dict[str, RunningService], pki: dict[str, Any]
+) -> None:
+    svc, service = secured["embedding"], SERVICES["embedding"]
+    request = embedding_pb2.EmbedRequest(image=common_pb2.Image(encoded=FACES[0].read_bytes()))
+    with _channel(svc, pki, raw_token=_jwt(["embed"])) as ch:
+        resp = _unary(ch, service, "Embed", request, embedding_pb2.EmbedResponse)
+    assert len(resp.template.values) == 128
+    rotated = _jwt(["embed"], kid="idp-2")
+    with _channel(svc, pki, raw_token=rotated) as ch:
+        assert _model_status(ch, service) == grpc.StatusCode.UNAUTHENTICATED
+    jwks: Path = pki["jwks"]
+    original = jwks.read_text()
+    keys = json.loads(original)["keys"] + [_public_jwk(JWT_KEYS["idp-2"], "idp-2")]
+    try:
+        tmp = jwks.with_suffix(".new")
+        tmp.write_text(json.dumps({"keys": keys}))
+        tmp.replace(jwks)  # atomically, as a Secret's volume swaps its files
+        deadline = time.monotonic() + 10
+        with _channel(svc, pki, raw_token=rotated) as ch:
+            while _model_status(ch, service) != grpc.StatusCode.OK:
+                assert time.monotonic() < deadline, "the server did not pick up the rotated JWKS"
+                time.sleep(0.2)
+    finally:
+        tmp.write_text(original)
+        tmp.replace(jwks)
+    log = svc.log_text()
+    assert '"principal": "jwt-caller"' in log
+    assert rotated not in log and rotated.split(".")[2] not in log  # tokens are never logged
 
 
 def _list_services(channel: grpc.Channel) -> list[str]:

@@ -23,7 +23,8 @@ def known_env() -> set[str]:
 def test_every_kustomization_passes_the_policy(rendered: Rendered, label: str, known_env: set[str]) -> None:
     objs = rendered[label]
     gpu, tls = label in policy.GPU_KUSTOMIZATIONS, label in policy.TLS_KUSTOMIZATIONS
-    assert policy.policy_violations(objs, gpu=gpu, version=policy.project_version(), tls=tls) == []
+    auth = label in policy.AUTH_KUSTOMIZATIONS
+    assert policy.policy_violations(objs, gpu=gpu, version=policy.project_version(), tls=tls, auth=auth) == []
     assert policy.env_violations(objs, known_env) == []
 
 
@@ -372,3 +373,104 @@ def test_a_projected_secret_counts_and_a_policy_elsewhere_does_not(rendered: Ren
     assert policy.tls_violations(objs) == []
     tls["projected"]["sources"].append({"configMap": {"name": "facexplain-config"}})
     assert "is on no mounted Secret volume" in " ".join(policy.tls_violations(objs))
+
+
+# -- authentication outside staging --------------------------------------------------------------------------
+
+
+def test_every_overlay_but_staging_is_held_to_auth() -> None:
+    assert set(policy.OVERLAYS) - {"staging"} == policy.AUTH_KUSTOMIZATIONS
+
+
+def test_the_staging_overlay_would_not_pass_as_an_authenticated_one(rendered: Rendered) -> None:
+    problems = policy.auth_violations(rendered["staging"])
+    assert sorted(problems) == sorted(
+        f"Deployment/facexplain-{name} container server: neither FACEXPLAIN_AUTH_TOKENS_FILE nor "
+        "FACEXPLAIN_AUTH_JWKS_FILE is set: any caller may call any RPC"
+        for name in ("embedding", "decoding", "directions", "attributes", "counterfactual")
+    )
+
+
+def test_the_gpu_overlay_reads_its_tokens_from_the_auth_secret(rendered: Rendered) -> None:
+    objs = rendered["gpu"]
+    assert by_name(objs, "ConfigMap", "facexplain-config")["data"]["FACEXPLAIN_AUTH_TOKENS_FILE"] == (
+        "/etc/facexplain/auth/tokens.json"
+    )
+    for name in ("embedding", "decoding", "directions", "attributes", "counterfactual"):
+        spec = by_name(objs, "Deployment", f"facexplain-{name}")["spec"]["template"]["spec"]
+        (auth,) = [v for v in spec["volumes"] if v["name"] == "auth"]
+        assert auth["secret"]["secretName"] == "facexplain-auth"
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "auth"]
+        assert mount == {"name": "auth", "mountPath": "/etc/facexplain/auth", "readOnly": True}
+
+
+def test_the_jwt_component_passes_with_issuer_and_audience(kubectl: str) -> None:
+    # tests/data/k8s/gpu-jwt: the gpu overlay + k8s/components/jwt + the issuer and audience an operator sets.
+    objs = policy.render(REPO / "tests" / "data" / "k8s" / "gpu-jwt", kubectl)
+    assert policy.schema_violations(objs) == []
+    version = policy.project_version()
+    assert policy.policy_violations(objs, gpu=True, version=version, tls=True, auth=True) == []
+    data = by_name(objs, "ConfigMap", "facexplain-config")["data"]
+    assert data["FACEXPLAIN_AUTH_JWKS_FILE"] == "/etc/facexplain/auth/jwks.json"
+    assert data["FACEXPLAIN_AUTH_TOKENS_FILE"] == "/etc/facexplain/auth/tokens.json"  # both at once
+    data.pop("FACEXPLAIN_AUTH_JWT_AUDIENCE")
+    assert "FACEXPLAIN_AUTH_JWKS_FILE is set but FACEXPLAIN_AUTH_JWT_AUDIENCE is not" in " ".join(
+        policy.auth_violations(objs)
+    )
+
+
+def test_a_kustomization_with_auth_undone_fails_the_auth_policy(kubectl: str) -> None:
+    # tests/data/k8s/broken-auth: the real base with authentication undone four ways (see its kustomization.yaml).
+    objs = policy.render(REPO / "tests" / "data" / "k8s" / "broken-auth", kubectl)
+    version = policy.project_version()
+    assert policy.policy_violations(objs, gpu=False, version=version, tls=True) == []
+    problems = policy.policy_violations(objs, gpu=False, version=version, tls=True, auth=True)
+    dep = "Deployment/facexplain-{} container server: "
+    assert sorted(problems) == sorted(
+        [
+            dep.format("embedding") + "neither FACEXPLAIN_AUTH_TOKENS_FILE nor FACEXPLAIN_AUTH_JWKS_FILE is set: "
+            "any caller may call any RPC",
+            dep.format("decoding") + "FACEXPLAIN_AUTH_TOKENS_FILE /etc/facexplain/auth/tokens.json is on no "
+            "mounted Secret volume",
+            dep.format("directions") + "FACEXPLAIN_AUTH_TOKENS_FILE /etc/facexplain/auth/tokens.json is mounted "
+            "with subPath (a rotated Secret never reaches it)",
+            dep.format("attributes") + "FACEXPLAIN_AUTH_JWKS_FILE is set but FACEXPLAIN_AUTH_JWT_ISSUER is not",
+            dep.format("attributes") + "FACEXPLAIN_AUTH_JWKS_FILE is set but FACEXPLAIN_AUTH_JWT_AUDIENCE is not",
+        ]
+    )
+
+
+AUTH_BREAKS: dict[str, tuple[Callable[[list[Obj]], object], str]] = {
+    "no tokens file": (_config("FACEXPLAIN_AUTH_TOKENS_FILE", None), "neither FACEXPLAIN_AUTH_TOKENS_FILE nor"),
+    "blank tokens file": (_config("FACEXPLAIN_AUTH_TOKENS_FILE", " "), "neither FACEXPLAIN_AUTH_TOKENS_FILE nor"),
+    "tokens outside the mount": (
+        _config("FACEXPLAIN_AUTH_TOKENS_FILE", "/var/lib/facexplain/tokens.json"),
+        "FACEXPLAIN_AUTH_TOKENS_FILE /var/lib/facexplain/tokens.json is on no mounted Secret volume",
+    ),
+    "JWKS outside the mount": (
+        _config("FACEXPLAIN_AUTH_JWKS_FILE", "/tmp/jwks.json"),
+        "FACEXPLAIN_AUTH_JWKS_FILE /tmp/jwks.json is on no mounted Secret volume",
+    ),
+    "auth secret unmounted": (
+        _embedding(lambda dep, c: c["volumeMounts"].remove(next(m for m in c["volumeMounts"] if m["name"] == "auth"))),
+        "FACEXPLAIN_AUTH_TOKENS_FILE /etc/facexplain/auth/tokens.json is on no mounted Secret volume",
+    ),
+    "auth secret by subPath": (
+        _embedding(lambda dep, c: next(m for m in c["volumeMounts"] if m["name"] == "auth").update(subPath="x")),
+        "is mounted with subPath",
+    ),
+    "embedding server opts out": (
+        _embedding(lambda dep, c: c["env"].append({"name": "FACEXPLAIN_AUTH_TOKENS_FILE", "value": ""})),
+        "neither FACEXPLAIN_AUTH_TOKENS_FILE nor",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTH_BREAKS))
+def test_each_auth_break_fails_the_auth_policy(rendered: Rendered, case: str) -> None:
+    objs = copy.deepcopy(rendered["gpu"])
+    assert policy.auth_violations(objs) == []
+    breaking, expected = AUTH_BREAKS[case]
+    breaking(objs)
+    problems = policy.auth_violations(objs)
+    assert any("facexplain-embedding" in p and expected in p for p in problems), problems

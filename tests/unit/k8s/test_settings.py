@@ -3,6 +3,7 @@ settings class with the values the manifests mean (a typo'd value would fail at 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from concurrent import futures
@@ -126,3 +127,41 @@ def test_the_mtls_component_makes_the_gpu_overlay_mutual(
     host, _, certificates = bind_as_the_pod(objs, monkeypatch, tmp_path)
     assert host == "0.0.0.0" and certificates is not None
     assert certificates.files.client_ca == tmp_path / "etc/facexplain/tls/ca.crt"  # ca.crt of the same Secret
+
+
+@pytest.mark.parametrize("overlay", ["staging", "gpu", "gpu-jwt"])
+def test_servers_authenticate_with_the_auth_secret_outside_staging(
+    rendered: Rendered, kubectl: str, overlay: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The credentials the kit builds from the embedding pod's environment, with tokens.json and jwks.json laid
+    out under ``tmp_path`` as the facexplain-auth Secret would hold them: none in staging, the tokens file in
+    the gpu overlay, and tokens file and JWKS together with k8s/components/jwt (tests/data/k8s/gpu-jwt)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from services.kit.server import authenticator
+
+    objs = rendered[overlay] if overlay in rendered else policy.render(REPO / "tests/data/k8s" / overlay, kubectl)
+    for name in [n for n in os.environ if n.startswith("FACEXPLAIN_")]:
+        monkeypatch.delenv(name)
+    env = pod_env(objs, "facexplain-embedding")
+    jwk = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
+    made = {
+        "FACEXPLAIN_AUTH_TOKENS_FILE": '{"tokens": [{"principal": "ops", "sha256": "' + "0" * 64 + '", '
+        '"scopes": ["admin"]}]}',
+        "FACEXPLAIN_AUTH_JWKS_FILE": json.dumps({"keys": [jwk | {"kid": "k1"}]}),
+    }
+    for key in [k for k in made if env.get(k)]:
+        assert env[key].startswith("/etc/facexplain/auth/")  # the Secret's mount (policy: auth_violations)
+        target = tmp_path / env[key].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(made[key])
+        env[key] = str(target)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    auth = authenticator(ServiceSettings())
+    if overlay == "staging":
+        assert auth is None
+        return
+    assert auth is not None and auth.store is not None
+    assert (auth.jwt is not None) == (overlay == "gpu-jwt")

@@ -123,16 +123,24 @@ def test_tokens_file_turns_auth_on(tmp_path: Path) -> None:
 
 
 def test_bad_security_settings_stop_the_start_before_models_load(tmp_path: Path) -> None:
-    """`facexplain serve` checks the TLS and tokens files first: a typo fails in a second, not after model loading."""
+    """`facexplain serve` checks the TLS and credentials files first: a typo fails in a second, not after model
+    loading."""
     import subprocess
     import sys
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
 
     from cli.launcher import REPO
 
     (tmp_path / "tokens.json").write_text('{"tokens": [{"principal": "p", "token": "plain", "scopes": ["embed"]}]}')
+    jwk = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
     cases = {
         "FACEXPLAIN_TLS_CERT_FILE": (str(tmp_path / "missing.crt"), "FACEXPLAIN_TLS_KEY_FILE is not set"),
         "FACEXPLAIN_AUTH_TOKENS_FILE": (str(tmp_path / "tokens.json"), "holds the token itself"),
+        # a JWKS without issuer and audience would accept tokens minted for anything by anyone with a key in it
+        "FACEXPLAIN_AUTH_JWKS_FILE": (str(tmp_path / "jwks.json"), "FACEXPLAIN_AUTH_JWT_ISSUER and"),
     }
     for var, (value, message) in cases.items():
         env = {"PATH": "/usr/bin:/bin", var: value, "FACEXPLAIN_PORT": "0"}
