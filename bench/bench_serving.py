@@ -1,10 +1,33 @@
 """Serving throughput under client concurrency: our gRPC Embed with dynamic batching on and off, and TorchServe
 (gRPC and REST, its batching on) serving the same pipeline, against the in-process batched limit of the same
-pipeline on the same photos, in one interleaved run on one machine.
+pipeline on the same photos, in one interleaved run on one machine; the same for Decode (template -> image);
+and what the aligned input mode saves per image.
 
-    python bench/bench_serving.py [--images DIR] [--n-images 16] [--requests 64] [--concurrency 1,4,16,64]
+    python bench/bench_serving.py [--sections embed,decode,aligned] [--quick] [--images DIR] [--n-images 16]
+                                  [--requests 64] [--decode-requests 256] [--concurrency 1,4,16,64]
                                   [--threads 2] [--device cpu] [--no-torchserve] [--ts-batch-size 16]
-                                  [--ts-max-batch-delay-ms 50] [--out serving-cpu]
+                                  [--ts-max-batch-delay-ms 50] [--ts-decode-batch-size 16]
+                                  [--ts-decode-max-batch-delay-ms 5] [--out serving-cpu]
+
+Sections (each starts its servers and stops them before the next, so they never compete):
+
+- ``embed``: image -> template, the paths below (top-level keys of the result, as before Decode joined).
+- ``decode``: template -> PNG face (``result["decode"]``), the same paths for the shipped decoder
+  (models/facexplain-dfd-dlib128) inverting the default FR model: the in-process batched decoder forward (the
+  limit) and a single-template forward, our decoding service's Decode with batching on and off (it follows a
+  throw-away MLflow registry holding the FR model and the shipped decoder, as a deployment does), and TorchServe
+  serving the decoder's ``.mar`` (JSON template in, PNG out). The templates are the default model's templates of
+  the photos. A decoder forward is a few milliseconds, so per-call costs (gRPC, the template checks, the PNG
+  encoding every served path does and the in-process limit does not; ``png_encode_ms`` records it) weigh far
+  more than for Embed, and the run sends ``--decode-requests`` calls per level. TorchServe's decoder batching
+  waits ``--ts-decode-max-batch-delay-ms`` (default 5 ms: its Embed setting of 50 ms would be ten decoder
+  forwards of pure waiting).
+- ``aligned``: in process, the time per image of the photo path (``FacePipeline.analyze``: detection,
+  landmarks, alignment, FR net) against the aligned input mode (``embed_aligned`` on the chips the photo path
+  produced: the FR net alone), in batches of 1 and 16, with the largest template difference between the two.
+
+``--quick`` is a smoke run (fewer calls, concurrency 1,4,16): it checks every path works; its figures are
+not the benchmark's.
 
 Why these paths: the in-process batched ``FacePipeline.analyze`` over ``max(concurrency)`` images is the
 most the model itself can do (the limit), the in-process single call is what a caller of one image
@@ -33,7 +56,7 @@ its threads are not scheduled together. The in-process limit and TorchServe (who
 on its main thread) fall 5-10x under load while our service (inference thread) does not, which would make
 every ratio to them meaningless. On an idle machine spinning helps the main thread instead (issue 24).
 
-Writes bench/results/<out>.json (default ``serving-<device>``).
+Writes bench/results/<out>.json (default ``serving-<device>``, ``serving-<device>-quick`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -89,26 +112,30 @@ class ProcStats:
         return float("nan")
 
 
-def batched_limit(pipe: FacePipeline, images: list[torch.Tensor], requests: int, batch: int) -> dict[str, Any]:
-    """The in-process batched forward over ``batch`` images at a time: the most the model itself can do."""
+# A batched forward of one workload in process: the embedder's ``analyze`` over photos, the decoder over templates.
+Forward = Callable[[list[Any]], Any]
+
+
+def batched_limit(forward: Forward, items: list[Any], requests: int, batch: int) -> dict[str, Any]:
+    """The in-process batched forward over ``batch`` items at a time: the most the model itself can do."""
     rounds = max(1, requests // batch)
-    pipe.analyze(images[:batch])  # warm the batch shape too
+    forward([items[i % len(items)] for i in range(batch)])  # warm the batch shape too
     t = time.perf_counter()
     for r in range(rounds):
-        pipe.analyze([images[(r * batch + i) % len(images)] for i in range(batch)])
+        forward([items[(r * batch + i) % len(items)] for i in range(batch)])
     elapsed = time.perf_counter() - t
     return {"batch_size": batch, "images_per_s": rounds * batch / elapsed, "seconds": elapsed}
 
 
-def bench_inprocess(pipe: FacePipeline, images: list[torch.Tensor], requests: int, batch: int) -> dict[str, Any]:
-    """Single-image calls (the best a lone caller could see) and the batched limit, on this main thread."""
-    pipe.analyze(images[:2])  # warm-up
+def bench_inprocess(forward: Forward, items: list[Any], requests: int, batch: int) -> dict[str, Any]:
+    """Single-item calls (the best a lone caller could see) and the batched limit, on this main thread."""
+    forward(items[:2])  # warm-up
     lat = []
     for k in range(requests):
         t = time.perf_counter()
-        pipe.analyze([images[k % len(images)]])
+        forward([items[k % len(items)]])
         lat.append(time.perf_counter() - t)
-    return {"single": latency_summary(lat), "batched_limit": batched_limit(pipe, images, requests, batch)}
+    return {"single": latency_summary(lat), "batched_limit": batched_limit(forward, items, requests, batch)}
 
 
 Call = Callable[[int], Any]
@@ -216,11 +243,9 @@ class ServedPath:
         return {**self.info, "concurrency": self.levels, "server_peak_rss_mb": self.stats.peak_rss_mb()}
 
 
-def start_ours(
-    stack: contextlib.ExitStack, paths: list[Path], levels: list[int], threads: int, batching: bool, device: str
-) -> ServedPath:
-    """Our embedding service (dynamic batching on or off) and an Embed-calling client."""
-    env = {
+def _server_env(levels: list[int], threads: int, batching: bool, device: str) -> dict[str, str]:
+    """What every served path of ours gets: enough handler threads and queue that no call waits for either."""
+    return {
         "FACEXPLAIN_DYNAMIC_BATCHING": "true" if batching else "false",
         "FACEXPLAIN_TORCH_THREADS": str(threads),
         "FACEXPLAIN_MAX_WORKERS": str(max(16, 2 * max(levels))),
@@ -228,6 +253,13 @@ def start_ours(
         "FACEXPLAIN_DEVICE": device,
         "FACEXPLAIN_LOG_LEVEL": "WARNING",  # one log line per call would be part of what we measure
     }
+
+
+def start_ours(
+    stack: contextlib.ExitStack, paths: list[Path], levels: list[int], threads: int, batching: bool, device: str
+) -> ServedPath:
+    """Our embedding service (dynamic batching on or off) and an Embed-calling client."""
+    env = _server_env(levels, threads, batching, device)
     logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     svc: RunningService = start_service("embedding", logs, env=env, timeout=600)
     stack.callback(svc.stop)
@@ -287,6 +319,122 @@ def start_torchserve_paths(
     ]
 
 
+def shipped_decoder_bundle() -> Path:
+    """The decoder the repository ships for the default FR model (pins checked by ``list_shipped``)."""
+    from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+    from registry.shipped import list_shipped
+
+    for m in list_shipped(REPO / "models"):
+        if m.name == DEFAULT_DECODER_MODEL:
+            return m.bundle
+    raise SystemExit(f"no shipped {DEFAULT_DECODER_MODEL} under {REPO / 'models'}")
+
+
+def start_decode_registry(stack: contextlib.ExitStack) -> tuple[str, Path]:
+    """A throw-away MLflow registry holding the default FR model and the shipped decoder, both ``champion``
+    (the decoding service loads its decoder from a registry only); (its URI, a model cache folder)."""
+    from cli.launcher import start_mlflow
+    from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+    from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, save_embedder_bundle
+    from registry import CHAMPION, Registry
+    from registry.shipped import list_shipped, register_shipped
+
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fx-bench-reg-")))
+    server = start_mlflow(work / "mlflow", timeout=300)
+    stack.callback(server.stop)
+    reg = Registry(server.uri, timeout_s=60, max_retries=2)
+    save_embedder_bundle(work / "fr", name=DEFAULT_FR_MODEL)
+    reg.register_bundle(work / "fr", DEFAULT_FR_MODEL, description="bench_serving", alias=CHAMPION)
+    shipped = next(m for m in list_shipped(REPO / "models") if m.name == DEFAULT_DECODER_MODEL)
+    done = register_shipped(reg, shipped)
+    # the shipped decoder missed its recorded gates (candidate); the benchmark serves it regardless
+    reg.set_alias(DEFAULT_DECODER_MODEL, CHAMPION, done.info.version)
+    return server.uri, work / "cache"
+
+
+def start_ours_decode(
+    stack: contextlib.ExitStack,
+    registry: tuple[str, Path],
+    templates: list[Any],
+    levels: list[int],
+    threads: int,
+    batching: bool,
+    device: str,
+) -> ServedPath:
+    """Our decoding service (dynamic batching on or off) following ``registry``, and a Decode-calling client."""
+    from sdk.client import DecodingClient
+
+    uri, cache = registry
+    env = {
+        **_server_env(levels, threads, batching, device),
+        "FACEXPLAIN_REGISTRY_URI": uri,
+        "FACEXPLAIN_MODEL_CACHE_DIR": str(cache),
+        "FACEXPLAIN_POLL_INTERVAL_S": "3600",  # no alias polls inside the measured rounds
+        "FACEXPLAIN_REGISTRY_TIMEOUT_S": "60",
+    }
+    logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    svc: RunningService = start_service("decoding", logs, env=env, timeout=600)
+    stack.callback(svc.stop)
+    client = DecodingClient(svc.address, timeout=600)
+    stack.callback(client.close)
+    wait_ready(client.channel, 60)
+    client.decode(templates[0])  # the decoder is loaded (UNAVAILABLE until the registry's version is in)
+    key = f"grpc_batching_{'on' if batching else 'off'}"
+    return ServedPath(
+        key, f"ours Decode batching {'on' if batching else 'off'}",
+        lambda k: client.decode(templates[k % len(templates)]), ProcStats(svc.proc.pid), {"env": env},
+    )  # fmt: skip
+
+
+def start_torchserve_decode(
+    stack: contextlib.ExitStack, templates: list[Any], threads: int, device: str, batch: int, delay_ms: int
+) -> list[ServedPath]:
+    """The shipped decoder exported as a .mar behind one TorchServe; JSON templates over its gRPC and REST."""
+    from google.protobuf import json_format
+
+    from cli.torchserve import start_torchserve
+    from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
+    from registry import VersionInfo
+    from services.torchserve.client import TorchServeGrpc
+    from services.torchserve.export import BatchingSettings, pack_bundle
+
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fx-bench-ts-dec-")))
+    batching = BatchingSettings(batch_size=batch, max_batch_delay_ms=delay_ms)
+    done = pack_bundle(
+        shipped_decoder_bundle(), VersionInfo(DEFAULT_DECODER_MODEL, "bench"), work / "store", batching=batching
+    )
+    env = {"FACEXPLAIN_TORCH_THREADS": str(threads), "FACEXPLAIN_DEVICE": device}
+    server = start_torchserve(work / "server", work / "store", {done.model_name: done.mar.name}, env=env)
+    stack.callback(server.stop)
+    bodies = [json_format.MessageToJson(t).encode() for t in templates]
+    grpc_client = TorchServeGrpc(server.grpc_target, timeout=600)
+    stack.callback(grpc_client.close)
+    local = threading.local()
+
+    def rest(k: int) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(server.host, server.ports.inference, timeout=600)
+        conn.request("POST", f"/predictions/{done.model_name}", body=bodies[k % len(bodies)],
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200 or not body.startswith(b"\x89PNG"):
+            raise RuntimeError(f"TorchServe REST answered {resp.status}: {body[:200]!r}")
+
+    def grpc_call(k: int) -> None:
+        out = grpc_client.predict(done.model_name, bodies[k % len(bodies)])
+        if not out.startswith(b"\x89PNG"):
+            raise RuntimeError(f"TorchServe gRPC answered {out[:200]!r}")
+
+    info = {"env": env, "batch_size": batch, "max_batch_delay_ms": delay_ms, "workers": batching.workers}
+    stats = GroupStats(server.proc.pid)
+    return [
+        ServedPath("torchserve_grpc", "TorchServe gRPC", grpc_call, stats, dict(info)),
+        ServedPath("torchserve_rest", "TorchServe REST", rest, stats, dict(info)),
+    ]
+
+
 def ratios(result: dict[str, Any], levels: list[int]) -> dict[str, Any]:
     """The figures issue 24 asks for, as ratios of this one run. Throughput ratios to the limit use the limit
     measured in the same round as that concurrency level (the machine's load drifts between rounds)."""
@@ -311,19 +459,161 @@ def ratios(result: dict[str, Any], levels: list[int]) -> dict[str, Any]:
     return r
 
 
+def torchserve_missing_reason(no_torchserve: bool) -> str:
+    if no_torchserve:
+        return "left out (--no-torchserve)"
+    from cli.torchserve import torchserve_missing
+
+    return torchserve_missing()
+
+
+def run_rounds(
+    result: dict[str, Any],
+    served: list[ServedPath],
+    forward: Forward,
+    items: list[Any],
+    requests: int,
+    levels: list[int],
+) -> None:
+    """Warm every path, then per concurrency level the in-process limit and every served path in turn."""
+    for path in served:  # warm-up: every batch shape up to the largest
+        _drive(path.call, max(4, max(levels)), max(levels))
+    by_level: dict[str, Any] = {}
+    for c in levels:
+        by_level[str(c)] = batched_limit(forward, items, requests, max(levels))
+        print(f"round c={c}: limit {by_level[str(c)]['images_per_s']:.1f} /s", flush=True)
+        for path in served:
+            path.measure(requests, c)
+    result["in_process"]["batched_limit_by_level"] = by_level
+    for path in served:
+        result[path.key] = path.result()
+
+
+def section_embed(args: argparse.Namespace, pipe: FacePipeline, paths: list[Path], images: list[torch.Tensor],
+                  levels: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Embed: image -> template (the keys the result held before Decode joined it)."""
+    print(f"embed: in-process ({len(paths)} photos, {args.threads} torch threads, {args.device})", flush=True)
+    result: dict[str, Any] = {"in_process": bench_inprocess(pipe.analyze, images, args.requests, max(levels))}
+    print(f"  limit {result['in_process']['batched_limit']['images_per_s']:.1f} img/s", flush=True)
+    with contextlib.ExitStack() as stack:
+        served = [start_ours(stack, paths, levels, args.threads, on, args.device) for on in (True, False)]
+        missing = torchserve_missing_reason(args.no_torchserve)
+        if missing:
+            result["torchserve"] = f"not measured: {missing}"
+            print(f"  TorchServe {result['torchserve']}", flush=True)
+        else:
+            served += start_torchserve_paths(
+                stack, paths, args.threads, args.device, args.ts_batch_size, args.ts_max_batch_delay_ms
+            )
+        run_rounds(result, served, pipe.analyze, images, args.requests, levels)
+    result["ratios"] = ratios(result, levels)
+    return result
+
+
+def section_decode(args: argparse.Namespace, pipe: FacePipeline, images: list[torch.Tensor],
+                   levels: list[int]) -> dict[str, Any]:  # fmt: skip
+    """Decode: template -> image, for the shipped decoder of the default FR model."""
+    from facexplain.artifacts.decoder import load_decoder_bundle
+    from services.api.v1 import common_pb2
+    from services.kit.images import encode_png
+
+    found = [r for r in pipe.analyze(images) if r is not None]
+    vectors = [r.template.float() for r in found]
+    templates = [common_pb2.Template(values=v.tolist(), dim=int(v.numel())) for v in vectors]
+    decoder = load_decoder_bundle(shipped_decoder_bundle(), args.device)
+
+    def forward(batch: list[torch.Tensor]) -> torch.Tensor:
+        return decoder.decode(torch.stack(batch))
+
+    requests = args.decode_requests
+    print(f"decode: in-process ({len(vectors)} templates, out {decoder.out_size} px)", flush=True)
+    result: dict[str, Any] = {
+        "decoder": {"bundle": str(shipped_decoder_bundle().relative_to(REPO)), "out_size": decoder.out_size},
+        "requests": requests,
+        "in_process": bench_inprocess(forward, vectors, requests, max(levels)),
+    }
+    png = forward(vectors[:1])[0].clamp(0, 1) * 255.0
+    t = time.perf_counter()
+    for _ in range(50):
+        encode_png(png)
+    result["in_process"]["png_encode_ms"] = (time.perf_counter() - t) / 50 * 1000
+    print(f"  limit {result['in_process']['batched_limit']['images_per_s']:.1f} templates/s", flush=True)
+    with contextlib.ExitStack() as stack:
+        registry = start_decode_registry(stack)
+        served = [
+            start_ours_decode(stack, registry, templates, levels, args.threads, on, args.device) for on in (True, False)
+        ]
+        missing = torchserve_missing_reason(args.no_torchserve)
+        if missing:
+            result["torchserve"] = f"not measured: {missing}"
+            print(f"  TorchServe {result['torchserve']}", flush=True)
+        else:
+            ts = (args.ts_decode_batch_size, args.ts_decode_max_batch_delay_ms)
+            served += start_torchserve_decode(stack, templates, args.threads, args.device, *ts)
+        run_rounds(result, served, forward, vectors, requests, levels)
+    result["ratios"] = ratios(result, levels)
+    return result
+
+
+def section_aligned(pipe: FacePipeline, images: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Per-image time of the photo path against the aligned input mode on the chips the photo path produced."""
+    found = [(im, r) for im, r in zip(images, pipe.analyze(images), strict=True) if r is not None]
+    photos, results = [im for im, _ in found], [r for _, r in found]
+    chips = [r.chip for r in results]
+    diff = float((pipe.embed_aligned(chips) - torch.stack([r.template for r in results])).abs().max())
+    out: dict[str, Any] = {"images": len(chips), "repeats": repeats, "max_abs_template_diff": diff}
+    for batch in (1, 16):
+        row: dict[str, float] = {}
+        for name, fn, items in (("photo", pipe.analyze, photos), ("aligned", pipe.embed_aligned, chips)):
+            fn(items[:batch])  # warm the shape
+            n = 0
+            t = time.perf_counter()
+            for _ in range(repeats):
+                for s in range(0, len(items), batch):
+                    part = items[s : s + batch]
+                    fn(part)
+                    n += len(part)
+            row[f"{name}_ms_per_image"] = (time.perf_counter() - t) / n * 1000
+        row["speedup"] = row["photo_ms_per_image"] / row["aligned_ms_per_image"]
+        out[f"batch_{batch}"] = row
+        print(
+            f"aligned batch {batch:2d}: photo {row['photo_ms_per_image']:.1f} ms/image, aligned "
+            f"{row['aligned_ms_per_image']:.1f} ms/image, {row['speedup']:.1f}x (max |diff| {diff:.1e})",
+            flush=True,
+        )
+    return out
+
+
+SECTIONS = ("embed", "decode", "aligned")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16 Embed / 64 Decode calls, concurrency 1,4,16")
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--n-images", type=int, default=16, help="the first N photos (sorted) are the workload")
     ap.add_argument("--requests", type=int, default=64, help="Embed calls per concurrency level and path")
+    ap.add_argument("--decode-requests", type=int, default=256, help="Decode calls per concurrency level and path")
     ap.add_argument("--concurrency", default="1,4,16,64", help="client threads, comma-separated")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, in-process and in the servers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-torchserve", action="store_true", help="leave TorchServe out (it is an optional install)")
-    ap.add_argument("--ts-batch-size", type=int, default=16, help="TorchServe batchSize")
-    ap.add_argument("--ts-max-batch-delay-ms", type=int, default=50, help="TorchServe maxBatchDelay")
+    ap.add_argument("--ts-batch-size", type=int, default=16, help="TorchServe batchSize (Embed)")
+    ap.add_argument("--ts-max-batch-delay-ms", type=int, default=50, help="TorchServe maxBatchDelay (Embed)")
+    ap.add_argument("--ts-decode-batch-size", type=int, default=16, help="TorchServe batchSize (Decode)")
+    ap.add_argument("--ts-decode-max-batch-delay-ms", type=int, default=5, help="TorchServe maxBatchDelay (Decode)")
+    ap.add_argument("--aligned-repeats", type=int, default=3, help="passes over the photos per aligned timing")
     ap.add_argument("--out", default="", help="result name under bench/results (default serving-<device>)")
     args = ap.parse_args()
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; of {SECTIONS}")
+    if args.quick:
+        args.requests, args.decode_requests, args.aligned_repeats = 16, 64, 1
+        if args.concurrency == ap.get_default("concurrency"):
+            args.concurrency = "1,4,16"
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     torch.set_num_threads(args.threads)
     paths = list_images(Path(args.images))[: args.n_images]
@@ -331,13 +621,15 @@ def main() -> None:
         raise SystemExit(f"no images under {args.images}")
     images = [load_image(p) for p in paths]
 
-    print(f"in-process ({len(paths)} photos, {args.threads} torch threads, {args.device})", flush=True)
     result: dict[str, Any] = {
         "machine": machine(),
         "config": {
+            "sections": sections,
+            "quick": args.quick,
             "images": len(paths),
             "source": str(args.images),
             "requests": args.requests,
+            "decode_requests": args.decode_requests,
             "concurrency": levels,
             "threads": args.threads,
             "device": args.device,
@@ -348,38 +640,17 @@ def main() -> None:
         "load_average_start": list(os.getloadavg()),
     }
     pipe = FacePipeline.default(args.device)
-    result["in_process"] = bench_inprocess(pipe, images, args.requests, max(levels))
-    print(f"  limit {result['in_process']['batched_limit']['images_per_s']:.1f} img/s", flush=True)
-    with contextlib.ExitStack() as stack:
-        served = [start_ours(stack, paths, levels, args.threads, on, args.device) for on in (True, False)]
-        missing = "" if not args.no_torchserve else "left out (--no-torchserve)"
-        if not missing:
-            from cli.torchserve import torchserve_missing
-
-            missing = torchserve_missing()
-        if missing:
-            result["torchserve"] = f"not measured: {missing}"
-            print(f"  TorchServe {result['torchserve']}", flush=True)
-        else:
-            served += start_torchserve_paths(
-                stack, paths, args.threads, args.device, args.ts_batch_size, args.ts_max_batch_delay_ms
-            )
-        for path in served:  # warm-up: every batch shape up to the largest
-            _drive(path.call, max(4, max(levels)), max(levels))
-        by_level: dict[str, Any] = {}
-        for c in levels:
-            by_level[str(c)] = batched_limit(pipe, images, args.requests, max(levels))
-            print(f"round c={c}: limit {by_level[str(c)]['images_per_s']:.1f} img/s", flush=True)
-            for path in served:
-                path.measure(args.requests, c)
-        result["in_process"]["batched_limit_by_level"] = by_level
-        for path in served:
-            result[path.key] = path.result()
+    if "embed" in sections:
+        result.update(section_embed(args, pipe, paths, images, levels))
+    if "decode" in sections:
+        result["decode"] = section_decode(args, pipe, images, levels)
+    if "aligned" in sections:
+        result["aligned_input"] = section_aligned(pipe, images, args.aligned_repeats)
     result["load_average_end"] = list(os.getloadavg())
-    result["ratios"] = ratios(result, levels)
-    out = write(args.out or f"serving-{args.device}", result)
-    for k, v in result["ratios"].items():
-        print(f"{k:36s} {v:6.2f}")
+    out = write(args.out or f"serving-{args.device}" + ("-quick" if args.quick else ""), result)
+    for name, part in (("embed", result), ("decode", result.get("decode", {}))):
+        for k, v in part.get("ratios", {}).items():
+            print(f"{name:6s} {k:36s} {v:6.2f}")
     print(f"-> {out}")
 
 

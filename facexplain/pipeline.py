@@ -208,6 +208,23 @@ class FacePipeline:
                 results[i] = FaceResult(face, templates[k], chips[k].cpu())
             return results
 
+    @torch.no_grad()
+    def embed_aligned(self, chips: list[torch.Tensor]) -> torch.Tensor:
+        """Templates of chips already in this model's geometry, e.g. ``FaceResult.chip`` or a decoded face.
+
+        Skips detection, landmarks and alignment, which are most of :meth:`analyze`'s time, and runs
+        the same FR forward as :meth:`analyze` does on its chips, so a chip the pipeline aligned gets
+        the template the photo got. Each chip is (3, S, S) in [0, 255] with S = ``info.chip_size``.
+        """
+        size = self.info.chip_size
+        for i, chip in enumerate(chips):
+            if tuple(chip.shape) != (3, size, size):
+                raise ValueError(f"chip {i} is {tuple(chip.shape)}, not (3, {size}, {size})")
+        if not chips:
+            return torch.zeros(0, self.info.dim)
+        with self._lock:
+            return self.embed_chips(torch.stack(chips).to(self.device, torch.float32)).cpu()
+
     def template_from_image(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Template of one image with fixed landmarks, differentiable w.r.t. the image pixels."""
         return self.embed_chips(self.align(image, landmarks)[None])[0]

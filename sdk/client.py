@@ -261,6 +261,10 @@ class _ServiceClient:
         self.close()
 
 
+def _input_mode(aligned: bool) -> embedding_pb2.InputMode.ValueType:
+    return embedding_pb2.INPUT_MODE_ALIGNED if aligned else embedding_pb2.INPUT_MODE_UNSPECIFIED
+
+
 class EmbeddingClient(_ServiceClient):
     """Client for ``facexplain.v1.EmbeddingService``."""
 
@@ -272,9 +276,14 @@ class EmbeddingClient(_ServiceClient):
         *,
         normalize: bool = False,
         return_aligned: bool = False,
+        aligned: bool = False,
         timeout: float | None = None,
     ) -> embedding_pb2.EmbedResponse:
-        req = embedding_pb2.EmbedRequest(image=image, normalize=normalize, return_aligned=return_aligned)
+        """``aligned=True``: ``image`` is already a chip of the served model's geometry (INPUT_MODE_ALIGNED),
+        embedded without detection; a chip of another size is INVALID_ARGUMENT."""
+        req = embedding_pb2.EmbedRequest(
+            image=image, normalize=normalize, return_aligned=return_aligned, input_mode=_input_mode(aligned)
+        )
         return self._call(self.stub.Embed, req, timeout)
 
     def embed_batch(
@@ -283,9 +292,12 @@ class EmbeddingClient(_ServiceClient):
         *,
         normalize: bool = False,
         return_aligned: bool = False,
+        aligned: bool = False,
         timeout: float | None = None,
     ) -> embedding_pb2.EmbedBatchResponse:
-        req = embedding_pb2.EmbedBatchRequest(images=images, normalize=normalize, return_aligned=return_aligned)
+        req = embedding_pb2.EmbedBatchRequest(
+            images=images, normalize=normalize, return_aligned=return_aligned, input_mode=_input_mode(aligned)
+        )
         return self._call(self.stub.EmbedBatch, req, timeout)
 
     def verify(

@@ -5,6 +5,10 @@ Every pipeline forward that embeds (Embed, EmbedBatch, Verify's image probes) go
 thread runs concurrent calls' images as one ``analyze`` batch (detection, landmarks, alignment and
 the FR net: detection dominates the time, so batching only the FR net would leave most of it per call).
 The batch key is the served model snapshot plus the face selection, so a batch never mixes versions.
+
+``INPUT_MODE_ALIGNED`` requests send chips already in the model's geometry (faces the pipeline aligned,
+decoded faces, edited chips): they queue on the same inference thread under their own key and run the
+FR net alone, which is all the photo path does with the chip once it has aligned it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.batching import BatchingConfig, DynamicBatcher
 from services.kit.config import ServiceSettings
-from services.kit.embedder import AnalyzeKey, analyze_batch, box_to_proto, face_selection, rule_to_proto
+from services.kit.embedder import (
+    ALIGNED,
+    AnalyzeKey,
+    analyze_batch,
+    box_to_proto,
+    check_aligned,
+    face_selection,
+    input_mode,
+    rule_to_proto,
+)
 from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -53,14 +66,19 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return face_selection(value)
 
     def _response(
-        self, result: FaceResult, served: ServedModel[FacePipeline], normalize: bool, return_aligned: bool
+        self,
+        result: FaceResult,
+        served: ServedModel[FacePipeline],
+        normalize: bool,
+        return_aligned: bool,
+        aligned: bool = False,
     ) -> embedding_pb2.EmbedResponse:
         resp = embedding_pb2.EmbedResponse(
-            template=template_to_proto(result.template, served, normalized=normalize),
-            face=box_to_proto(result.face.box, result.face.score),
-            landmarks=_landmarks(result.face.landmarks),
-            model=served.ref(),
+            template=template_to_proto(result.template, served, normalized=normalize), model=served.ref()
         )
+        if not aligned:  # an aligned chip had no detection: no box, no landmarks to report
+            resp.face.CopyFrom(box_to_proto(result.face.box, result.face.score))
+            resp.landmarks.CopyFrom(_landmarks(result.face.landmarks))
         if return_aligned:
             resp.aligned.CopyFrom(png_image(result.chip))
         return resp
@@ -71,8 +89,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         images: list[torch.Tensor],
         selection: FaceSelection,
         context: grpc.ServicerContext,
+        aligned: bool = False,
     ) -> list[FaceResult | None]:
-        return self.batcher.run((served, selection), images, context)
+        return self.batcher.run((served, ALIGNED if aligned else selection), images, context)
 
     def _probe_template(
         self,
@@ -110,12 +129,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def Embed(self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
         served = self.slot.current()
         selection = self._selection(request.selection)
+        aligned = input_mode(request.input_mode)
         image = decode_image(request.image, self.settings.max_image_pixels)
+        if aligned:
+            check_aligned(image, served.model)
         check_deadline(context, "decoding")
-        result = self._analyze(served, [image], selection, context)[0]
+        result = self._analyze(served, [image], selection, context, aligned)[0]
         if result is None:
             raise NoFaceFound(f"the detector found no face in the {image.shape[2]}x{image.shape[1]} image")
-        return self._response(result, served, request.normalize, request.return_aligned)
+        return self._response(result, served, request.normalize, request.return_aligned, aligned)
 
     @unary
     def EmbedBatch(
@@ -125,22 +147,24 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         n = len(request.images)
         check_batch(n, self.settings.max_batch_size, "images")
         selection = self._selection(request.selection)
+        aligned = input_mode(request.input_mode)
         results: list[embedding_pb2.EmbedResult] = [embedding_pb2.EmbedResult(index=i) for i in range(n)]
         decoded: dict[int, torch.Tensor] = {}
         for i, img in enumerate(request.images):
             try:
-                decoded[i] = decode_image(img, self.settings.max_image_pixels)
+                image = decode_image(img, self.settings.max_image_pixels)
+                decoded[i] = check_aligned(image, served.model) if aligned else image
             except ServiceError as exc:
                 results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "decoding")
         order = sorted(decoded)
-        faces = self._analyze(served, [decoded[i] for i in order], selection, context) if order else []
+        faces = self._analyze(served, [decoded[i] for i in order], selection, context, aligned) if order else []
         for i, res in zip(order, faces, strict=True):
             if res is None:
                 err = NoFaceFound()
                 results[i].error.CopyFrom(err.item_error())
             else:
-                results[i].ok.CopyFrom(self._response(res, served, request.normalize, request.return_aligned))
+                results[i].ok.CopyFrom(self._response(res, served, request.normalize, request.return_aligned, aligned))
         ok = sum(1 for r in results if r.WhichOneof("outcome") == "ok")
         self.metrics.items.labels("embedding", "EmbedBatch", "ok").inc(ok)
         self.metrics.items.labels("embedding", "EmbedBatch", "error").inc(n - ok)

@@ -8,17 +8,21 @@ fallback, so one function builds the slot for both.
 
 from __future__ import annotations
 
+from typing import Final, Literal
+
 import torch
 
 from facexplain.artifacts.embedder import KIND, KIND_EMBEDDER
 from facexplain.metrics.verification import VerificationRule
-from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
+from facexplain.pipeline import DetectedFace, FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import InvalidArgument
 from services.kit.metrics import ServiceMetrics
 from services.kit.models import ModelSlot, ServedModel
 from services.kit.reload import ModelWatcher, serve_from_registry
+
+_INPUT_MODES = {embedding_pb2.INPUT_MODE_UNSPECIFIED, embedding_pb2.INPUT_MODE_PHOTO, embedding_pb2.INPUT_MODE_ALIGNED}
 
 _SELECTION: dict[int, FaceSelection] = {
     embedding_pb2.FACE_SELECTION_UNSPECIFIED: FaceSelection.LARGEST,
@@ -27,14 +31,51 @@ _SELECTION: dict[int, FaceSelection] = {
 }
 
 
-# Items that may share one batched ``analyze`` (services/kit/batching.py): same served version, same selection.
-AnalyzeKey = tuple[ServedModel[FacePipeline], FaceSelection]
+# The batch key's mode for items that are aligned chips (``INPUT_MODE_ALIGNED``): they skip detection.
+ALIGNED: Final = "aligned"
+
+# Items that may share one batched ``analyze`` (services/kit/batching.py): same served version, same
+# selection; or, with ``ALIGNED`` in place of the selection, aligned chips that share one FR forward.
+AnalyzeKey = tuple[ServedModel[FacePipeline], FaceSelection | Literal["aligned"]]
+
+
+def aligned_face(chip_size: int) -> DetectedFace:
+    """The stand-in face of an aligned chip: the whole chip, no landmarks (no detector ran)."""
+    return DetectedFace(torch.tensor([0.0, 0.0, float(chip_size), float(chip_size)]), 1.0, torch.zeros(0, 2))
 
 
 def analyze_batch(key: AnalyzeKey, images: list[torch.Tensor]) -> list[FaceResult | None]:
-    """One batched pipeline forward (detection to template) for a dynamic batcher's inference thread."""
-    served, selection = key
-    return served.model.analyze(images, selection)
+    """One batched pipeline forward for a dynamic batcher's inference thread: detection to template for
+    photos, the FR net alone for aligned chips (checked by :func:`check_aligned` before queueing)."""
+    served, mode = key
+    if mode == ALIGNED:
+        pipe = served.model
+        face = aligned_face(pipe.info.chip_size)
+        templates = pipe.embed_aligned(images)
+        return [FaceResult(face, t, chip) for t, chip in zip(templates, images, strict=True)]
+    assert isinstance(mode, FaceSelection)
+    return served.model.analyze(images, mode)
+
+
+def input_mode(value: int) -> bool:
+    """True for ``INPUT_MODE_ALIGNED``, False for a photo; an unknown number is INVALID_ARGUMENT."""
+    if value not in _INPUT_MODES:
+        raise InvalidArgument(f"unknown input mode {value}")
+    return value == embedding_pb2.INPUT_MODE_ALIGNED
+
+
+def check_aligned(image: torch.Tensor, pipeline: FacePipeline) -> torch.Tensor:
+    """``image`` as an aligned chip of ``pipeline``'s FR model, or INVALID_ARGUMENT naming the size it must be."""
+    info = pipeline.info
+    size = info.chip_size
+    h, w = int(image.shape[1]), int(image.shape[2])
+    if (h, w) != (size, size):
+        raise InvalidArgument(
+            f"an aligned input must be a {size}x{size} chip in the geometry of FR model {info.name} "
+            f"(chip_size {size}, padding {info.chip_padding}), got a {w}x{h} image; send the photo with "
+            "INPUT_MODE_PHOTO instead, or the chip EmbedResponse.aligned returned"
+        )
+    return image
 
 
 def face_selection(value: int) -> FaceSelection:

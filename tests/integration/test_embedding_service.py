@@ -12,11 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from cli.launcher import RunningService
+from facexplain.data.faces import load_image
+from facexplain.pipeline import FacePipeline
 from sdk.client import EmbeddingClient, image_from_path, open_channel
 from services.api.v1 import common_pb2
 
@@ -86,6 +89,56 @@ def test_embed_accepts_raw_tensors(embedding_client: EmbeddingClient, face_paths
     t32 = embedding_client.embed(as_f32).template.values
     assert np.allclose(enc, t8, atol=1e-4)
     assert np.allclose(t8, t32, atol=1e-3)
+
+
+def _float_chip(chip255: torch.Tensor) -> common_pb2.Image:
+    """A (3, S, S) chip in [0, 255] as a float32 HWC tensor in [0, 1] (no 8-bit rounding on the way)."""
+    arr = (chip255 / 255.0).clamp(0, 1).permute(1, 2, 0).contiguous().numpy().astype("<f4")
+    return common_pb2.Image(
+        tensor=common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=list(arr.shape), data=arr.tobytes())
+    )
+
+
+def test_aligned_chip_gets_the_photo_template(
+    embedding_client: EmbeddingClient, default_pipeline: FacePipeline, face_paths: list[Path]
+) -> None:
+    photo = embedding_client.embed(image_from_path(face_paths[0]), return_aligned=True)
+    want = np.array(photo.template.values)
+    result = default_pipeline.analyze([load_image(face_paths[0])])[0]
+    assert result is not None
+    # this process's pipeline aligned the chip the service aligned (same weights, same code)
+    assert np.abs(result.template.numpy() - want).max() < 1e-5
+    aligned = embedding_client.embed(_float_chip(result.chip), aligned=True)
+    assert np.abs(np.array(aligned.template.values) - want).max() < 1e-5
+    assert aligned.model == photo.model
+    assert not aligned.HasField("face") and not aligned.HasField("landmarks")  # no detector ran
+    # the PNG chip the service returned is rounded to 8 bits: the same face to the model, not the same bits
+    again = np.array(embedding_client.embed(photo.aligned, aligned=True).template.values)
+    assert float(again @ want / np.linalg.norm(again) / np.linalg.norm(want)) > 0.9999
+
+
+def test_aligned_batch_and_wrong_sizes(
+    embedding_client: EmbeddingClient, default_pipeline: FacePipeline, face_paths: list[Path]
+) -> None:
+    photo = embedding_client.embed(image_from_path(face_paths[1]), return_aligned=True)
+    small = io.BytesIO()
+    Image.open(io.BytesIO(photo.aligned.encoded)).resize((64, 64)).save(small, "PNG")
+    resp = embedding_client.embed_batch(
+        [photo.aligned, common_pb2.Image(encoded=small.getvalue()), image_from_path(face_paths[1])], aligned=True
+    )
+    assert [r.WhichOneof("outcome") for r in resp.results] == ["ok", "error", "error"]
+    single = embedding_client.embed(photo.aligned, aligned=True).template.values
+    assert np.allclose(resp.results[0].ok.template.values, single, atol=1e-5)
+    for r in resp.results[1:]:
+        assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "must be a 150x150 chip" in r.error.message
+    assert "got a 64x64 image" in resp.results[1].error.message
+    width, height = Image.open(face_paths[1]).size
+    with pytest.raises(grpc.RpcError) as err:
+        embedding_client.embed(image_from_path(face_paths[1]), aligned=True)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be a 150x150 chip" in err.value.details() and f"got a {width}x{height} image" in err.value.details()
+    assert embedding_client.embed(image_from_path(face_paths[1])).template.dim == 128  # photos still served
 
 
 BAD_INPUTS = {
