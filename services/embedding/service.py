@@ -18,7 +18,7 @@ from facexplain.pipeline import FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from services.kit.batching import BatchingConfig, DynamicBatcher
 from services.kit.config import ServiceSettings
-from services.kit.embedder import AnalyzeKey, analyze_batch, box_to_proto, face_selection, rule_to_proto
+from services.kit.embedder import AnalyzeKey, analyze_batch, box_to_proto, face_selection, own_batch, rule_to_proto
 from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
 from services.kit.images import decode_image, png_image
 from services.kit.metrics import ServiceMetrics
@@ -71,8 +71,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         images: list[torch.Tensor],
         selection: FaceSelection,
         context: grpc.ServicerContext,
+        *,
+        own_forward: bool = False,
     ) -> list[FaceResult | None]:
-        return self.batcher.run((served, selection), images, context)
+        key = own_batch(served, selection) if own_forward else (served, selection)
+        return self.batcher.run(key, images, context)
 
     def _probe_template(
         self,
@@ -134,7 +137,10 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "decoding")
         order = sorted(decoded)
-        faces = self._analyze(served, [decoded[i] for i in order], selection, context) if order else []
+        # a forward of this request's images alone: its templates do not depend on other callers (own_batch)
+        faces = (
+            self._analyze(served, [decoded[i] for i in order], selection, context, own_forward=True) if order else []
+        )
         for i, res in zip(order, faces, strict=True):
             if res is None:
                 err = NoFaceFound()
