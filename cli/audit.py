@@ -75,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         attack_steps=args.attack_steps,
         max_occlusions=args.max_occlusions,
         privacy_label=args.privacy_label,
+        embed_chunk=args.embed_chunk,
+        embed_concurrency=args.embed_concurrency,
         connect_timeout=args.connect_timeout,
         quiet=args.quiet,
     )
@@ -128,6 +130,16 @@ def add_audit_parser(sub: Any) -> None:
         "--privacy-label", default=d.privacy_label, help="binary label whose direction the privacy step removes"
     )
     p.add_argument("--max-occlusions", type=int, default=d.max_occlusions, help="faces occluded (eyes, nose, mouth)")
+    p.add_argument(
+        "--embed-chunk", type=_positive, default=d.embed_chunk, help="faces per EmbedBatch when embedding all of DATA"
+    )
+    p.add_argument(
+        "--embed-concurrency",
+        type=_positive,
+        default=d.embed_concurrency,
+        help="EmbedBatch calls in flight: with an embedding TARGET of several replicas (dns:///, ipv4: list) "
+        "they spread over them",
+    )
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_audit)

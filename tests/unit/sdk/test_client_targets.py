@@ -5,6 +5,7 @@ of one client spread over two real gRPC servers on loopback."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent import futures
 from typing import Any
@@ -68,7 +69,9 @@ def test_token_guard_over_address_lists(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("FACEXPLAIN_ALLOW_INSECURE", raising=False)
     token = ClientSecurity(token="t")
     open_channel("ipv4:127.0.0.1:1,127.0.0.1:2", security=token).close()
-    with pytest.raises(ValueError, match="refusing to send a token in plaintext to ipv4:127.0.0.1:1,10.0.0.7:2"):
+    with pytest.raises(
+        ValueError, match=re.escape("refusing to send a token in plaintext to ipv4:127.0.0.1:1,10.0.0.7:2")
+    ):
         open_channel("ipv4:127.0.0.1:1,10.0.0.7:2", security=token)
     with pytest.raises(ValueError, match="refusing to send a token in plaintext to dns:///facexplain-embedding-pods"):
         open_channel("dns:///facexplain-embedding-pods:50051", security=token)
@@ -122,3 +125,18 @@ def test_one_client_spreads_calls_over_every_address() -> None:
     finally:
         for server, _ in servers:
             server.stop(None)
+
+
+def test_audit_embedding_flags() -> None:
+    from cli.audit import config_from_args
+    from cli.main import build_parser
+
+    base = ["audit", "--fr-model", "m@champion", "--data", "d", "--out", "o"]
+    parser = build_parser(with_training=False)
+    cfg = config_from_args(parser.parse_args(base))
+    assert (cfg.embed_chunk, cfg.embed_concurrency) == (16, 4)
+    cfg = config_from_args(parser.parse_args([*base, "--embed-chunk", "8", "--embed-concurrency", "2"]))
+    assert (cfg.embed_chunk, cfg.embed_concurrency) == (8, 2)
+    assert "embed_concurrency" not in cfg.public() and cfg.public()["embed_chunk"] == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--embed-concurrency", "0"])
