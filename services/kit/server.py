@@ -58,6 +58,8 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if settings.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
         self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
         interceptors: list[grpc.ServerInterceptor] = []
         if settings.access_log:  # outermost: it also logs the calls authentication refuses
