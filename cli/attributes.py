@@ -34,7 +34,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from facexplain.attributes import report
-from sdk.client import AttributesClient, folder_dataset, image_from_path, server_dataset, wait_ready
+from sdk.client import TARGET_SYNTAX, AttributesClient, folder_dataset, image_from_path, server_dataset, wait_ready
 from services.api.v1 import common_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50054"
@@ -292,7 +292,9 @@ def _summary(table: Any, out: Path) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the attributes service ({DEFAULT_TARGET})")
+    p.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"the attributes service ({DEFAULT_TARGET}): {TARGET_SYNTAX}"
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds the request may take")
     p.add_argument("--connect-timeout", type=float, default=30.0)
 

@@ -18,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from sdk.audit import DEFAULT_TARGETS, SERVICES, AuditConfig, AuditError, parse_model_ref, run_audit
-from sdk.client import DEFAULT_PORTS
+from sdk.client import DEFAULT_PORTS, TARGET_SYNTAX
 
 
 def parse_targets(values: list[str] | None) -> dict[str, str]:
-    """``SERVICE=HOST:PORT`` items, or one ``HOST`` that all five default ports use."""
+    """``SERVICE=TARGET`` items, or one ``HOST`` that all five default ports use.
+
+    Items are separated by spaces or commas; a comma inside an ``ipv4:``/``ipv6:`` address list
+    (``embedding=ipv4:10.0.0.5:50051,10.0.0.6:50051``) continues that list.
+    """
     targets = dict(DEFAULT_TARGETS)
     for v in values or []:
+        last = ""  # the service whose target the previous item set
         for item in v.split(","):
             item = item.strip()
             if not item:
@@ -34,9 +39,20 @@ def parse_targets(values: list[str] | None) -> dict[str, str]:
                 if svc not in SERVICES:
                     raise AuditError(f"--targets: unknown service {svc!r} (one of {', '.join(SERVICES)})", 2)
                 targets[svc] = addr
+                last = svc
+            elif last and targets[last].lower().startswith(("ipv4:", "ipv6:")):
+                targets[last] += f",{item}"
             else:
                 targets = {s: f"{item}:{DEFAULT_PORTS[s]}" for s in SERVICES}
+                last = ""
     return targets
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -59,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         attack_steps=args.attack_steps,
         max_occlusions=args.max_occlusions,
         privacy_label=args.privacy_label,
+        embed_chunk=args.embed_chunk,
+        embed_concurrency=args.embed_concurrency,
         connect_timeout=args.connect_timeout,
         quiet=args.quiet,
     )
@@ -97,8 +115,8 @@ def add_audit_parser(sub: Any) -> None:
     p.add_argument(
         "--targets",
         nargs="+",
-        help="SERVICE=HOST:PORT (embedding, decoding, directions, attributes, counterfactual), or one HOST for the "
-        "default ports 50051-50055 (default 127.0.0.1)",
+        help="SERVICE=TARGET (embedding, decoding, directions, attributes, counterfactual), or one HOST for the "
+        f"default ports 50051-50055 (default 127.0.0.1). TARGET: {TARGET_SYNTAX}",
     )
     p.add_argument("--max-faces", type=int, default=d.max_faces, help="faces audited (0 = all)")
     p.add_argument("--max-reconstructions", type=int, default=d.max_reconstructions)
@@ -112,6 +130,16 @@ def add_audit_parser(sub: Any) -> None:
         "--privacy-label", default=d.privacy_label, help="binary label whose direction the privacy step removes"
     )
     p.add_argument("--max-occlusions", type=int, default=d.max_occlusions, help="faces occluded (eyes, nose, mouth)")
+    p.add_argument(
+        "--embed-chunk", type=_positive, default=d.embed_chunk, help="faces per EmbedBatch when embedding all of DATA"
+    )
+    p.add_argument(
+        "--embed-concurrency",
+        type=_positive,
+        default=d.embed_concurrency,
+        help="EmbedBatch calls in flight: with an embedding TARGET of several replicas (dns:///, ipv4: list) "
+        "they spread over them",
+    )
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_audit)

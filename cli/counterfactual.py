@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from sdk.client import CounterfactualClient, image_from_path, image_pair, wait_ready
+from sdk.client import TARGET_SYNTAX, CounterfactualClient, image_from_path, image_pair, wait_ready
 from services.api.v1 import common_pb2, counterfactual_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50055"
@@ -297,7 +297,7 @@ def _cmd_defence(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the counterfactual service ({DEFAULT_TARGET})"
+        "--target", default=DEFAULT_TARGET, help=f"the counterfactual service ({DEFAULT_TARGET}): {TARGET_SYNTAX}"
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the request may take (also stops the attack)")
     p.add_argument("--connect-timeout", type=float, default=30.0)

@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from sdk.client import DirectionsClient, folder_dataset, image_from_path, server_dataset, wait_ready
+from sdk.client import TARGET_SYNTAX, DirectionsClient, folder_dataset, image_from_path, server_dataset, wait_ready
 from services.api.v1 import common_pb2, directions_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50053"
@@ -196,7 +196,9 @@ def _cmd_traverse(args: argparse.Namespace) -> int:
 
 
 def _connection_args(p: argparse.ArgumentParser, timeout: float) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the directions service ({DEFAULT_TARGET})")
+    p.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"the directions service ({DEFAULT_TARGET}): {TARGET_SYNTAX}"
+    )
     p.add_argument("--timeout", type=float, default=timeout, help="seconds the whole call may take")
     p.add_argument("--connect-timeout", type=float, default=30.0)
 

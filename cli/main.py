@@ -40,6 +40,7 @@ from cli.registry import add_registry_parser
 from cli.staging import add_staging_parser
 from cli.torchserve import add_export_parser
 from sdk.client import (
+    TARGET_SYNTAX,
     ClientSecurityError,
     DecodingClient,
     EmbeddingClient,
@@ -405,7 +406,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _add_embed_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e = sub.add_parser("embed", help="embed every image under DIR through a running embedding service")
     e.add_argument("dir")
-    e.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the embedding service")
+    e.add_argument("--target", default="127.0.0.1:50051", help=f"the embedding service: {TARGET_SYNTAX}")
     e.add_argument("--out", required=True, help="output .npz (paths, templates, normalized, model, version, failed)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--normalize", action="store_true", help="store L2-normalised templates (default: raw)")
@@ -436,7 +437,7 @@ Exit status: 0 done (some images may be in failed.csv), 1 no image reconstructed
     r.add_argument(
         "--target",
         default="127.0.0.1:50052",
-        help="HOST:PORT of the decoding service (default: where `facexplain serve decoding` listens)",
+        help=f"the decoding service (default: where `facexplain serve decoding` listens): {TARGET_SYNTAX}",
     )
     r.add_argument("--out", required=True, help="output folder (created if missing)")
     r.add_argument("--timeout", type=float, default=120.0, help="seconds per image request")

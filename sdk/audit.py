@@ -40,6 +40,11 @@ From Python (``facexplain audit`` is the command line over it, :mod:`cli.audit`)
     config = AuditConfig("facexplain-fr-dlib128@champion", data=Path("data/sample"), out=Path("report"))
     result = run_audit(config)  # the content of report/audit.json; report/index.html beside it
 
+Scale-out: the embedding of every face of DATA (aggregation, privacy) goes as ``embed_chunk`` faces per
+EmbedBatch with ``embed_concurrency`` calls in flight, so an embedding target that names several replicas
+(``dns:///facexplain-embedding-pods.NAMESPACE.svc:50051``, ``ipv4:A:P,B:P``) spreads them round-robin over
+all of them; the templates are the same as with one replica and one call at a time.
+
 :class:`AuditError` stops the audit; its ``code`` is the CLI's exit status: 2 bad input, 3 a service or
 the registry is not reachable (or serves another FR model than ``fr_model``), 4 a service failed a step.
 """
@@ -53,6 +58,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -163,6 +169,8 @@ class AuditConfig:
     privacy_label: str = "Smiling"  # the binary label whose centroid direction the privacy step removes
     privacy_pictures: int = 4  # faces shown decoded before / after the modification
     privacy_decoded: int = 24  # faces whose decoded attribute is estimated (seeded sample; 0 = all)
+    embed_chunk: int = 16  # faces per EmbedBatch when the audit embeds many (one batched forward each)
+    embed_concurrency: int = 4  # EmbedBatch calls in flight at once: what spreads them over the replicas
     connect_timeout: float = 20.0
     quiet: bool = False
 
@@ -171,7 +179,7 @@ class AuditConfig:
         d["data"] = Path(self.data).name
         d["pairs"] = Path(self.pairs).name if self.pairs else None
         d["traverse_alphas"] = list(self.traverse_alphas)
-        for k in ("out", "quiet", "connect_timeout", "targets"):
+        for k in ("out", "quiet", "connect_timeout", "targets", "embed_concurrency"):
             d.pop(k)
         return d
 
@@ -770,18 +778,37 @@ class Audit:
                 raise
             return None
 
-    def prefetch_templates(self, faces: list[Face], batch: int = 16) -> None:
-        """Embed the faces not embedded yet, ``batch`` images per EmbedBatch (one batched forward each)."""
+    def prefetch_templates(self, faces: list[Face]) -> None:
+        """Embed the faces not embedded yet, ``embed_chunk`` images per EmbedBatch (one batched forward each),
+        ``embed_concurrency`` calls in flight.
+
+        Calls in flight at once are what lets the channel's round_robin put them on different replicas (one call
+        after another would alternate replicas but keep all but one idle), so an audit of a large DATA folder
+        scales with the embedding service's replicas. The chunks are the same whatever the concurrency and the
+        server runs each EmbedBatch as a forward of its own images, so the templates are those of one chunk after
+        another, in the same order.
+        """
         todo = [f for f in faces if f.rel not in self.templates]
-        for k in range(0, len(todo), batch):
-            chunk = todo[k : k + batch]
-            resp = self.clients["embedding"].embed_batch([image_from_path(f.path) for f in chunk], timeout=600)
-            for f, r in zip(chunk, resp.results, strict=True):
-                if r.HasField("ok"):
-                    self.templates[f.rel] = r.ok.template
-                elif r.error.code in _REFUSED_CODES:
-                    self.templates[f.rel] = None
-                # any other item error: left for template() to retry one by one (and fail loudly)
+        size = max(1, self.cfg.embed_chunk)
+        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
+        if not chunks:
+            return
+        client = self.clients["embedding"]
+
+        def embed(chunk: list[Face]) -> Any:
+            return client.embed_batch([image_from_path(f.path) for f in chunk], timeout=600)
+
+        pool = ThreadPoolExecutor(max(1, min(self.cfg.embed_concurrency, len(chunks))), "audit-embed")
+        try:
+            for chunk, resp in zip(chunks, pool.map(embed, chunks), strict=True):
+                for f, r in zip(chunk, resp.results, strict=True):
+                    if r.HasField("ok"):
+                        self.templates[f.rel] = r.ok.template
+                    elif r.error.code in _REFUSED_CODES:
+                        self.templates[f.rel] = None
+                    # any other item error: left for template() to retry one by one (and fail loudly)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed chunk stops the chunks not sent yet
 
     def template(self, f: Face) -> Any:
         if f.rel not in self.templates:

@@ -4,6 +4,8 @@ One client per service (``EmbeddingClient``, ``DecodingClient``, ``DirectionsCli
 ``AttributesClient``, ``CounterfactualClient``) and :class:`Facexplain`, the facade over all five.
 Retries cover UNAVAILABLE only (a server restarting or a pod rolling), with backoff; every call
 carries a deadline so an audit pipeline never hangs on a dead service; streaming RPCs return iterators.
+A target may name several servers (``dns:///NAME:PORT`` for a headless Service's pods, or
+``ipv4:ADDR:PORT,ADDR:PORT``): every channel balances its calls over them round-robin (:func:`service_config`).
 TLS (mutual TLS with a client certificate) and the bearer token come from ``FACEXPLAIN_TLS_CA_FILE``,
 ``FACEXPLAIN_TLS_CLIENT_CERT_FILE``, ``FACEXPLAIN_TLS_CLIENT_KEY_FILE`` and ``FACEXPLAIN_TOKEN`` unless a
 :class:`ClientSecurity` is given; ``tls=True`` (with optional ``root_certificates``) also opens secure channels.
@@ -42,9 +44,29 @@ C = TypeVar("C", bound="_ServiceClient")
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 
-def _retry_config(attempts: int) -> str:
+# How a target names its servers (gRPC's naming: https://grpc.github.io/grpc/core/md_doc_naming.html):
+#   HOST:PORT                        one server (DNS name or address; [IPv6]:PORT)
+#   dns:///NAME:PORT                 every address NAME resolves to, e.g. a headless Service's ready pods
+#                                    (dns:///facexplain-embedding-pods.facexplain.svc:50051)
+#   ipv4:ADDR:PORT,ADDR:PORT,...     a fixed list (ipv6:[ADDR]:PORT,... likewise)
+# The channel spreads calls over every address with round_robin; with one address it behaves as pick_first did.
+TARGET_SYNTAX = (
+    "HOST:PORT, dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service) or "
+    "ipv4:ADDR:PORT,ADDR:PORT (a list); calls are spread round-robin over the addresses"
+)
+
+
+def service_config(attempts: int) -> str:
+    """The channel's default service config: round_robin over every address the target resolves to, and
+    retries of UNAVAILABLE with backoff.
+
+    round_robin and not gRPC's default pick_first because pick_first sends every call of a channel to the
+    first address that connects: behind a headless Service (one DNS record per ready pod) one SDK client, and
+    so one audit, would load one replica however many the HPA or the overlay's replica count add.
+    """
     return json.dumps(
         {
+            "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": [{"service": ""}],
@@ -56,7 +78,7 @@ def _retry_config(attempts: int) -> str:
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 
@@ -156,14 +178,47 @@ class _BearerToken(
         return continuation(self._details(details), request_iterator)
 
 
+def target_hosts(target: str) -> list[str]:
+    """The host part of every address in a gRPC target (names as written: a DNS name is not resolved).
+
+    ``ipv4:``/``ipv6:`` lists give one host per address; ``dns:[//AUTHORITY]/NAME:PORT`` gives NAME;
+    ``unix:`` sockets give ``localhost`` (they never leave the machine); anything else is one ``HOST[:PORT]``.
+    """
+    scheme, sep, rest = target.partition(":")
+    scheme = scheme.lower()
+    if sep and scheme in ("ipv4", "ipv6"):
+        addresses = [a for a in rest.split(",") if a.strip()]
+    elif sep and scheme == "dns":
+        addresses = [rest[2:].split("/", 1)[-1] if rest.startswith("//") else rest]
+    elif sep and scheme in ("unix", "unix-abstract"):
+        return ["localhost"]
+    else:
+        addresses = [target]
+    return [_host_of(a.strip()) for a in addresses]
+
+
+def _host_of(address: str) -> str:
+    if address.startswith("["):  # [IPv6]:PORT
+        return address[1 : address.find("]")] if "]" in address else address[1:]
+    if address.count(":") == 1:  # HOST:PORT
+        return address.rsplit(":", 1)[0]
+    return address  # HOST without a port, or a bare IPv6 address
+
+
 def _loopback_target(target: str) -> bool:
-    host = target.split("///")[-1].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether every address of ``target`` is this machine's loopback: only then may a token travel in plaintext
+    (a list or a DNS name with one address elsewhere would carry it off the machine on some of the calls)."""
+    hosts = target_hosts(target)
+
+    def loopback(host: str) -> bool:
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    return bool(hosts) and all(loopback(h) for h in hosts)
 
 
 def open_channel(
@@ -177,7 +232,9 @@ def open_channel(
     retries: int = 4,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE,
 ) -> grpc.Channel:
-    """A channel with retry-on-UNAVAILABLE and generous message limits (images travel in requests).
+    """A channel with retry-on-UNAVAILABLE, round_robin over the target's addresses and generous message limits
+    (images travel in requests). ``target`` is ``HOST:PORT``, ``dns:///NAME:PORT`` (every address NAME resolves
+    to: a headless Service's pods) or ``ipv4:ADDR:PORT,ADDR:PORT``; calls spread over all of them.
 
     Security comes from ``security`` or, by default, the ``FACEXPLAIN_TLS_*`` / ``FACEXPLAIN_TOKEN``
     environment; ``tls``/``root_certificates``/``token`` add to it. ``server_name`` overrides the name the
@@ -193,7 +250,7 @@ def open_channel(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", _retry_config(retries)),
+        ("grpc.service_config", service_config(retries)),
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -801,7 +858,8 @@ class Facexplain:
     """One object for all five services: ``fx.embedding``, ``fx.decoding``, ``fx.directions``,
     ``fx.attributes``, ``fx.counterfactual``, each the service's client, opened on first use.
 
-    ``host`` with the default ports, or ``targets`` per service (``{"attributes": "10.0.0.7:50054"}``)
+    ``host`` with the default ports, or ``targets`` per service (``{"attributes": "10.0.0.7:50054"}``,
+    ``{"embedding": "dns:///facexplain-embedding-pods.facexplain.svc:50051"}`` for every replica of one)
     for a deployment that spreads them; channel options (``tls``, ``root_certificates``, ``retries``)
     and the per-call ``timeout`` apply to every client. A pipeline that only explains templates never
     opens a channel to the embedding service.

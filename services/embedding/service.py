@@ -25,11 +25,13 @@ from services.kit.config import ServiceSettings
 from services.kit.embedder import (
     ALIGNED,
     AnalyzeKey,
+    AnalyzeMode,
     analyze_batch,
     box_to_proto,
     check_aligned,
     face_selection,
     input_mode,
+    own_batch,
     rule_to_proto,
 )
 from services.kit.errors import InvalidArgument, NoFaceFound, ServiceError
@@ -90,8 +92,12 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         selection: FaceSelection,
         context: grpc.ServicerContext,
         aligned: bool = False,
+        *,
+        own_forward: bool = False,
     ) -> list[FaceResult | None]:
-        return self.batcher.run((served, ALIGNED if aligned else selection), images, context)
+        mode: AnalyzeMode = ALIGNED if aligned else selection
+        key = own_batch(served, mode) if own_forward else (served, mode)
+        return self.batcher.run(key, images, context)
 
     def _probe_template(
         self,
@@ -158,7 +164,12 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 results[i].error.CopyFrom(exc.item_error())
         check_deadline(context, "decoding")
         order = sorted(decoded)
-        faces = self._analyze(served, [decoded[i] for i in order], selection, context, aligned) if order else []
+        # a forward of this request's images alone: its templates do not depend on other callers (own_batch)
+        faces = (
+            self._analyze(served, [decoded[i] for i in order], selection, context, aligned, own_forward=True)
+            if order
+            else []
+        )
         for i, res in zip(order, faces, strict=True):
             if res is None:
                 err = NoFaceFound()

@@ -114,6 +114,16 @@ class ServiceSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         default=0, ge=0, description="calls in progress beyond this answer RESOURCE_EXHAUSTED; 0 = no cap"
     )
+    # Clients balance over a headless Service's DNS records (sdk round_robin) and resolve them again only when a
+    # connection closes: without an age a long-lived client (an audit, a notebook) never sees a replica the HPA
+    # added. Calls in flight on the old connection finish (no grace limit): only new calls move.
+    max_connection_age_s: float = Field(
+        default=0,
+        ge=0,
+        description="ask each client to reconnect after this many seconds (HTTP/2 GOAWAY, gRPC adds +-10 % "
+        "jitter; calls in flight finish), so round_robin clients re-resolve DNS and spread over replicas added "
+        "since; 0 = never",
+    )
     # Model registry (registry/client.py, services/kit/reload.py). Empty registry_uri = no registry:
     # the service serves the local default weights and never polls.
     registry_uri: str = Field(

@@ -32,11 +32,26 @@ _SELECTION: dict[int, FaceSelection] = {
 
 
 # The batch key's mode for items that are aligned chips (``INPUT_MODE_ALIGNED``): they skip detection.
-ALIGNED: Final = "aligned"
+ALIGNED: Final[Literal["aligned"]] = "aligned"
 
 # Items that may share one batched ``analyze`` (services/kit/batching.py): same served version, same
-# selection; or, with ``ALIGNED`` in place of the selection, aligned chips that share one FR forward.
-AnalyzeKey = tuple[ServedModel[FacePipeline], FaceSelection | Literal["aligned"]]
+# selection (or ``ALIGNED`` in its place: aligned chips that share one FR forward), and, for a call that
+# brings its own batch, the same call (a third element unique to it: see ``own_batch``).
+AnalyzeMode = FaceSelection | Literal["aligned"]
+AnalyzeKey = tuple[ServedModel[FacePipeline], AnalyzeMode] | tuple[ServedModel[FacePipeline], AnalyzeMode, object]
+
+
+def own_batch(served: ServedModel[FacePipeline], mode: AnalyzeMode) -> AnalyzeKey:
+    """The key of a call whose images run as a forward of their own, never merged with other calls' images.
+
+    For calls that bring their own batch (EmbedBatch). A template depends, in its last float32 bits (about
+    5e-7 measured on the default model), on which other images share its forward pass; a batch request run
+    alone gets the same templates whatever else the server is doing, so a client that sends chunks
+    concurrently (the audit, spreading them over replicas) gets the templates it would get sending them one
+    after another, and two runs of it agree to the bit. Single-image calls still merge: that is what the
+    batcher is for.
+    """
+    return (served, mode, object())
 
 
 def aligned_face(chip_size: int) -> DetectedFace:
@@ -47,7 +62,7 @@ def aligned_face(chip_size: int) -> DetectedFace:
 def analyze_batch(key: AnalyzeKey, images: list[torch.Tensor]) -> list[FaceResult | None]:
     """One batched pipeline forward for a dynamic batcher's inference thread: detection to template for
     photos, the FR net alone for aligned chips (checked by :func:`check_aligned` before queueing)."""
-    served, mode = key
+    served, mode = key[0], key[1]
     if mode == ALIGNED:
         pipe = served.model
         face = aligned_face(pipe.info.chip_size)

@@ -59,6 +59,8 @@ class GrpcServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if settings.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
         self.authenticator = authenticator(settings)
         self.tokens = self.authenticator.store if self.authenticator else None
         interceptors: list[grpc.ServerInterceptor] = []
