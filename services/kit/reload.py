@@ -7,6 +7,11 @@ using the old one meanwhile), validates it on the bundle's golden input, and onl
 the :class:`~services.kit.models.ModelSlot` with one reference assignment. Requests that snapshotted
 the old version finish on it; the old model is freed when the last of them returns.
 
+One version loads at a time per watcher, and no lock is held while it does: a poll or Reload that finds
+the same version loading waits for that load's outcome (a Reload up to its deadline) instead of
+downloading it again; one that finds another version loading returns at once, saying which
+(``ReloadResponse.loading``). A Reload therefore never queues behind a poll's slow download.
+
 A version that fails to download, load or validate is never served: the old version keeps serving,
 the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
 ``facexplain_model_reloads_total{result="failed"}``. The watcher remembers rejected versions and
