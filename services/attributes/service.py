@@ -585,4 +585,4 @@ class AttributesServicer(attributes_pb2_grpc.AttributesServiceServicer):
 
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
-        return reload_response(self._slots(), request)
+        return reload_response(self._slots(), request, context)

@@ -727,4 +727,4 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
 
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
-        return reload_response(self._slots(), request)
+        return reload_response(self._slots(), request, context)

@@ -343,4 +343,4 @@ class DecodingServicer(decoding_pb2_grpc.DecodingServiceServicer):
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
         # The watchers' poll path, run now for the decoder and the FR model (or the one named).
-        return reload_response([self.decoder_slot, self.fr_slot], request)
+        return reload_response([self.decoder_slot, self.fr_slot], request, context)

@@ -574,4 +574,4 @@ class DirectionsServicer(directions_pb2_grpc.DirectionsServiceServicer):
 
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
-        return reload_response(self._slots(), request)
+        return reload_response(self._slots(), request, context)

@@ -233,4 +233,4 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     @unary
     def Reload(self, request: common_pb2.ReloadRequest, context: grpc.ServicerContext) -> common_pb2.ReloadResponse:
         # The same path as the registry watcher's poll, run now (services/kit/reload.py).
-        return reload_response(self.slot, request)
+        return reload_response(self.slot, request, context)

@@ -7,6 +7,11 @@ using the old one meanwhile), validates it on the bundle's golden input, and onl
 the :class:`~services.kit.models.ModelSlot` with one reference assignment. Requests that snapshotted
 the old version finish on it; the old model is freed when the last of them returns.
 
+One version loads at a time per watcher, and no lock is held while it does: a poll or Reload that finds
+the same version loading waits for that load's outcome (a Reload up to its deadline) instead of
+downloading it again; one that finds another version loading returns at once, saying which
+(``ReloadResponse.loading``). A Reload therefore never queues behind a poll's slow download.
+
 A version that fails to download, load or validate is never served: the old version keeps serving,
 the reason goes to the log, to ``ModelStatus.last_reload_error`` and to
 ``facexplain_model_reloads_total{result="failed"}``. The watcher remembers rejected versions and
@@ -30,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+import grpc
 
 from facexplain.artifacts import ArtifactKind, kind_named
 from facexplain.artifacts.bundle import BundleError, bundle_digest, flat_metadata, read_metadata
@@ -63,16 +70,42 @@ Validator = Callable[[T, Path, dict[str, Any]], dict[str, str]]
 
 @dataclass(frozen=True)
 class ReloadOutcome:
-    """What one check did; ``error`` is empty when nothing went wrong (whether or not it swapped)."""
+    """What one check did; ``error`` is empty when nothing went wrong (whether or not it swapped).
+
+    ``loading`` names a version another check is still loading when this one returned: not an error,
+    that check swaps it in (or records why not) when it finishes.
+    """
 
     changed: bool
     version: str
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    loading: str = ""
+
+
+# How long a Reload without a deadline waits for a load of the same version that a poll or another
+# Reload started (a Reload with a deadline waits at most until it).
+RELOAD_WAIT_S = 120.0
+
+
+class _Flight:
+    """The one load in flight for a watcher: later checks of its version wait for its outcome instead of
+    downloading again; checks of another version are told it is loading."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.path: Path | None = None  # the bundle on disk once downloaded (kept if rejected, served if swapped)
+        self.done = threading.Event()
+        self.outcome: ReloadOutcome | None = None
 
 
 class ModelWatcher(Generic[T]):
-    """Follows ``model_name@alias`` in the registry and hot-swaps the slot's model when the alias moves."""
+    """Follows ``model_name@alias`` in the registry and hot-swaps the slot's model when the alias moves.
+
+    ``_lock`` guards only the watcher's bookkeeping (rejected and kept versions, the flight, the swap),
+    never a registry call or a load: a Reload never queues behind a poll's slow download. At most one
+    load runs at a time (``_flight``).
+    """
 
     def __init__(
         self,
@@ -111,11 +144,11 @@ class ModelWatcher(Generic[T]):
         self._rejected: dict[str, str] = {}  # version -> why; not retried by polls
         self._last_error = ""
         self._served_path: Path | None = None  # the cache entry of the served version: never pruned
-        self._loaded_path: Path | None = None  # that of the version last loaded (served once swapped)
         # rejected version -> (its download, its bundle_sha256 tag): a retry (manual Reload) reuses it
         # instead of downloading again; dropped when the bytes themselves were the problem.
         self._kept: dict[str, tuple[Path, str]] = {}
         self._untrusted: dict[str, tuple[Any, ...]] = {}  # version rejected as untrusted -> trust files' stamp
+        self._flight: _Flight | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def attach(self, slot: ModelSlot[T]) -> None:
@@ -141,93 +174,159 @@ class ModelWatcher(Generic[T]):
                 log.exception("model watcher: unexpected error while polling")
 
     # -- the reload path -----------------------------------------------------------------------------
-    def reload_now(self) -> ReloadOutcome:
-        """The manual Reload RPC: the same path as a poll, at once, retrying a rejected version too."""
-        return self.check(force=True)
+    def reload_now(self, timeout_s: float | None = None) -> ReloadOutcome:
+        """The manual Reload RPC: the same path as a poll, at once, retrying a rejected version too.
+
+        ``timeout_s`` (the RPC's remaining deadline) bounds only the wait for a load of the same version
+        that is already in flight; a load this call starts itself runs to its end.
+        """
+        return self.check(force=True, wait_s=RELOAD_WAIT_S if timeout_s is None else max(0.0, timeout_s))
 
     def initial(self) -> ServedModel[T]:
         """Resolve, load and validate the alias's version for start-up (raises instead of recording)."""
         info = self.registry.resolve(self.model_name, self.alias)
         self._reachable(True)
+        flight = _Flight(info.version)
         try:
-            served, _ = self._load(info)
+            served, _ = self._load(info, flight, kept=None, protect=())
         except RegistryUnreachable:
             raise
         except Exception as exc:
             msg = f"{info.name} v{info.version} (@{self.alias}) rejected: {exc}"
-            self._reject(info.version, msg, info.tags.get("bundle_sha256", ""))
+            with self._lock:
+                self._reject(info.version, msg, info.tags.get("bundle_sha256", ""), flight.path)
             raise
-        self._served_path = self._loaded_path
+        self._served_path = flight.path
         return served
 
-    def check(self, force: bool = False) -> ReloadOutcome:
-        """Resolve the alias; load, validate and swap in its version if it is not the one served."""
+    def check(self, force: bool = False, wait_s: float = 0.0) -> ReloadOutcome:
+        """Resolve the alias; load, validate and swap in its version if it is not the one served.
+
+        A load of the same version already in flight is waited for (up to ``wait_s``) and its outcome
+        returned; a load of another version in flight makes this check return at once, naming it.
+        """
         slot = self.slot
         assert slot is not None, "attach() a slot first"
         before = slot.peek()
-        with self._lock:
-            try:
-                info = self.registry.resolve(self.model_name, self.alias)
-            except RegistryUnreachable as exc:
-                if slot.registry_reachable:
-                    log.warning("registry unreachable; %s: %s", _serving(before), exc)
-                self._reachable(False)
-                return ReloadOutcome(False, _version(slot.peek()), f"registry unreachable: {exc}")
-            except RegistryError as exc:  # answered: alias or model missing, or refused
-                self._reachable(True)
-                return self._fail(str(exc), count=force or str(exc) != self._last_error, version="")
-            if not slot.registry_reachable:
-                log.info("registry reachable again at %s", public_uri(self.registry.uri))
+        try:
+            info = self.registry.resolve(self.model_name, self.alias)
+        except RegistryUnreachable as exc:
+            if slot.registry_reachable:
+                log.warning("registry unreachable; %s: %s", _serving(before), exc)
+            self._reachable(False)
+            return ReloadOutcome(False, _version(slot.peek()), f"registry unreachable: {exc}")
+        except RegistryError as exc:  # answered: alias or model missing, or refused
             self._reachable(True)
+            with self._lock:
+                return self._fail(str(exc), count=force or str(exc) != self._last_error, version="")
+        if not slot.registry_reachable:
+            log.info("registry reachable again at %s", public_uri(self.registry.uri))
+        self._reachable(True)
+        mine = False
+        kept: tuple[Path, str] | None = None
+        protect: tuple[Path, ...] = ()
+        with self._lock:
             current = slot.peek()
             if current is not None and current.name == info.name and current.version == info.version:
                 return ReloadOutcome(current is not before, current.version)
-            if not force and info.version in self._rejected and not self._trust_changed(info.version):
+            flight = self._flight
+            if flight is not None:
+                if flight.version != info.version:
+                    return ReloadOutcome(False, _version(current), loading=f"{info.name} v{flight.version}")
+            elif not force and info.version in self._rejected and not self._trust_changed(info.version):
                 return ReloadOutcome(False, _version(current), self._rejected[info.version])
+            else:
+                flight = self._flight = _Flight(info.version)
+                kept = self._kept.get(info.version)
+                protect = tuple(p for p in (self._served_path, *(k[0] for k in self._kept.values())) if p is not None)
+                mine = True
+        if mine:
+            return self._fly(flight, info, current, kept, protect)
+        # The same version is loading: its outcome is this check's, once it comes.
+        if flight.done.wait(wait_s) and flight.outcome is not None:
+            return flight.outcome
+        return ReloadOutcome(False, _version(slot.peek()), loading=f"{info.name} v{flight.version}")
+
+    def _fly(
+        self,
+        flight: _Flight,
+        info: VersionInfo,
+        current: ServedModel[T] | None,
+        kept: tuple[Path, str] | None,
+        protect: tuple[Path, ...],
+    ) -> ReloadOutcome:
+        """Run ``flight``'s load (without the lock), then record its outcome and end the flight (with it)."""
+        outcome: ReloadOutcome | None = None
+        try:
             try:
-                served, timings = self._load(info)
+                served, timings = self._load(info, flight, kept, protect)
             except RegistryUnreachable as exc:  # lost the registry mid-download: not the version's fault
                 self._reachable(False)
-                return ReloadOutcome(False, _version(current), f"registry unreachable: {exc}")
+                outcome = ReloadOutcome(False, _version(current), f"registry unreachable: {exc}")
+                return outcome
             except Exception as exc:  # whatever breaks in a new version, the old one keeps serving
                 still = f"still serving v{current.version}" if current is not None else f"no {self.kind} served"
                 msg = f"{info.name} v{info.version} (@{self.alias}) rejected, {still}: {exc}"
-                return self._fail(msg, count=True, version=info.version, tag_digest=info.tags.get("bundle_sha256", ""))
-            old = slot.swap(served)
-            self._served_path = self._loaded_path
-            self._rejected.pop(info.version, None)
-            self._kept.pop(info.version, None)
-            self._untrusted.pop(info.version, None)
-            self._last_error = ""
-            self.metrics.set_served(served.name, served.version, self.kind)
-            self.metrics.reloads.labels(self.service, "success").inc()
-            log.info(
-                "swapped %s v%s -> v%s (@%s)",
-                old.name if old is not None else f"(no {self.kind})",
-                old.version if old is not None else "-",
-                served.version,
-                self.alias,
-                extra={
-                    "fx_model": served.name,
-                    "fx_version": served.version,
-                    "fx_previous_version": _version(old),
-                    **{f"fx_{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
-                },
-            )
-            del old  # the slot keeps only a weak reference; in-flight requests hold the rest
-            return ReloadOutcome(True, served.version, "", timings)
+                with self._lock:
+                    outcome = self._fail(
+                        msg,
+                        count=True,
+                        version=info.version,
+                        tag_digest=info.tags.get("bundle_sha256", ""),
+                        path=flight.path,
+                    )
+                return outcome
+            with self._lock:
+                outcome = self._swap(info, served, flight.path, timings)
+            return outcome
+        finally:
+            with self._lock:
+                flight.outcome = outcome  # None only if something unexpected escaped: waiters say it is loading
+                self._flight = None
+            flight.done.set()
 
-    def _load(self, info: VersionInfo) -> tuple[ServedModel[T], dict[str, float]]:
-        """Download, load beside the served model, check metadata, validate on the golden input."""
+    def _swap(
+        self, info: VersionInfo, served: ServedModel[T], path: Path | None, timings: dict[str, float]
+    ) -> ReloadOutcome:
+        assert self.slot is not None
+        old = self.slot.swap(served)
+        self._served_path = path
+        self._rejected.pop(info.version, None)
+        self._kept.pop(info.version, None)
+        self._untrusted.pop(info.version, None)
+        self._last_error = ""
+        self.metrics.set_served(served.name, served.version, self.kind)
+        self.metrics.reloads.labels(self.service, "success").inc()
+        log.info(
+            "swapped %s v%s -> v%s (@%s)",
+            old.name if old is not None else f"(no {self.kind})",
+            old.version if old is not None else "-",
+            served.version,
+            self.alias,
+            extra={
+                "fx_model": served.name,
+                "fx_version": served.version,
+                "fx_previous_version": _version(old),
+                **{f"fx_{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
+            },
+        )
+        del old  # the slot keeps only a weak reference; in-flight requests hold the rest
+        return ReloadOutcome(True, served.version, "", timings)
+
+    def _load(
+        self, info: VersionInfo, flight: _Flight, kept: tuple[Path, str] | None, protect: tuple[Path, ...]
+    ) -> tuple[ServedModel[T], dict[str, float]]:
+        """Download, load beside the served model, check metadata, validate on the golden input.
+
+        Runs without the lock: what it needs of the watcher's state (``kept``, ``protect``) was read under
+        it, and what it produces (``flight.path``) is recorded under it by the caller.
+        """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self._loaded_path = None  # until this version's bundle is on disk
-        kept = self._kept.get(info.version)
         if kept is not None and kept[1] == info.tags.get("bundle_sha256", "") and (kept[0] / "bundle.json").is_file():
-            path = self._loaded_path = kept[0]  # a rejected version retried: its download is reused
+            path = flight.path = kept[0]  # a rejected version retried: its download is reused
         else:
-            protect = tuple(p for p in (self._served_path, *(k[0] for k in self._kept.values())) if p is not None)
-            path = self._loaded_path = self.registry.download(info, self.cache_dir, protect=protect)
+            path = flight.path = self.registry.download(info, self.cache_dir, protect=protect)
         timings["download"] = time.perf_counter() - t0
         meta = read_metadata(path)
         problems = metadata_problems(self.kind, info, meta, self.require)
@@ -285,24 +384,26 @@ class ModelWatcher(Generic[T]):
         """A version rejected as untrusted is retried once the trust files change (a digest added, a key rotated)."""
         return version in self._untrusted and self._untrusted[version] != self.trust.stamp()
 
-    def _reject(self, version: str, msg: str, tag_digest: str = "") -> None:
-        """Remember a bad version (polls skip it). Its download is kept for a manual retry unless its bytes
-        were the problem (corrupt, or refused content), in which case a retry fetches it afresh."""
+    def _reject(self, version: str, msg: str, tag_digest: str = "", path: Path | None = None) -> None:
+        """Remember a bad version (polls skip it). Its download (``path``) is kept for a manual retry unless
+        its bytes were the problem (corrupt, or refused content), in which case a retry fetches it afresh."""
         self._rejected[version] = msg
         if "untrusted: " in msg:
             self._untrusted[version] = self.trust.stamp()
         else:
             self._untrusted.pop(version, None)
-        if self._loaded_path is not None and not any(m in msg for m in _BYTES_PROBLEMS):
-            self._kept[version] = (self._loaded_path, tag_digest)
+        if path is not None and not any(m in msg for m in _BYTES_PROBLEMS):
+            self._kept[version] = (path, tag_digest)
             return
         self._kept.pop(version, None)
         self.registry.evict(self.model_name, version, self.cache_dir)
 
-    def _fail(self, msg: str, *, count: bool, version: str, tag_digest: str = "") -> ReloadOutcome:
+    def _fail(
+        self, msg: str, *, count: bool, version: str, tag_digest: str = "", path: Path | None = None
+    ) -> ReloadOutcome:
         assert self.slot is not None
         if version:
-            self._reject(version, msg, tag_digest)
+            self._reject(version, msg, tag_digest, path)
         if count:
             self.metrics.reloads.labels(self.service, "failed").inc()
             log.error("reload failed: %s", msg, extra={"fx_model": self.model_name, "fx_version": version})
@@ -496,13 +597,17 @@ def _slot_names(slot: ModelSlot[Any]) -> set[str]:
 
 
 def reload_response(
-    slots: ModelSlot[Any] | Sequence[ModelSlot[Any]], request: common_pb2.ReloadRequest
+    slots: ModelSlot[Any] | Sequence[ModelSlot[Any]],
+    request: common_pb2.ReloadRequest,
+    context: grpc.ServicerContext | None = None,
 ) -> common_pb2.ReloadResponse:
     """The Reload RPC of any service: re-resolve the aliases now and hot-swap whatever moved.
 
     ``slots`` is the service's one slot or all of them; ``request.model_name`` picks the slot serving
     (or following) that model, empty = every slot. With several slots each error is prefixed with
-    its slot's label; ``changed`` is true if any slot swapped. ``models`` lists every slot's models.
+    its slot's label; ``changed`` is true if any slot swapped. ``models`` lists every slot's models;
+    ``loading`` the versions another poll or Reload was still loading. ``context`` (the RPC's) bounds
+    how long a slot waits for such a load of the very version it would load: its remaining deadline.
     """
     group = [slots] if isinstance(slots, ModelSlot) else list(slots)
     names = [_slot_names(slot) for slot in group]
@@ -510,6 +615,7 @@ def reload_response(
         served = ", ".join(repr(n) for n in sorted(set().union(*names))) or "no model"
         raise NotFound(f"this service serves {served}, not {request.model_name!r}")
     errors: list[tuple[ModelSlot[Any], str]] = []
+    loading: list[str] = []
     changed = False
     for slot, slot_names in zip(group, names, strict=True):
         if request.model_name and request.model_name not in slot_names:
@@ -519,13 +625,16 @@ def reload_response(
             local = "serving local weights" if slot.peek() is not None else f"no {slot.label} to load"
             errors.append((slot, f"no registry configured: {local}"))
             continue
-        outcome: ReloadOutcome = watcher.reload_now()
+        remaining = context.time_remaining() if context is not None else None
+        outcome: ReloadOutcome = watcher.reload_now(remaining)
         changed = changed or outcome.changed
         if outcome.error:
             errors.append((slot, outcome.error))
+        if outcome.loading:
+            loading.append(outcome.loading)
     if len(group) == 1:
         error = "; ".join(e for _slot, e in errors)
     else:
         error = "; ".join(f"{slot.label}: {e}" for slot, e in errors)
     models = [m for slot in group for m in slot.loaded()]
-    return common_pb2.ReloadResponse(models=models, changed=changed, error=error)
+    return common_pb2.ReloadResponse(models=models, changed=changed, error=error, loading=loading)

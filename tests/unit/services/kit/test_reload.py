@@ -51,6 +51,8 @@ class FakeRegistry:
         self.up = True
         self.missing = False
         self.downloads: list[str] = []
+        self.entered = threading.Event()  # set when a download starts
+        self.gate: threading.Event | None = None  # when set, downloads wait for it: a slow download
 
     def resolve(self, name: str, alias: str) -> VersionInfo:
         if not self.up:
@@ -61,6 +63,9 @@ class FakeRegistry:
 
     def download(self, info: VersionInfo, cache_dir: Path, *, keep: int = 3, protect: tuple[Path, ...] = ()) -> Path:
         self.downloads.append(info.version)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "the test never let the download finish"
         path = Path(cache_dir) / info.name / info.version
         path.mkdir(parents=True, exist_ok=True)
         (path / "bundle.json").write_text(json.dumps({**META, **self.versions[info.version]}))
@@ -226,6 +231,111 @@ def test_candidate_is_listed_while_validating_and_old_version_while_draining(rig
     versions = [(m.model.version, m.serving) for m in slot.status().models]
     assert versions == [("2", True), ("1", False)]
     del held
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.monotonic()
+    out = fn(*args)
+    return out, time.monotonic() - t0
+
+
+def _slow_download(reg: FakeRegistry, watcher: ModelWatcher[str], version: str) -> threading.Thread:
+    """A poll of ``version`` whose download blocks until ``reg.gate`` is set, started and inside the download."""
+    reg.gate, reg.entered = threading.Event(), threading.Event()
+    reg.alias = version
+    poll = threading.Thread(target=watcher.check)
+    poll.start()
+    assert reg.entered.wait(5)
+    return poll
+
+
+class _Context:
+    """What reload_response reads of the RPC's context: its remaining deadline."""
+
+    def __init__(self, remaining: float) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+
+def test_a_slow_download_holds_no_lock_and_other_checks_return_at_once(rig) -> None:  # type: ignore[no-untyped-def]
+    reg, _val, metrics, watcher, slot = rig
+    poll = _slow_download(reg, watcher, "2")
+    try:
+        # the watcher's lock is free while the download runs (taken here from another thread)
+        took: list[bool] = []
+        grab = threading.Thread(target=lambda: took.append(watcher._lock.acquire(timeout=0.1)))
+        grab.start()
+        grab.join()
+        assert took == [True]
+        watcher._lock.release()
+        # a poll of the version in flight neither waits nor downloads it again
+        out, elapsed = _timed(watcher.check)
+        assert elapsed < 0.2 and out == type(out)(False, "1", loading=f"{NAME} v2")
+        # the alias moved on: a Reload returns at once, no error, saying what is loading
+        reg.alias = "3"
+        out, elapsed = _timed(watcher.reload_now)
+        assert elapsed < 0.2 and not out.changed and out.error == "" and out.loading == f"{NAME} v2"
+        resp, elapsed = _timed(reload_response, slot, common_pb2.ReloadRequest())
+        assert elapsed < 0.2 and resp.error == "" and not resp.changed and list(resp.loading) == [f"{NAME} v2"]
+        assert [m.model.version for m in resp.models] == ["1"]
+        # ModelStatus is not held up either
+        status, elapsed = _timed(slot.status)
+        assert elapsed < 0.2 and status.models[0].model.version == "1"
+    finally:
+        assert reg.gate is not None
+        reg.gate.set()
+        poll.join(5)
+    assert slot.current().version == "2" and reg.downloads == ["1", "2"]
+    assert _count(metrics, "success") == 1 and _count(metrics, "failed") == 0
+    # once the flight has landed, the next check loads the version the alias points at now
+    reg.gate = None
+    assert watcher.reload_now().changed and slot.current().version == "3"
+
+
+def test_concurrent_reloads_of_one_version_download_it_once(rig) -> None:  # type: ignore[no-untyped-def]
+    reg, _val, metrics, watcher, slot = rig
+    reg.gate, reg.alias = threading.Event(), "2"
+    outs: list[Any] = []
+    reloads = [threading.Thread(target=lambda: outs.append(watcher.reload_now())) for _ in range(4)]
+    for t in reloads:
+        t.start()
+    assert reg.entered.wait(5)
+    time.sleep(0.3)  # the other three resolve and find the flight
+    reg.gate.set()
+    for t in reloads:
+        t.join(5)
+    assert reg.downloads.count("2") == 1
+    assert len(outs) == 4 and all(o.changed and o.version == "2" and o.error == "" for o in outs)
+    assert slot.current().version == "2" and _count(metrics, "success") == 1
+
+
+def test_a_reload_waits_for_the_flight_of_its_version_within_its_deadline(rig) -> None:  # type: ignore[no-untyped-def]
+    reg, val, metrics, watcher, slot = rig
+    val.bad["2"] = "validation: golden cosine 0.2 < 0.99"
+    poll = _slow_download(reg, watcher, "2")
+    try:
+        # the RPC's remaining deadline bounds the wait; then it says the version is still loading
+        resp, elapsed = _timed(reload_response, slot, common_pb2.ReloadRequest(), _Context(0.1))
+        assert 0.09 < elapsed < 1.0 and resp.error == "" and list(resp.loading) == [f"{NAME} v2"]
+        waiting: list[Any] = []
+        reload = threading.Thread(target=lambda: waiting.append(watcher.reload_now()))
+        reload.start()
+        time.sleep(0.1)
+    finally:
+        assert reg.gate is not None
+        reg.gate.set()
+        poll.join(5)
+    reload.join(5)
+    # the waiting Reload reports the poll's rejection instead of loading the version a second time
+    assert len(waiting) == 1 and not waiting[0].changed and "golden cosine" in waiting[0].error
+    assert reg.downloads.count("2") == 1 and _count(metrics, "failed") == 1
+    assert slot.current().version == "1"
+    # a later Reload retries it, from the kept download, and counts the failure again
+    reg.gate = None
+    assert "golden cosine" in watcher.reload_now().error
+    assert reg.downloads.count("2") == 1 and _count(metrics, "failed") == 2
 
 
 def test_poll_thread_picks_up_alias_move(rig) -> None:  # type: ignore[no-untyped-def]
