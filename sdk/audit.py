@@ -285,6 +285,14 @@ def pairs_from_identities(faces: list[Face]) -> list[tuple[Face, Face, bool]]:
     return [(a, b, a.identity == b.identity) for a, b in combinations(faces, 2)]
 
 
+def mirror_image(path: Path) -> common_pb2.Image:
+    """The photo at ``path`` mirrored left to right, as a PNG (lossless: the mirror differs only in side)."""
+    with Image.open(path) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
+    return common_pb2.Image(encoded=buf.getvalue())
+
+
 def png_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -540,6 +548,24 @@ class Audit:
         ]
         return inline_dataset(items, name)
 
+    def template_dataset(
+        self, faces: list[Face], name: str, labels: dict[str, dict[str, float]] | None = None
+    ) -> tuple[Any, list[Face]]:
+        """``faces`` as the templates the audit has (embedded in chunks, once per audit) and the faces sent.
+
+        For the discoveries that need templates only (centroid, regression): the directions service then
+        skips detecting and embedding every image again, which each discovery did before. A face without a
+        template (no face found) is left out, as the service leaves it out of an image dataset.
+        """
+        self.prefetch_templates(faces)
+        kept = [f for f in faces if self.template(f) is not None]
+        given = labels or {}
+        items = [
+            labeled_image(f.rel, template=self.template(f), identity=f.identity, labels=given.get(f.rel, f.labels))
+            for f in kept
+        ]
+        return inline_dataset(items, name), kept
+
     def direction_set(self, s: Any) -> dict[str, Any]:
         digest = hashlib.sha256()
         for d in s.directions:
@@ -634,9 +660,8 @@ class Audit:
         if label not in inputs.label_names:
             entry["skipped"] = f"the data has no {label} label (no labels.csv with that column)"
             return entry
-        req = directions_pb2.DiscoverCentroidRequest(
-            dataset=self.dataset(inputs.faces, f"audit-{label}"), label=label, positive_values=[1.0]
-        )
+        dataset, _ = self.template_dataset(inputs.faces, f"audit-{label}")
+        req = directions_pb2.DiscoverCentroidRequest(dataset=dataset, label=label, positive_values=[1.0])
         result = self.discover_or_skip(self.clients["directions"].discover_centroid(req), f"centroid {label}", entry)
         if result is None:
             return entry
@@ -659,11 +684,12 @@ class Audit:
         if len(with_yaw) < self.cfg.min_yaw_faces:
             yaw["skipped"] = f"yaw estimated on {len(with_yaw)} faces, fewer than {self.cfg.min_yaw_faces}"
             return yaw
+        dataset, sent = self.template_dataset(with_yaw, "audit-yaw", values)
         req = directions_pb2.DiscoverRegressionRequest(
-            dataset=self.dataset(with_yaw, "audit-yaw", values),
+            dataset=dataset,
             label="yaw",
             seed=self.cfg.seed,
-            cv_folds=min(5, len(with_yaw) // 2),
+            cv_folds=min(5, len(sent) // 2),
         )
         result = self.discover_or_skip(self.clients["directions"].discover_regression(req), "regression yaw", yaw)
         if result is not None:
@@ -735,18 +761,11 @@ class Audit:
     def mirror(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
         """Cosine of each face's template and its mirror image's, against same-person and other-person pairs
         (:func:`facexplain.metrics.invariance.mirror_invariance` on the services' templates)."""
-        kept: list[tuple[Face, Any, Any]] = []
-        with self.bar(len(inputs.faces), "mirror images") as bar:
-            for f in inputs.faces:
-                t = self.template(f)
-                if t is not None:
-                    with Image.open(f.path) as im:
-                        buf = io.BytesIO()
-                        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "PNG")
-                    tm = self.embed_or_none(common_pb2.Image(encoded=buf.getvalue()))
-                    if tm is not None:
-                        kept.append((f, t, tm))
-                bar.update()
+        self.prefetch_templates(inputs.faces)
+        faces = [f for f in inputs.faces if self.template(f) is not None]
+        with self.bar(len(faces), "mirror images") as bar:
+            mirrored = self.embed_images([mirror_image(f.path) for f in faces], bar.update)
+        kept = [(f, self.template(f), tm) for f, tm in zip(faces, mirrored, strict=True) if tm is not None]
         own = np.array([list(t.values) for _, t, _ in kept]).reshape(len(kept), -1)
         flip = np.array([list(tm.values) for _, _, tm in kept]).reshape(len(kept), -1)
         m = mirror_invariance(own, flip, [f.identity for f, _, _ in kept])
@@ -789,26 +808,39 @@ class Audit:
         another, in the same order.
         """
         todo = [f for f in faces if f.rel not in self.templates]
+        for f, t in zip(todo, self.embed_images([image_from_path(f.path) for f in todo]), strict=True):
+            self.templates[f.rel] = t
+
+    def embed_images(self, images: list[Any], on_chunk: Callable[[int], Any] | None = None) -> list[Any | None]:
+        """The template of each image (``common_pb2.Image``), None where the service finds no face: ``embed_chunk``
+        images per EmbedBatch, ``embed_concurrency`` calls in flight (see :meth:`prefetch_templates`), in order.
+        ``on_chunk(n)`` after each chunk of n images. An item refused for another reason is embedded again
+        alone, which raises."""
         size = max(1, self.cfg.embed_chunk)
-        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
+        chunks = [images[k : k + size] for k in range(0, len(images), size)]
         if not chunks:
-            return
+            return []
         client = self.clients["embedding"]
 
-        def embed(chunk: list[Face]) -> Any:
-            return client.embed_batch([image_from_path(f.path) for f in chunk], timeout=600)
+        def embed(chunk: list[Any]) -> Any:
+            return client.embed_batch(chunk, timeout=600)
 
+        out: list[Any | None] = []
         pool = ThreadPoolExecutor(max(1, min(self.cfg.embed_concurrency, len(chunks))), "audit-embed")
         try:
             for chunk, resp in zip(chunks, pool.map(embed, chunks), strict=True):
-                for f, r in zip(chunk, resp.results, strict=True):
+                for image, r in zip(chunk, resp.results, strict=True):
                     if r.HasField("ok"):
-                        self.templates[f.rel] = r.ok.template
+                        out.append(r.ok.template)
                     elif r.error.code in _REFUSED_CODES:
-                        self.templates[f.rel] = None
-                    # any other item error: left for template() to retry one by one (and fail loudly)
+                        out.append(None)
+                    else:
+                        out.append(self.embed_or_none(image))  # fails loudly with the service's own status
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # a failed chunk stops the chunks not sent yet
+        return out
 
     def template(self, f: Face) -> Any:
         if f.rel not in self.templates:
@@ -1066,11 +1098,8 @@ class Audit:
         if len({f.identity for f in faces}) < 4 or len(set(values)) < 2:
             sec["skipped"] = f"{len(faces)} faces with a {label} label: need both values and 4 identities"
             return
-        # the templates the audit already has: the service skips detection and embedding
-        items = [labeled_image(f.rel, template=self.template(f), identity=f.identity, labels=f.labels) for f in faces]
-        req = directions_pb2.DiscoverCentroidRequest(
-            dataset=inline_dataset(items, f"audit-privacy-{label}"), label=label, positive_values=[1.0]
-        )
+        dataset, _ = self.template_dataset(faces, f"audit-privacy-{label}")
+        req = directions_pb2.DiscoverCentroidRequest(dataset=dataset, label=label, positive_values=[1.0])
         result = self.discover_or_skip(self.clients["directions"].discover_centroid(req), f"centroid {label}", sec)
         if result is None:
             return
