@@ -56,10 +56,19 @@ class Deployment:
 
 
 def parse_targets(text: str) -> dict[str, str]:
-    """``embedding=h:p,decoding=h:p,...`` -> {service: address}; every service exactly once, nothing else."""
+    """``embedding=h:p,decoding=h:p,...`` -> {service: address}; every service exactly once, nothing else.
+
+    A comma inside an ``ipv4:``/``ipv6:`` address list (``embedding=ipv4:10.0.0.5:50051,10.0.0.6:50051``,
+    every replica of a service: the SDK's round_robin spreads the calls) continues that list, as the
+    audit's ``--targets`` reads it."""
     out: dict[str, str] = {}
+    last = ""
     for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part and last and out[last].lower().startswith(("ipv4:", "ipv6:")):
+            out[last] += f",{part}"
+            continue
         name, sep, address = part.partition("=")
+        last = name
         if not sep or not address or name not in SERVICES or name in out:
             raise pytest.UsageError(f"{TARGETS_ENV}: bad entry {part!r} (want service=host:port, once per service)")
         out[name] = address

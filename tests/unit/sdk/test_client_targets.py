@@ -140,3 +140,14 @@ def test_audit_embedding_flags() -> None:
     assert "embed_concurrency" not in cfg.public() and cfg.public()["embed_chunk"] == 8
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--embed-concurrency", "0"])
+
+
+def test_the_e2e_suite_reads_replica_lists_in_its_targets_as_the_audit_does() -> None:
+    from tests.e2e.conftest import parse_targets as e2e_targets
+
+    text = "embedding=ipv4:10.0.0.5:50051,10.0.0.6:50051,decoding=h:1,directions=h:2,attributes=h:3,counterfactual=h:4"
+    t = e2e_targets(text)
+    assert t["embedding"] == "ipv4:10.0.0.5:50051,10.0.0.6:50051"
+    assert t["decoding"] == "h:1" and t["counterfactual"] == "h:4"
+    with pytest.raises(pytest.UsageError, match="bad entry"):
+        e2e_targets("embedding=h:0,10.0.0.6:50051,decoding=h:1")  # a bare address continues only an ipv4: list
