@@ -65,6 +65,7 @@ import argparse
 import contextlib
 import http.client
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -219,6 +220,7 @@ class ServedPath:
     stats: ProcStats
     info: dict[str, Any] = field(default_factory=dict)
     levels: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every round's row, by level
 
     def measure(self, requests: int, concurrency: int) -> dict[str, Any]:
         cpu0 = self.stats.cpu_s()
@@ -231,7 +233,8 @@ class ServedPath:
             "server_cpu_cores": cpu / wall,
             "server_rss_mb": self.stats.rss_mb(),
         }
-        self.levels[str(concurrency)] = row
+        self.samples.setdefault(str(concurrency), []).append(row)
+        self.levels[str(concurrency)] = median_row(self.samples[str(concurrency)])
         print(
             f"  {self.label:22s} c={concurrency:<3d} {row['images_per_s']:6.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
             f"p99 {row['p99_ms']:7.1f} ms  cpu {row['server_cpu_cores']:.2f}",
@@ -240,7 +243,18 @@ class ServedPath:
         return row
 
     def result(self) -> dict[str, Any]:
-        return {**self.info, "concurrency": self.levels, "server_peak_rss_mb": self.stats.peak_rss_mb()}
+        return {
+            **self.info,
+            "concurrency": self.levels,
+            "rounds": self.samples,
+            "server_peak_rss_mb": self.stats.peak_rss_mb(),
+        }
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of median throughput among rounds (the lower middle of an even count), with how many there were."""
+    ordered = sorted(rows, key=lambda r: r["images_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": len(rows)}
 
 
 def _server_env(levels: list[int], threads: int, batching: bool, device: str) -> dict[str, str]:
@@ -438,24 +452,32 @@ def start_torchserve_decode(
 def ratios(result: dict[str, Any], levels: list[int]) -> dict[str, Any]:
     """The figures issue 24 asks for, as ratios of this one run. Throughput ratios to the limit use the limit
     measured in the same round as that concurrency level (the machine's load drifts between rounds)."""
-    limits = result["in_process"]["batched_limit_by_level"]
-    on, off = result["grpc_batching_on"]["concurrency"], result["grpc_batching_off"]["concurrency"]
-    ts = {k: result[k]["concurrency"] for k in ("torchserve_grpc", "torchserve_rest") if k in result}
+    limits = result["in_process"]["batched_limit_rounds"]
+    on, off = result["grpc_batching_on"]["rounds"], result["grpc_batching_off"]["rounds"]
+    ts = {k: result[k]["rounds"] for k in ("torchserve_grpc", "torchserve_rest") if k in result}
     r: dict[str, Any] = {}
+    per_round: dict[str, list[float]] = {}
+
+    def put(name: str, num: list[dict[str, Any]], den: list[dict[str, Any]]) -> None:
+        # a ratio within each round (both measured minutes apart at most), then the median over rounds
+        values = [a["images_per_s"] / b["images_per_s"] for a, b in zip(num, den, strict=True)]
+        per_round[name] = values
+        r[name] = float(statistics.median(values))
+
     for c in map(str, levels):
-        limit = limits[c]["images_per_s"]
-        r[f"on_vs_limit_c{c}"] = on[c]["images_per_s"] / limit
-        r[f"on_vs_off_c{c}"] = on[c]["images_per_s"] / off[c]["images_per_s"]
+        put(f"on_vs_limit_c{c}", on[c], limits[c])
+        put(f"on_vs_off_c{c}", on[c], off[c])
         for k, rows in ts.items():
             short = k.removeprefix("torchserve_")
-            r[f"on_vs_torchserve_{short}_c{c}"] = on[c]["images_per_s"] / rows[c]["images_per_s"]
-            r[f"torchserve_{short}_vs_limit_c{c}"] = rows[c]["images_per_s"] / limit
-    if "1" in on:
+            put(f"on_vs_torchserve_{short}_c{c}", on[c], rows[c])
+            put(f"torchserve_{short}_vs_limit_c{c}", rows[c], limits[c])
+    if max(len(v) for v in per_round.values()) > 1:
+        r["per_round"] = per_round
+    if "1" in on:  # the median round's p50 of each path
         single = result["in_process"]["single"]["p50_ms"]
-        r["p50_c1_on_vs_inprocess"] = on["1"]["p50_ms"] / single
-        r["p50_c1_off_vs_inprocess"] = off["1"]["p50_ms"] / single
-        for k, rows in ts.items():
-            r[f"p50_c1_{k}_vs_inprocess"] = rows["1"]["p50_ms"] / single
+        for k in ("grpc_batching_on", "grpc_batching_off", *ts):
+            name = {"grpc_batching_on": "on", "grpc_batching_off": "off"}.get(k, k)
+            r[f"p50_c1_{name}_vs_inprocess"] = result[k]["concurrency"]["1"]["p50_ms"] / single
     return r
 
 
@@ -474,17 +496,23 @@ def run_rounds(
     items: list[Any],
     requests: int,
     levels: list[int],
+    repeats: int = 1,
 ) -> None:
-    """Warm every path, then per concurrency level the in-process limit and every served path in turn."""
+    """Warm every path, then per concurrency level the in-process limit and every served path in turn; all
+    levels ``repeats`` times over (each level's figure is its median round, each ratio the median of the
+    ratios within a round: the machine is shared and one round of a minute can land on a busy stretch)."""
     for path in served:  # warm-up: every batch shape up to the largest
         _drive(path.call, max(4, max(levels)), max(levels))
-    by_level: dict[str, Any] = {}
-    for c in levels:
-        by_level[str(c)] = batched_limit(forward, items, requests, max(levels))
-        print(f"round c={c}: limit {by_level[str(c)]['images_per_s']:.1f} /s", flush=True)
-        for path in served:
-            path.measure(requests, c)
-    result["in_process"]["batched_limit_by_level"] = by_level
+    limit_rounds: dict[str, list[dict[str, Any]]] = {}
+    for k in range(repeats):
+        for c in levels:
+            row = batched_limit(forward, items, requests, max(levels))
+            limit_rounds.setdefault(str(c), []).append(row)
+            print(f"round {k + 1}/{repeats} c={c}: limit {row['images_per_s']:.1f} /s", flush=True)
+            for path in served:
+                path.measure(requests, c)
+    result["in_process"]["batched_limit_by_level"] = {c: median_row(rows) for c, rows in limit_rounds.items()}
+    result["in_process"]["batched_limit_rounds"] = limit_rounds
     for path in served:
         result[path.key] = path.result()
 
@@ -505,7 +533,7 @@ def section_embed(args: argparse.Namespace, pipe: FacePipeline, paths: list[Path
             served += start_torchserve_paths(
                 stack, paths, args.threads, args.device, args.ts_batch_size, args.ts_max_batch_delay_ms
             )
-        run_rounds(result, served, pipe.analyze, images, args.requests, levels)
+        run_rounds(result, served, pipe.analyze, images, args.requests, levels, args.repeats)
     result["ratios"] = ratios(result, levels)
     return result
 
@@ -550,7 +578,7 @@ def section_decode(args: argparse.Namespace, pipe: FacePipeline, images: list[to
         else:
             ts = (args.ts_decode_batch_size, args.ts_decode_max_batch_delay_ms)
             served += start_torchserve_decode(stack, templates, args.threads, args.device, *ts)
-        run_rounds(result, served, forward, vectors, requests, levels)
+        run_rounds(result, served, forward, vectors, requests, levels, args.repeats)
     result["ratios"] = ratios(result, levels)
     return result
 
@@ -596,6 +624,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="Embed calls per concurrency level and path")
     ap.add_argument("--decode-requests", type=int, default=256, help="Decode calls per concurrency level and path")
     ap.add_argument("--concurrency", default="1,4,16,64", help="client threads, comma-separated")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all levels; figures are medians of rounds")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, in-process and in the servers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-torchserve", action="store_true", help="leave TorchServe out (it is an optional install)")
@@ -631,6 +660,7 @@ def main() -> None:
             "requests": args.requests,
             "decode_requests": args.decode_requests,
             "concurrency": levels,
+            "repeats": args.repeats,
             "threads": args.threads,
             "device": args.device,
             "order": "interleaved: per concurrency level, the in-process limit then every served path in turn",
@@ -650,7 +680,8 @@ def main() -> None:
     out = write(args.out or f"serving-{args.device}" + ("-quick" if args.quick else ""), result)
     for name, part in (("embed", result), ("decode", result.get("decode", {}))):
         for k, v in part.get("ratios", {}).items():
-            print(f"{name:6s} {k:36s} {v:6.2f}")
+            if isinstance(v, float):  # "per_round" holds the lists the medians come from
+                print(f"{name:6s} {k:36s} {v:6.2f}")
     print(f"-> {out}")
 
 
