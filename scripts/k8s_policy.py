@@ -34,13 +34,24 @@ KUBERNETES_VERSION = "1.31.0"
 # What `make k8s-validate` and the tests render. gpu=True: every model server must hold a GPU.
 OVERLAYS = {"staging": REPO / "k8s/overlays/staging", "gpu": REPO / "k8s/overlays/gpu"}
 TRAINING = {"training-jobs": REPO / "k8s/training/jobs", "training-pytorchjob": REPO / "k8s/training/pytorchjob"}
-GPU_KUSTOMIZATIONS = {"gpu", "training-pytorchjob"}
+# Opt-in components (k8s/components) that add workloads, composed onto an overlay as an operator would.
+COMPOSED = {"gpu-torchserve": REPO / "tests/data/k8s/gpu-torchserve"}
+GPU_KUSTOMIZATIONS = {"gpu", "training-pytorchjob", "gpu-torchserve"}
 # Production-shaped overlays: model servers serve TLS (staging alone is plaintext, for the e2e suite).
-TLS_KUSTOMIZATIONS = {"gpu"}
+TLS_KUSTOMIZATIONS = {"gpu", "gpu-torchserve"}
 # ... and authenticate their callers (tokens file and/or JWKS from a mounted Secret); staging alone is open.
-AUTH_KUSTOMIZATIONS = {"gpu"}
+AUTH_KUSTOMIZATIONS = {"gpu", "gpu-torchserve"}
 
 MODEL_SERVER_LABEL = "facexplain.io/model-server"
+CLIENT_LABEL = "facexplain.io/client"
+MONITORING_LABEL = "facexplain.io/monitoring"
+# Model servers that speak neither facexplain's TLS nor its bearer tokens, by workload, with the reason. The
+# TLS and auth rules skip exactly these (no other Deployment, whatever its labels); fence_violations holds them
+# to their only protection instead: NetworkPolicies that admit labelled clients alone, on named ports.
+PLAINTEXT_SERVERS = {
+    "Deployment/facexplain-torchserve": "TorchServe (k8s/components/torchserve) has no facexplain TLS or token "
+    "auth; it serves plaintext inside the cluster, behind NetworkPolicy facexplain-torchserve only",
+}
 GPU_RESOURCE = "nvidia.com/gpu"
 # Custom resources whose pods we check, though kubernetes-validate has no schema for the resource itself.
 CUSTOM_WORKLOADS = {("kubeflow.org/v1", "PyTorchJob")}
@@ -455,11 +466,12 @@ def auth_violations(objs: Iterable[Obj]) -> list[str]:
     """Outside staging, every model server authenticates its callers (without a tokens or JWKS file any
     caller that reaches the port may call any RPC, Reload included), from files on a mounted Secret (whole,
     so that a revoked token or a rotated signing key reaches the pod); a JWKS comes with the issuer and
-    audience a token must name (the server refuses to start without them)."""
+    audience a token must name (the server refuses to start without them). PLAINTEXT_SERVERS cannot: they
+    are held to fence_violations instead."""
     objs = list(objs)
     out: list[str] = []
     for pod in pod_templates(objs):
-        if not pod.model_server:
+        if not pod.model_server or pod.where in PLAINTEXT_SERVERS:
             continue
         for where, c, init in _containers(pod):
             if init:
@@ -485,12 +497,13 @@ def tls_violations(objs: Iterable[Obj]) -> list[str]:
     loopback only, out of reach of Services and probes, or with FACEXPLAIN_ALLOW_INSECURE serves faces in
     clear), from files on a mounted Secret (whole, so that rotation reaches the pod); its gRPC probes, which
     speak no TLS, ask the plaintext health port (FACEXPLAIN_HEALTH_PORT); and no NetworkPolicy opens that
-    port to other pods (the kubelet probes from the node, which NetworkPolicy always lets in)."""
+    port to other pods (the kubelet probes from the node, which NetworkPolicy always lets in). PLAINTEXT_SERVERS
+    cannot serve our TLS: they are held to fence_violations instead."""
     objs = list(objs)
     out: list[str] = []
     policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
     for pod in pod_templates(objs):
-        if not pod.model_server:
+        if not pod.model_server or pod.where in PLAINTEXT_SERVERS:
             continue
         health_ports: set[Any] = set()
         for where, c, init in _containers(pod):
@@ -546,6 +559,52 @@ def tls_violations(objs: Iterable[Obj]) -> list[str]:
     return out
 
 
+def _labels(selector: Obj | None) -> dict[str, str]:
+    return dict((selector or {}).get("matchLabels") or {})
+
+
+def fence_violations(objs: Iterable[Obj]) -> list[str]:
+    """A server in PLAINTEXT_SERVERS is reachable only as its NetworkPolicies say, so they must say it
+    narrowly: at least one selects it, and every ingress rule of every policy selecting it names its ports and
+    admits only pods labelled facexplain.io/client: "true" (a rule for the port named ``metrics`` alone may
+    admit a namespace labelled facexplain.io/monitoring: "true" instead). No ipBlock, no rule without ``from``:
+    either would let any pod, or anything routed to the cluster, read faces in clear."""
+    objs = list(objs)
+    policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
+    out: list[str] = []
+    for pod in pod_templates(objs):
+        if pod.where not in PLAINTEXT_SERVERS or pod.owner.get("kind") not in _SELECTING_KINDS:
+            continue
+        ns = pod.owner.get("metadata", {}).get("namespace")
+        selecting = [
+            p
+            for p in policies
+            if p.get("metadata", {}).get("namespace") == ns
+            and _selects(_labels((p.get("spec") or {}).get("podSelector")), pod.labels)
+        ]
+        if not selecting:
+            out.append(f"{pod.where}: serves plaintext and no NetworkPolicy selects it")
+        for np in selecting:
+            for rule in (np.get("spec") or {}).get("ingress") or []:
+                ports = rule.get("ports") or []
+                peers = rule.get("from") or []
+                if not ports:
+                    out.append(f"{name_of(np)}: an ingress rule opens every port of plaintext {pod.where}")
+                if not peers:
+                    out.append(f"{name_of(np)}: an ingress rule admits any source to plaintext {pod.where}")
+                metrics_only = bool(ports) and all(p.get("port") == "metrics" for p in ports)
+                for peer in peers:
+                    client = _labels(peer.get("podSelector")).get(CLIENT_LABEL) == "true"
+                    monitoring = _labels(peer.get("namespaceSelector")).get(MONITORING_LABEL) == "true"
+                    if "ipBlock" in peer:
+                        out.append(f"{name_of(np)}: admits an ipBlock to plaintext {pod.where}")
+                    elif not (client or (metrics_only and monitoring)):
+                        out.append(
+                            f'{name_of(np)}: admits pods not labelled {CLIENT_LABEL}: "true" to plaintext {pod.where}'
+                        )
+    return out
+
+
 def env_names(objs: Iterable[Obj]) -> set[str]:
     """Every FACEXPLAIN_* name the manifests set: ConfigMap keys and container env."""
     names: set[str] = set()
@@ -596,7 +655,7 @@ def policy_violations(
 ) -> list[str]:
     """Every policy over one rendered kustomization; ``gpu``: its model servers must hold GPUs; ``tls``: they
     must serve TLS, with probes on the plaintext health port; ``auth``: they must authenticate callers (both
-    for every overlay but staging)."""
+    for every overlay but staging). Under either, a server in PLAINTEXT_SERVERS is held to its fence instead."""
     objs = list(objs)
     out = (
         container_violations(objs)
@@ -612,11 +671,13 @@ def policy_violations(
         out += tls_violations(objs)
     if auth:
         out += auth_violations(objs)
+    if tls or auth:
+        out += fence_violations(objs)
     return out
 
 
 def main(argv: list[str]) -> int:
-    targets = {**OVERLAYS, **TRAINING}
+    targets = {**OVERLAYS, **TRAINING, **COMPOSED}
     if argv:
         targets = {Path(a).name: Path(a).resolve() for a in argv}
     kubectl = find_kubectl()

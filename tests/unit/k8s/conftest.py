@@ -39,7 +39,7 @@ def kubectl() -> str:
 @pytest.fixture(scope="session")
 def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
     """label -> rendered objects, for every kustomization `make k8s-validate` checks."""
-    targets = {**policy.OVERLAYS, **policy.TRAINING}
+    targets = {**policy.OVERLAYS, **policy.TRAINING, **policy.COMPOSED}
     return {label: policy.render(path, kubectl) for label, path in targets.items()}
 
 

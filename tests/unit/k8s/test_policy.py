@@ -19,7 +19,7 @@ def known_env() -> set[str]:
     return set(policy.known_env_names())
 
 
-@pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob"])
+@pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob", "gpu-torchserve"])
 def test_every_kustomization_passes_the_policy(rendered: Rendered, label: str, known_env: set[str]) -> None:
     objs = rendered[label]
     gpu, tls = label in policy.GPU_KUSTOMIZATIONS, label in policy.TLS_KUSTOMIZATIONS
@@ -233,7 +233,7 @@ def test_an_unknown_setting_name_fails(rendered: Rendered, known_env: set[str]) 
 
 
 def test_every_overlay_but_staging_is_held_to_tls() -> None:
-    assert set(policy.OVERLAYS) - {"staging"} == policy.TLS_KUSTOMIZATIONS
+    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {"staging"} == policy.TLS_KUSTOMIZATIONS
 
 
 def test_the_staging_overlay_would_not_pass_as_a_tls_one(rendered: Rendered) -> None:
@@ -379,7 +379,7 @@ def test_a_projected_secret_counts_and_a_policy_elsewhere_does_not(rendered: Ren
 
 
 def test_every_overlay_but_staging_is_held_to_auth() -> None:
-    assert set(policy.OVERLAYS) - {"staging"} == policy.AUTH_KUSTOMIZATIONS
+    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {"staging"} == policy.AUTH_KUSTOMIZATIONS
 
 
 def test_the_staging_overlay_would_not_pass_as_an_authenticated_one(rendered: Rendered) -> None:
@@ -474,3 +474,78 @@ def test_each_auth_break_fails_the_auth_policy(rendered: Rendered, case: str) ->
     breaking(objs)
     problems = policy.auth_violations(objs)
     assert any("facexplain-embedding" in p and expected in p for p in problems), problems
+
+
+# -- TorchServe: plaintext, exempt from TLS and auth by name, held to its NetworkPolicy fence ----------------
+
+
+def test_only_the_torchserve_deployment_is_exempt_from_tls_and_auth(rendered: Rendered) -> None:
+    assert set(policy.PLAINTEXT_SERVERS) == {"Deployment/facexplain-torchserve"}
+    objs = copy.deepcopy(rendered["gpu-torchserve"])
+    assert policy.tls_violations(objs) == [] and policy.auth_violations(objs) == []
+    # The same pod under another name is a model server like any other: no TLS Secret, no tokens Secret.
+    twin = copy.deepcopy(by_name(objs, "Deployment", "facexplain-torchserve"))
+    twin["metadata"]["name"] = "facexplain-torchserve-2"
+    objs.append(twin)
+    where = "Deployment/facexplain-torchserve-2 container torchserve: "
+    assert where + "FACEXPLAIN_TLS_CERT_FILE /etc/facexplain/tls/tls.crt is on no mounted Secret volume" in (
+        policy.tls_violations(objs)
+    )
+    assert where + "FACEXPLAIN_AUTH_TOKENS_FILE /etc/facexplain/auth/tokens.json is on no mounted Secret volume" in (
+        policy.auth_violations(objs)
+    )
+    exempt = "Deployment/facexplain-torchserve container"  # the original stays exempt
+    assert not [p for p in policy.tls_violations(objs) + policy.auth_violations(objs) if p.startswith(exempt)]
+
+
+def _torchserve_rule(rule: Obj) -> Callable[[list[Obj]], object]:
+    return lambda objs: by_name(objs, "NetworkPolicy", "facexplain-torchserve")["spec"]["ingress"].append(rule)
+
+
+def _unselected(objs: list[Obj]) -> None:
+    by_name(objs, "Deployment", "facexplain-torchserve")["spec"]["template"]["metadata"]["labels"] = {"x": "y"}
+
+
+_CLIENTS = {"podSelector": {"matchLabels": {"facexplain.io/client": "true"}}}
+FENCE_BREAKS: dict[str, tuple[Callable[[list[Obj]], object], str]] = {
+    "no policy selects it": (_unselected, "serves plaintext and no NetworkPolicy selects it"),
+    "any source": (_torchserve_rule({"ports": [{"port": "http"}]}), "an ingress rule admits any source"),
+    "every port": (_torchserve_rule({"from": [_CLIENTS]}), "an ingress rule opens every port"),
+    "ipBlock": (
+        _torchserve_rule({"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": "http"}]}),
+        "admits an ipBlock",
+    ),
+    "unlabelled pods": (
+        _torchserve_rule({"from": [{"podSelector": {}}], "ports": [{"port": "grpc"}]}),
+        'admits pods not labelled facexplain.io/client: "true"',
+    ),
+    "monitoring on inference": (
+        _torchserve_rule(
+            {
+                "from": [{"namespaceSelector": {"matchLabels": {"facexplain.io/monitoring": "true"}}}],
+                "ports": [{"port": "http"}],
+            }
+        ),
+        'admits pods not labelled facexplain.io/client: "true"',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FENCE_BREAKS))
+def test_each_fence_break_fails_the_policy(rendered: Rendered, case: str) -> None:
+    objs = copy.deepcopy(rendered["gpu-torchserve"])
+    assert policy.fence_violations(objs) == []
+    breaking, expected = FENCE_BREAKS[case]
+    breaking(objs)
+    problems = policy.policy_violations(objs, gpu=True, version=policy.project_version(), tls=True, auth=True)
+    assert any("facexplain-torchserve" in p and expected in p for p in problems), problems
+
+
+def test_the_torchserve_component_needs_a_gpu_on_gpu_overlays(rendered: Rendered) -> None:
+    objs = copy.deepcopy(rendered["gpu-torchserve"])
+    spec = by_name(objs, "Deployment", "facexplain-torchserve")["spec"]["template"]["spec"]
+    for part in ("requests", "limits"):
+        spec["containers"][0]["resources"][part].pop("nvidia.com/gpu")
+    assert "Deployment/facexplain-torchserve container torchserve: no nvidia.com/gpu in limits" in (
+        policy.gpu_violations(objs)
+    )

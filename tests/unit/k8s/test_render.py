@@ -184,3 +184,71 @@ def test_pytorchjob_runs_the_pipeline_under_torchrun(rendered: Rendered) -> None
     claim = next(v for v in specs["Master"]["template"]["spec"]["volumes"] if v["name"] == "training")
     pvc = by_name(rendered["training-pytorchjob"], "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every node's rank reads the checkpoint on resume"
+
+
+# -- k8s/components/torchserve (tests/data/k8s/gpu-torchserve: the gpu overlay + the component + a GPU) ------
+
+
+def _torchserve_objects(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objs if o["metadata"]["name"] == "facexplain-torchserve"]
+
+
+def test_the_torchserve_component_adds_its_objects_and_changes_nothing_else(rendered: Rendered) -> None:
+    composed, gpu = rendered["gpu-torchserve"], rendered["gpu"]
+    added = _torchserve_objects(composed)
+    assert sorted(o["kind"] for o in added) == ["ConfigMap", "Deployment", "NetworkPolicy", "Service"]
+    assert {o["metadata"]["namespace"] for o in added} == {"facexplain"}
+    assert [o for o in composed if o not in added] == gpu  # the overlay's objects, untouched
+
+
+def test_torchserve_exports_the_champion_from_the_configured_registry(rendered: Rendered) -> None:
+    from services.torchserve import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS
+
+    objs = rendered["gpu-torchserve"]
+    version = policy.project_version()
+    spec = by_name(objs, "Deployment", "facexplain-torchserve")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    (ts,) = spec["containers"]
+    # The export runs the CLI of the torchserve image (the service image + torch-model-archiver).
+    assert init["image"] == ts["image"] == f"facexplain/torchserve:{version}-cuda"
+    assert init["command"] == ["facexplain"]
+    assert init["args"][:5] == ["export", "torchserve", "facexplain-fr-dlib128@champion", "--out", "/models"]
+    # The registry URI the servers use, from the base's ConfigMap (never a second copy of it).
+    assert {"configMapRef": {"name": "facexplain-config"}} in init["envFrom"]
+    assert not any("--uri" in a for a in init["args"])
+    assert by_name(objs, "ConfigMap", "facexplain-config")["data"]["FACEXPLAIN_REGISTRY_URI"].startswith("http")
+    # The batching the archive carries is the one the benchmark measured TorchServe with.
+    ts_config = by_name(objs, "ConfigMap", "facexplain-torchserve")["data"]
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in init["env"]}
+    batch, delay = (ts_config[env[k]["key"]] for k in ("EXPORT_BATCH_SIZE", "EXPORT_MAX_BATCH_DELAY_MS"))
+    assert (int(batch), int(delay)) == (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS)
+    assert "--batch-size=$(EXPORT_BATCH_SIZE)" in init["args"]
+    assert "--max-batch-delay-ms=$(EXPORT_MAX_BATCH_DELAY_MS)" in init["args"]
+    # The archive goes from the initContainer to TorchServe through one emptyDir, read-only for the server.
+    (store,) = [v for v in spec["volumes"] if v["name"] == "model-store"]
+    assert "emptyDir" in store
+    assert {"name": "model-store", "mountPath": "/models"} in init["volumeMounts"]
+    assert {"name": "model-store", "mountPath": "/models", "readOnly": True} in ts["volumeMounts"]
+    assert "--model-store=/models" in ts["args"] and "--foreground" in ts["args"]
+    labels = by_name(objs, "Deployment", "facexplain-torchserve")["spec"]["template"]["metadata"]["labels"]
+    assert labels["facexplain.io/registry-client"] == "true"  # NetworkPolicy facexplain-mlflow lets it in
+
+
+def test_torchserve_serves_inference_only_and_probes_ping(rendered: Rendered) -> None:
+    objs = rendered["gpu-torchserve"]
+    props = dict(
+        line.split("=", 1)
+        for line in by_name(objs, "ConfigMap", "facexplain-torchserve")["data"]["config.properties"].splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["management_address"].startswith("http://127.0.0.1:")  # loopback in the pod only
+    assert props["grpc_management_address"] == "127.0.0.1"
+    assert props["model_store"] == "/models" and props["enable_model_api"] == "false"
+    (ts,) = by_name(objs, "Deployment", "facexplain-torchserve")["spec"]["template"]["spec"]["containers"]
+    assert [c["containerPort"] for c in ts["ports"]] == [8080, 7070, 8082]
+    for probe in PROBES:
+        assert ts[probe]["httpGet"] == {"path": "/ping", "port": "http"}
+    svc = by_name(objs, "Service", "facexplain-torchserve")["spec"]["ports"]
+    assert {p["port"] for p in svc} == {8080, 7070, 8082}  # no management port (8081, 7071)
+    assert ts["resources"]["limits"]["nvidia.com/gpu"] == 1
