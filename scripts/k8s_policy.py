@@ -35,7 +35,10 @@ KUBERNETES_VERSION = "1.31.0"
 OVERLAYS = {"staging": REPO / "k8s/overlays/staging", "gpu": REPO / "k8s/overlays/gpu"}
 TRAINING = {"training-jobs": REPO / "k8s/training/jobs", "training-pytorchjob": REPO / "k8s/training/pytorchjob"}
 # Opt-in components (k8s/components) that add workloads, composed onto an overlay as an operator would.
-COMPOSED = {"gpu-torchserve": REPO / "tests/data/k8s/gpu-torchserve"}
+COMPOSED = {
+    "gpu-torchserve": REPO / "tests/data/k8s/gpu-torchserve",
+    "staging-torchserve": REPO / "tests/data/k8s/staging-torchserve",
+}
 GPU_KUSTOMIZATIONS = {"gpu", "training-pytorchjob", "gpu-torchserve"}
 # Production-shaped overlays: model servers serve TLS (staging alone is plaintext, for the e2e suite).
 TLS_KUSTOMIZATIONS = {"gpu", "gpu-torchserve"}

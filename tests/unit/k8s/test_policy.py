@@ -19,7 +19,7 @@ def known_env() -> set[str]:
     return set(policy.known_env_names())
 
 
-@pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob", "gpu-torchserve"])
+@pytest.mark.parametrize("label", sorted({**policy.OVERLAYS, **policy.TRAINING, **policy.COMPOSED}))
 def test_every_kustomization_passes_the_policy(rendered: Rendered, label: str, known_env: set[str]) -> None:
     objs = rendered[label]
     gpu, tls = label in policy.GPU_KUSTOMIZATIONS, label in policy.TLS_KUSTOMIZATIONS
@@ -233,7 +233,10 @@ def test_an_unknown_setting_name_fails(rendered: Rendered, known_env: set[str]) 
 
 
 def test_every_overlay_but_staging_is_held_to_tls() -> None:
-    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {"staging"} == policy.TLS_KUSTOMIZATIONS
+    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {
+        "staging",
+        "staging-torchserve",
+    } == policy.TLS_KUSTOMIZATIONS
 
 
 def test_the_staging_overlay_would_not_pass_as_a_tls_one(rendered: Rendered) -> None:
@@ -379,7 +382,10 @@ def test_a_projected_secret_counts_and_a_policy_elsewhere_does_not(rendered: Ren
 
 
 def test_every_overlay_but_staging_is_held_to_auth() -> None:
-    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {"staging"} == policy.AUTH_KUSTOMIZATIONS
+    assert (set(policy.OVERLAYS) | set(policy.COMPOSED)) - {
+        "staging",
+        "staging-torchserve",
+    } == policy.AUTH_KUSTOMIZATIONS
 
 
 def test_the_staging_overlay_would_not_pass_as_an_authenticated_one(rendered: Rendered) -> None:

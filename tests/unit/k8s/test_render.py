@@ -193,12 +193,16 @@ def _torchserve_objects(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in objs if o["metadata"]["name"] == "facexplain-torchserve"]
 
 
-def test_the_torchserve_component_adds_its_objects_and_changes_nothing_else(rendered: Rendered) -> None:
-    composed, gpu = rendered["gpu-torchserve"], rendered["gpu"]
+@pytest.mark.parametrize("overlay", ["staging", "gpu"])
+def test_the_torchserve_component_adds_its_objects_and_changes_nothing_else(rendered: Rendered, overlay: str) -> None:
+    composed, alone = rendered[f"{overlay}-torchserve"], rendered[overlay]
     added = _torchserve_objects(composed)
     assert sorted(o["kind"] for o in added) == ["ConfigMap", "Deployment", "NetworkPolicy", "Service"]
-    assert {o["metadata"]["namespace"] for o in added} == {"facexplain"}
-    assert [o for o in composed if o not in added] == gpu  # the overlay's objects, untouched
+    namespace = {"staging": "facexplain-staging", "gpu": "facexplain"}[overlay]
+    assert {o["metadata"]["namespace"] for o in added} == {namespace}
+    assert [o for o in composed if o not in added] == alone  # the overlay's objects, untouched
+    (ts,) = by_name(composed, "Deployment", "facexplain-torchserve")["spec"]["template"]["spec"]["containers"]
+    assert ts["image"] == f"facexplain/torchserve:{policy.project_version()}" + ("-cuda" if overlay == "gpu" else "")
 
 
 def test_torchserve_exports_the_champion_from_the_configured_registry(rendered: Rendered) -> None:

@@ -23,7 +23,7 @@ def test_bundled_schemas_include_1_31_strict() -> None:
     assert (root / "v1.31.0-local-strict" / "deployment-apps-v1.json").is_file()
 
 
-@pytest.mark.parametrize("label", ["staging", "gpu", "training-jobs", "training-pytorchjob", "gpu-torchserve"])
+@pytest.mark.parametrize("label", sorted({**policy.OVERLAYS, **policy.TRAINING, **policy.COMPOSED}))
 def test_rendered_objects_validate_strictly(rendered: Rendered, label: str) -> None:
     assert policy.schema_violations(rendered[label], "1.31.0") == []
 
