@@ -38,6 +38,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,9 @@ def load_torchscript(path: Path, device: str | torch.device = "cpu") -> torch.ji
     """An auditor's TorchScript program, on ``device``, frozen and in eval mode, its operators checked."""
     scan_torchscript_archive(path)
     try:
-        program = torch.jit.load(str(path), map_location=torch.device(device))
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript in favour of torch.export
+            warnings.simplefilter("ignore", DeprecationWarning)
+            program = torch.jit.load(str(path), map_location=torch.device(device))
     except Exception as exc:
         raise ProgramError(f"{path.name}: torch.jit.load failed ({type(exc).__name__}: {str(exc)[:300]})") from None
     if not hasattr(program, "forward"):
