@@ -441,7 +441,10 @@ def add_registry_parser(sub: Any) -> None:
     common(e)
     e.add_argument("--name", required=True, help="registered model name, facexplain-fr-<architecture>")
     what = e.add_mutually_exclusive_group(required=True)
-    what.add_argument("--program", help="TorchScript file (torch.jit.save): (N,3,S,S) float -> (N,dim) templates")
+    what.add_argument(
+        "--program",
+        help="TorchScript (.ts, torch.jit.save) or torch.export (.pt2, dynamic batch) program: (N,3,S,S) -> (N,dim)",
+    )
     what.add_argument("--blackbox", action="store_true", help="no weights: templates from the auditor's endpoint")
     e.add_argument("--endpoint", default="", help="--blackbox: endpoint to register with (default env; not stored)")
     e.add_argument("--dim", type=int, required=True, help="template dimension")

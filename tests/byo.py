@@ -32,6 +32,18 @@ def trace_dlib_resnet(path: Path) -> Path:
     return path
 
 
+def export_dlib_resnet(path: Path, *, dynamic_batch: bool = True) -> Path:
+    """The same network as :func:`trace_dlib_resnet`, saved with ``torch.export.save`` (``.pt2``); with
+    ``dynamic_batch=False`` it only takes batches of two, as a careless export would."""
+    from facexplain.models.recognition import FaceRecognitionNet
+
+    net = FaceRecognitionNet.from_faceapi()
+    example = torch.rand(2, 3, 150, 150, generator=torch.Generator().manual_seed(0)) * 255.0
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=shapes), str(path))
+    return path
+
+
 @contextmanager
 def blackbox_server(program: Path, *args: str, timeout: float = 60.0) -> Iterator[str]:
     """The reference endpoint serving ``program`` on a free loopback port; yields its URL, stops it after."""

@@ -57,9 +57,11 @@ HSE_FACERES_ARCH = "hse_faceres_1024"  # facexplain.models.hse_faceres.ARCHITECT
 SECOND_FR_MODEL = "facexplain-fr-hsefaceres1024"
 # An auditor's own FR model (facexplain.models.program; constants repeated: that module needs torch).
 TORCHSCRIPT_FORMAT = "torchscript"
+EXPORT_FORMAT = "torch_export"
 BLACKBOX_FORMAT = "blackbox"
 BLACKBOX_PROTOCOL = "facexplain-blackbox-1"
-PROGRAM_FILE = "recognition.ts"
+PROGRAM_FILES = {TORCHSCRIPT_FORMAT: "recognition.ts", EXPORT_FORMAT: "recognition.pt2"}
+_AUDITOR_FORMATS = (TORCHSCRIPT_FORMAT, EXPORT_FORMAT, BLACKBOX_FORMAT)
 
 
 # Where the second model's calibration lives (centre + verification threshold), written by
@@ -119,12 +121,14 @@ def auditor_pipeline(
     endpoint: str | None = None,
     device: str = "cpu",
 ) -> Any:
-    """An auditor's FR model on the default front end (face-api detector, dlib's 68 landmarks): a TorchScript
-    ``program`` (white box), or, without one, the black-box template endpoint (``endpoint``, else
-    ``FACEXPLAIN_BLACKBOX_ENDPOINT``). ``contract`` is its :class:`~facexplain.models.program.InputContract`;
-    chips are cut by dlib's chip geometry (``padding``) or, for ``alignment="arcface_5pt"``, by a five-point
-    similarity onto InsightFace's 112x112 reference points scaled to the chip (and by ``crop_scale``
-    about its centre). The model is probed (two chips must give two finite ``dim``-d templates)."""
+    """An auditor's FR model on the default front end (face-api detector, dlib's 68 landmarks).
+
+    The model is a TorchScript (``.ts``/``.pt``) or ``torch.export`` (``.pt2``) ``program`` (white box),
+    or, without one, the black-box template endpoint (``endpoint``, else ``FACEXPLAIN_BLACKBOX_ENDPOINT``).
+    ``contract`` is its :class:`~facexplain.models.program.InputContract`. Chips are cut by dlib's chip
+    geometry (``padding``) or, for ``alignment="arcface_5pt"``, by a five-point similarity onto
+    InsightFace's 112x112 reference points scaled to the chip (and by ``crop_scale`` about its centre).
+    The model is probed: two chips must give two finite ``dim``-d templates."""
     from facexplain.faces.align import ALIGNMENTS, ARCFACE_5PT_ALIGNMENT
     from facexplain.models.hse_faceres import reference_points
     from facexplain.models.program import (
@@ -245,6 +249,7 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
     recognition = {
         "tfjs_graph": " + HSE FaceRes 1024-d descriptor (tfjs graph)",
         "torchscript": f" + the auditor's {info.dim}-d FR model (TorchScript program)",
+        "torch_export": f" + the auditor's {info.dim}-d FR model (torch.export program)",
         "blackbox": f" + the auditor's {info.dim}-d FR model (black-box template endpoint)",
     }.get(rec_format, " + dlib 128-d ResNet descriptor")
     input_block: dict[str, Any] = (
@@ -299,6 +304,8 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
                 if spec["format"] == "tfjs_graph"
                 else "the auditor's TorchScript program"
                 if spec["format"] == "torchscript"
+                else "the auditor's torch.export program"
+                if spec["format"] == "torch_export"
                 else f"the auditor's template endpoint ({spec.get('protocol', '')})"
                 if spec["format"] == "blackbox"
                 else f"torch state dict ({spec['arch']})"
@@ -332,7 +339,7 @@ def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dic
             components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
         elif arch == HSE_FACERES_ARCH:
             components[comp] = _save_tfjs_graph_recognition(module, dest)
-        elif arch in (TORCHSCRIPT_FORMAT, BLACKBOX_FORMAT):
+        elif arch in _AUDITOR_FORMATS:
             components[comp] = _save_program_recognition(module, dest)
         else:
             state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -368,15 +375,17 @@ def _save_program_recognition(module: Any, dest: Path) -> dict[str, Any]:
     if module.arch == BLACKBOX_FORMAT:
         return {"arch": BLACKBOX_FORMAT, "format": BLACKBOX_FORMAT, "protocol": BLACKBOX_PROTOCOL}
     if module.source is None or not Path(module.source).is_file():
-        raise BundleError("a TorchScript recognition net needs its program file (source) to be saved")
-    shutil.copy2(module.source, dest / PROGRAM_FILE)
-    return {"arch": TORCHSCRIPT_FORMAT, "format": TORCHSCRIPT_FORMAT, "file": f"weights/{PROGRAM_FILE}"}
+        raise BundleError("an auditor's program needs its file (source) to be saved")
+    fmt = str(module.arch)
+    shutil.copy2(module.source, dest / PROGRAM_FILES[fmt])
+    return {"arch": fmt, "format": fmt, "file": f"weights/{PROGRAM_FILES[fmt]}"}
 
 
 def _load_program_recognition(
     wdir: Path, spec: dict[str, Any], inp: dict[str, Any], dim: int, name: str, endpoint: str | None, device: Any
 ) -> torch.nn.Module:
-    """The auditor's model of a ``torchscript`` or ``blackbox`` component, probed: (2, dim) finite templates."""
+    """The auditor's model of a ``torchscript``, ``torch_export`` or ``blackbox`` component, probed: (2, dim)
+    finite templates."""
     from facexplain.models.program import (
         BlackBoxEndpoint,
         BlackBoxRecognition,
@@ -402,8 +411,8 @@ def _load_program_recognition(
                 )
             return BlackBoxRecognition.connect(BlackBoxEndpoint.from_env(endpoint), contract, dim, name)
         file = str(spec.get("file", ""))
-        if file != f"weights/{PROGRAM_FILE}":
-            raise ProgramError(f"the program must be weights/{PROGRAM_FILE}, got {file!r}")
+        if file != f"weights/{PROGRAM_FILES[fmt]}":
+            raise ProgramError(f"the program must be weights/{PROGRAM_FILES[fmt]}, got {file!r}")
         return ProgramRecognition.from_file(wdir.parent / file, contract, dim, device)  # type: ignore[no-any-return]
     except ProgramError as exc:
         raise BundleError(f"recognition component ({fmt}): {exc}") from None
@@ -486,7 +495,7 @@ def _load_networks(
     for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
         spec = comps[comp]
         net: torch.nn.Module
-        if spec["format"] in (TORCHSCRIPT_FORMAT, BLACKBOX_FORMAT):
+        if spec["format"] in _AUDITOR_FORMATS:
             if comp != "recognition":
                 raise BundleError(f"component {comp!r}: an auditor's model serves as the recognition net only")
             net = _load_program_recognition(wdir, spec, inp, dim, name, endpoint, device)
@@ -553,9 +562,9 @@ def load_bundle(
         endpoint=blackbox_endpoint,
         device=device,
     )
-    if comps["recognition"].get("format") in (TORCHSCRIPT_FORMAT, BLACKBOX_FORMAT) and int(
-        meta["alignment"]["chip_size"]
-    ) != int(inp["chip_size"]):
+    if comps["recognition"].get("format") in _AUDITOR_FORMATS and int(meta["alignment"]["chip_size"]) != int(
+        inp["chip_size"]
+    ):
         raise BundleError(
             f"alignment cuts {meta['alignment']['chip_size']}-pixel chips, the input contract says {inp['chip_size']}"
         )

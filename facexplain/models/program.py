@@ -40,6 +40,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 TORCHSCRIPT_ARCH = "torchscript"
+EXPORT_ARCH = "torch_export"
 BLACKBOX_ARCH = "blackbox"
 PROTOCOL = "facexplain-blackbox-1"
 ENDPOINT_ENV = "FACEXPLAIN_BLACKBOX_ENDPOINT"
@@ -264,6 +266,98 @@ def load_torchscript(path: Path, device: str | torch.device = "cpu") -> torch.ji
     return program
 
 
+# -- torch.export (white box) ---------------------------------------------------------------------------------
+
+# The members a torch.export.save archive may hold here: JSON, raw tensor bytes, and the sample inputs (a
+# torch.save of tensors, scanned like a state dict). Custom or opaque objects (unpickled by
+# torch.export.load) and AOTInductor payloads are refused.
+_EXPORT_MEMBER = re.compile(
+    r"^[^/]+/(?:archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[\w.-]+\.json|data/(?:weights|constants)/model_(?:weights|constants)_config\.json"
+    r"|data/weights/weight_\d+|data/constants/tensor_\d+|data/sample_inputs/[\w.-]+\.pt)$"
+)
+_EXPORT_TARGET = re.compile(
+    r"^torch\.ops\.(?:aten|prim)\.\w+\.\w+$|^_operator\.(?:getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|lt|le|gt|ge)$"
+)
+# symbolic-shape expressions (sympy srepr, parsed by sympy's eval): numbers, symbols s0/u1 (bare or quoted),
+# capitalised sympy names, assumption keywords, operators; no dunders, attributes or other lower-case names
+_SYM_EXPR = re.compile(
+    r"^(?:\s|\d+(?:\.\d+)?|'?[su]\d+'?|[A-Z][A-Za-z]*|[-+*/%(),<>=!]|oo"
+    r"|(?:positive|negative|nonnegative|nonpositive|integer|real|finite|zero|nonzero|even|odd|rational)(?==))*$"
+)
+
+
+def _walk_json(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k), v
+            yield from _walk_json(v, str(k))
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_json(v, key)
+
+
+def scan_export_archive(path: Path) -> None:
+    """Refuse a ``torch.export.save`` archive that would run code or unpickle objects when loaded: members
+    outside :data:`_EXPORT_MEMBER`, pickled weights or constants, guard code (``exec``-ed by torch), operator
+    targets outside aten/prim, symbolic expressions that are not arithmetic, sample inputs beyond tensors."""
+    from facexplain.artifacts.bundle import BundleError, check_tensor_pickle
+
+    what = path.name
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            bad = [n for n in names if not _EXPORT_MEMBER.match(n)]
+            if bad:
+                raise ProgramError(
+                    f"refused: {what} holds {bad[:3]}; only tensors, JSON and sample inputs may be in it"
+                )
+            if not any(n.endswith("/models/model.json") for n in names):
+                raise ProgramError(f"{what} is not a torch.export archive (torch.export.save): no models/model.json")
+            for n in names:
+                if n.endswith("_config.json"):
+                    for k, v in _walk_json(json.loads(zf.read(n))):
+                        if k == "use_pickle" and v:
+                            raise ProgramError(f"refused: {what} stores pickled tensors ({n.split('/')[-1]})")
+                elif "/models/" in n:
+                    for k, v in _walk_json(json.loads(zf.read(n))):
+                        if k == "guards_code" and v:
+                            raise ProgramError(f"refused: {what} carries guard code (Python torch would exec)")
+                        if k == "target" and isinstance(v, str) and not _EXPORT_TARGET.match(v):
+                            raise ProgramError(
+                                f"refused: {what} calls {v!r}; a recognition program may use aten/prim operators only"
+                            )
+                        if k == "expr_str" and isinstance(v, str) and not _SYM_EXPR.match(v):
+                            raise ProgramError(f"refused: {what} has a symbolic expression that is not arithmetic")
+                    ranges = json.loads(zf.read(n)).get("range_constraints") or {}
+                    if any(not _SYM_EXPR.match(str(k)) for k in ranges):
+                        raise ProgramError(f"refused: {what} has a range constraint that is not arithmetic")
+                elif n.endswith(".pt"):
+                    try:
+                        check_tensor_pickle(zf.read(n), f"{what}: {n.split('/')[-1]}")
+                    except BundleError as exc:
+                        raise ProgramError(str(exc)) from None
+    except zipfile.BadZipFile:
+        raise ProgramError(f"{what} is not a torch.export archive (not a zip file)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProgramError(f"{what}: a JSON member of the archive does not parse") from None
+
+
+def load_export(path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """An auditor's ``torch.export`` program (``.pt2``) as a module on ``device``, its archive checked first."""
+    scan_export_archive(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.export.load(str(path)).module()
+        module = module.to(torch.device(device))
+    except Exception as exc:
+        raise ProgramError(f"{path.name}: torch.export.load failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module  # type: ignore[no-any-return]
+
+
 class ProgramRecognition(nn.Module):
     """An auditor's program as the recognition net: chips RGB in [0, 255] -> contract -> program -> templates.
 
@@ -288,20 +382,29 @@ class ProgramRecognition(nn.Module):
 
     @classmethod
     def from_file(cls, path: Path, contract: InputContract, dim: int, device: str | torch.device = "cpu") -> Any:
-        """Load and probe: two chips in, an (2, ``dim``) finite float tensor out, or :class:`ProgramError`."""
-        net = cls(load_torchscript(path, device), contract, source=path)
-        with torch.no_grad():
-            try:
-                out = net(probe_chips(contract.chip_size, device))
-            except ProgramError:
-                raise
-            except Exception as exc:
-                raise ProgramError(
-                    f"{path.name} fails on a (2, 3, {contract.chip_size}, {contract.chip_size}) chip batch "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})"
-                ) from None
-        check_output(out, 2, dim, path.name)
+        """Load and probe: two chips, then one, must give (2, ``dim``) and (1, ``dim``) finite float templates
+        (a program exported for one batch size fails here), or :class:`ProgramError`."""
+        fmt = EXPORT_ARCH if path.suffix == ".pt2" else TORCHSCRIPT_ARCH
+        program = load_export(path, device) if fmt == EXPORT_ARCH else load_torchscript(path, device)
+        net = cls(program, contract, source=path, fmt=fmt)
+        chips = probe_chips(contract.chip_size, device)
+        for n in (2, 1):
+            with torch.no_grad():
+                try:
+                    out = net(chips[:n])
+                except Exception as exc:
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    raise ProgramError(
+                        f"{path.name} fails on a ({n}, 3, {contract.chip_size}, {contract.chip_size}) chip batch "
+                        f"({type(exc).__name__}: {first}); it must take any batch size"
+                    ) from None
+            check_output(out, n, dim, path.name)
         return net.eval()
+
+    def train(self, mode: bool = True) -> ProgramRecognition:
+        """The program stays as loaded (in eval mode; an exported program cannot switch modes at all)."""
+        self.training = mode
+        return self
 
     def input_block(self) -> dict[str, Any]:
         return self.contract.to_dict()

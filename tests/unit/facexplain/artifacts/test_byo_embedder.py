@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,6 +262,73 @@ def test_five_point_alignment_contract(work: Path, program: Path) -> None:
     loaded = load_bundle(out)
     assert loaded.info.alignment == "arcface_5pt" and loaded.info.chip_size == 112
     validate_embedder(loaded, out)
+
+
+# -- torch.export (white box) ------------------------------------------------------------------------------
+
+
+def _rewrite_model_json(src: Path, dst: Path, edit: object, extra: dict[str, bytes] | None = None) -> Path:
+    """A copy of .pt2 archive ``src`` whose models/model.json went through ``edit(model)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("/models/model.json"):
+                model = json.loads(data)
+                edit(model)  # type: ignore[operator]
+                data = json.dumps(model).encode()
+            zout.writestr(name, data)
+        for name, data in (extra or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def test_torch_export_bundle_gives_the_default_pipelines_templates(
+    work: Path, default_pipeline, images: list[torch.Tensor]
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.byo import export_dlib_resnet
+
+    program = export_dlib_resnet(work / "dlib.pt2")
+    pipe = auditor_pipeline(name=NAME, dim=128, contract=DLIB_CHIPS, rule=DLIB_L2_RULE, program=program)
+    out = work / "export-bundle"
+    meta = save_embedder_bundle(out, pipe, name=NAME)
+    assert meta["components"]["recognition"] == {
+        "arch": "torch_export",
+        "format": "torch_export",
+        "file": "weights/recognition.pt2",
+    }
+    loaded = load_bundle(out)
+    validate_embedder(loaded, out)
+    assert is_differentiable(loaded.recognition_net)
+    ours, theirs = loaded.analyze(images[:3]), default_pipeline.analyze(images[:3])
+    worst = max(float((a.template - b.template).abs().max()) for a, b in zip(ours, theirs, strict=True) if a and b)
+    assert worst <= 1e-5, worst
+    chips = torch.stack([r.chip for r in ours if r is not None]).requires_grad_(True)
+    loaded.embed_chips(chips).sum().backward()
+    assert chips.grad is not None and float(chips.grad.abs().sum()) > 0
+
+    def guard_code(model: dict) -> None:  # torch exec()s guard code when the module is built
+        model["guards_code"] = ["__import__('os').system('true')"]
+
+    with pytest.raises(BundleError, match="carries guard code"):
+        build_from(_rewrite_model_json(program, work / "guards.pt2", guard_code))
+
+    def reads_files(model: dict) -> None:
+        node = model["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.from_file"
+
+    with pytest.raises(BundleError, match=r"calls 'torch\.from_file'"):
+        build_from(_rewrite_model_json(program, work / "from-file.pt2", reads_files))
+    with zipfile.ZipFile(program) as zf:
+        root = zf.namelist()[0].split("/")[0]
+    pickled = {f"{root}/data/constants/custom_obj_0": b"\x80\x04cposix\nsystem\n."}
+    with pytest.raises(BundleError, match="only tensors, JSON and sample inputs"):
+        build_from(_rewrite_model_json(program, work / "custom.pt2", lambda m: None, pickled))
+    with pytest.raises(BundleError, match=r"fails on a \(1, 3, 150, 150\) chip batch .* any batch size"):
+        build_from(export_dlib_resnet(work / "static.pt2", dynamic_batch=False))
+
+
+def build_from(path: Path) -> None:
+    auditor_pipeline(name=NAME, dim=128, contract=DLIB_CHIPS, rule=DLIB_L2_RULE, program=path)
 
 
 # -- black box ---------------------------------------------------------------------------------------------
