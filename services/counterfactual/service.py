@@ -11,9 +11,10 @@ therefore report ``flipped = false`` after rounding. The image is aligned with t
 landmarks in both cases; a client that re-detects the face may see slightly different scores.
 
 Models: the served FR model (``FACEXPLAIN_FR_MODEL_NAME`` at its alias) is the default surrogate
-(white box) and target. ``dlib`` (ModelRef name ``dlib``) is dlib's own 128-d descriptor, a black-box
-target without gradients (FAILED_PRECONDITION as a surrogate), scored on the same aligned chips,
-rounded to 8 bits, under dlib's rule (L2 < 0.6). Other names are NOT_FOUND.
+(white box) and target; an auditor's black-box model (``blackbox`` bundle) has no gradients, so it is a
+target only (FAILED_PRECONDITION as the surrogate). ``dlib`` (ModelRef name ``dlib``) is dlib's own
+128-d descriptor, a black-box target without gradients (FAILED_PRECONDITION as a surrogate), scored on
+the same aligned chips, rounded to 8 bits, under dlib's rule (L2 < 0.6). Other names are NOT_FOUND.
 
 Budgets: every AttackSpec is resolved (defaults filled, reported back as ``spec_used``) and checked
 against the server limits (:class:`facexplain.attacks.BudgetLimits` from the settings) before any image
@@ -76,6 +77,7 @@ from facexplain.counterfactual.defence import DefencePair, RocCurve, defence_pai
 from facexplain.counterfactual.explain import heatmap_png
 from facexplain.metrics.verification import DLIB_L2_RULE
 from facexplain.models.dlib_descriptor import DlibDescriptor, dlib_available
+from facexplain.models.program import is_differentiable
 from facexplain.pipeline import FacePipeline, FaceSelection
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 from services.counterfactual.settings import CounterfactualSettings
@@ -407,10 +409,21 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             and ref.alias in ("", fr.alias, self.settings.fr_model_alias)
         ):
             pipe = fr.model
+            white_box = is_differentiable(pipe.recognition_net)
+            if which == "surrogate" and not white_box:
+                raise FailedPrecondition(
+                    f"the served FR model {fr.name} v{fr.version} is a black-box model (templates from its owner's "
+                    "endpoint, no gradients) and cannot be the attack surrogate; register it as a TorchScript "
+                    "program for white-box attacks"
+                )
             return Role(
                 ref=fr.ref(),
-                model=ScoringModel(embed=lambda chips: pipe.embed_chips(chips * 255.0), rule=pipe.info.rule),
-                white_box=True,
+                model=ScoringModel(
+                    embed=lambda chips: pipe.embed_chips(chips * 255.0),
+                    rule=pipe.info.rule,
+                    quantise_input=not white_box,  # a black box receives 8-bit chips
+                ),
+                white_box=white_box,
             )
         if ref.name in DLIB_NAMES:
             if which == "surrogate":

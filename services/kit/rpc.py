@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from facexplain.models.program import EndpointError
+from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from services.kit.images import request_budget
 from services.kit.metrics import ServiceMetrics
 
@@ -46,6 +47,15 @@ def _finish(metrics: ServiceMetrics, method: str, code: grpc.StatusCode, start: 
     metrics.latency.labels(metrics.service, method).observe(elapsed)
 
 
+def _as_service_error(exc: BaseException) -> BaseException:
+    """Exceptions with a status of their own: a black-box FR model's endpoint failing is UNAVAILABLE (its
+    address and answer go to the server log, not to the caller)."""
+    if isinstance(exc, EndpointError):
+        log.warning("black-box FR endpoint failed: %s", exc)
+        return Unavailable("the FR model's black-box endpoint failed (see the server log); retry later")
+    return exc
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> grpc.StatusCode:
     if isinstance(exc, ServiceError):
         context.abort(exc.code, exc.message)
@@ -67,7 +77,8 @@ def unary(fn: F) -> F:
             check_deadline(context, "queueing")
             with request_budget(getattr(settings, "max_request_pixels", None)):  # this call's decoded pixels
                 response = fn(self, request, context)
-        except Exception as exc:
+        except Exception as raised:
+            exc = _as_service_error(raised)
             code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
             _finish(metrics, method, code, start)
             _abort(context, exc, method)
@@ -92,7 +103,8 @@ def streaming(fn: F) -> F:
         except GeneratorExit:  # gRPC closed the stream: the client cancelled or went away
             _finish(metrics, method, grpc.StatusCode.CANCELLED, start)
             raise
-        except Exception as exc:
+        except Exception as raised:
+            exc = _as_service_error(raised)
             code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
             _finish(metrics, method, code, start)
             _abort(context, exc, method)

@@ -37,6 +37,7 @@ from facexplain.losses.dfd import PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
 from facexplain.models.decoder import DeepFaceDecoder
+from facexplain.models.program import require_gradients
 from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
 from facexplain.pipeline import FacePipeline
@@ -139,6 +140,8 @@ def perceptual_network(cfg: TrainDecoderConfig, recognition_net: Any, fr_label: 
     if cfg.perceptual == "none":
         return None
     if cfg.perceptual == "white_box":
+        # a black box has no layers to read nor gradients to pass: say so rather than "not the dlib ResNet"
+        require_gradients(recognition_net, "perceptual white_box (--perceptual dlib_resnet or none do not)", fr_label)
         if not isinstance(recognition_net, FaceRecognitionNet):
             raise ValueError(
                 f"perceptual white_box needs the FR model's own {cfg.perceptual_layer} layer, and {fr_label} "
