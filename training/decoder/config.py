@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 
 if TYPE_CHECKING:  # imported lazily: the CLI builds its parser from this class without paying for torch
     from facexplain.losses.dfd import DFDLossWeights
     from facexplain.models.decoder import DecoderConfig
+
+# The networks of the perceptual terms (``training.decoder.run.perceptual_network`` builds them).
+Perceptual = Literal["white_box", "dlib_resnet", "hse_faceres", "none"]
+PERCEPTUAL_NETWORKS: tuple[str, ...] = get_args(Perceptual)
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,10 @@ class TrainDecoderConfig:
     perceptual_local: float = 1.0
     # white_box: a layer of the FR model being inverted (needs the dlib ResNet's layers); dlib_resnet: that
     # layer of the default model's net whatever model is inverted (one perceptual loss for decoders of
-    # different FR models, so their reconstructions compare); none: pixel and gradient terms only
-    perceptual: Literal["white_box", "dlib_resnet", "none"] = "white_box"
+    # different FR models, so their reconstructions compare); hse_faceres: the black-box setting, an inner
+    # map of the independent second model (HSE FaceRes, facexplain.models.hse_faceres.PERCEPTUAL_NODE);
+    # none: pixel and gradient terms only. perceptual_layer names the dlib ResNet's layer.
+    perceptual: Perceptual = "white_box"
     perceptual_layer: str = "conv64_3"
     # optimisation (paper: Adam, lr 1e-3, early stopping on validation)
     lr: float = 1e-3

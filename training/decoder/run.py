@@ -33,10 +33,13 @@ from facexplain.data.faceset import (
     records_from_spec,
 )
 from facexplain.data.splits import without_sealed
-from facexplain.losses.dfd import PerceptualFeatures
+from facexplain.losses.dfd import DEFAULT_WHITE_BOX_LAYER, PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
 from facexplain.models.decoder import DeepFaceDecoder
+from facexplain.models.hse_faceres import CHIP_SIZE as HSE_CHIP_SIZE
+from facexplain.models.hse_faceres import PERCEPTUAL_NODE as HSE_PERCEPTUAL_NODE
+from facexplain.models.hse_faceres import HseFaceRes, HseFaceResFeatures
 from facexplain.models.program import require_gradients
 from facexplain.models.recognition import FaceRecognitionNet
 from facexplain.paths import var_dir
@@ -57,7 +60,7 @@ from training.common import (
     setup_run,
     write_summary,
 )
-from training.decoder.config import TrainDecoderConfig
+from training.decoder.config import PERCEPTUAL_NETWORKS, TrainDecoderConfig
 from training.decoder.data import DecoderSplit, face_sides, split_faceset
 from training.decoder.trainer import FitResult, fit
 from training.distributed import Dist, distributed_params, init_distributed, node_first, rank_seed, shutdown
@@ -150,7 +153,21 @@ def perceptual_network(cfg: TrainDecoderConfig, recognition_net: Any, fr_label: 
         return PerceptualFeatures.white_box(recognition_net, cfg.perceptual_layer)
     if cfg.perceptual == "dlib_resnet":  # the npm package's weights, installed by make setup
         return PerceptualFeatures.white_box(FaceRecognitionNet.from_faceapi(), cfg.perceptual_layer)
-    raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: white_box, dlib_resnet or none")
+    if cfg.perceptual == "hse_faceres":  # DFD's black-box setting: a network the FR model shares nothing with
+        if isinstance(recognition_net, HseFaceRes):
+            raise ValueError(
+                f"perceptual hse_faceres is a black box only for another FR model, and {fr_label} is HSE FaceRes: "
+                "use --perceptual dlib_resnet (or none)"
+            )
+        if cfg.perceptual_layer != DEFAULT_WHITE_BOX_LAYER:
+            raise ValueError(
+                f"perceptual_layer {cfg.perceptual_layer!r} names a dlib ResNet layer; hse_faceres reads its own "
+                f"{HSE_PERCEPTUAL_NODE}"
+            )
+        return PerceptualFeatures.black_box(
+            HseFaceResFeatures.from_human_models(), input_size=HSE_CHIP_SIZE, input_range=255.0
+        )
+    raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: one of {', '.join(PERCEPTUAL_NETWORKS)}")
 
 
 @dataclass
@@ -215,6 +232,8 @@ def train_decoder(
     """
     if cfg.region_pairs < 0 or (cfg.region_pairs > 0 and not cfg.region_blends):
         raise ValueError(f"region_pairs {cfg.region_pairs} needs region_blends and a weight >= 0")
+    if cfg.perceptual not in PERCEPTUAL_NETWORKS:  # before any data is read
+        raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: one of {', '.join(PERCEPTUAL_NETWORKS)}")
     device = setup_run(cfg.device, cfg.threads, out_dir)
     dist = init_distributed(device)
     try:

@@ -79,3 +79,32 @@ def test_strict_held_out_identities_leave_out_those_that_judged_recipes(celeba_d
     assert chose == {i for i, s in side.items() if s in ("test", "val")}
     sealed = set(read_identity_list(SEALED_LIST))
     assert sorted(chose & sealed) == ["7307", "7339", "7393", "7412", "7465"]
+
+
+def test_fitting_sample_is_disjoint_from_every_evaluation_identity(celeba_dir: Path) -> None:
+    """Front-end constants are fitted on training-side, unsealed identities: none of the held-apart sample's
+    (the pair-AUC gate), of the recipe-evaluation sides or of the sealed set, and none excluded by name."""
+    from facexplain.data.faces import celeba_records
+    from facexplain.data.splits import fitting_sample, held_apart_sample
+
+    records = celeba_records(celeba_dir)
+    identities = [r.identity for r in records]
+    excluded = {identities[0], identities[1]}
+    paths, labels = fitting_sample(records, n_identities=60, per_identity=6, exclude=excluded)
+    _, held = held_apart_sample(records, n_identities=40, per_identity=6)
+    chosen = set(labels)
+    assert len(chosen) == 60 and len(paths) == len(labels) and labels == sorted(labels)
+    evaluation = set(held) | recipe_evaluation_identities(identities) | sealed_identities(identities)
+    assert not chosen & (evaluation | excluded)
+    by_id = {i: sorted(r.path for r in records if r.identity == i) for i in chosen}
+    assert all(ps == by_id[i][:6] for i, ps in _group(paths, labels).items())
+    # the rule is the same on every run, and a larger sample extends a smaller one
+    more, more_labels = fitting_sample(records, n_identities=70, per_identity=6, exclude=excluded)
+    assert more[: len(paths)] == paths and set(more_labels) > chosen
+
+
+def _group(paths: list[Path], labels: list[str]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for p, i in zip(paths, labels, strict=True):
+        out.setdefault(i, []).append(p)
+    return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from facexplain.faces.align import five_point_transforms, five_points
-from facexplain.models.hse_faceres import TEMPLATE_DIM, HseFaceRes, reference_points
+from facexplain.models.hse_faceres import OUTPUT_NODE, TEMPLATE_DIM, HseFaceRes, HseFaceResFeatures, reference_points
 from facexplain.models.tfjs_graph import GraphModelError, TfjsGraphNet
 from facexplain.paths import REPO_ROOT
 
@@ -55,6 +55,19 @@ def test_gradients_reach_the_pixels(net: HseFaceRes, fixture: dict[str, np.ndarr
     chips = torch.from_numpy(fixture["chips"][:1]).float().requires_grad_(True)
     net(chips).square().sum().backward()
     assert chips.grad is not None and float(chips.grad.abs().sum()) > 0
+
+
+def test_inner_feature_map_is_the_same_replay(net: HseFaceRes, fixture: dict[str, np.ndarray]) -> None:
+    """HseFaceResFeatures (the black-box perceptual network) is the template's replay stopped early: at the
+    pooled node it gives the template's features, at its default node a spatial map of the 28x28 stage."""
+    chips = torch.from_numpy(fixture["chips"][:1]).float()
+    with torch.no_grad():
+        pooled = HseFaceResFeatures.from_human_models(node=OUTPUT_NODE)(chips)
+        inner = HseFaceResFeatures.from_human_models()(chips)
+        torch.testing.assert_close(pooled, net.features(chips))
+    assert inner.shape == (1, 256, 28, 28) and bool((inner >= 0).all())  # after a ReLU
+    with pytest.raises(GraphModelError, match="not a node"):
+        HseFaceResFeatures.from_human_models(node="no/such/node")
 
 
 def test_unknown_ops_are_refused_by_name() -> None:

@@ -360,3 +360,61 @@ def test_distributed_resume_refuses_ranks_that_do_not_share_the_checkpoint(tmp_p
     dirs = [str(tmp_path / "shared"), str(tmp_path / "elsewhere")]
     with pytest.raises(Exception, match="must be on storage every node sees"):
         mp.spawn(_ddp_resume_worker, args=(2, port, dirs), nprocs=2, join=True)
+
+
+def test_hse_faceres_perceptual_trains_the_decoder(tmp_path: Path) -> None:
+    """The black-box perceptual network: an inner map of HSE FaceRes, frozen; its terms move the decoder."""
+    from facexplain.losses.dfd import dfd_loss
+    from facexplain.models.hse_faceres import HseFaceRes, HseFaceResFeatures
+    from facexplain.models.recognition import FaceRecognitionNet
+
+    perceptual = perceptual_network(TrainDecoderConfig(perceptual="hse_faceres"), FaceRecognitionNet(), "dlib v1")
+    assert perceptual is not None and isinstance(perceptual.extractor, HseFaceResFeatures)
+    assert not any(p.requires_grad for p in perceptual.parameters())
+
+    decoder = DeepFaceDecoder(DecoderConfig(template_dim=16, out_size=16, base_channels=8, max_channels=16))
+    split = _split("train", 2, 0)
+    only_perceptual = DFDLossWeights(pixel_global=0.0, pixel_local=0.0, gradient_global=0.0, gradient_local=0.0)
+    recon = decoder(split.templates)
+    features = perceptual(recon)
+    assert features.shape == (2, 256, 28, 28)  # the 28x28 stage at 224 px, whatever the decoder's size
+    loss, parts = dfd_loss(recon, split.targets, split.masks, perceptual, only_perceptual)
+    assert set(parts) == {"perceptual_global", "perceptual_local", "total"} and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in decoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    # and the trainer runs a step with it (one epoch of two faces)
+    result = fit(
+        DeepFaceDecoder(DecoderConfig(template_dim=16, out_size=16, base_channels=8, max_channels=16)),
+        {"train": split, "val": _split("val", 2, 1), "test": _split("test", 2, 2)},
+        perceptual=perceptual, weights=DFDLossWeights(), lr=1e-3, batch_size=2, epochs=1, patience=1, seed=0,
+        device=torch.device("cpu"), checkpoint_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    assert result.epochs_done == 1 and result.history[0].train["perceptual_local"] > 0
+    # black box means another model: not the perceptual network of a decoder of HSE FaceRes itself
+    with pytest.raises(ValueError, match="black box only for another FR model"):
+        perceptual_network(TrainDecoderConfig(perceptual="hse_faceres"), HseFaceRes.from_human_models(), "hse v1")
+    with pytest.raises(ValueError, match="names a dlib ResNet layer"):
+        perceptual_network(
+            TrainDecoderConfig(perceptual="hse_faceres", perceptual_layer="conv128_1"), FaceRecognitionNet(), "dlib v1"
+        )
+
+
+def test_unknown_perceptual_network_is_rejected(tmp_path: Path) -> None:
+    import argparse
+
+    from facexplain.models.recognition import FaceRecognitionNet
+    from training.decoder.cli import add_arguments
+    from training.decoder.run import train_decoder
+
+    cfg = TrainDecoderConfig().replace(perceptual="vgg16")
+    with pytest.raises(ValueError, match="unknown perceptual network 'vgg16': one of white_box, dlib_resnet, hse"):
+        perceptual_network(cfg, FaceRecognitionNet(), "dlib v1")
+    with pytest.raises(ValueError, match="unknown perceptual network 'vgg16'"):  # before any registry or data
+        train_decoder(cfg, registry_uri="http://127.0.0.1:9", out_dir=tmp_path)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--perceptual", "hse_faceres"]).perceptual == "hse_faceres"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--perceptual", "vgg16"])
