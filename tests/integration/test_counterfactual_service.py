@@ -43,6 +43,7 @@ ID1 = sorted((SAMPLE / "id7201").iterdir())
 ID2 = sorted((SAMPLE / "id7205").iterdir())
 ID3 = sorted((SAMPLE / "id7202").iterdir())
 ID4 = sorted((SAMPLE / "id7206").iterdir())
+ID5 = sorted((SAMPLE / "id7207").iterdir())
 PROBE, REF = ID1[0], ID1[1]  # a genuine pair the default model accepts (L2 about 0.37)
 Spec = counterfactual_pb2.AttackSpec
 OUT_SIZE = 64
@@ -50,7 +51,7 @@ SEED = 5
 
 
 def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return registry_service_env(uri, cache, FACEXPLAIN_MAX_DEFENCE_PAIRS="8", **extra)
+    return registry_service_env(uri, cache, FACEXPLAIN_MAX_DEFENCE_PAIRS="12", **extra)
 
 
 def _rejected(svc: RunningService, method: str, request: Any, timeout: float = 120) -> grpc.RpcError:
@@ -203,11 +204,49 @@ def test_minimal_epsilon_and_cw(client: CounterfactualClient) -> None:
     assert cw.flipped and cw.l2 > 0
 
 
-def test_transfer_to_dlib(client: CounterfactualClient) -> None:
-    resp = client.attack(_img(PROBE), _img(REF), Spec(seed=SEED, target_model=common_pb2.ModelRef(name="dlib")))
-    assert resp.target.name == "dlib" and resp.surrogate.name == DEFAULT_FR_MODEL
-    assert resp.same_before  # dlib accepts the clean pair too
-    print(f"dlib: {resp.score_before:.3f} -> {resp.score_after:.3f} (flipped {resp.flipped})")
+TRANSFER_PAIRS = [(ID1[0], ID1[1]), (ID2[0], ID2[1]), (ID3[0], ID3[1])]
+
+
+def test_transfer_to_dlib_is_crafted_on_the_surrogate_and_measured_on_the_target(client: CounterfactualClient) -> None:
+    """The transfer attack succeeds on the model it attacks at the stated epsilon, and the target's outcome is
+    its own measurement of the very image crafted on the surrogate, counted into a transfer rate.
+
+    dlib's descriptor is the network the default model ports (cosine 0.9997), so a high rate here shows
+    the port's fidelity, not transfer across architectures; a bound on an independent model waits for a
+    second FR model (issue 25, item 1).
+    """
+    eps = 8 / 255
+    dlib = common_pb2.ModelRef(name="dlib")
+    outcomes: list[tuple[bool, bool, bool]] = []  # (surrogate flipped, target eligible, target flipped)
+    for probe, ref in TRANSFER_PAIRS:
+        white = client.attack(_img(probe), _img(ref), Spec(seed=SEED))
+        resp = client.attack(_img(probe), _img(ref), Spec(seed=SEED, target_model=dlib))
+        assert resp.target.name == "dlib" and resp.surrogate.name == DEFAULT_FR_MODEL
+        # one crafted image: the target only judges what the surrogate's gradients made
+        assert resp.adversarial.encoded == white.adversarial.encoded
+        # the attack succeeds on the attacked model, within the stated budget
+        assert white.same_before and white.flipped and 0 < resp.linf <= eps + 1e-6
+        assert math.isclose(resp.spec_used.epsilon, eps, rel_tol=1e-6)
+        surrogate_flipped = resp.surrogate_score_after >= white.rule.threshold
+        assert surrogate_flipped and math.isclose(resp.surrogate_score_after, white.score_after, rel_tol=1e-5)
+        # the target's numbers are its own: dlib's rule, dlib's scores (close to the port's, not equal to them)
+        assert (resp.rule.metric, resp.rule.threshold) == ("l2", pytest.approx(0.6))
+        assert 0 < abs(resp.score_before - white.score_before) < 0.1
+        assert resp.same_before == (resp.score_before < resp.rule.threshold)
+        assert resp.same_after == (resp.score_after < resp.rule.threshold)
+        assert resp.flipped == (resp.same_before != resp.same_after)
+        outcomes.append((surrogate_flipped, resp.same_before, resp.flipped))
+        print(
+            f"dlib: {resp.score_before:.3f} -> {resp.score_after:.3f} (flipped {resp.flipped}); "
+            f"surrogate {white.score_before:.3f} -> {resp.surrogate_score_after:.3f}"
+        )
+    counted = [o for o in outcomes if o[0] and o[1]]
+    assert counted, "no pair both flipped on the surrogate and accepted by dlib when clean"
+    rate = sum(o[2] for o in counted) / len(counted)
+    print(f"transfer to dlib at eps 8/255: {rate:.2f} over {len(counted)} pairs")
+    assert 0 <= rate <= 1
+    # the port is the same network: what flips it flips dlib on (almost) every pair
+    assert rate >= 2 / 3
 
 
 def _table(resp: counterfactual_pb2.ExplainResponse) -> list[tuple[str, float, float, float]]:
@@ -289,6 +328,60 @@ def test_defence_report_streams_progress_then_the_result(client: CounterfactualC
     )
 
 
+DEFENCE_IDS = [ID1, ID2, ID3, ID4, ID5]
+# AUC margin; measured on the session's demo decoder (see test_decoding_raises_the_attacked_auc)
+DEFENCE_MARGIN = 0.1
+
+
+def _defence_pairs() -> list[counterfactual_pb2.ImagePair]:
+    """Five genuine pairs (two photos of one person) and five impostor pairs (third photos of two people)."""
+    pairs = [image_pair(i[0], i[1], True, f"g{k}") for k, i in enumerate(DEFENCE_IDS)]
+    for k, (a, b) in enumerate(zip(DEFENCE_IDS, DEFENCE_IDS[1:] + DEFENCE_IDS[:1], strict=True)):
+        pairs.append(image_pair(a[2], b[2], False, f"i{k}"))
+    return pairs
+
+
+def test_decoding_raises_the_attacked_auc(client: CounterfactualClient) -> None:
+    """DFD §4.3.3: the attack drives the verification AUC of the attacked pairs down; passing the attacked
+    template through the decoder and embedding the face again must raise it by a margin, and should bring
+    it above chance (xfail with the measured AUCs where it does not).
+
+    Measured here (10 pairs, demo decoder): PGD 8/255 with a random start, seeds 5 and 11: AUC clean 1.000,
+    attacked 0.000, attacked + decoded 0.240 (success 1.00 -> 0.50). CW-L2, 30 steps, does not meet even the
+    first claim (attacked 0.280, attacked + decoded 0.200, 455 s) and is left out: reported, not asserted.
+    """
+    pairs = _defence_pairs()
+    runs = {
+        "pgd seed 5": Spec(seed=SEED, random_start=True),
+        "pgd seed 11": Spec(seed=11, random_start=True),
+    }
+    results = {}
+    for name, spec in runs.items():
+        t = time.perf_counter()
+        r = list(client.defence_report(pairs, spec))[-1].result
+        results[name] = r
+        print(
+            f"defence [{name}] {r.n_pairs} pairs in {time.perf_counter() - t:.1f} s: AUC clean {r.auc_clean:.3f}, "
+            f"attacked {r.auc_without:.3f}, attacked+decoded {r.auc_with:.3f}; "
+            f"success {r.attack_success_rate:.2f} -> {r.attack_success_rate_with:.2f}"
+        )
+    below_chance = []
+    for name, r in results.items():
+        assert r.n_pairs == 10 and not r.skipped, name
+        assert r.attack_success_rate >= 0.8 and r.auc_without < 0.5, name  # the attack worked
+        # decoding undoes part of every attack: the attacked pairs separate better after E(D(z_adv))
+        assert r.auc_with >= r.auc_without + DEFENCE_MARGIN, name
+        if r.auc_with < 0.5 + DEFENCE_MARGIN:
+            below_chance.append(f"{name}: {r.auc_with:.3f}")
+    if below_chance:
+        # DFD Fig. 13's claim, above chance by a margin, does not hold here for every attack (measured:
+        # PGD 8/255 AUC 0.000 -> 0.240 on two seeds, as bench/results/counterfactual-cpu.json's 60 pairs
+        # with the shipped decoder); reported, not asserted, until a decoder or attack setting meets it.
+        pytest.xfail(
+            f"decoding does not bring the attacked AUC above 0.5 + {DEFENCE_MARGIN}: {', '.join(below_chance)}"
+        )
+
+
 def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: CounterfactualClient) -> None:
     probe, ref = _img(PROBE), _img(REF)
 
@@ -337,7 +430,7 @@ def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: Cou
     genuine_only = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=True)]
     err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=genuine_only))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "impostor" in (err.details() or "")
-    many = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k % 2 == 0) for k in range(9)]
+    many = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k % 2 == 0) for k in range(13)]
     err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=many))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # still serving
