@@ -79,6 +79,7 @@ def _spec(args: argparse.Namespace) -> Any:
         seed=args.seed,
         surrogate_model=_model_ref(args.surrogate),
         target_model=_model_ref(args.target_model),
+        full_budget=args.full_budget,
     )
 
 
@@ -322,7 +323,17 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=_number, default=0.0, help="minimal-epsilon search resolution (0 = 1/255)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--surrogate", default="", help="NAME[@VERSION] of the white-box model (default: served FR)")
-    p.add_argument("--target-model", default="", help="NAME[@VERSION] judged, e.g. dlib (default: served FR)")
+    p.add_argument(
+        "--target-model",
+        default="",
+        help="NAME[@VERSION] judged, e.g. dlib or facexplain-fr-hsefaceres1024 when the service follows it "
+        "(FACEXPLAIN_TARGET_MODEL_NAME); default: served FR",
+    )
+    p.add_argument(
+        "--full-budget",
+        action="store_true",
+        help="IFGSM/PGD: run every step after the decision flips (no early stop); what transfers to a black box",
+    )
 
 
 def add_counterfactual_parsers(sub: Any) -> None:

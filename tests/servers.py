@@ -144,6 +144,24 @@ def fr_v1(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Versi
 
 
 @pytest.fixture(scope="session")
+def second_fr_registered(mlflow: RunningMlflow, registry: Registry, fr_v1: VersionInfo) -> str:
+    """The independent second FR model (HSE FaceRes) registered by ``facexplain registry register-defaults``
+    (what ``make register-defaults`` runs) on the session registry, at ``champion``; returns its version.
+
+    After ``fr_v1``, so the default FR model's version 1 is already there (the CLI finds it by digest).
+    Shared by the second-model and counterfactual tests: the CLI aliases the model only when it has no
+    champion yet, so it runs once per session.
+    """
+    from facexplain.artifacts.embedder import SECOND_FR_MODEL
+
+    cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--no-shipped", "--uri", mlflow.uri]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{SECOND_FR_MODEL}@{CHAMPION} -> version" in proc.stdout, proc.stdout
+    return registry.resolve(SECOND_FR_MODEL, CHAMPION).version
+
+
+@pytest.fixture(scope="session")
 def training(mlflow: RunningMlflow, fr_v1: VersionInfo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A decoder for FR v1 trained on data/sample by `facexplain train decoder` and made champion.
 

@@ -42,12 +42,17 @@ class AttackPlan:
     resolution_255: float = 1.0  # the bisection's grid, in 1/255 pixel units
     cw_c: float = 1.0
     cw_confidence: float = 0.0
+    # I-FGSM / PGD: stop moving an item once it reaches the goal (the smallest change), or run every step
+    # (False: the whole budget, a perturbation that transfers further to a black-box model)
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown attack method {self.method!r}; one of {', '.join(METHODS)}")
         if self.minimal and self.method == "cw":
             raise ValueError("the minimal-epsilon search runs FGSM/IFGSM/PGD budgets; CW already minimises the L2 norm")
+        if not self.early_stop and (self.minimal or self.method in ("fgsm", "cw")):
+            raise ValueError("the whole budget (no early stop) applies to I-FGSM and PGD without the minimal search")
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,13 @@ def _run_plan(
     if plan.method == "fgsm":
         result = fgsm(embedder, x, refs, objective, budget, seed=seed, should_stop=should_stop)
     elif plan.method == "ifgsm":
-        result = iterative_fgsm(embedder, x, refs, objective, budget, seed=seed, should_stop=should_stop)
+        result = iterative_fgsm(
+            embedder, x, refs, objective, budget, seed=seed, early_stop=plan.early_stop, should_stop=should_stop
+        )
     elif plan.method == "pgd":
-        result = pgd(embedder, x, refs, objective, budget, seed=seed, should_stop=should_stop)
+        result = pgd(
+            embedder, x, refs, objective, budget, seed=seed, early_stop=plan.early_stop, should_stop=should_stop
+        )
     else:
         result = cw_l2(
             embedder,

@@ -17,6 +17,8 @@ from facexplain.counterfactual.attack import (
     attack_and_explain,
     attack_pair,
     fixed_landmark_aligner,
+    pipeline_aligner,
+    pipeline_scoring_model,
     random_controls,
 )
 from facexplain.counterfactual.defence import (
@@ -69,6 +71,8 @@ __all__ = [
     "heatmap_png",
     "heatmap_rgb",
     "lbp_significance_map",
+    "pipeline_aligner",
+    "pipeline_scoring_model",
     "random_controls",
     "rank_significance",
     "roc_curve",

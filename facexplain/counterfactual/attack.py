@@ -6,13 +6,19 @@ image is a real picture a client can re-embed. Scores are measured on the advers
 to 8 bits, the image a client actually receives. Models enter as :class:`ScoringModel` (a template
 function, its rule, and whether it sees 8-bit chips like a black box); nothing here knows about
 requests, protos or errors of a transport.
+
+A target may bring its own alignment (``ScoringModel.align``): an independent FR model with another
+chip geometry (e.g. HSE FaceRes, five points onto a 224x224 chip) then reads the 8-bit *images*, the
+clean probe and the adversarial one, through its own alignment with the clean probe's landmarks, and
+the reference through its own alignment with the reference's landmarks, as its own pipeline would
+with those landmarks. Without one it scores the surrogate's chips (dlib's descriptor: same geometry).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,19 +29,34 @@ from facexplain.attacks.objective import Goal, VerificationObjective
 from facexplain.attacks.result import AttackResult
 from facexplain.attacks.transfer import quantise
 from facexplain.counterfactual.explain import DecodeFn, Explanation, explain_counterfactual
-from facexplain.faces.align import align_faces
+from facexplain.faces.align import DLIB_ALIGNMENT, align_faces
 from facexplain.metrics.verification import VerificationRule
+
+if TYPE_CHECKING:
+    from facexplain.pipeline import FacePipeline
 
 # (images (N, 3, H, W) in [0, 1], landmarks (1, 68, 2)) -> aligned chips (N, 3, S, S) in [0, 1]
 Align = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fixed_landmark_aligner(size: int, padding: float) -> Align:
-    """The FR model's alignment, differentiable in the pixels, with one face's landmarks for every image."""
+def fixed_landmark_aligner(
+    size: int, padding: float, alignment: str = DLIB_ALIGNMENT, reference: torch.Tensor | None = None
+) -> Align:
+    """An FR model's alignment (dlib's 68-point chip, or a five-point similarity onto ``reference``, as
+    :func:`~facexplain.faces.align.align_faces` takes them), differentiable in the pixels, with one face's
+    landmarks for every image."""
 
     def align(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
-        return align_faces(images * 255.0, landmarks.expand(n, -1, -1), size=size, padding=padding) / 255.0
+        chips = align_faces(
+            images * 255.0,
+            landmarks.expand(n, -1, -1),
+            size=size,
+            padding=padding,
+            alignment=alignment,
+            reference=reference,
+        )
+        return chips / 255.0
 
     return align
 
@@ -47,19 +68,66 @@ class ScoringModel:
     embed: Callable[[torch.Tensor], torch.Tensor]
     rule: VerificationRule
     quantise_input: bool = False  # a black box receives 8-bit images
+    # its own alignment of the images (chips at its own size); None = it reads the surrogate's chips
+    align: Align | None = None
 
     def templates(self, chips: torch.Tensor) -> torch.Tensor:
         """Templates of chips as this model is scored on them (8-bit when it is a black box)."""
         return self.embed(quantise(chips) if self.quantise_input else chips)
 
+    def image_templates(self, images: torch.Tensor, landmarks: torch.Tensor, chips: torch.Tensor) -> torch.Tensor:
+        """Templates of ``images`` (N, 3, H, W) in [0, 1] whose surrogate chips are ``chips``.
+
+        With its own alignment the model reads the (8-bit, when a black box) images through it with
+        ``landmarks`` (1, 68, 2); the chips it cuts are not rounded again, as its pipeline does not round
+        them. Without one it reads ``chips`` (:meth:`templates`).
+        """
+        if self.align is None:
+            return self.templates(chips)
+        return self.embed(self.align(quantise(images) if self.quantise_input else images, landmarks))
+
+
+def pipeline_aligner(pipeline: FacePipeline) -> Align:
+    """``pipeline``'s own alignment (its chip size and geometry) with one face's fixed landmarks."""
+    info = pipeline.info
+    reference = torch.tensor(info.reference, dtype=torch.float64) if info.reference is not None else None
+    return fixed_landmark_aligner(info.chip_size, info.chip_padding, info.alignment, reference)
+
+
+def pipeline_scoring_model(pipeline: FacePipeline, *, black_box: bool = False) -> ScoringModel:
+    """An FR pipeline under its stored rule: white box (differentiable, reads the chips it is given, the
+    attack aligning with :func:`pipeline_aligner` of the same pipeline), or a black-box target that reads
+    8-bit images through its own alignment (landmarks held fixed, its template computed without gradients)."""
+
+    def embed(chips: torch.Tensor) -> torch.Tensor:
+        return pipeline.embed_chips(chips * 255.0)
+
+    if not black_box:
+        return ScoringModel(embed=embed, rule=pipeline.info.rule)
+    return ScoringModel(embed=embed, rule=pipeline.info.rule, quantise_input=True, align=pipeline_aligner(pipeline))
+
 
 @dataclass
 class FacePair:
-    """A probe image (1, 3, H, W) in [0, 1] with its fixed landmarks, and the reference's aligned chip."""
+    """A probe image (1, 3, H, W) in [0, 1] with its fixed landmarks, and the reference's aligned chip.
+
+    ``ref_image`` / ``ref_landmarks``: the reference photo and its landmarks, needed only by a target
+    with its own alignment (it cuts its own reference chip).
+    """
 
     image: torch.Tensor
     landmarks: torch.Tensor  # (1, 68, 2)
     ref_chip: torch.Tensor  # (1, 3, S, S) in [0, 1]
+    ref_image: torch.Tensor | None = None  # (1, 3, H', W') in [0, 1]
+    ref_landmarks: torch.Tensor | None = None  # (1, 68, 2)
+
+    def reference_templates(self, model: ScoringModel) -> torch.Tensor:
+        """``model``'s template of the reference: from its own alignment of the photo when it has one."""
+        if model.align is None:
+            return model.templates(self.ref_chip)
+        if self.ref_image is None or self.ref_landmarks is None:
+            raise ValueError("a model with its own alignment needs the reference photo and its landmarks")
+        return model.image_templates(self.ref_image, self.ref_landmarks, self.ref_chip)
 
 
 @dataclass(frozen=True)
@@ -107,8 +175,8 @@ def attack_pair(
 
     with torch.no_grad():
         clean_chip = chip_of(x)
-        t_ref = target.templates(pair.ref_chip)
-        t_clean = target.templates(clean_chip)
+        t_ref = pair.reference_templates(target)
+        t_clean = target.image_templates(x, pair.landmarks, clean_chip)
         score_before = float(target.rule.score(t_clean, t_ref)[0])
         same_before = bool(target.rule.accepts(t_clean, t_ref)[0])
         s_ref = surrogate.embed(pair.ref_chip)
@@ -122,7 +190,7 @@ def attack_pair(
     adversarial = quantise(planned.result.adversarial.detach()).clamp(0, 1)
     with torch.no_grad():
         adv_chip = chip_of(adversarial)
-        t_adv = target.templates(adv_chip)
+        t_adv = target.image_templates(adversarial, pair.landmarks, adv_chip)
         score_after = float(target.rule.score(t_adv, t_ref)[0])
         same_after = bool(target.rule.accepts(t_adv, t_ref)[0])
         surrogate_after = float(surrogate.rule.score(surrogate.embed(adv_chip), s_ref)[0])

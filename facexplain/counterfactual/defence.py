@@ -194,7 +194,14 @@ def defence_pair(
     should_stop: StopCheck | None = None,
 ) -> DefencePair:
     """Attack one labelled pair towards the goal its label implies (a ``fixed_goal`` attacks only the pairs
-    it applies to; the rest are scored clean). Raises what :func:`attack_pair` raises."""
+    it applies to; the rest are scored clean). Raises what :func:`attack_pair` raises, and ``ValueError``
+    for a target with its own alignment: the defence re-embeds decoded faces, which are drawn in the
+    surrogate's chip geometry, and such a target cannot read them as its own chips."""
+    if target.align is not None:
+        raise ValueError(
+            "the defence re-embeds decoded faces in the surrogate's chip geometry; a target with its own "
+            "alignment cannot read them"
+        )
     goal: Goal = "dodge" if genuine else "impersonate"
     applies = fixed_goal is None or fixed_goal == goal
     if applies:

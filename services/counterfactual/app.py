@@ -7,6 +7,8 @@ default target, so Attack works as soon as the server is up. The decoder
 until one for the served FR version is loaded, Explain and DefenceReport answer FAILED_PRECONDITION.
 The accessory probe set (``FACEXPLAIN_PROBES_MODEL_NAME`` at ``FACEXPLAIN_PROBES_MODEL_ALIAS``) is
 optional, as in the attributes service: with it Explain also reports s_a for eyeglasses, smiling, ...
+So is an independent FR model offered as a black-box target (``FACEXPLAIN_TARGET_MODEL_NAME`` at
+``FACEXPLAIN_TARGET_MODEL_ALIAS``, registry only; until it loads, requests naming it get UNAVAILABLE).
 All follow their aliases and hot-swap. The attribute catalogue is built on first use by Explain.
 """
 
@@ -16,6 +18,7 @@ import logging
 
 from facexplain.artifacts import decoder
 from facexplain.artifacts.decoder import LoadedDecoder
+from facexplain.artifacts.embedder import KIND
 from facexplain.pipeline import FacePipeline
 from services.api.v1 import counterfactual_pb2_grpc
 from services.counterfactual.service import SERVICE_NAME, CounterfactualServicer
@@ -43,7 +46,13 @@ def build_server(settings: CounterfactualSettings, pipeline: FacePipeline | None
         settings, metrics, name=settings.probes_model_name, alias=settings.probes_model_alias
     )
     catalogs = Catalogs(default_catalog_factory, settings.torch_device(), probes_slot)
-    servicer = CounterfactualServicer(fr_slot, decoder_slot, catalogs, settings, metrics)
+    target_slot: ModelSlot[FacePipeline] | None = None
+    if settings.target_model_name:
+        target_slot, _target_watcher = serve_from_registry(
+            settings, metrics, kind=KIND, name=settings.target_model_name, alias=settings.target_model_alias
+        )
+        target_slot.label = "black-box target"
+    servicer = CounterfactualServicer(fr_slot, decoder_slot, catalogs, settings, metrics, target_slot=target_slot)
     return GrpcServer(
         settings,
         SERVICE_NAME,

@@ -10,11 +10,21 @@ same landmarks gets the same numbers; an early-stopped attack that sits exactly 
 therefore report ``flipped = false`` after rounding. The image is aligned with the clean probe's
 landmarks in both cases; a client that re-detects the face may see slightly different scores.
 
-Models: the served FR model (``FACEXPLAIN_FR_MODEL_NAME`` at its alias) is the default surrogate
-(white box) and target; an auditor's black-box model (``blackbox`` bundle) has no gradients, so it is a
-target only (FAILED_PRECONDITION as the surrogate). ``dlib`` (ModelRef name ``dlib``) is dlib's own
-128-d descriptor, a black-box target without gradients (FAILED_PRECONDITION as a surrogate), scored on
-the same aligned chips, rounded to 8 bits, under dlib's rule (L2 < 0.6). Other names are NOT_FOUND.
+Models: the served FR model (``FACEXPLAIN_FR_MODEL_NAME`` at its alias) is the default surrogate (white
+box) and target; an auditor's black-box model (``blackbox`` bundle) served as the FR model has no
+gradients, so it is a target only (FAILED_PRECONDITION as the surrogate). The attack aligns with its own
+geometry (dlib's chip, or five points for a model like HSE FaceRes). ``dlib`` (ModelRef name ``dlib``) is
+dlib's own 128-d descriptor, a black-box target without gradients (FAILED_PRECONDITION as a surrogate),
+scored on the same aligned chips, rounded to 8 bits, under dlib's rule (L2 < 0.6). The registered model
+the service follows as a black-box target (``FACEXPLAIN_TARGET_MODEL_NAME`` at its alias, e.g. the
+independent HSE FaceRes) is named by its registered name: it reads the 8-bit images (clean and
+adversarial probe, reference) through its own pipeline's alignment with the landmarks found on the clean
+images and decides under its own stored rule (:func:`facexplain.counterfactual.pipeline_scoring_model`).
+As a surrogate it is refused (FAILED_PRECONDITION): Explain decodes the surrogate's templates with the
+decoder of the served FR model, so a white-box attack on it means serving it as the FR model.
+DefenceReport re-embeds decoded faces, which are drawn in the served model's chip geometry, so it refuses
+a target with its own alignment (FAILED_PRECONDITION). Other names are NOT_FOUND, listing what is
+available.
 
 Budgets: every AttackSpec is resolved (defaults filled, reported back as ``spec_used``) and checked
 against the server limits (:class:`facexplain.attacks.BudgetLimits` from the settings) before any image
@@ -45,7 +55,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 import grpc
@@ -72,9 +82,12 @@ from facexplain.counterfactual.attack import (
     attack_and_explain,
     attack_pair,
     fixed_landmark_aligner,
+    pipeline_aligner,
+    pipeline_scoring_model,
 )
 from facexplain.counterfactual.defence import DefencePair, RocCurve, defence_pair, defence_report
 from facexplain.counterfactual.explain import heatmap_png
+from facexplain.faces.align import DLIB_ALIGNMENT
 from facexplain.metrics.verification import DLIB_L2_RULE
 from facexplain.models.dlib_descriptor import DlibDescriptor, dlib_available
 from facexplain.models.program import is_differentiable
@@ -177,6 +190,10 @@ def _check_spec(spec: counterfactual_pb2.AttackSpec) -> tuple[MethodValue, NormV
         raise InvalidArgument(f"spec.steps must be >= 0 (0 = default), got {spec.steps}")
     if spec.minimal_epsilon and method == Spec.METHOD_CW:
         raise InvalidArgument("minimal_epsilon searches FGSM/IFGSM/PGD budgets; CW already minimises the L2 norm")
+    if spec.full_budget and (method in (Spec.METHOD_FGSM, Spec.METHOD_CW) or spec.minimal_epsilon):
+        raise InvalidArgument(
+            "full_budget runs every IFGSM/PGD step without early stop; it does not apply to FGSM, CW or minimal_epsilon"
+        )
     norm_name: Norm = "linf" if norm == Spec.NORM_LINF else "l2"
     if norm_name == "linf" and spec.epsilon > 1.0:
         raise InvalidArgument(f"spec.epsilon {spec.epsilon:g} is outside [0, 1]: an L-inf budget is in pixel units")
@@ -262,6 +279,7 @@ def resolve_spec(spec: counterfactual_pb2.AttackSpec, settings: CounterfactualSe
         resolution_255=tolerance * 255.0,
         cw_c=float(spec.cw_c) or 1.0,
         cw_confidence=float(spec.cw_confidence),
+        early_stop=not spec.full_budget,
     )
     return ResolvedSpec(
         proto=_spec_used(spec, method, norm, budget, tolerance),
@@ -331,9 +349,8 @@ def _roc_points(curve: RocCurve) -> list[counterfactual_pb2.RocPoint]:
 
 
 def _aligner(fr: ServedModel[FacePipeline]) -> Align:
-    """The served FR model's alignment with one face's fixed landmarks (chips in [0, 1])."""
-    info = fr.model.info
-    return fixed_landmark_aligner(info.chip_size, info.chip_padding)
+    """The served FR model's own alignment with one face's fixed landmarks (chips in [0, 1])."""
+    return pipeline_aligner(fr.model)
 
 
 @contextmanager
@@ -363,8 +380,11 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         catalogs: Catalogs,
         settings: CounterfactualSettings,
         metrics: ServiceMetrics,
+        *,
+        target_slot: ModelSlot[FacePipeline] | None = None,
     ) -> None:
         self.fr_slot = fr_slot
+        self.target_slot = target_slot  # the registered black-box target the service follows, if any
         self.decoder_slot = decoder_slot
         self.catalogs = catalogs
         self.settings = settings
@@ -377,6 +397,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         slots: list[ModelSlot[Any]] = [self.fr_slot, self.decoder_slot]
         if self.catalogs.probes_slot is not None:
             slots.append(self.catalogs.probes_slot)
+        if self.target_slot is not None:
+            slots.append(self.target_slot)
         return slots
 
     def _dlib_model(self) -> DlibDescriptor:
@@ -416,15 +438,12 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                     "endpoint, no gradients) and cannot be the attack surrogate; register it as a TorchScript "
                     "program for white-box attacks"
                 )
-            return Role(
-                ref=fr.ref(),
-                model=ScoringModel(
-                    embed=lambda chips: pipe.embed_chips(chips * 255.0),
-                    rule=pipe.info.rule,
-                    quantise_input=not white_box,  # a black box receives 8-bit chips
-                ),
-                white_box=white_box,
-            )
+            scoring = pipeline_scoring_model(pipe)
+            if not white_box:
+                scoring = replace(scoring, quantise_input=True)  # a black box receives 8-bit chips
+            return Role(ref=fr.ref(), model=scoring, white_box=white_box)
+        if self.target_slot is not None and ref.name == self.settings.target_model_name:
+            return self._black_box_role(ref, which)
         if ref.name in DLIB_NAMES:
             if which == "surrogate":
                 raise FailedPrecondition(
@@ -432,17 +451,51 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                     f"model and name {ref.name!r} as the target to measure transfer"
                 )
             model = self._dlib_model()
+            info = fr.model.info
+            # dlib reads dlib's 150-px chip: the served model's when it has that geometry, else its own
+            same = (info.alignment, info.chip_size, info.chip_padding) == (DLIB_ALIGNMENT, 150, 0.25)
             return Role(
                 ref=common_pb2.ModelRef(name="dlib", version=model.version),
-                model=ScoringModel(embed=model, rule=DLIB_L2_RULE, quantise_input=True),
+                model=ScoringModel(
+                    embed=model,
+                    rule=DLIB_L2_RULE,
+                    quantise_input=True,
+                    align=None if same else fixed_landmark_aligner(150, 0.25),
+                ),
                 white_box=False,
             )
         served = f"{fr.name} v{fr.version}" + (f" ({fr.alias})" if fr.alias else "")
+        targets = ["'dlib'"] if dlib_available() else []
+        if self.target_slot is not None:
+            targets.append(f"{self.settings.target_model_name!r}")
+        plural = "s" if len(targets) > 1 else ""
+        offered = f" and the black-box target{plural} {' and '.join(targets)}" if targets else ""
         raise NotFound(
             f"unknown {which} model {ref.name!r}"
             + (f" v{ref.version}" if ref.version else "")
-            + f"; this service serves {served} and the black-box target 'dlib'"
+            + f"; this service serves {served}{offered}"
         )
+
+    def _black_box_role(self, ref: common_pb2.ModelRef, which: str) -> Role:
+        """The registered independent FR model as a black-box target: its own pipeline, alignment and rule."""
+        assert self.target_slot is not None
+        name = self.settings.target_model_name
+        if which == "surrogate":
+            raise FailedPrecondition(
+                f"{name!r} is offered as a black-box target only: Explain decodes the surrogate's templates with "
+                "the served FR model's decoder, so attack it white-box by serving it as the FR model "
+                "(FACEXPLAIN_FR_MODEL_NAME), or name it as the target to measure transfer"
+            )
+        served = self.target_slot.current()  # UNAVAILABLE until the watcher has loaded it
+        alias = self.settings.target_model_alias
+        if ref.version not in ("", served.version) or ref.alias not in ("", served.alias, alias):
+            raise NotFound(
+                f"target {name!r}"
+                + (f" v{ref.version}" if ref.version else "")
+                + (f" @{ref.alias}" if ref.alias else "")
+                + f" is not loaded: this service follows {name}@{alias}, now v{served.version}"
+            )
+        return Role(ref=served.ref(), model=pipeline_scoring_model(served.model, black_box=True), white_box=False)
 
     def _roles(self, spec: counterfactual_pb2.AttackSpec, fr: ServedModel[FacePipeline]) -> tuple[Role, Role]:
         return self._role(spec.surrogate_model, fr, "surrogate"), self._role(spec.target_model, fr, "target")
@@ -480,7 +533,13 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                 "(FACEXPLAIN_MAX_ATTACK_PIXELS); crop or downscale it around the face"
             )
         ref_image, ref_lm = self._face(reference, fr, selection, names[1])
-        return FacePair(image=image, landmarks=lm, ref_chip=_aligner(fr)(ref_image, ref_lm))
+        return FacePair(
+            image=image,
+            landmarks=lm,
+            ref_chip=_aligner(fr)(ref_image, ref_lm),
+            ref_image=ref_image,
+            ref_landmarks=ref_lm,
+        )
 
     @staticmethod
     def _stop(context: grpc.ServicerContext) -> StopFn:
@@ -594,6 +653,12 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             raise InvalidArgument("a ROC needs both genuine and impostor pairs (set ImagePair.genuine)")
         fr = self.fr_slot.current()
         surrogate, target = self._roles(request.spec, fr)
+        if target.model.align is not None:
+            raise FailedPrecondition(
+                f"DefenceReport re-embeds decoded faces, drawn in {fr.name}'s chip geometry; target "
+                f"{target.ref.name!r} has its own alignment and cannot read them: use Attack or Explain to "
+                "measure transfer to it"
+            )
         decoder = self._decoder(fr)
         result: list[counterfactual_pb2.DefenceResult] = []
 

@@ -6,7 +6,10 @@ registry), which is both the default white-box surrogate and the default target,
 exactly that FR version (``FACEXPLAIN_DECODER_MODEL_NAME`` / ``FACEXPLAIN_DECODER_MODEL_ALIAS``;
 registry only): Explain and DefenceReport need it, Attack does not; and optionally an accessory probe
 set (``FACEXPLAIN_PROBES_MODEL_NAME`` / ``_ALIAS``) whose attributes Explain then reports too. dlib's own descriptor
-(``dlib`` as a ModelRef name) is available as a black-box target when ``dlib`` is installed.
+(``dlib`` as a ModelRef name) is available as a black-box target when ``dlib`` is installed, and so is an
+independent registered FR model (``FACEXPLAIN_TARGET_MODEL_NAME`` / ``_ALIAS``, e.g. the second FR model
+``facexplain-fr-hsefaceres1024``; registry only, following its alias; empty = none), scored through its own
+pipeline, alignment and rule.
 
 Limits (RESOURCE_EXHAUSTED when a request goes over them; a malformed value is INVALID_ARGUMENT):
 steps per run, CW binary-search rounds, total gradient steps per request, epsilon per norm, wall-clock
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from facexplain.artifacts.embedder import SECOND_FR_MODEL
 from facexplain.attacks import BudgetLimits
+from registry import CHAMPION
 from services.kit.config import DecoderModelSettings, FRModelSettings, ProbesModelSettings, ServiceSettings
 
 
@@ -47,6 +52,12 @@ class CounterfactualSettings(ServiceSettings, FRModelSettings, DecoderModelSetti
         description="largest probe (width*height) an attack may perturb: gradients are taken w.r.t. every pixel",
     )
     batch_size: int = Field(default=16, ge=1, description="faces decoded / estimated per forward pass")
+    target_model_name: str = Field(
+        default="",
+        description=f"registered FR model (kind embedder) offered as a black-box target, e.g. {SECOND_FR_MODEL}; "
+        "registry only; empty = none",
+    )
+    target_model_alias: str = Field(default=CHAMPION, description="alias of the black-box target model to follow")
 
     def budget_limits(self) -> BudgetLimits:
         return BudgetLimits(

@@ -32,7 +32,7 @@ from PIL import Image
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
 from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
-from registry import CHAMPION, Registry, VersionInfo
+from registry import CHAMPION, Registry, VersionInfo, promote
 from sdk.client import (
     AttributesClient,
     folder_dataset,
@@ -151,6 +151,48 @@ def svc(
     assert code == 0, f"attributes service exit {code}; log tail:\n{service.log_text()[-2000:]}"
     # biometric data never reaches the log: no run of numbers that could be a template
     assert not re.search(r"(-?\d+\.\d+,\s*){8,}", service.log_text())
+
+
+OTHER_FR = "facexplain-sadfad-attributes-test"  # their own names: the SAD/FAD tests own facexplain-sadfad-casia
+OTHER_DECODER = "facexplain-dfd-sadfad-attributes-test"
+
+
+@pytest.fixture(scope="module")
+def other_svc(
+    mlflow: RunningMlflow, sample_faceset: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    """A second attributes service on a different registered FR model: a SAD/FAD net (smoke preset, 16
+    filters) trained on the sample faces, with a decoder trained for it by `facexplain train decoder`."""
+    from tests.servers import train_decoder_cli
+    from training.sadfad.config import PRESETS, TrainSADFADConfig
+    from training.sadfad.run import train_sadfad
+
+    cfg = TrainSADFADConfig().replace(**PRESETS["smoke"]).replace(register_as=OTHER_FR, alias=CHAMPION)
+    work = tmp_path_factory.mktemp("attr-sadfad")
+    fr = train_sadfad(cfg, out_dir=work, tracking_uri=mlflow.uri, faces=sample_faceset, progress=False)
+    assert fr.registered["name"] == OTHER_FR
+    out = tmp_path_factory.mktemp("attr-sadfad-decoder")
+    summary = train_decoder_cli(
+        mlflow.uri, OTHER_FR, str(fr.registered["version"]), out,
+        "--alias", CHAMPION, "--register-as", OTHER_DECODER, "--perceptual", "dlib_resnet", "--epochs", "3",
+    )  # fmt: skip
+    if summary["registered"]["alias"] != CHAMPION:
+        promote(
+            Registry(mlflow.uri, timeout_s=10, max_retries=2),
+            OTHER_DECODER,
+            summary["registered"]["version"],
+            CHAMPION,
+            force=True,
+            reason="test fixture: a 3-epoch decoder for the second FR model of the compare test",
+            by="tests/integration/test_attributes_service.py",
+        )
+    logs = tmp_path_factory.mktemp("attributes-other-svc")
+    env = _env(
+        mlflow.uri, logs / "cache", FACEXPLAIN_FR_MODEL_NAME=OTHER_FR, FACEXPLAIN_DECODER_MODEL_NAME=OTHER_DECODER
+    )
+    service = start_service("attributes", logs, env=env, timeout=300)
+    yield service
+    assert service.stop() == 0, service.log_text()[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -547,14 +589,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_importance_writes_csv_and_png_and_compares_two_services(
-    svc: RunningService, data_root: Path, tmp_path: Path
+    svc: RunningService, other_svc: RunningService, data_root: Path, tmp_path: Path
 ) -> None:
+    """--compare runs the same job on a second service serving a different registered FR model (and its
+    own decoder): each column is that model's own table, and the two models' tables differ."""
     out = tmp_path / "imp"
     attrs = ["hair_colour", "age", "gender"]
     proc = _cli(
         "attributes", "importance", "--target", svc.address, "--data", str(data_root / "faces"),
         "--attributes", *attrs, "--bootstrap", "5", "--seed", "2", "--control", "--quiet",
-        "--fr-model", f"{DEFAULT_FR_MODEL}@1", "--compare", svc.address, "--out", str(out),
+        "--fr-model", f"{DEFAULT_FR_MODEL}@1", "--compare", other_svc.address, "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out / "importance.csv") as fh:
@@ -565,14 +609,24 @@ def test_cli_importance_writes_csv_and_png_and_compares_two_services(
     for png in (out / "importance.png", out / "importance_compare.png", out / "compare" / "importance.png"):
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 300
+    with open(out / "compare" / "importance.csv") as fh:
+        other_rows = list(csv.DictReader(fh))
     with open(out / "importance_compare.csv") as fh:
         side = list(csv.DictReader(fh))
     assert len(side) == len(attrs)
-    a_cols = [k for k in side[0] if k.endswith("_mi") and "control" not in k]
-    assert len(a_cols) == 2  # one MI column per model
-    for r in side:  # the same service twice: identical columns
-        assert r[a_cols[0]] == r[a_cols[1]]
-    assert "3 attributes ranked" in proc.stdout
+    # one column set per model, named by the model that produced it
+    a, b = f"{DEFAULT_FR_MODEL}@1", f"{OTHER_FR}@1"
+    assert [k for k in side[0] if k.endswith("_mi") and "control" not in k] == [f"{a}_mi", f"{b}_mi"]
+    # each column is its own service's table
+    mine = {r["attribute"]: float(r["mi"]) for r in rows}
+    theirs = {r["attribute"]: float(r["mi"]) for r in other_rows}
+    for r in side:
+        assert float(r[f"{a}_mi"]) == pytest.approx(mine[r["attribute"]], abs=1e-5)
+        assert float(r[f"{b}_mi"]) == pytest.approx(theirs[r["attribute"]], abs=1e-5)
+    print("I(a; â) default vs SAD/FAD:", {k: (round(mine[k], 4), round(theirs[k], 4)) for k in attrs})
+    # two different networks with their own decoders recover different attributes from the same faces
+    assert any(abs(mine[k] - theirs[k]) > 1e-3 for k in attrs), (mine, theirs)
+    assert "3 attributes ranked" in proc.stdout and f"side by side with {OTHER_FR} v1" in proc.stdout
     # a wrong FR model is refused before any work
     bad = _cli(
         "attributes", "importance", "--target", svc.address, "--data", str(data_root / "faces"),

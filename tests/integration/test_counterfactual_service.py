@@ -2,8 +2,10 @@
 
 The registry (conftest.py, shared with the decoding, directions and attributes tests) holds the default
 FR model as ``facexplain-fr-dlib128`` v1 and the demo decoder trained for it as ``facexplain-dfd-dlib128``
-v1, both champion; one counterfactual server follows both. Pairs come from the bundled sample faces
-(data/sample). Attacks are kept short (PGD early-stops after a few steps; CW runs few steps).
+v1, both champion, and the independent second FR model (HSE FaceRes, ``facexplain-fr-hsefaceres1024``)
+registered by ``register-defaults``; one counterfactual server follows all three, the second FR model as
+a black-box target. Pairs come from the bundled sample faces (data/sample). Attacks are kept short (PGD
+early-stops after a few steps; CW runs few steps; the transfer test runs 5 full-budget PGD steps).
 
 Rejections go over a plain channel (no retries, no wait-for-ready) so the status a test sees is the
 server's own answer, and each is followed by a good request: a bad input never takes a server down.
@@ -26,11 +28,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL, second_fr_pipeline
+from facexplain.metrics.verification import DLIB_L2_RULE
+from facexplain.pipeline import FacePipeline
 from registry import CANDIDATE, CHAMPION, Registry, VersionInfo, promote
 from sdk.client import CounterfactualClient, image_from_path, image_pair, wait_ready
 from services.api.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
@@ -43,6 +48,7 @@ ID1 = sorted((SAMPLE / "id7201").iterdir())
 ID2 = sorted((SAMPLE / "id7205").iterdir())
 ID3 = sorted((SAMPLE / "id7202").iterdir())
 ID4 = sorted((SAMPLE / "id7206").iterdir())
+ID5 = sorted((SAMPLE / "id7207").iterdir())
 PROBE, REF = ID1[0], ID1[1]  # a genuine pair the default model accepts (L2 about 0.37)
 Spec = counterfactual_pb2.AttackSpec
 OUT_SIZE = 64
@@ -50,7 +56,7 @@ SEED = 5
 
 
 def _env(uri: str, cache: Path, **extra: str) -> dict[str, str]:
-    return registry_service_env(uri, cache, FACEXPLAIN_MAX_DEFENCE_PAIRS="8", **extra)
+    return registry_service_env(uri, cache, FACEXPLAIN_MAX_DEFENCE_PAIRS="12", **extra)
 
 
 def _rejected(svc: RunningService, method: str, request: Any, timeout: float = 120) -> grpc.RpcError:
@@ -126,10 +132,19 @@ def probes_v1(celeba_attr_faceset, mlflow: RunningMlflow, tmp_path_factory: pyte
 
 @pytest.fixture(scope="module")
 def svc(
-    mlflow: RunningMlflow, decoder_v1: VersionInfo, probes_v1: str, tmp_path_factory: pytest.TempPathFactory
+    mlflow: RunningMlflow,
+    decoder_v1: VersionInfo,
+    probes_v1: str,
+    second_fr_registered: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningService]:
     logs = tmp_path_factory.mktemp("counterfactual-svc")
-    env = _env(mlflow.uri, logs / "cache", FACEXPLAIN_PROBES_MODEL_NAME=PROBES_MODEL)
+    env = _env(
+        mlflow.uri,
+        logs / "cache",
+        FACEXPLAIN_PROBES_MODEL_NAME=PROBES_MODEL,
+        FACEXPLAIN_TARGET_MODEL_NAME=SECOND_FR_MODEL,
+    )
     service = start_service("counterfactual", logs, env=env, timeout=300)
     yield service
     code = service.stop()
@@ -164,6 +179,10 @@ def test_model_status_and_reload(client: CounterfactualClient, mlflow: RunningMl
     assert (decoder.model.name, decoder.model.version) == (DEFAULT_DECODER_MODEL, "1")
     probes = kinds["attribute_probes"][0]
     assert (probes.model.name, probes.model.alias, probes.serving) == (PROBES_MODEL, CHAMPION, True)
+    # the independent FR model the service follows as a black-box target, at its alias
+    second = next(m for m in kinds["embedder"] if m.model.name == SECOND_FR_MODEL)
+    assert (second.model.alias, second.serving) == (CHAMPION, True)
+    assert second.metadata["verification_metric"] == "cosine"
     assert status.registry_reachable and status.registry_uri == mlflow.uri
     reload = client.reload()
     assert reload.error == "" and not reload.changed
@@ -203,11 +222,141 @@ def test_minimal_epsilon_and_cw(client: CounterfactualClient) -> None:
     assert cw.flipped and cw.l2 > 0
 
 
-def test_transfer_to_dlib(client: CounterfactualClient) -> None:
-    resp = client.attack(_img(PROBE), _img(REF), Spec(seed=SEED, target_model=common_pb2.ModelRef(name="dlib")))
-    assert resp.target.name == "dlib" and resp.surrogate.name == DEFAULT_FR_MODEL
-    assert resp.same_before  # dlib accepts the clean pair too
-    print(f"dlib: {resp.score_before:.3f} -> {resp.score_after:.3f} (flipped {resp.flipped})")
+TRANSFER_PAIRS = [(ID1[0], ID1[1]), (ID2[0], ID2[1]), (ID3[0], ID3[1])]
+
+
+def test_transfer_to_dlib_is_crafted_on_the_surrogate_and_measured_on_the_target(client: CounterfactualClient) -> None:
+    """The transfer attack succeeds on the model it attacks at the stated epsilon, and the target's outcome is
+    its own measurement of the very image crafted on the surrogate, counted into a transfer rate.
+
+    dlib's descriptor is the network the default model ports (cosine 0.9997), so a high rate here shows
+    the port's fidelity, not transfer across architectures; the bound on an independent model is
+    test_transfer_to_the_independent_model_is_measured_on_its_own_pipeline.
+    """
+    eps = 8 / 255
+    dlib = common_pb2.ModelRef(name="dlib")
+    outcomes: list[tuple[bool, bool, bool]] = []  # (surrogate flipped, target eligible, target flipped)
+    for probe, ref in TRANSFER_PAIRS:
+        white = client.attack(_img(probe), _img(ref), Spec(seed=SEED))
+        resp = client.attack(_img(probe), _img(ref), Spec(seed=SEED, target_model=dlib))
+        assert resp.target.name == "dlib" and resp.surrogate.name == DEFAULT_FR_MODEL
+        # one crafted image: the target only judges what the surrogate's gradients made
+        assert resp.adversarial.encoded == white.adversarial.encoded
+        # the attack succeeds on the attacked model, within the stated budget
+        assert white.same_before and white.flipped and 0 < resp.linf <= eps + 1e-6
+        assert math.isclose(resp.spec_used.epsilon, eps, rel_tol=1e-6)
+        surrogate_flipped = resp.surrogate_score_after >= white.rule.threshold
+        assert surrogate_flipped and math.isclose(resp.surrogate_score_after, white.score_after, rel_tol=1e-5)
+        # the target's numbers are its own: dlib's rule, dlib's scores (close to the port's, not equal to them)
+        assert (resp.rule.metric, resp.rule.threshold) == ("l2", pytest.approx(0.6))
+        assert 0 < abs(resp.score_before - white.score_before) < 0.1
+        assert resp.same_before == (resp.score_before < resp.rule.threshold)
+        assert resp.same_after == (resp.score_after < resp.rule.threshold)
+        assert resp.flipped == (resp.same_before != resp.same_after)
+        outcomes.append((surrogate_flipped, resp.same_before, resp.flipped))
+        print(
+            f"dlib: {resp.score_before:.3f} -> {resp.score_after:.3f} (flipped {resp.flipped}); "
+            f"surrogate {white.score_before:.3f} -> {resp.surrogate_score_after:.3f}"
+        )
+    counted = [o for o in outcomes if o[0] and o[1]]
+    assert counted, "no pair both flipped on the surrogate and accepted by dlib when clean"
+    rate = sum(o[2] for o in counted) / len(counted)
+    print(f"transfer to dlib at eps 8/255: {rate:.2f} over {len(counted)} pairs")
+    assert 0 <= rate <= 1
+    # the port is the same network: what flips it flips dlib on (almost) every pair
+    assert rate >= 2 / 3
+
+
+# The first five sample identities (sorted) whose first two photos HSE FaceRes accepts clean: chosen by the
+# target's clean decision alone, never by how an attack fared on them.
+HSE_PAIRS = [(sorted((SAMPLE / i).iterdir())[0], sorted((SAMPLE / i).iterdir())[1]) for i in
+             ("id7201", "id7205", "id7206", "id7207", "id7210")]  # fmt: skip
+HSE_STEPS = 5
+# Bounds over the 5 pairs (measured here, 2-core CPU: PGD 4 / 5 flipped, cosine 0.519 -> 0.324 on average;
+# noise 0 / 5, mean cosine drop 0.024 against the attack's 0.195, though another noise draw took the pair at
+# 0.490 clean, 0.08 above the threshold, to 0.396). bench_transfer.py measured
+# 20 / 31 (65 %) at 8/255 over CelebA pairs (20 steps) and 0 / 31 for noise of the same size. At least 2 of 5:
+# if the attack transferred as in the bench, a random set of 5 pairs would fall below that about 1 time in 20
+# (binomial, p = 0.65), and these fixed pairs sit two pairs above it, room for another device's numerics. An
+# attack that does nothing, or noise, flips at most the one marginal pair, so it fails the bound and the margin.
+MIN_HSE_FLIPPED = 2
+MAX_NOISE_FLIPPED = 1
+
+
+@pytest.fixture(scope="module")
+def hse() -> FacePipeline:
+    """HSE FaceRes in the test's own process: the reference the service's numbers for it are held to."""
+    return second_fr_pipeline("cpu")
+
+
+def _pixels(path_or_png: Path | np.ndarray) -> torch.Tensor:
+    arr = path_or_png if isinstance(path_or_png, np.ndarray) else np.asarray(Image.open(path_or_png).convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+
+
+def test_transfer_to_the_independent_model_is_measured_on_its_own_pipeline(
+    client: CounterfactualClient, hse: FacePipeline, second_fr_registered: str
+) -> None:
+    """PGD crafted on the served model at 8/255 (5 steps, the whole budget) transfers to HSE FaceRes, another
+    architecture, training set and loss: the service scores the 8-bit image with HSE's own pipeline, its
+    five-point 224-px alignment (the clean probe's landmarks) and its calibrated cosine rule. The scores are
+    checked against HSE run here on the returned PNG; the rate over 5 pairs must clear a bound that an attack
+    doing nothing, or random sign noise of the same size, does not (see MIN_HSE_FLIPPED)."""
+    eps = 8 / 255
+    rule = hse.info.rule
+    target = common_pb2.ModelRef(name=SECOND_FR_MODEL)
+    spec = Spec(seed=SEED, steps=HSE_STEPS, full_budget=True, target_model=target)
+    gen = torch.Generator().manual_seed(SEED)
+    eligible = flipped = noise_flipped = 0
+    drops: list[tuple[float, float]] = []
+    for k, (probe, ref) in enumerate(HSE_PAIRS):
+        resp = client.attack(_img(probe), _img(ref), spec)
+        assert (resp.target.name, resp.target.version) == (SECOND_FR_MODEL, second_fr_registered)
+        assert (resp.surrogate.name, resp.surrogate.version) == (DEFAULT_FR_MODEL, "1")
+        if k == 0:  # one crafted image: the target only judges what the surrogate's gradients made
+            white = client.attack(_img(probe), _img(ref), Spec(seed=SEED, steps=HSE_STEPS, full_budget=True))
+            assert resp.adversarial.encoded == white.adversarial.encoded
+            assert math.isclose(resp.surrogate_score_after, white.score_after, rel_tol=1e-5)
+        # the whole budget was spent, and the attack succeeded on the model it attacked
+        assert resp.spec_used.full_budget and resp.steps_used == HSE_STEPS
+        assert 7 / 255 - 1e-6 <= resp.linf <= eps + 1e-6
+        assert resp.surrogate_score_after >= DLIB_L2_RULE.threshold
+        # HSE's rule and HSE's numbers, recomputed here on the returned image with the clean probe's landmarks
+        assert (resp.rule.metric, resp.rule.accept_below) == ("cosine", False)
+        assert resp.rule.threshold == pytest.approx(rule.threshold)
+        clean_face, ref_face = hse.analyze([_pixels(probe), _pixels(ref)])
+        assert clean_face is not None and ref_face is not None
+        t_ref, landmarks = ref_face.template[None], clean_face.face.landmarks
+        with torch.no_grad():
+            t_adv = hse.template_from_image(_pixels(_png(resp.adversarial)), landmarks)[None]
+            clean = _pixels(probe)
+            sign = torch.randint(0, 2, clean.shape, generator=gen).float() * 2 - 1
+            noisy = (clean + sign * 8).clamp(0, 255)  # uniform random sign noise of the same 8/255, 8-bit
+            t_noise = hse.template_from_image(noisy, landmarks)[None]
+        before = float(rule.score(clean_face.template[None], t_ref)[0])
+        after = float(rule.score(t_adv, t_ref)[0])
+        noise = float(rule.score(t_noise, t_ref)[0])
+        assert resp.score_before == pytest.approx(before, abs=1e-3)
+        assert resp.score_after == pytest.approx(after, abs=1e-3)
+        assert resp.same_before == (before > rule.threshold) and resp.same_after == (after > rule.threshold)
+        assert resp.flipped == (resp.same_before != resp.same_after)
+        assert resp.same_before, f"{probe.parent.name}: HSE no longer accepts this pair clean ({before:.3f})"
+        eligible += 1
+        flipped += not resp.same_after
+        noise_flipped += noise <= rule.threshold
+        drops.append((before - after, before - noise))
+        print(
+            f"HSE {probe.parent.name}: {before:.3f} -> attacked {after:.3f} (flipped {resp.flipped}), "
+            f"noise {noise:.3f}; surrogate L2 {resp.surrogate_score_after:.3f}"
+        )
+    mean_drop = [sum(d[i] for d in drops) / len(drops) for i in (0, 1)]
+    print(
+        f"transfer to {SECOND_FR_MODEL} at 8/255: {flipped}/{eligible} flipped (noise {noise_flipped}/{eligible}); "
+        f"mean cosine drop attack {mean_drop[0]:.3f}, noise {mean_drop[1]:.3f}"
+    )
+    assert flipped >= MIN_HSE_FLIPPED and noise_flipped <= MAX_NOISE_FLIPPED
+    assert flipped >= noise_flipped + 2  # the attack's direction transfers, not any perturbation of its size
+    assert mean_drop[0] > 2 * mean_drop[1]
 
 
 def _table(resp: counterfactual_pb2.ExplainResponse) -> list[tuple[str, float, float, float]]:
@@ -289,6 +438,60 @@ def test_defence_report_streams_progress_then_the_result(client: CounterfactualC
     )
 
 
+DEFENCE_IDS = [ID1, ID2, ID3, ID4, ID5]
+# AUC margin; measured on the session's demo decoder (see test_decoding_raises_the_attacked_auc)
+DEFENCE_MARGIN = 0.1
+
+
+def _defence_pairs() -> list[counterfactual_pb2.ImagePair]:
+    """Five genuine pairs (two photos of one person) and five impostor pairs (third photos of two people)."""
+    pairs = [image_pair(i[0], i[1], True, f"g{k}") for k, i in enumerate(DEFENCE_IDS)]
+    for k, (a, b) in enumerate(zip(DEFENCE_IDS, DEFENCE_IDS[1:] + DEFENCE_IDS[:1], strict=True)):
+        pairs.append(image_pair(a[2], b[2], False, f"i{k}"))
+    return pairs
+
+
+def test_decoding_raises_the_attacked_auc(client: CounterfactualClient) -> None:
+    """DFD §4.3.3: the attack drives the verification AUC of the attacked pairs down; passing the attacked
+    template through the decoder and embedding the face again must raise it by a margin, and should bring
+    it above chance (xfail with the measured AUCs where it does not).
+
+    Measured here (10 pairs, demo decoder): PGD 8/255 with a random start, seeds 5 and 11: AUC clean 1.000,
+    attacked 0.000, attacked + decoded 0.240 (success 1.00 -> 0.50). CW-L2, 30 steps, does not meet even the
+    first claim (attacked 0.280, attacked + decoded 0.200, 455 s) and is left out: reported, not asserted.
+    """
+    pairs = _defence_pairs()
+    runs = {
+        "pgd seed 5": Spec(seed=SEED, random_start=True),
+        "pgd seed 11": Spec(seed=11, random_start=True),
+    }
+    results = {}
+    for name, spec in runs.items():
+        t = time.perf_counter()
+        r = list(client.defence_report(pairs, spec))[-1].result
+        results[name] = r
+        print(
+            f"defence [{name}] {r.n_pairs} pairs in {time.perf_counter() - t:.1f} s: AUC clean {r.auc_clean:.3f}, "
+            f"attacked {r.auc_without:.3f}, attacked+decoded {r.auc_with:.3f}; "
+            f"success {r.attack_success_rate:.2f} -> {r.attack_success_rate_with:.2f}"
+        )
+    below_chance = []
+    for name, r in results.items():
+        assert r.n_pairs == 10 and not r.skipped, name
+        assert r.attack_success_rate >= 0.8 and r.auc_without < 0.5, name  # the attack worked
+        # decoding undoes part of every attack: the attacked pairs separate better after E(D(z_adv))
+        assert r.auc_with >= r.auc_without + DEFENCE_MARGIN, name
+        if r.auc_with < 0.5 + DEFENCE_MARGIN:
+            below_chance.append(f"{name}: {r.auc_with:.3f}")
+    if below_chance:
+        # DFD Fig. 13's claim, above chance by a margin, does not hold here for every attack (measured:
+        # PGD 8/255 AUC 0.000 -> 0.240 on two seeds, as bench/results/counterfactual-cpu.json's 60 pairs
+        # with the shipped decoder); reported, not asserted, until a decoder or attack setting meets it.
+        pytest.xfail(
+            f"decoding does not bring the attacked AUC above 0.5 + {DEFENCE_MARGIN}: {', '.join(below_chance)}"
+        )
+
+
 def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: CounterfactualClient) -> None:
     probe, ref = _img(PROBE), _img(REF)
 
@@ -317,7 +520,15 @@ def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: Cou
         (Spec(method=Spec.METHOD_CW, norm=Spec.NORM_LINF), grpc.StatusCode.INVALID_ARGUMENT, "L2"),
         (Spec(method=Spec.METHOD_CW, minimal_epsilon=True), grpc.StatusCode.INVALID_ARGUMENT, "minimal"),
         (Spec(surrogate_model=common_pb2.ModelRef(name="dlib")), grpc.StatusCode.FAILED_PRECONDITION, "gradients"),
-        (Spec(target_model=common_pb2.ModelRef(name="no-such-model")), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        (Spec(target_model=common_pb2.ModelRef(name="no-such-model")), grpc.StatusCode.NOT_FOUND, SECOND_FR_MODEL),
+        (Spec(target_model=common_pb2.ModelRef(name=SECOND_FR_MODEL, version="999")), grpc.StatusCode.NOT_FOUND, "999"),
+        (
+            Spec(surrogate_model=common_pb2.ModelRef(name=SECOND_FR_MODEL)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "target",
+        ),
+        (Spec(method=Spec.METHOD_CW, full_budget=True), grpc.StatusCode.INVALID_ARGUMENT, "full_budget"),
+        (Spec(minimal_epsilon=True, full_budget=True), grpc.StatusCode.INVALID_ARGUMENT, "full_budget"),
     ]
     for spec, code, word in cases:
         err = _rejected(svc, "Attack", attack(spec))
@@ -337,9 +548,13 @@ def test_limits_and_bad_inputs_have_their_codes(svc: RunningService, client: Cou
     genuine_only = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=True)]
     err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=genuine_only))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "impostor" in (err.details() or "")
-    many = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k % 2 == 0) for k in range(9)]
+    many = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k % 2 == 0) for k in range(13)]
     err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=many))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    two = [counterfactual_pb2.ImagePair(a=probe, b=ref, genuine=k == 0) for k in range(2)]
+    hse_target = Spec(target_model=common_pb2.ModelRef(name=SECOND_FR_MODEL))
+    err = _rejected(svc, "DefenceReport", counterfactual_pb2.DefenceRequest(pairs=two, spec=hse_target))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "own alignment" in (err.details() or "")
     # still serving
     assert client.attack(probe, ref, Spec(seed=SEED)).flipped
 

@@ -60,3 +60,24 @@ def test_plan_checks_and_input_errors() -> None:
     x, refs = _inputs()
     with pytest.raises(AttackInputError):
         run_plan(_embed, x * 2, refs, VerificationObjective(RULE, "dodge"), AttackPlan("pgd", AttackBudget(0.1)))
+
+
+@pytest.mark.parametrize("method", ["ifgsm", "pgd"])
+def test_a_full_budget_plan_runs_every_step(method: str) -> None:
+    x, refs = _inputs()
+    objective = VerificationObjective(RULE, "dodge")
+    budget = AttackBudget(32 / 255, steps=6)
+    stopped = run_plan(_embed, x, refs, objective, AttackPlan(method=method, budget=budget))  # type: ignore[arg-type]
+    full = run_plan(_embed, x, refs, objective, AttackPlan(method=method, budget=budget, early_stop=False))  # type: ignore[arg-type]
+    assert bool(stopped.result.success[0]) and bool(full.result.success[0])
+    assert int(stopped.result.steps[0]) < 6 == int(full.result.steps[0])  # the toy pair flips early
+    d_stopped, d_full = stopped.result.adversarial - x, full.result.adversarial - x
+    assert d_full.abs().max() <= 32 / 255 + 1e-6
+    assert d_stopped.norm() < d_full.norm()  # the whole budget moves further from the clean input
+
+
+def test_full_budget_needs_an_iterative_attack() -> None:
+    for kwargs in ({"method": "fgsm"}, {"method": "cw"}, {"method": "pgd", "minimal": True}):
+        norm = "l2" if kwargs["method"] == "cw" else "linf"
+        with pytest.raises(ValueError, match="whole budget"):
+            AttackPlan(budget=AttackBudget(0.1, norm=norm), early_stop=False, **kwargs)  # type: ignore[arg-type]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from facexplain.attacks import AttackBudget, AttackPlan
+from facexplain.attacks import AttackBudget, AttackPlan, quantise
 from facexplain.counterfactual import (
     FacePair,
     ScoringModel,
@@ -116,3 +117,39 @@ def test_defence_report_over_toy_models() -> None:
         assert curve.fpr[0] == 0.0 and curve.tpr[-1] == 1.0 and 0.0 <= curve.auc <= 1.0
     assert [s for s in steps if s[0] == "decode"] == [("decode", 0, 5), ("decode", 2, 5), ("decode", 4, 5)]
     assert steps[-2:] == [("roc", 0, 1), ("roc", 1, 1)]
+
+
+OWN_CHIP = 16
+_W_OWN = torch.randn(3 * OWN_CHIP * OWN_CHIP, 8, generator=torch.Generator().manual_seed(7)) * 0.05
+OWN_ALIGN = fixed_landmark_aligner(OWN_CHIP, 0.1)
+
+
+def _embed_own(chips: torch.Tensor) -> torch.Tensor:
+    assert chips.shape[-2:] == (OWN_CHIP, OWN_CHIP), "the target must read its own chips"
+    return chips.flatten(1) @ _W_OWN
+
+
+def _full_pair(i: int, j: int) -> FacePair:
+    p, r = _pair(i, i), _pair(j, j)
+    return FacePair(
+        image=p.image, landmarks=p.landmarks, ref_chip=r.ref_chip, ref_image=r.image, ref_landmarks=r.landmarks
+    )
+
+
+def test_a_target_with_its_own_alignment_reads_the_8bit_images_through_it() -> None:
+    own = ScoringModel(embed=_embed_own, rule=RULE, quantise_input=True, align=OWN_ALIGN)
+    pair = _full_pair(1, 2)
+    out = attack_pair(pair, ALIGN, MODEL, own, PLAN)
+    with torch.no_grad():
+        ref = _embed_own(OWN_ALIGN(quantise(pair.ref_image), pair.ref_landmarks))  # type: ignore[arg-type]
+        before = RULE.score(_embed_own(OWN_ALIGN(quantise(pair.image), pair.landmarks)), ref)
+        after = RULE.score(_embed_own(OWN_ALIGN(out.adversarial, pair.landmarks)), ref)
+    assert out.score_before == pytest.approx(float(before[0]), rel=1e-6)
+    assert out.score_after == pytest.approx(float(after[0]), rel=1e-6)
+    assert out.adv_chip.shape[-1] == CHIP  # the attack itself still runs on the surrogate's chips
+    # the surrogate's own view of the same image is a different model's, so the scores differ
+    assert out.score_after != pytest.approx(out.surrogate_score_after)
+    with pytest.raises(ValueError, match="reference photo"):
+        attack_pair(_pair(1, 2), ALIGN, MODEL, own, PLAN)  # no reference photo to align
+    with pytest.raises(ValueError, match="own alignment"):
+        defence_pair(pair, True, ALIGN, MODEL, own, PLAN)
