@@ -23,7 +23,7 @@ import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
 from registry import CHAMPION, Registry, VersionInfo
 
 
@@ -141,6 +141,17 @@ def fr_v1(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Versi
     info = register_fr_model(registry, tmp_path_factory.mktemp("fr"))
     assert info.version == "1"
     return info
+
+
+@pytest.fixture(scope="session")
+def second_fr_version(mlflow: RunningMlflow, registry: Registry, fr_v1: VersionInfo) -> str:
+    """``facexplain registry register-defaults`` (what ``make register-defaults`` runs) on the session registry,
+    after the session's own FR v1: the independent second FR model's version behind ``champion``."""
+    cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--no-shipped", "--uri", mlflow.uri]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{SECOND_FR_MODEL}@{CHAMPION} -> version" in proc.stdout, proc.stdout
+    return registry.resolve(SECOND_FR_MODEL, CHAMPION).version
 
 
 @pytest.fixture(scope="session")

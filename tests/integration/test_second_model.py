@@ -14,8 +14,6 @@ split (``held_apart_sample``). Kept small for the suite's time (12 identities x 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from cli.launcher import REPO, RunningMlflow, RunningService, start_service
+from cli.launcher import RunningMlflow, RunningService, start_service
 from facexplain.artifacts.embedder import SECOND_FR_CALIBRATION, SECOND_FR_MODEL
 from facexplain.data.faces import celeba_records
 from facexplain.data.splits import held_apart_sample
 from facexplain.metrics.verification import all_pairs, roc_auc
-from registry import CHAMPION, Registry
+from registry import Registry
 from sdk.client import EmbeddingClient, image_from_path, template_array, wait_ready
 from tests.service_env import registry_service_env
 
@@ -44,13 +42,9 @@ MAX_IMPOSTOR_CORRELATION = 0.75
 
 
 @pytest.fixture(scope="module")
-def registered(mlflow: RunningMlflow, registry: Registry) -> str:
-    """``facexplain registry register-defaults`` (what ``make register-defaults`` runs) on the session registry."""
-    cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--no-shipped", "--uri", mlflow.uri]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{SECOND_FR_MODEL}@{CHAMPION} -> version" in proc.stdout, proc.stdout
-    return registry.resolve(SECOND_FR_MODEL, CHAMPION).version
+def registered(second_fr_version: str) -> str:
+    """The second model as ``register-defaults`` registers it (the session fixture of tests/servers.py)."""
+    return second_fr_version
 
 
 @pytest.fixture(scope="module")
