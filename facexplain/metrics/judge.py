@@ -13,7 +13,7 @@ judges the same faces under its own calibrated rule:
 The canonical warp needs no landmark network, so it runs through an embedding service too (the chip is
 sent with ``INPUT_MODE_ALIGNED``), and it is what decoder training and the audit both use. Checked
 against re-finding the landmarks on each decoded face (the judge's landmark stages on the upscaled face,
-the chip as the face box; ``bench/bench_second_judge.py`` reports both): on 47 CelebA faces of the
+the chip as the face box; ``bench/bench_second_judge.py`` reports both): on 48 CelebA faces of the
 shipped decoder the two presentations' templates agree at cosine 0.986 and their identity scores
 correlate at 0.992 (mean cosine 0.377 vs 0.378).
 
