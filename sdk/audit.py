@@ -565,7 +565,8 @@ class Audit:
         """The judge client with both chip geometries: the audited FR model's (where decoded faces sit) and the
         judge's own, from what the two embedding services report serving."""
         fr_name, _ = parse_model_ref(self.cfg.fr_model)
-        judge_name = next(m["name"] for m in self.result["models"]["judge"]["models"] if m["kind"] == KIND_EMBEDDER)
+        judged = self.result["models"]["judge"]["models"]
+        judge_name = next(m["name"] for m in judged if m["kind"] == KIND_EMBEDDER and m["serving"])
         try:
             source = served_geometry(self.served_metadata["embedding"][fr_name])
             target = served_geometry(self.served_metadata["judge"][judge_name])
