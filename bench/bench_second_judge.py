@@ -20,6 +20,9 @@ Per face, from the original photo: the default pipeline's template t and dlib ch
 * second judge: HSE FaceRes on the decoded face (upscaled, the chip as the face box, then its own
   landmark stages and five-point alignment: :func:`chip_templates`) vs HSE on the original photo (its
   full pipeline, detection included);
+* the same second judge with the canonical presentation that decoder training and the audit use
+  (:mod:`facexplain.metrics.judge`: the decoded face warped onto HSE's five-point geometry from the
+  default chip's mean-face landmarks, no landmark network; rows ``*_canonical``);
 * control for the second judge: the original's own dlib chip brought to the decoder's 64 px and
   treated exactly like a decoded face. It separates what the decoder loses from what the crop and the
   resolution alone cost under the second model's front end (a perfect 64-px decoder scores this).
@@ -50,6 +53,7 @@ from facexplain.artifacts.embedder import second_fr_pipeline  # noqa: E402
 from facexplain.data.faces import load_image  # noqa: E402
 from facexplain.data.faceset import records_from_spec  # noqa: E402
 from facexplain.data.splits import read_identity_list, recipe_evaluation_identities  # noqa: E402
+from facexplain.metrics.judge import ChipGeometry, judge_scores, judge_templates  # noqa: E402
 from facexplain.metrics.reconstruction import embed_images, resize01  # noqa: E402
 from facexplain.pipeline import FacePipeline  # noqa: E402
 
@@ -136,7 +140,17 @@ def main() -> int:
     default = FacePipeline.default("cpu")
     second = second_fr_pipeline("cpu")
     decoder = load_decoder_bundle(args.decoder_bundle)
-    rows: dict[str, list[dict[str, Any]]] = {"default_decoded": [], "second_decoded": [], "second_chip64": []}
+    source = ChipGeometry.of(default.info)  # where the decoded faces sit: the default model's chip
+    rows: dict[str, list[dict[str, Any]]] = {
+        k: []
+        for k in (
+            "default_decoded",
+            "second_decoded",
+            "second_chip64",
+            "second_decoded_canonical",
+            "second_chip64_canonical",
+        )
+    }
     misses: list[str] = []
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(faces), args.batch_size), desc="faces", unit="batch"):
@@ -164,6 +178,12 @@ def main() -> int:
         rows["second_decoded"] += _judge(second, decoded, refs, args.face_px)
         chips64 = resize01(torch.stack([res.chip.float().cpu() / 255.0 for _, res in found]), decoder.out_size)
         rows["second_chip64"] += _judge(second, chips64, refs, args.face_px)
+        for key, faces01 in (("second_decoded_canonical", decoded), ("second_chip64_canonical", chips64)):
+            scores = judge_scores(refs, judge_templates(second, faces01, source), second.info.rule)
+            rows[key] += [
+                {"found": r is not None, "cosine": None if r is None else float(c), "accepted": bool(a)}
+                for r, c, a in zip(refs, scores.cosine.tolist(), scores.accepted.tolist(), strict=True)
+            ]
     seconds = time.perf_counter() - t0
     result = {
         "benchmark": "shipped decoder judged by the default model and by HSE FaceRes (independent)",
@@ -171,7 +191,11 @@ def main() -> int:
         "decoder_bundle": str(Path(args.decoder_bundle).resolve().relative_to(REPO)),
         "decoder": {k: decoder.meta.get(k) for k in ("name", "version") if k in decoder.meta}
         | {"fr_model": decoder.meta.get("fr_model"), "out_size": decoder.out_size},
-        "second_input": {"face_px": args.face_px, "box": "the whole chip (no detection)"},
+        "second_input": {
+            "face_px": args.face_px,
+            "box": "the whole chip (no detection)",
+            "canonical": "facexplain.metrics.judge: the default chip's mean-face landmarks, no landmark network",
+        },
         "second_rule": {"metric": second.info.rule.metric, "threshold": second.info.rule.threshold},
         "data": {
             "spec": args.data,

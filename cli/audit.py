@@ -79,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         embed_concurrency=args.embed_concurrency,
         connect_timeout=args.connect_timeout,
         quiet=args.quiet,
+        judge=args.judge or "",
     )
 
 
@@ -117,6 +118,12 @@ def add_audit_parser(sub: Any) -> None:
         nargs="+",
         help="SERVICE=TARGET (embedding, decoding, directions, attributes, counterfactual), or one HOST for the "
         f"default ports 50051-50055 (default 127.0.0.1). TARGET: {TARGET_SYNTAX}",
+    )
+    p.add_argument(
+        "--judge",
+        metavar="TARGET",
+        help="an embedding service serving an independent FR model (e.g. facexplain-fr-hsefaceres1024): it judges "
+        "every reconstruction too, beside the audited model",
     )
     p.add_argument("--max-faces", type=int, default=d.max_faces, help="faces audited (0 = all)")
     p.add_argument("--max-reconstructions", type=int, default=d.max_reconstructions)

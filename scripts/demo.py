@@ -9,7 +9,10 @@ steps run: :class:`Services`), embeds ``data/sample`` with the ``facexplain embe
 per-identity verification under the model's stored rule, writes aligned chips, reconstructions and
 metrics with ``facexplain reconstruct`` through the decoding service, and last runs ``facexplain
 audit`` on the labelled samples (``data/sample/labels.csv``), writing the HTML report
-(``var/demo/report/index.html``) and ``audit.json``. Everything stops on exit (Ctrl-C included).
+(``var/demo/report/index.html``) and ``audit.json``. A sixth service, a second embedding service serving the
+independent FR model (``facexplain-fr-hsefaceres1024@champion``, when ``register-defaults`` registered it),
+starts beside the four and is the audit's ``--judge``: every reconstruction is scored by both models.
+Everything stops on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ sys.path.insert(0, str(REPO))
 
 from cli.launcher import RunningService, StartingService, spawn_service, start_mlflow  # noqa: E402
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL  # noqa: E402
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL  # noqa: E402
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL  # noqa: E402
 from registry import CANDIDATE, CHAMPION, Registry, RegistryNotFound, VersionInfo  # noqa: E402
 
 AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
 SERVICES = ("embedding", "decoding", *AUDIT_SERVICES)
+JUDGE = "judge"  # the second FR model's embedding service (the audit's --judge)
 
 
 def _cli(*args: str) -> None:
@@ -89,6 +93,16 @@ def served_decoder(uri: str) -> str:
     return f"decoder {dec.name} v{dec.version}{origin} inverts {fr.name} v{fr.version}{figures}"
 
 
+def second_model_registered(uri: str) -> bool:
+    """Whether ``register-defaults`` registered the second FR model (it skips it without human-models)."""
+    try:
+        Registry(uri).resolve(SECOND_FR_MODEL, CHAMPION)
+    except RegistryNotFound:
+        print(f"no {SECOND_FR_MODEL}@{CHAMPION}: the audit has no second judge", flush=True)
+        return False
+    return True
+
+
 def print_verification(npz: Path) -> None:
     """Per-identity verification of the embedded samples under the model's L2 rule (0.6)."""
     data = np.load(npz)
@@ -117,10 +131,11 @@ class Services:
     together and load their models while the embed step runs.
     """
 
-    def __init__(self, uri: str, out_dir: Path) -> None:
+    def __init__(self, uri: str, out_dir: Path, judge: bool = False) -> None:
         env = {"FACEXPLAIN_REGISTRY_URI": uri}
         self.starting: dict[str, StartingService] = {}
         self.running: list[RunningService] = []
+        self.by_key: dict[str, RunningService] = {}
         try:
             self.starting["embedding"] = spawn_service(
                 "embedding", out_dir, env={**env, "FACEXPLAIN_MODEL_NAME": DEFAULT_FR_MODEL}
@@ -128,16 +143,21 @@ class Services:
             self.get("embedding")
             for name in SERVICES[1:]:
                 self.starting[name] = spawn_service(name, out_dir, env=env)
+            if judge:  # the second model's embedding service, its log in a folder of its own
+                (out_dir / JUDGE).mkdir(exist_ok=True)
+                self.starting[JUDGE] = spawn_service(
+                    "embedding", out_dir / JUDGE, env={**env, "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL}
+                )
         except BaseException:
             self.stop()
             raise
 
     def get(self, name: str) -> RunningService:
-        for svc in self.running:
-            if svc.name == name:
-                return svc
+        if name in self.by_key:
+            return self.by_key[name]
         svc = self.starting.pop(name).wait()
         self.running.append(svc)
+        self.by_key[name] = svc
         return svc
 
     def stop(self) -> None:
@@ -171,6 +191,9 @@ def audit_step(out_dir: Path, sample: Path, services: Services) -> None:
     """`facexplain audit` of the champion against all five services."""
     print("\nthe audit runs against all five services ...", flush=True)
     targets = [f"{name}={services.get(name).address}" for name in SERVICES]
+    judge = ["--judge", services.get(JUDGE).address] if JUDGE in services.starting or JUDGE in services.by_key else []
+    if judge:
+        print(f"the second FR model ({SECOND_FR_MODEL}) judges the reconstructions: {judge[1]}", flush=True)
     report = out_dir / "report"
     _cli(
         "audit",
@@ -184,6 +207,7 @@ def audit_step(out_dir: Path, sample: Path, services: Services) -> None:
         "0",
         "--targets",
         *targets,
+        *judge,
     )
     print(f"\naudit report: {report / 'index.html'}  (every number in {report / 'audit.json'})")
 
@@ -201,7 +225,7 @@ def main() -> int:
         _cli("registry", "register-defaults", "--uri", mlflow.uri)
         decoder = served_decoder(mlflow.uri)  # any forced promotion happens before a service loads champion
         print("starting the services (each loads champion from the registry) ...", flush=True)
-        services = Services(mlflow.uri, out_dir)
+        services = Services(mlflow.uri, out_dir, judge=second_model_registered(mlflow.uri))
         embed_step(out_dir, sample, services, t0)
         print(decoder, flush=True)
         reconstruct_step(mlflow.uri, out_dir, sample, services, t0)

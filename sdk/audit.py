@@ -5,7 +5,10 @@ collects, for one served FR model on one folder of faces:
 
 (a) models       every model name + version each service serves (ModelStatus), the registry each follows
 (b) reconstruct  a sample of faces decoded from their templates (decoding Reconstruct): PSNR, SSIM and
-                 identity cosine as the decoding service reports them, and an image grid
+                 identity cosine as the decoding service reports them, and an image grid; with ``judge`` (an
+                 embedding service serving an independent FR model, e.g. facexplain-fr-hsefaceres1024) that
+                 model's identity cosine and verdict too (:mod:`facexplain.metrics.judge`), and its control:
+                 the original's aligned chip at the decoder's size, judged alike
 (c) ssi          spatially isolated directions for eyes / nose / lower face (directions DiscoverSSI) with a
                  decoded traversal strip per region (Traverse, decode=True)
 (d) labels       label directions the data allows: centroids for Smiling / Eyeglasses when labels.csv has
@@ -125,6 +128,9 @@ CARD_KEYS = (
     "test_identity_cosine",
     "test_accepted",
     "test_rank1",
+    "test_identity_cosine_second",
+    "test_accepted_second",
+    "second_judge",
     "gates_passed",
     "gates_failed",
     "promotion_forced_by",
@@ -173,14 +179,16 @@ class AuditConfig:
     embed_concurrency: int = 4  # EmbedBatch calls in flight at once: what spreads them over the replicas
     connect_timeout: float = 20.0
     quiet: bool = False
+    # an embedding service serving an independent FR model: the second judge of every reconstruction ("" none)
+    judge: str = ""
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["data"] = Path(self.data).name
         d["pairs"] = Path(self.pairs).name if self.pairs else None
         d["traverse_alphas"] = list(self.traverse_alphas)
-        for k in ("out", "quiet", "connect_timeout", "targets", "embed_concurrency"):
-            d.pop(k)
+        for k in ("out", "quiet", "connect_timeout", "targets", "embed_concurrency", "judge"):
+            d.pop(k)  # where the services are is no result (the judge's model is, in reconstructions)
         return d
 
 
@@ -319,6 +327,7 @@ class Audit:
         self.result: dict[str, Any] = {}
         self.clients: dict[str, Any] = {}
         self.templates: dict[str, Any] = {}
+        self.served_metadata: dict[str, dict[str, dict[str, str]]] = {}  # service -> model name -> metadata
 
     # helpers -----------------------------------------------------------------------------------------------
     def rng(self, step: str) -> np.random.Generator:
@@ -410,6 +419,18 @@ class Audit:
                     3,
                 ) from None
             self.clients[name] = client
+        if self.cfg.judge:
+            judge = stack.enter_context(EmbeddingClient(self.cfg.judge, timeout=1800.0))
+            try:
+                wait_ready(judge.channel, self.cfg.connect_timeout)
+            except ConnectionError:
+                raise AuditError(
+                    f"the judge (an embedding service) at {self.cfg.judge} is not reachable within "
+                    f"{self.cfg.connect_timeout:.0f} s (an embedding service with FACEXPLAIN_MODEL_NAME set to the "
+                    "judge model, e.g. facexplain-fr-hsefaceres1024)",
+                    3,
+                ) from None
+            self.clients["judge"] = judge
 
     # (a) models ---------------------------------------------------------------------------------------------
     def service_models(self, name: str) -> dict[str, Any]:
@@ -418,6 +439,7 @@ class Audit:
             st = self.clients[name].model_status(timeout=30)
         except grpc.RpcError as err:
             raise AuditError(f"{name} service: ModelStatus failed: {err.code().name}: {err.details()}", 3) from None
+        self.served_metadata[name] = {m.model.name: dict(m.metadata) for m in st.models}
         models = [
             {
                 "kind": m.kind,
@@ -431,7 +453,7 @@ class Audit:
         ]
         models.sort(key=lambda m: (m["kind"], m["name"], int(m["version"]) if m["version"].isdigit() else 0))
         return {
-            "target": self.cfg.targets.get(name) or DEFAULT_TARGETS[name],
+            "target": self.cfg.judge if name == "judge" else self.cfg.targets.get(name) or DEFAULT_TARGETS[name],
             "registry_uri": st.registry_uri,
             "registry_reachable": bool(st.registry_reachable),
             "last_reload_error": st.last_reload_error,
@@ -471,6 +493,20 @@ class Audit:
             raise AuditError(f"services serve different versions of {fr_name}: {versions} (an alias is moving?)", 3)
         sec["fr_model"] = {"name": fr_name, "alias": fr_alias, "version": fr["version"]}
         sec["services"] = services
+        if "judge" in self.clients:
+            sec["judge"] = self.judge_status(fr_name)
+
+    def judge_status(self, fr_name: str) -> dict[str, Any]:
+        """The judge's ModelStatus; stop unless it serves one FR model other than the audited one."""
+        status = self.service_models("judge")
+        served = [m for m in status["models"] if m["kind"] == KIND_EMBEDDER and m["serving"]]
+        if len(served) != 1:
+            raise AuditError(f"the judge at {self.cfg.judge} serves {len(served)} FR models, not one", 3)
+        if served[0]["name"] == fr_name:
+            raise AuditError(
+                f"the judge at {self.cfg.judge} serves {fr_name}, the audited model: no independent judge", 2
+            )
+        return status
 
     # (b) reconstructions ---------------------------------------------------------------------------------
     def reconstructions(self, inputs: AuditInputs, sec: dict[str, Any]) -> None:
@@ -478,6 +514,7 @@ class Audit:
         rows: list[dict[str, Any]] = []
         failed: list[dict[str, str]] = []
         chips: list[tuple[bytes, bytes]] = []  # (aligned, reconstruction) PNGs for the grid
+        judge = self.second_judge() if "judge" in self.clients else None
         with self.bar(len(chosen), "reconstructions") as bar:
             for i, f in enumerate(chosen):
                 try:
@@ -501,6 +538,8 @@ class Audit:
                         "reconstruction": self.save(f"recon/{i:03d}.recon.png", resp.reconstruction.encoded),
                     }
                 )
+                if judge is not None:
+                    rows[-1].update(judge.scores(f.path, resp.reconstruction.encoded, resp.aligned.encoded))
                 sec["decoder"] = model_ref(resp.decoder)
                 sec["fr_model"] = model_ref(resp.fr_model)
                 chips.append((resp.aligned.encoded, resp.reconstruction.encoded))
@@ -513,11 +552,27 @@ class Audit:
         }
         sec["summary"]["same_person_rate"] = finite(float(np.mean([r["same_person"] for r in rows]))) if rows else None
         sec["summary"]["n"] = len(rows)
+        if judge is not None:
+            sec["judge"] = judge.model
+            sec["summary"].update(judge_summary(rows))
         if rows:
             self.save_grid(chips, "recon/grid.png")
             sec["grid"] = "images/recon/grid.png"
         if not rows:
             raise AuditError(f"no face could be reconstructed ({len(failed)} failed)", 4)
+
+    def second_judge(self) -> SecondJudge:
+        """The judge client with both chip geometries: the audited FR model's (where decoded faces sit) and the
+        judge's own, from what the two embedding services report serving."""
+        fr_name, _ = parse_model_ref(self.cfg.fr_model)
+        judged = self.result["models"]["judge"]["models"]
+        judge_name = next(m["name"] for m in judged if m["kind"] == KIND_EMBEDDER and m["serving"])
+        try:
+            source = served_geometry(self.served_metadata["embedding"][fr_name])
+            target = served_geometry(self.served_metadata["judge"][judge_name])
+        except (KeyError, ValueError) as exc:
+            raise AuditError(f"the chip geometry of a served model is not reported: {exc}", 3) from None
+        return SecondJudge(self.clients["judge"], source, target)
 
     def save_grid(self, chips: list[tuple[bytes, bytes]], name: str) -> None:
         """Originals above their reconstructions, at most 8 a row, as one PNG."""
@@ -1255,6 +1310,110 @@ def estimate_for(label: str, served: dict[str, list[str]]) -> tuple[str, int]:
     if attr in served and comp in served[attr]:
         return attr, served[attr].index(comp)
     return "", 0
+
+
+def served_geometry(metadata: dict[str, str]) -> Any:
+    """A served FR model's chip geometry (:class:`facexplain.metrics.judge.ChipGeometry`) from its ModelStatus
+    metadata: ``chip_size``, ``chip_padding`` and, for a five-point model, ``alignment_scheme`` and
+    ``alignment_reference`` (JSON [[x, y], ...] chip pixels)."""
+    import json
+
+    from facexplain.metrics.judge import ChipGeometry
+
+    scheme = metadata.get("alignment_scheme") or "dlib"
+    reference = metadata.get("alignment_reference")
+    ref = tuple((float(x), float(y)) for x, y in json.loads(reference)) if reference else None
+    if scheme != "dlib" and ref is None:
+        raise ValueError(f"alignment {scheme!r} without alignment_reference")
+    return ChipGeometry(int(metadata["chip_size"]), float(metadata["chip_padding"]), scheme, ref)
+
+
+def png_faces01(png: bytes, size: int | None = None) -> Any:
+    """A PNG as a (1, 3, s, s) float tensor in [0, 1], resized to ``size`` (antialiased) when given."""
+    import torch
+
+    from facexplain.metrics.reconstruction import resize01
+
+    with Image.open(io.BytesIO(png)) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return resize01(t, size) if size else t
+
+
+def chip_png(chip255: Any) -> common_pb2.Image:
+    """A (3, S, S) chip in [0, 255] as a PNG image message (rounded to 8 bits)."""
+    arr = chip255.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return common_pb2.Image(encoded=buf.getvalue())
+
+
+class SecondJudge:
+    """An independent FR model behind an embedding service, judging decoded faces as
+    :mod:`facexplain.metrics.judge` does: its template of the original photo (Embed, full pipeline) against its
+    template of the decoded face warped onto its own chip geometry (Embed, ``INPUT_MODE_ALIGNED``), scored by
+    its Verify (its rule). The control: the original's aligned chip at the decoded face's size, judged alike."""
+
+    def __init__(self, client: EmbeddingClient, source: Any, target: Any) -> None:
+        self.client, self.source, self.target = client, source, target
+        self.model: dict[str, str] = {}
+
+    def _template(self, faces01: Any) -> common_pb2.Template:
+        from facexplain.metrics.judge import judge_chips
+
+        resp = self.client.embed(chip_png(judge_chips(faces01, self.source, self.target)[0]), aligned=True, timeout=300)
+        return resp.template
+
+    def _verify(self, ref: common_pb2.Template, t: common_pb2.Template) -> tuple[float | None, bool]:
+        v = self.client.verify(common_pb2.Probe(template=ref), common_pb2.Probe(template=t), timeout=300)
+        return finite(v.cosine), bool(v.same_person)
+
+    def scores(self, photo: Path, decoded_png: bytes, aligned_png: bytes) -> dict[str, Any]:
+        """``identity_cosine_second`` / ``same_person_second`` and the control's, for one reconstruction; where
+        the judge finds no face in the photo the cosines are None and the verdicts no (``second_no_face``)."""
+        try:
+            ref = self.client.embed(image_from_path(photo), timeout=300)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            return dict(_NO_JUDGEMENT)
+        self.model = model_ref(ref.model)
+        decoded = png_faces01(decoded_png)
+        cos, same = self._verify(ref.template, self._template(decoded))
+        control = png_faces01(aligned_png, decoded.shape[-1])
+        cos_c, same_c = self._verify(ref.template, self._template(control))
+        return {
+            "identity_cosine_second": cos,
+            "same_person_second": same,
+            "identity_cosine_second_control": cos_c,
+            "same_person_second_control": same_c,
+            "second_no_face": False,
+        }
+
+
+_NO_JUDGEMENT: dict[str, Any] = {
+    "identity_cosine_second": None,
+    "same_person_second": False,
+    "identity_cosine_second_control": None,
+    "same_person_second_control": False,
+    "second_no_face": True,
+}
+
+
+def judge_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The second judge's means over the reconstructions (a face it found no face in counts as not accepted)."""
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return finite(float(np.mean(vals))) if vals else None
+
+    return {
+        "identity_cosine_second": mean("identity_cosine_second"),
+        "same_person_rate_second": mean("same_person_second"),
+        "identity_cosine_second_control": mean("identity_cosine_second_control"),
+        "same_person_rate_second_control": mean("same_person_second_control"),
+        "n_second_no_face": sum(bool(r.get("second_no_face")) for r in rows),
+    }
 
 
 @dataclass

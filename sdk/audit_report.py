@@ -92,7 +92,8 @@ def _duration(sec: dict[str, Any]) -> str:
 def _models(r: dict[str, Any]) -> str:
     sec = r["models"]
     rows = []
-    for svc, st in sec["services"].items():
+    services = dict(sec["services"]) | ({"judge": sec["judge"]} if sec.get("judge") else {})
+    for svc, st in services.items():
         for m in st["models"]:
             rows.append(
                 [
@@ -144,6 +145,13 @@ def _trust(r: dict[str, Any]) -> str:
     shown = [("psnr", "PSNR {} dB", 2), ("ssim", "SSIM {}", 3), ("identity_cosine", "identity cosine {}", 3)]
     shown.append(("accepted", "accepted as the same person {}", 2))
     figures = [text.format(_num(float(card[f"{pre}_{k}"]), d)) for k, text, d in shown if f"{pre}_{k}" in card]
+    if "test_accepted_second" in card:  # the independent FR model's verdict on the training run's test faces
+        judge = _e(card.get("second_judge", "the second FR model"))
+        cos = card.get("test_identity_cosine_second")
+        figures.append(
+            f"judged by {judge}: identity cosine {_num(float(cos)) if cos else 'n/a'}, "
+            f"accepted {_num(float(card['test_accepted_second']), 2)} (test split)"
+        )
     said = ", ".join(f for f in figures if f)
     origin = f" (shipped with facexplain: {_e(card['shipped_from'])})" if card.get("shipped_from") else ""
     text = (
@@ -167,26 +175,48 @@ def _trust(r: dict[str, Any]) -> str:
 def _reconstructions(r: dict[str, Any]) -> str:
     sec = r["reconstructions"]
     s = sec["summary"]
+    judged = bool(sec.get("judge"))
     out = _trust(r) + (
         f"<p>{s['n']} faces decoded from their templates by {_ref(sec.get('decoder'))} "
         f"(FR model {_ref(sec.get('fr_model'))}). Mean PSNR {_num(s['psnr'], 2)} dB, SSIM {_num(s['ssim'])}, "
         f"identity cosine {_num(s['identity_cosine'])}; the FR model accepts {_num(s['same_person_rate'], 2)} "
         "of the reconstructions as the same person. Top row: aligned faces; bottom row: reconstructions.</p>"
     )
+    if judged:
+        no_face = f"; it found no face in {s['n_second_no_face']} of the photos" if s.get("n_second_no_face") else ""
+        control = s.get("identity_cosine_second_control"), s.get("same_person_rate_second_control")
+        out += (
+            f"<p><b>Second judge</b> {_ref(sec['judge'])}, an independent FR model (the decoder was trained against "
+            f"the audited model's features, so its verdict above is a white-box score): mean identity cosine "
+            f"{_num(s.get('identity_cosine_second'))} between its templates of the decoded face and of the photo; "
+            f"it accepts {_num(s.get('same_person_rate_second'), 2)} of the reconstructions as the same person "
+            f"(its own rule). Control, the original's aligned chip at the decoder's size judged alike: cosine "
+            f"{_num(control[0])}, accepted {_num(control[1], 2)}{no_face}.</p>"
+        )
     if sec.get("grid"):
         out += _img(sec["grid"], "aligned faces above their reconstructions", "wide")
-    rows = [
-        [
+    header = ["image", "identity", "decoded", "PSNR (dB)", "SSIM", "identity cosine", "same person"]
+    if judged:
+        header += ["second judge: cosine", "same person", "control cosine"]
+    rows = []
+    for f in sec["faces"]:
+        row = [
             _e(f["path"]),
             _e(f["identity"]),
+            _img(f["reconstruction"], "decoded " + f["path"], "thumb") if f.get("reconstruction") else "",
             _num(f["psnr"], 2),
             _num(f["ssim"]),
             _num(f["identity_cosine"]),
             _num(f["same_person"]),
         ]
-        for f in sec["faces"]
-    ]
-    out += _table(["image", "identity", "PSNR (dB)", "SSIM", "identity cosine", "same person"], rows)
+        if judged:
+            row += [
+                _num(f.get("identity_cosine_second")),
+                _num(f.get("same_person_second")),
+                _num(f.get("identity_cosine_second_control")),
+            ]
+        rows.append(row)
+    out += _table(header, rows)
     if sec["failed"]:
         out += "<p>Not reconstructed: " + "; ".join(f"{_e(f['path'])} ({_e(f['reason'])})" for f in sec["failed"])
         out += "</p>"
@@ -508,7 +538,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}th{background:#eee}
 table.compact{font-size:.8em}.muted{color:#777}
 .warn{background:#fff3cd;border:1px solid #d9a400;padding:.4em .8em}
-img.wide{max-width:100%}img.strip{max-width:100%;height:auto}img.face{width:128px;height:128px}
+img.wide{max-width:100%}img.strip{max-width:100%;height:auto}img.face{width:128px;height:128px}img.thumb{width:64px;height:64px}
 figure{display:inline-block;margin:4px}figcaption{font-size:.8em;color:#555}
 section{border-top:2px solid #444;margin-top:2em}code{background:#f4f4f4}
 """

@@ -23,7 +23,7 @@ import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
 from registry import CHAMPION, Registry, VersionInfo
 
 
@@ -152,8 +152,6 @@ def second_fr_registered(mlflow: RunningMlflow, registry: Registry, fr_v1: Versi
     Shared by the second-model and counterfactual tests: the CLI aliases the model only when it has no
     champion yet, so it runs once per session.
     """
-    from facexplain.artifacts.embedder import SECOND_FR_MODEL
-
     cmd = [sys.executable, "-m", "cli.main", "registry", "register-defaults", "--no-shipped", "--uri", mlflow.uri]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

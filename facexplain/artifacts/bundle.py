@@ -301,6 +301,9 @@ def flat_metadata(meta: dict[str, Any]) -> dict[str, str]:
         out["alignment"] = str(ali.get("template", ""))
         out["chip_size"] = str(ali.get("chip_size", ""))
         out["chip_padding"] = str(ali.get("padding", ""))
+        if ali.get("scheme") and ali.get("reference"):  # a five-point model: where its chips put the face
+            out["alignment_scheme"] = str(ali["scheme"])
+            out["alignment_reference"] = json.dumps([[float(x), float(y)] for x, y in ali["reference"]])
     ver = meta.get("verification") or {}
     if ver:
         out["verification_metric"] = str(ver.get("metric", ""))

@@ -8,13 +8,14 @@ fallback, so one function builds the slot for both.
 
 from __future__ import annotations
 
+import json
 from typing import Final, Literal
 
 import torch
 
 from facexplain.artifacts.embedder import KIND, KIND_EMBEDDER
 from facexplain.metrics.verification import VerificationRule
-from facexplain.pipeline import DetectedFace, FacePipeline, FaceResult, FaceSelection
+from facexplain.pipeline import DetectedFace, EmbedderInfo, FacePipeline, FaceResult, FaceSelection
 from services.api.v1 import common_pb2, embedding_pb2
 from services.kit.config import ServiceSettings
 from services.kit.errors import InvalidArgument
@@ -117,6 +118,13 @@ def rule_to_proto(rule: VerificationRule) -> common_pb2.VerificationRule:
     )
 
 
+def five_point_metadata(info: EmbedderInfo) -> dict[str, str]:
+    """A five-point model's alignment for ModelStatus, as the registry-served bundle's metadata gives it."""
+    if info.alignment == "dlib" or info.reference is None:
+        return {}
+    return {"alignment_scheme": info.alignment, "alignment_reference": json.dumps([list(p) for p in info.reference])}
+
+
 def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:
     """A pipeline as a served model, labelled with its own name and version (local weights)."""
     info = pipeline.info
@@ -133,6 +141,7 @@ def served_pipeline(pipeline: FacePipeline) -> ServedModel[FacePipeline]:
             "verification_threshold": str(info.rule.threshold),
             "verification_accept_below": str(info.rule.accept_below).lower(),
             "source": "face-api 1.7.15 weights (npm), PyTorch port",
+            **five_point_metadata(info),
         },
         device=str(pipeline.device),
     )

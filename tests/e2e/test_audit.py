@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import pytest
 
 from cli.launcher import REPO, RunningService, free_port, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
 from sdk.audit_report import SECTIONS, strip_timestamps
 from sdk.client import ClientSecurity
 from tests.conftest import shared_data_dir
@@ -347,3 +348,83 @@ def test_sdk_facade_reaches_all_five_services(deployment: Deployment, served: di
     with pytest.raises(ValueError, match="unknown service"):
         Facexplain(targets={"embeding": "127.0.0.1:1"})
     assert Facexplain("10.0.0.9").targets["counterfactual"] == "10.0.0.9:50055"
+
+
+# -- the second judge: an independent FR model scores every reconstruction ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def judge_service(
+    deployment: Deployment, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    """An embedding service serving the second FR model (``register-defaults`` put it in the session's
+    registry), with the loopback deployment's TLS and tokens."""
+    if deployment.deployed:
+        pytest.skip("the staging serves no second FR model")
+    request.getfixturevalue("second_fr_registered")
+    work = tmp_path_factory.mktemp("judge")
+    env = service_env(deployment.registry_uri, work / "cache", request.getfixturevalue("pki"))
+    svc = start_service("embedding", work, env={**env, "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL}, timeout=600)
+    yield svc
+    assert svc.stop() == 0, svc.log_text()[-2000:]
+
+
+def _judged_reconstructions(
+    deployment: Deployment, judge: str, data: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """The audit's models and reconstructions steps alone (in-process, through the SDK) with ``judge``."""
+    from sdk.audit import Audit, AuditConfig, AuditInputs, load_faces, sample
+    from sdk.client import ENV_TLS_CA_FILE, ENV_TOKEN
+
+    monkeypatch.setenv(ENV_TLS_CA_FILE, str(deployment.ca_file or ""))
+    monkeypatch.setenv(ENV_TOKEN, deployment.token or "")
+    targets = {n: deployment.addresses[n] for n in SERVICES}
+    cfg = AuditConfig(
+        FR, data=data, out=out, seed=SEED, targets=targets, max_reconstructions=4, quiet=True, judge=judge
+    )
+    audit = Audit(cfg)
+    faces, names, _ = load_faces(data)
+    inputs = AuditInputs(faces, sample(faces, 12, audit.rng("faces")), names)
+    with ExitStack() as stack:
+        audit.connect(stack)
+        for name, step in (("models", Audit.models), ("reconstructions", Audit.reconstructions)):
+            with audit.step(name) as sec:
+                step(audit, inputs, sec)
+    return audit.result
+
+
+def test_second_judge_scores_every_reconstruction(
+    deployment: Deployment,
+    judge_service: RunningService,
+    second_fr_registered: str,
+    sample_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sdk.audit import AuditError
+    from sdk.audit_report import RENDER
+
+    r = _judged_reconstructions(deployment, judge_service.address, sample_data, tmp_path, monkeypatch)
+    rec = r["reconstructions"]
+    assert rec["judge"]["name"] == SECOND_FR_MODEL and rec["judge"]["version"] == second_fr_registered
+    judge_models = r["models"]["judge"]["models"]
+    assert [(m["name"], m["version"]) for m in judge_models if m["serving"]] == [
+        (SECOND_FR_MODEL, second_fr_registered)
+    ]
+    s = rec["summary"]
+    # the audited model's keys as before, the second judge's beside them
+    assert {"psnr", "ssim", "identity_cosine", "same_person_rate", "n"} <= set(s) and s["n"] == len(rec["faces"]) >= 3
+    for f in rec["faces"]:
+        assert f["second_no_face"] is False, f["path"]
+        assert -1 <= f["identity_cosine_second"] <= 1 and isinstance(f["same_person_second"], bool)
+        assert -1 <= f["identity_cosine_second_control"] <= 1
+    # the control (each original's own chip at the decoder's size) is the same person to the second model; the
+    # session's decoder (a minute of training on ten people) draws faces it mostly does not recognise
+    assert s["same_person_rate_second_control"] >= 0.75, rec["faces"]
+    assert s["identity_cosine_second"] < s["identity_cosine_second_control"]
+    page = RENDER["reconstructions"](r) + RENDER["models"](r)
+    assert "Second judge" in page and SECOND_FR_MODEL in page and page.count('class="thumb"') == s["n"]
+    # the audited model is no judge of itself
+    with pytest.raises(AuditError, match="no independent judge") as refused:
+        _judged_reconstructions(deployment, deployment.addresses["embedding"], sample_data, tmp_path, monkeypatch)
+    assert refused.value.code == 2

@@ -35,7 +35,7 @@ from PIL import Image
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
 from registry import CHAMPION, Registry, VersionInfo
 from sdk.client import DecodingClient, image_from_path, wait_ready
 from services.api.v1 import common_pb2, decoding_pb2, decoding_pb2_grpc
@@ -178,6 +178,13 @@ def test_training_run_is_tracked_and_registered(
     assert history[-1].value < 0.8 * history[0].value, [h.value for h in history]
     for key in ("train_pixel_global", "train_perceptual_local", "test_psnr", "test_ssim", "test_identity_cosine"):
         assert key in run.data.metrics, key
+    # the independent second FR model judged the test faces too (reported beside the gates, not one of them)
+    assert params["second_judge_model"].startswith(f"{SECOND_FR_MODEL}:"), params.get("second_judge_model")
+    m = run.data.metrics
+    assert -1 <= m["test_identity_cosine_second"] <= 1 and 0 <= m["test_accepted_second"] <= 1
+    assert m["test_second_judge_faces"] == summary["faces"]["test"]
+    assert decoder_v1.tags["second_judge"] == params["second_judge_model"]
+    assert "test_identity_cosine_second" in decoder_v1.tags
     # reconstruction grids as images, the bundle inside the same run, the version pointing at it
     arts = {a.path for a in client.list_artifacts(summary["run_id"], "grids")}
     assert "grids/test_reconstructions.png" in arts

@@ -84,6 +84,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             f"identity cosine {m['test_identity_cosine']:.3f}, accepted {m['test_accepted']:.1%}, "
             f"rank-1 {m['test_rank1']:.1%}; quality gates {'passed' if summary.gates_passed else 'NOT passed'}"
         )
+        if "test_accepted_second" in m:  # the independent FR model's verdict (reported, not a gate)
+            print(
+                f"  second FR model: identity cosine {m.get('test_identity_cosine_second', float('nan')):.3f}, "
+                f"accepted {m['test_accepted_second']:.1%}"
+            )
         failed = [k for k, ok in summary.gates.items() if not ok]
         if failed:
             print("  gates missed: " + ", ".join(failed))

@@ -21,8 +21,8 @@ import torch
 
 from facexplain.artifacts.bundle import GOLDEN_IMAGE, bundle_digest, load_golden_image, read_metadata
 from facexplain.artifacts.decoder import KIND_DECODER, save_decoder_bundle
-from facexplain.artifacts.embedder import KIND_EMBEDDER, load_bundle
-from facexplain.data.faces import FaceRecord
+from facexplain.artifacts.embedder import KIND_EMBEDDER, SECOND_FR_MODEL, load_bundle, second_fr_pipeline
+from facexplain.data.faces import FaceRecord, load_image
 from facexplain.data.faceset import (
     FaceSet,
     blend_faceset,
@@ -35,6 +35,7 @@ from facexplain.data.faceset import (
 from facexplain.data.splits import without_sealed
 from facexplain.losses.dfd import DEFAULT_WHITE_BOX_LAYER, PerceptualFeatures
 from facexplain.metrics.image import psnr, ssim
+from facexplain.metrics.judge import ChipGeometry, judge_decoded
 from facexplain.metrics.reconstruction import embed_images, reconstruction_report
 from facexplain.models.decoder import DeepFaceDecoder
 from facexplain.models.hse_faceres import CHIP_SIZE as HSE_CHIP_SIZE
@@ -67,6 +68,10 @@ from training.distributed import Dist, distributed_params, init_distributed, nod
 
 EXPERIMENT = "facexplain-decoders"
 VAL_IDENTITY_FACES = 256  # per-epoch identity check on this many validation faces (full check at the end)
+# The independent second FR model judges this many test faces (evenly spaced over the split): reported, not
+# a gate. Its reference is its template of each original photo (its detector runs), hence a cap.
+SECOND_JUDGE = f"{SECOND_FR_MODEL}@{CHAMPION}"
+SECOND_JUDGE_FACES = 256
 
 # The issue's quality gates on unseen identities (64 px or more, against the aligned chip): minimums.
 QUALITY_GATES: dict[str, float] = {
@@ -212,6 +217,7 @@ class _Evaluation:
     metrics: dict[str, float]
     gates: dict[str, bool]
     passed: bool
+    second_judge: str = ""  # "name:version" of the independent FR model that judged the test faces
 
 
 def train_decoder(
@@ -271,7 +277,7 @@ def _train_decoder(
     run_state = saved_run_state(out_dir, resume)
     mlrun = _start_tracking(cfg, fr, data, decoder, device, dist, registry_uri, run_state)
     fitted = _fit(train, fr, data, mlrun, run_state, progress)
-    ev = _evaluate(decoder, fr, data, fitted, device, out_dir, mlrun)
+    ev = _evaluate(decoder, fr, data, fitted, device, out_dir, mlrun, registry)
     result = fitted.result
     summary = RunSummary(
         run_id=mlrun.run_id,
@@ -296,6 +302,8 @@ def _train_decoder(
         if not ev.passed:  # what `facexplain registry promote` names when it refuses the version
             tags["gates_failed"] = ",".join(k for k, ok in ev.gates.items() if not ok) or "no test faces"
         tags["data_manifest_sha256"] = summary.data_manifest_sha256
+        if ev.second_judge:
+            tags["second_judge"] = ev.second_judge
         summary.registered = register_from_run(registry, bundle, cfg.register_as, cfg.alias, tags, mlrun.run_id)
     write_summary(mlrun, out_dir, summary)
     return summary
@@ -515,21 +523,80 @@ def _evaluate(
     device: torch.device,
     out_dir: Path,
     mlrun: TrackedRun,
+    registry: Registry | None = None,
 ) -> _Evaluation:
-    """The best weights on unseen identities against the mean-face baseline, and the quality gates."""
+    """The best weights on unseen identities against the mean-face baseline, the quality gates, and the
+    independent second FR model's identity figures (reported beside the gates, not one of them)."""
     decoder.eval()
     test = data.splits["test"]
     result = fitted.result
     metrics: dict[str, float] = {"best_epoch": float(result.best_epoch), "train_seconds": fitted.train_seconds}
     metrics["train_images_per_s_overall"] = result.train_images_per_s
+    judge = ""
     if len(test):
         metrics.update(_test_figures(decoder, fr, data, device, out_dir, mlrun))
+        second, judge = _second_judge_figures(decoder, fr, data, device, registry)
+        metrics.update(second)
     gates = check_gates(metrics)
     passed = bool(gates) and all(gates.values()) and len(test) > 0
     metrics["gates_passed"] = float(passed)
     mlrun.metrics(metrics, step=len(result.history))
     mlrun.tag("gates_passed", str(passed).lower())
-    return _Evaluation(metrics, gates, passed)
+    if judge:
+        mlrun.tag("facexplain.second_judge", judge)
+        mlrun.params({"second_judge_model": judge, "second_judge_faces_max": SECOND_JUDGE_FACES})
+    return _Evaluation(metrics, gates, passed, judge)
+
+
+def _load_second_judge(fr: _FRModel, registry: Registry | None, device: torch.device) -> tuple[Any, str] | None:
+    """The independent FR model: its registered champion, else the installed weights; None (and a message)
+    where neither is there or it is the very model the decoder inverts."""
+    name, ref = parse_model_spec(SECOND_JUDGE)
+    if fr.info.name == name:
+        print(f"second judge skipped: {name} is the FR model this decoder inverts, not an independent one")
+        return None
+    reason = "no registry"
+    if registry is not None:
+        try:
+            info = registry.resolve(name, ref)
+            path = registry.download(info, var_dir() / "models")
+            return load_bundle(path, device, name=info.name, version=info.version), f"{info.name}:{info.version}"
+        except Exception as exc:  # not registered there (or unreachable): the installed weights below
+            reason = f"{type(exc).__name__}: {exc}"
+    try:
+        return second_fr_pipeline(str(device)), f"{name}:local"
+    except (FileNotFoundError, OSError) as exc:
+        print(f"second judge skipped: {name} not in the registry ({reason}) and not installed ({exc})")
+        return None
+
+
+def _second_judge_figures(
+    decoder: DeepFaceDecoder, fr: _FRModel, data: _Data, device: torch.device, registry: Registry | None
+) -> tuple[dict[str, float], str]:
+    """HSE FaceRes's identity cosine and acceptance of the decoded test faces against its templates of the
+    original photos (:mod:`facexplain.metrics.judge`), on up to ``SECOND_JUDGE_FACES`` evenly spaced faces."""
+    loaded = _load_second_judge(fr, registry, device)
+    if loaded is None:
+        return {}, ""
+    judge, label = loaded
+    test = data.splits["test"]
+    n = min(SECOND_JUDGE_FACES, len(test))
+    index = torch.linspace(0, len(test) - 1, n).round().long().unique()
+    photos = [load_image(data.root / test.paths[i]) for i in index.tolist()]
+    with torch.no_grad():
+        decoded = decoder(test.templates[index].to(device)).float().cpu()
+    scores = judge_decoded(judge, photos, decoded, ChipGeometry.of(fr.pipeline.info))
+    summary = scores.summary()
+    out = {
+        "test_second_judge_faces": float(summary["faces"] or 0),
+        "test_second_judge_found": float(summary["found"] or 0),
+    }
+    if summary["mean_cosine"] is not None:
+        out["test_identity_cosine_second"] = float(summary["mean_cosine"])
+    out["test_accepted_second"] = float(summary["accepted"] or 0.0)
+    cosine, accepted = out.get("test_identity_cosine_second", float("nan")), out["test_accepted_second"]
+    print(f"second judge {label} on {n} test faces: identity cosine {cosine:.3f}, accepted {accepted:.1%}")
+    return out, label
 
 
 def _test_figures(

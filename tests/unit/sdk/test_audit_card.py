@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
 
 from sdk.audit import model_card
 from sdk.audit_report import _trust
@@ -95,3 +98,42 @@ def test_privacy_estimate_for_a_label() -> None:
     assert estimate_for("Smiling", {"expression": ["neutral", "happy", "sad"]}) == ("expression", 1)
     assert estimate_for("Male", {"gender": ["p_male"]}) == ("gender", 0)
     assert estimate_for("Bald", {"expression": ["neutral", "happy"]}) == ("", 0)
+
+
+def test_the_card_says_what_the_second_model_judged() -> None:
+    judged = {"test_psnr": "14.5", "gates_passed": "true", "test_identity_cosine_second": "0.3151"}
+    judged |= {"test_accepted_second": "0.2", "second_judge": "facexplain-fr-hsefaceres1024:1"}
+    card = model_card(judged)
+    assert card["second_judge"] == "facexplain-fr-hsefaceres1024:1" and card["test_accepted_second"] == "0.2"
+    html = _trust(_result(card))
+    assert "judged by facexplain-fr-hsefaceres1024:1: identity cosine 0.315, accepted 0.20" in html
+
+
+def test_served_geometry_and_the_second_judges_summary() -> None:
+    from facexplain.faces.align import ARCFACE_5PT_ALIGNMENT
+    from facexplain.models.hse_faceres import reference_points
+    from sdk.audit import judge_summary, served_geometry
+
+    dlib = served_geometry({"chip_size": "150", "chip_padding": "0.25"})
+    assert (dlib.chip_size, dlib.chip_padding, dlib.alignment, dlib.reference) == (150, 0.25, "dlib", None)
+    ref = [list(p) for p in reference_points()]
+    five = served_geometry(
+        {"chip_size": "224", "chip_padding": "0.0", "alignment_scheme": ARCFACE_5PT_ALIGNMENT,
+         "alignment_reference": json.dumps(ref)}
+    )  # fmt: skip
+    assert five.alignment == ARCFACE_5PT_ALIGNMENT and five.reference == tuple(tuple(p) for p in ref)
+    with pytest.raises(ValueError, match="alignment_reference"):
+        served_geometry({"chip_size": "224", "chip_padding": "0", "alignment_scheme": ARCFACE_5PT_ALIGNMENT})
+    rows = [
+        {"identity_cosine_second": 0.5, "same_person_second": True, "identity_cosine_second_control": 0.9,
+         "same_person_second_control": True, "second_no_face": False},
+        {"identity_cosine_second": 0.1, "same_person_second": False, "identity_cosine_second_control": 0.7,
+         "same_person_second_control": True, "second_no_face": False},
+        {"identity_cosine_second": None, "same_person_second": False, "identity_cosine_second_control": None,
+         "same_person_second_control": False, "second_no_face": True},
+    ]  # fmt: skip
+    s = judge_summary(rows)
+    assert s["identity_cosine_second"] == pytest.approx(0.3) and s["identity_cosine_second_control"] == pytest.approx(
+        0.8
+    )
+    assert s["same_person_rate_second"] == pytest.approx(1 / 3) and s["n_second_no_face"] == 1
