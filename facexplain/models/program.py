@@ -358,7 +358,19 @@ def load_export(path: Path, device: str | torch.device = "cpu") -> nn.Module:
     return module  # type: ignore[no-any-return]
 
 
-class ProgramRecognition(nn.Module):
+class _ContractRecognition(nn.Module):
+    """What both kinds of auditor's model share as a recognition net: the input contract, and the fields
+    the default model's bundle metadata reads (the contract replaces them in these bundles)."""
+
+    def __init__(self, contract: InputContract) -> None:
+        super().__init__()
+        self.contract = contract
+        self.channels = contract.channels
+        self.mean_rgb = torch.zeros(1, 3, 1, 1)
+        self.input_divisor = 1.0
+
+
+class ProgramRecognition(_ContractRecognition):
     """An auditor's program as the recognition net: chips RGB in [0, 255] -> contract -> program -> templates.
 
     Differentiable with respect to the chips. ``source`` is the program file, copied byte for byte into a
@@ -370,15 +382,10 @@ class ProgramRecognition(nn.Module):
     def __init__(
         self, program: nn.Module, contract: InputContract, *, source: Path | None = None, fmt: str = TORCHSCRIPT_ARCH
     ) -> None:
-        super().__init__()
+        super().__init__(contract)
         self.program = program
-        self.contract = contract
         self.source = source
         self.arch = fmt
-        self.channels = contract.channels
-        # what the default model's bundle metadata reads; the contract replaces them in program bundles
-        self.mean_rgb = torch.zeros(1, 3, 1, 1)
-        self.input_divisor = 1.0
 
     @classmethod
     def from_file(cls, path: Path, contract: InputContract, dim: int, device: str | torch.device = "cpu") -> Any:
@@ -527,7 +534,7 @@ def _parse_templates(body: bytes, ctype: str, n: int, where: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-class BlackBoxRecognition(nn.Module):
+class BlackBoxRecognition(_ContractRecognition):
     """An auditor's template endpoint as the recognition net: chips -> 8-bit NHWC -> HTTP -> templates.
 
     Not differentiable: the forward runs without gradients and its output never requires them.
@@ -537,15 +544,11 @@ class BlackBoxRecognition(nn.Module):
     differentiable = False
 
     def __init__(self, endpoint: BlackBoxEndpoint, contract: InputContract, model: str = "") -> None:
-        super().__init__()
         if contract.value_range != (0.0, 255.0) or contract.mean != (0.0, 0.0, 0.0) or contract.std != (1.0, 1.0, 1.0):
             raise ProgramError("a black-box endpoint receives 8-bit chips: value_range 0..255, mean 0, std 1")
+        super().__init__(contract)
         self.endpoint = endpoint
-        self.contract = contract
         self.model = model
-        self.channels = contract.channels
-        self.mean_rgb = torch.zeros(1, 3, 1, 1)
-        self.input_divisor = 1.0
 
     @classmethod
     def connect(cls, endpoint: BlackBoxEndpoint, contract: InputContract, dim: int, model: str = "") -> Any:
