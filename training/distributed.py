@@ -91,12 +91,24 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(td.get_rank(), td.get_world_size(), local, td.get_backend(), owns)
 
 
-def shutdown(dist: Dist) -> None:
-    """Destroy the process group this module created (a group created by the caller is the caller's)."""
+def shutdown(dist: Dist, wait_for_peers: bool = True) -> None:
+    """Destroy the process group this module created (a group created by the caller is the caller's).
+
+    On a normal end every rank first drops what still holds the group (a DDP wrapper in a reference
+    cycle) and waits for the others: rank 0 hosts the rendezvous store, and a rank whose peers tear
+    the group down under it while it is still leaving can abort in gloo's C++ threads. After a
+    failure (``wait_for_peers=False``) nobody waits: the peers may be inside another collective, and
+    torchrun ends them when this rank exits with its error.
+    """
     if dist.owns_group:
+        import gc
+
         import torch.distributed as td
 
         if td.is_initialized():
+            if wait_for_peers:
+                gc.collect()
+                td.barrier()
             td.destroy_process_group()
 
 

@@ -242,10 +242,13 @@ def train_decoder(
         raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: one of {', '.join(PERCEPTUAL_NETWORKS)}")
     device = setup_run(cfg.device, cfg.threads, out_dir)
     dist = init_distributed(device)
+    finished = False
     try:
-        return _train_decoder(cfg, dist, device, registry_uri, out_dir, resume, register, progress, faceset_cache)
+        result = _train_decoder(cfg, dist, device, registry_uri, out_dir, resume, register, progress, faceset_cache)
+        finished = True
+        return result
     finally:
-        shutdown(dist)
+        shutdown(dist, wait_for_peers=finished)
 
 
 def _train_decoder(

@@ -101,14 +101,14 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank)}
     )
+    from training.distributed import Dist, shutdown
+
     torch.set_num_threads(1)
     _, res = _fit(Path(out), 3)
     Path(out, f"rank{rank}.json").write_text(
         json.dumps({"epochs": res.epochs_done, "history": len(res.history), "stopped": res.stopped})
     )
-    import torch.distributed as td
-
-    td.destroy_process_group()
+    shutdown(Dist(rank=rank, world=world, backend="gloo", owns_group=True))  # what the pipeline's end does
 
 
 def test_distributed_data_parallel_on_cpu(tmp_path: Path) -> None:
