@@ -6,6 +6,8 @@
                                                         # the recipe's run against the quality gates
     python bench/bench_decoder.py heldout [--decoder NAME@ALIAS] [--max-faces N]
                                                         # a registered decoder, served, on the sealed identities
+    python bench/bench_decoder.py limits [--bundle DIR] [--preset celeba-cpu-ship]
+                                                        # where a decoder's pixel error on unseen people comes from
 
 Throughput times full training steps (forward, the DFD losses, backward, Adam) on real CelebA chips
 and templates from the cached face set, per loss setting, after warm-up. The ablation trains one
@@ -15,7 +17,10 @@ reports the test-split figures. The held-out evaluation starts a real decoding s
 against the registry and sends it every image of the sealed identities (data/splits/celeba-sealed.txt:
 no shipped model trains, validates or is chosen on them); the figures are the service's own (Reconstruct's
 metrics), judged against the quality gates. Results go to bench/results/decoder-*.json with the machine
-and date.
+and date. ``limits`` takes a decoder bundle (default: the shipped one) and its recipe's own split and asks
+what a pixel-level fix could still gain on its unseen test identities: a colour bias, a shrinkage toward the
+mean face (fitted on the validation identities), and the part of the error that is each image's overall
+brightness and colour, which a lighting-invariant template cannot carry (an oracle that knows it).
 """
 
 from __future__ import annotations
@@ -336,9 +341,72 @@ def heldout(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _repo_relative(path: Path) -> str:
+    path = path.resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
+def limits(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the decoder's pixel error on its unseen test identities comes from (module docstring)."""
+    from facexplain.artifacts.decoder import load_decoder_bundle
+    from facexplain.data.faceset import drop_sealed
+    from facexplain.metrics.image import psnr, ssim
+
+    cfg = TrainDecoderConfig().replace(**PRESETS[args.preset])
+    loaded = load_decoder_bundle(args.bundle)
+    reg = Registry(_registry_uri(args))
+    info, path = resolve_fr_model(reg, cfg.fr_model, var_dir() / "models")
+    if info.tags["bundle_sha256"] != loaded.meta["fr_model"]["bundle_sha256"]:
+        sys.exit(f"{args.bundle} inverts another FR model than {cfg.fr_model}")
+    pipe = load_bundle(path, torch.device("cpu"), name=info.name, version=info.version)
+    root, recs, names = records_from_spec(cfg.data)
+    fs = build_faceset(root, recs, pipe, fr_key=info.tags["bundle_sha256"], label_names=names, cache_dir=FACESET_CACHE)
+    if cfg.exclude_sealed:
+        fs, _ = drop_sealed(fs)
+    splits = split_faceset(
+        fs, cfg.out_size, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
+    recorded = (loaded.meta.get("training") or {}).get("faces") or {}
+    if recorded.get("test") != len(splits["test"]) or recorded.get("val") != len(splits["val"]):
+        sys.exit(f"the {args.preset} split ({len(splits['test'])} test faces) is not the bundle's own ({recorded})")
+    mean_face = splits["train"].targets.mean(0, keepdim=True)
+
+    def decode(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s = splits[side]
+        out = torch.cat([loaded.decode(s.templates[i : i + 256]) for i in range(0, len(s), 256)])
+        return out, s.targets
+
+    def mean_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+        return round(float(psnr(x.clamp(0, 1), y).mean()), 3)
+
+    val_x, val_y = decode("val")
+    alphas = [round(0.5 + 0.05 * k, 2) for k in range(11)]
+    best_alpha = max(alphas, key=lambda a: mean_psnr(mean_face + a * (val_x - mean_face), val_y))
+    x, y = decode("test")
+    err = x - y
+    offset = err.mean((2, 3), keepdim=True)  # each image's overall brightness and colour error
+    return {
+        "benchmark": "decoder pixel error on its unseen test identities, and what pixel-level fixes could gain",
+        "bundle": _repo_relative(Path(args.bundle)),
+        "preset": args.preset,
+        "test_faces": len(splits["test"]),
+        "test_identities": len(set(splits["test"].identities)),
+        "psnr": mean_psnr(x, y),
+        "ssim": round(float(ssim(x, y).mean()), 4),
+        "mean_face_psnr": mean_psnr(mean_face.expand_as(y), y),
+        "colour_bias_rgb": [round(v, 4) for v in err.mean((0, 2, 3)).tolist()],
+        "shrink_to_mean_face": {
+            "alpha_fitted_on_validation": best_alpha,
+            "test_psnr": mean_psnr(mean_face + best_alpha * (x - mean_face), y),
+        },
+        "per_image_offset_share_of_squared_error": round(float(offset.pow(2).mean() / err.pow(2).mean()), 4),
+        "oracle_offset_removed_psnr": mean_psnr(x - offset, y),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["throughput", "ablation", "quality", "heldout"])
+    p.add_argument("what", choices=["throughput", "ablation", "quality", "heldout", "limits"])
     p.add_argument("--summary", default="", help="quality: read this finished run's summary.json instead of training")
     p.add_argument("--registry", default="")
     p.add_argument("--seconds", type=float, default=8.0, help="throughput: timed seconds per setting")
@@ -347,8 +415,10 @@ def main() -> None:
     p.add_argument("--decoder", default=f"{DEFAULT_DECODER_MODEL}@{CHAMPION}", help="heldout: NAME@ALIAS to serve")
     p.add_argument("--data", default=CELEBA, help="heldout: the CelebA subset (its sealed identities are sent)")
     p.add_argument("--max-faces", type=int, default=0, help="heldout: the first N sealed-identity images (0 = all)")
+    p.add_argument("--bundle", default=str(REPO / "models" / DEFAULT_DECODER_MODEL / "1" / "bundle"), help="limits")
+    p.add_argument("--preset", default="celeba-cpu-ship", help="limits: the recipe whose split the bundle has")
     args = p.parse_args()
-    run = {"throughput": throughput, "ablation": ablation, "quality": quality, "heldout": heldout}
+    run = {"throughput": throughput, "ablation": ablation, "quality": quality, "heldout": heldout, "limits": limits}
     result = run[args.what](args)
     dev = "gpu" if torch.cuda.is_available() else "cpu"
     path = write(f"decoder-{args.what}-{dev}", {"machine": machine(), **result})
