@@ -48,6 +48,8 @@ TOLERANCE = {
     "test_accepted": 0.02,
     "test_rank1": 0.03,
     "test_auc": 0.02,
+    "test_clean_auc": 0.02,
+    "test_occluded_auc": 0.02,
 }
 
 
