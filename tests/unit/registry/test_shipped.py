@@ -152,7 +152,12 @@ MODELS = REPO / "models"
 
 def test_the_shipped_models_are_pinned_small_and_carded() -> None:
     shipped = list_shipped(MODELS)  # pins verified
-    assert {"facexplain-dfd-dlib128", "facexplain-probes-faceapi"} <= {m.name for m in shipped}
+    assert {
+        "facexplain-dfd-dlib128",
+        "facexplain-probes-faceapi",
+        "facexplain-sadfad-celeba",
+        "facexplain-dfd-sadfad",
+    } <= {m.name for m in shipped}
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     assert total < 60e6, f"models/ holds {total / 1e6:.1f} MB"
     for m in shipped:
@@ -163,10 +168,12 @@ def test_the_shipped_models_are_pinned_small_and_carded() -> None:
         assert "non-commercial" in card["data"]["terms"]
         # the tags registration uses agree with the bundle's own record of its gates, where it keeps one
         recorded = (read_metadata(m.bundle).get("training") or {}).get("gates_passed")
-        assert card["tags"]["gates_passed"] in ("true", "false"), m.label
-        assert recorded is None or card["tags"]["gates_passed"] == str(recorded).lower(), m.label
+        gates = card["tags"].get("gates_passed")
+        # an FR net trained by a pipeline without gates (the SAD/FAD net) records none, and claims none
+        assert gates in ("true", "false") or (gates is None and recorded is None and card["kind"] == "embedder")
+        assert recorded is None or gates == str(recorded).lower(), m.label
         text = (m.root / "MODEL_CARD.md").read_text()
-        assert ("not served by default" in text) == (card["tags"]["gates_passed"] == "false"), m.label
+        assert ("not served by default" in text) == (gates == "false"), m.label
 
 
 def test_the_default_decoder_belongs_to_the_default_fr_bundle_and_records_its_held_out_check(tmp_path: Path) -> None:
