@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.launcher import REPO
+from cli.podman_staging import SOURCE_LABEL, source_digest
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,10 @@ def _image_exists(image: str) -> bool:
 def _need(image: str) -> None:
     if not _image_exists(image):
         pytest.skip(f"{image} not built (make images)")
+    if image == SERVICE_IMAGE:  # an image of older sources would be judged against today's models and code
+        built = _podman("image", "inspect", "--format", f'{{{{ index .Labels "{SOURCE_LABEL}" }}}}', image)
+        if built.stdout.strip() != source_digest(REPO):
+            pytest.skip(f"{image} was built from other sources than this checkout's (make images rebuilds it)")
 
 
 def _podman(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
