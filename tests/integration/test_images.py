@@ -6,6 +6,7 @@ containers on the host network, bound to loopback, and talks to them from here.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
@@ -54,10 +55,16 @@ def _image_exists(image: str) -> bool:
 def _need(image: str) -> None:
     if not _image_exists(image):
         pytest.skip(f"{image} not built (make images)")
-    if image == SERVICE_IMAGE:  # an image of older sources would be judged against today's models and code
-        built = _podman("image", "inspect", "--format", f'{{{{ index .Labels "{SOURCE_LABEL}" }}}}', image)
-        if built.stdout.strip() != source_digest(REPO):
-            pytest.skip(f"{image} was built from other sources than this checkout's (make images rebuilds it)")
+    if image == SERVICE_IMAGE and not _service_image_is_current():
+        pytest.skip(f"{image} was built from other sources than this checkout's (make images rebuilds it)")
+
+
+@functools.cache
+def _service_image_is_current() -> bool:
+    """An image of older sources would be judged against today's models and code; asked once per session
+    (the digest hashes every file the image copies)."""
+    built = _podman("image", "inspect", "--format", f'{{{{ index .Labels "{SOURCE_LABEL}" }}}}', SERVICE_IMAGE)
+    return built.stdout.strip() == source_digest(REPO)
 
 
 def _podman(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
