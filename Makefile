@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WEIGHTS := .weights/face-api-1.7.15/model/face_recognition_model-weights_manifest.json
 HUMAN_WEIGHTS := .weights/human-models-3.0.4/models/faceres.json
+FACEPLUGIN_WEIGHTS := .weights/faceplugin-0.0.1/model/fr_feature.onnx
 PROTOS := $(wildcard protos/facexplain/v1/*.proto)
 PROTO_STAMP := services/api/v1/.generated
 
 .PHONY: setup proto test demo bench lint clean k8s-validate
 
-setup: $(STAMP) $(WEIGHTS) $(HUMAN_WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
+setup: $(STAMP) $(WEIGHTS) $(HUMAN_WEIGHTS) $(FACEPLUGIN_WEIGHTS) $(PROTO_STAMP)  ## install system packages, the venv, the weights; generate the API
 
 $(STAMP): requirements.lock pyproject.toml
 	scripts/setup_system.sh $(if $(filter 1,$(FACEXPLAIN_WITH_PODMAN)),--podman)
@@ -26,6 +27,9 @@ $(WEIGHTS):
 
 $(HUMAN_WEIGHTS):
 	scripts/fetch_human_models.sh
+
+$(FACEPLUGIN_WEIGHTS):
+	scripts/fetch_faceplugin.sh
 
 $(PROTO_STAMP): $(PROTOS) scripts/gen_protos.py $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -1,12 +1,14 @@
 """The shipped decoder's reconstructions judged by two FR models: the one it inverts and an independent one.
 
-    python bench/bench_second_judge.py [--per-identity 5] [--max-faces 0] [--threads 2]
+    python bench/bench_second_judge.py [--model hse|faceplugin] [--per-identity 5] [--max-faces 0] [--threads 2]
 
 Identity scores of reconstructions have so far come from the default model, i.e. from the network the
 decoder was trained to invert (its perceptual loss reads that network), which is not an independent
-judge. Here the same faces are also judged by HSE FaceRes (``facexplain-fr-hsefaceres1024``: different
-architecture, training data and loss; README "A second, independent FR model"), each model under its
-own stored rule.
+judge. Here the same faces are also judged by an independent model, each model under its own stored rule:
+HSE FaceRes (``--model hse``, ``facexplain-fr-hsefaceres1024``: different architecture, training data and
+loss; README "A second, independent FR model") or faceplugin's MobileFaceNet (``--model faceplugin``,
+``facexplain-fr-faceplugin512``, whose impostor scores correlate least with the default model's). "Second"
+below names whichever judges.
 
 Faces: the strict sealed CelebA identities (``data/splits/celeba-sealed.txt`` minus the identities that
 judged recipes before the seal), the set the shipped decoder's held-out figures are quoted on. This
@@ -28,7 +30,7 @@ Per face, from the original photo: the default pipeline's template t and dlib ch
   resolution alone cost under the second model's front end (a perfect 64-px decoder scores this).
 
 A face where a pipeline finds no face in the original photo counts as not accepted (and is reported). Writes
-``bench/results/second-judge-<device>.json``.
+``bench/results/second-judge-cpu.json`` (hse) or ``bench/results/third-judge-cpu.json`` (faceplugin).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine, write  # noqa: E402
 from facexplain.artifacts.decoder import load_decoder_bundle  # noqa: E402
-from facexplain.artifacts.embedder import second_fr_pipeline  # noqa: E402
+from facexplain.artifacts.embedder import (  # noqa: E402
+    SECOND_FR_MODEL,
+    THIRD_FR_MODEL,
+    second_fr_pipeline,
+    third_fr_pipeline,
+)
 from facexplain.data.faces import load_image  # noqa: E402
 from facexplain.data.faceset import records_from_spec  # noqa: E402
 from facexplain.data.splits import read_identity_list, recipe_evaluation_identities  # noqa: E402
@@ -58,6 +65,11 @@ from facexplain.metrics.reconstruction import embed_images, resize01  # noqa: E4
 from facexplain.pipeline import FacePipeline  # noqa: E402
 
 CELEBA = "../shared/data/celeba_subset"
+# --model -> (the judge's pipeline, what it is, default results file)
+JUDGES = {
+    "hse": (second_fr_pipeline, f"HSE FaceRes ({SECOND_FR_MODEL})", "second-judge-cpu"),
+    "faceplugin": (third_fr_pipeline, f"faceplugin's MobileFaceNet ({THIRD_FR_MODEL})", "third-judge-cpu"),
+}
 SEALED_LIST = REPO / "data" / "splits" / "celeba-sealed.txt"
 SHIPPED_DECODER = REPO / "models" / "facexplain-dfd-dlib128" / "1" / "bundle"
 
@@ -120,8 +132,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--face-px", type=int, default=256, help="chips upscaled to this size for the second model")
-    ap.add_argument("--out", default="second-judge-cpu")
+    ap.add_argument("--model", choices=sorted(JUDGES), default="hse", help="the independent judge")
+    ap.add_argument("--out", default="", help="results name (default: by --model)")
     args = ap.parse_args()
+    make_judge, judge_label, default_out = JUDGES[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -138,7 +152,7 @@ def main() -> int:
         faces = faces[: args.max_faces]
 
     default = FacePipeline.default("cpu")
-    second = second_fr_pipeline("cpu")
+    second = make_judge("cpu")
     decoder = load_decoder_bundle(args.decoder_bundle)
     source = ChipGeometry.of(default.info)  # where the decoded faces sit: the default model's chip
     rows: dict[str, list[dict[str, Any]]] = {
@@ -186,7 +200,8 @@ def main() -> int:
             ]
     seconds = time.perf_counter() - t0
     result = {
-        "benchmark": "shipped decoder judged by the default model and by HSE FaceRes (independent)",
+        "benchmark": f"shipped decoder judged by the default model and by {judge_label} (independent)",
+        "judge": second.info.name,
         "machine": machine(),
         "decoder_bundle": str(Path(args.decoder_bundle).resolve().relative_to(REPO)),
         "decoder": {k: decoder.meta.get(k) for k in ("name", "version") if k in decoder.meta}
@@ -209,7 +224,7 @@ def main() -> int:
         "seconds": round(seconds, 1),
         "judges": {k: _summary(v) for k, v in rows.items()},
     }
-    path = write(args.out, result)
+    path = write(args.out or default_out, result)
     print(f"wrote {path}")
     for k, v in result["judges"].items():
         print(f"  {k}: {v}")

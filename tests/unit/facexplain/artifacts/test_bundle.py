@@ -182,8 +182,8 @@ def test_metadata_errors_say_what_is_wrong(bundle: Path) -> None:
     assert any("fr_model must name the FR model" in e for e in metadata_errors(decoder))
     ok_decoder = {**decoder, "fr_model": {"name": "facexplain-fr-dlib128", "version": "3"}}
     assert metadata_errors(ok_decoder) == []
-    weird = {**good, "components": {"recognition": {"format": "onnx"}}}
-    assert "has format 'onnx'" in metadata_errors(weird)[0]
+    weird = {**good, "components": {"recognition": {"format": "savedmodel"}}}
+    assert "has format 'savedmodel'" in metadata_errors(weird)[0]
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
