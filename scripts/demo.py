@@ -10,8 +10,9 @@ per-identity verification under the model's stored rule, writes aligned chips, r
 metrics with ``facexplain reconstruct`` through the decoding service, and last runs ``facexplain
 audit`` on the labelled samples (``data/sample/labels.csv``), writing the HTML report
 (``var/demo/report/index.html``) and ``audit.json``. A sixth service, a second embedding service serving the
-independent FR model (``facexplain-fr-hsefaceres1024@champion``, when ``register-defaults`` registered it),
-starts beside the four and is the audit's ``--judge``: every reconstruction is scored by both models.
+independent FR model (``facexplain-fr-faceplugin512@champion``, faceplugin's MobileFaceNet, the one whose
+impostor scores correlate least with the default model's; when ``register-defaults`` registered it), starts
+beside the four and is the audit's ``--judge``: every reconstruction is scored by both models.
 Everything stops on exit (Ctrl-C included).
 """
 
@@ -30,12 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from cli.launcher import RunningService, StartingService, spawn_service, start_mlflow  # noqa: E402
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL  # noqa: E402
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL  # noqa: E402
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, THIRD_FR_MODEL  # noqa: E402
 from registry import CANDIDATE, CHAMPION, Registry, RegistryNotFound, VersionInfo  # noqa: E402
 
 AUDIT_SERVICES = ("directions", "attributes", "counterfactual")
 SERVICES = ("embedding", "decoding", *AUDIT_SERVICES)
-JUDGE = "judge"  # the second FR model's embedding service (the audit's --judge)
+JUDGE = "judge"  # the independent FR model's embedding service (the audit's --judge)
+JUDGE_MODEL = THIRD_FR_MODEL
 
 
 def _cli(*args: str) -> None:
@@ -93,12 +95,12 @@ def served_decoder(uri: str) -> str:
     return f"decoder {dec.name} v{dec.version}{origin} inverts {fr.name} v{fr.version}{figures}"
 
 
-def second_model_registered(uri: str) -> bool:
-    """Whether ``register-defaults`` registered the second FR model (it skips it without human-models)."""
+def judge_model_registered(uri: str) -> bool:
+    """Whether ``register-defaults`` registered the judging FR model (it skips it when set-up did not fetch it)."""
     try:
-        Registry(uri).resolve(SECOND_FR_MODEL, CHAMPION)
+        Registry(uri).resolve(JUDGE_MODEL, CHAMPION)
     except RegistryNotFound:
-        print(f"no {SECOND_FR_MODEL}@{CHAMPION}: the audit has no second judge", flush=True)
+        print(f"no {JUDGE_MODEL}@{CHAMPION}: the audit has no second judge", flush=True)
         return False
     return True
 
@@ -143,10 +145,10 @@ class Services:
             self.get("embedding")
             for name in SERVICES[1:]:
                 self.starting[name] = spawn_service(name, out_dir, env=env)
-            if judge:  # the second model's embedding service, its log in a folder of its own
+            if judge:  # the judging model's embedding service, its log in a folder of its own
                 (out_dir / JUDGE).mkdir(exist_ok=True)
                 self.starting[JUDGE] = spawn_service(
-                    "embedding", out_dir / JUDGE, env={**env, "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL}
+                    "embedding", out_dir / JUDGE, env={**env, "FACEXPLAIN_MODEL_NAME": JUDGE_MODEL}
                 )
         except BaseException:
             self.stop()
@@ -193,7 +195,7 @@ def audit_step(out_dir: Path, sample: Path, services: Services) -> None:
     targets = [f"{name}={services.get(name).address}" for name in SERVICES]
     judge = ["--judge", services.get(JUDGE).address] if JUDGE in services.starting or JUDGE in services.by_key else []
     if judge:
-        print(f"the second FR model ({SECOND_FR_MODEL}) judges the reconstructions: {judge[1]}", flush=True)
+        print(f"an independent FR model ({JUDGE_MODEL}) judges the reconstructions: {judge[1]}", flush=True)
     report = out_dir / "report"
     _cli(
         "audit",
@@ -225,7 +227,7 @@ def main() -> int:
         _cli("registry", "register-defaults", "--uri", mlflow.uri)
         decoder = served_decoder(mlflow.uri)  # any forced promotion happens before a service loads champion
         print("starting the services (each loads champion from the registry) ...", flush=True)
-        services = Services(mlflow.uri, out_dir, judge=second_model_registered(mlflow.uri))
+        services = Services(mlflow.uri, out_dir, judge=judge_model_registered(mlflow.uri))
         embed_step(out_dir, sample, services, t0)
         print(decoder, flush=True)
         reconstruct_step(mlflow.uri, out_dir, sample, services, t0)

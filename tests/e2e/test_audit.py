@@ -37,7 +37,7 @@ import pytest
 
 from cli.launcher import REPO, RunningService, free_port, start_service
 from facexplain.artifacts.decoder import DEFAULT_DECODER_MODEL
-from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, SECOND_FR_MODEL
+from facexplain.artifacts.embedder import DEFAULT_FR_MODEL, THIRD_FR_MODEL
 from sdk.audit_report import SECTIONS, strip_timestamps
 from sdk.client import ClientSecurity
 from tests.conftest import shared_data_dir
@@ -357,14 +357,14 @@ def test_sdk_facade_reaches_all_five_services(deployment: Deployment, served: di
 def judge_service(
     deployment: Deployment, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningService]:
-    """An embedding service serving the second FR model (``register-defaults`` put it in the session's
-    registry), with the loopback deployment's TLS and tokens."""
+    """An embedding service serving the judging FR model, faceplugin's MobileFaceNet, as the demo does
+    (``register-defaults`` put it in the session's registry), with the loopback deployment's TLS and tokens."""
     if deployment.deployed:
         pytest.skip("the staging serves no second FR model")
-    request.getfixturevalue("second_fr_registered")
+    request.getfixturevalue("third_fr_registered")
     work = tmp_path_factory.mktemp("judge")
     env = service_env(deployment.registry_uri, work / "cache", request.getfixturevalue("pki"))
-    svc = start_service("embedding", work, env={**env, "FACEXPLAIN_MODEL_NAME": SECOND_FR_MODEL}, timeout=600)
+    svc = start_service("embedding", work, env={**env, "FACEXPLAIN_MODEL_NAME": THIRD_FR_MODEL}, timeout=600)
     yield svc
     assert svc.stop() == 0, svc.log_text()[-2000:]
 
@@ -396,7 +396,7 @@ def _judged_reconstructions(
 def test_second_judge_scores_every_reconstruction(
     deployment: Deployment,
     judge_service: RunningService,
-    second_fr_registered: str,
+    third_fr_registered: str,
     sample_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -406,11 +406,9 @@ def test_second_judge_scores_every_reconstruction(
 
     r = _judged_reconstructions(deployment, judge_service.address, sample_data, tmp_path, monkeypatch)
     rec = r["reconstructions"]
-    assert rec["judge"]["name"] == SECOND_FR_MODEL and rec["judge"]["version"] == second_fr_registered
+    assert rec["judge"]["name"] == THIRD_FR_MODEL and rec["judge"]["version"] == third_fr_registered
     judge_models = r["models"]["judge"]["models"]
-    assert [(m["name"], m["version"]) for m in judge_models if m["serving"]] == [
-        (SECOND_FR_MODEL, second_fr_registered)
-    ]
+    assert [(m["name"], m["version"]) for m in judge_models if m["serving"]] == [(THIRD_FR_MODEL, third_fr_registered)]
     s = rec["summary"]
     # the audited model's keys as before, the second judge's beside them
     assert {"psnr", "ssim", "identity_cosine", "same_person_rate", "n"} <= set(s) and s["n"] == len(rec["faces"]) >= 3
@@ -423,7 +421,7 @@ def test_second_judge_scores_every_reconstruction(
     assert s["same_person_rate_second_control"] >= 0.75, rec["faces"]
     assert s["identity_cosine_second"] < s["identity_cosine_second_control"]
     page = RENDER["reconstructions"](r) + RENDER["models"](r)
-    assert "Second judge" in page and SECOND_FR_MODEL in page and page.count('class="thumb"') == s["n"]
+    assert "Second judge" in page and THIRD_FR_MODEL in page and page.count('class="thumb"') == s["n"]
     # the audited model is no judge of itself
     with pytest.raises(AuditError, match="no independent judge") as refused:
         _judged_reconstructions(deployment, deployment.addresses["embedding"], sample_data, tmp_path, monkeypatch)
