@@ -27,6 +27,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from facexplain.models.onnx_graph import OnnxGraphNet
 from facexplain.paths import FACEPLUGIN_VERSION, faceplugin_dir
 
@@ -36,6 +39,9 @@ SOURCE = f"npm faceplugin-face-recognition-js@{FACEPLUGIN_VERSION}, model/{MODEL
 CHIP_SIZE = 112
 TEMPLATE_DIM = 512
 CROP_SCALE = 1.0  # InsightFace's reference points as they are, as the package aligns
+# The output of the 28x28 stage's last residual block (64 channels at 112 px): a mid-level map with spatial
+# layout, the depth HSE's 28x28 stage and the dlib ResNet's conv64_3 play for the perceptual loss.
+PERCEPTUAL_NODE = "395"
 # facexplain.models.program.InputContract fields: chips RGB in [0, 255] -> (x - 127) / 128
 CONTRACT: dict[str, Any] = {
     "chip_size": CHIP_SIZE,
@@ -54,7 +60,7 @@ def model_path(model_dir: Path | None = None) -> Path:
             f"{path} not found: run `make setup` (scripts/fetch_faceplugin.sh unpacks it from npm) "
             "or point FACEXPLAIN_FACEPLUGIN_DIR at a folder holding fr_feature.onnx"
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _sha256(path)
     if digest != MODEL_SHA256:
         raise ValueError(f"{path} has sha256 {digest}, not the pinned {MODEL_SHA256} of {SOURCE}")
     return path
@@ -64,3 +70,33 @@ def onnx_net(model_dir: Path | None = None) -> OnnxGraphNet:
     """The graph replayed in torch; input ``(N, 3, 112, 112)`` already normalised, output ``(N, 512)``."""
     net = OnnxGraphNet.from_file(model_path(model_dir))
     return net.eval().requires_grad_(False)
+
+
+class FacepluginFeatures(nn.Module):
+    """(N, 3, H, W) RGB in [0, 255] -> one inner feature map of the MobileFaceNet (default
+    :data:`PERCEPTUAL_NODE`: (N, 64, 28, 28) at 112 px), normalised as the template is; differentiable.
+
+    The black-box perceptual network of decoder training (``--perceptual faceplugin``): the replay stops at
+    ``node``, so the rest of the network never runs."""
+
+    def __init__(self, graph: OnnxGraphNet) -> None:
+        super().__init__()
+        self.graph = graph
+
+    @classmethod
+    def from_package(cls, node: str = PERCEPTUAL_NODE, model_dir: Path | None = None) -> FacepluginFeatures:
+        graph = OnnxGraphNet.from_file(model_path(model_dir), output=node)
+        return cls(graph.eval().requires_grad_(False)).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph((images.float() - CONTRACT["mean"][0]) / CONTRACT["std"][0])  # type: ignore[no-any-return]
+
+
+def is_this_model(net: Any) -> bool:
+    """Whether a recognition net runs this very file (a perceptual loss on it is then no black box)."""
+    source = getattr(net, "source", None)
+    return source is not None and Path(source).is_file() and _sha256(Path(source)) == MODEL_SHA256
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

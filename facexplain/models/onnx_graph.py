@@ -72,8 +72,11 @@ class OnnxGraphNet(nn.Module):
             raise OnnxGraphError(f"no node produces the graph output {output_name!r}")
 
     @classmethod
-    def from_file(cls, path: Path | str) -> OnnxGraphNet:
-        """Read ``path`` with the ``onnx`` package (protobuf only; nothing runs) and check every node."""
+    def from_file(cls, path: Path | str, output: str | None = None) -> OnnxGraphNet:
+        """Read ``path`` with the ``onnx`` package (protobuf only; nothing runs) and check every node.
+
+        ``output`` names an inner node output to stop at (e.g. a feature map for a perceptual loss); the
+        nodes after it are dropped and never run. Default: the graph's own output."""
         import onnx
         from onnx import numpy_helper
 
@@ -98,12 +101,13 @@ class OnnxGraphNet(nn.Module):
             nodes.append(_Node(n.op_type, tuple(n.input), n.output[0], attrs))
         for node in nodes:
             _check_attrs(node)
-        return cls(
-            nodes,
-            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-            inputs[0],
-            graph.output[0].name,
-        )
+        if output is not None:
+            ends = [k for k, node in enumerate(nodes) if node.output == output]
+            if not ends:
+                raise OnnxGraphError(f"{output!r} is not a node output of {Path(path).name}")
+            nodes = nodes[: ends[0] + 1]
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        return cls(nodes, weights, inputs[0], output or graph.output[0].name)
 
     def _get(self, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if name in env:

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fr_model": "FR model to invert: NAME@ALIAS or NAME@VERSION",
         "data": "DIR or DIR,LABELS.csv (DIR with images/ and labels.csv is read as CelebA)",
         "perceptual": "white_box (a layer of the FR model inverted), dlib_resnet (that layer of the default model's "
-        "net, for any FR model), hse_faceres (black box: an inner map of the independent HSE FaceRes) or none",
+        "net, for any FR model), hse_faceres / faceplugin (black box: an inner map of the independent HSE FaceRes / "
+        "faceplugin MobileFaceNet) or none",
         "alias": "alias for the new version: auto (champion if none, else challenger), champion, challenger or ''",
         "max_minutes": "stop after the epoch that crosses this budget (0 = none)",
         "ema": "moving average of the weights, e.g. 0.998; validated, kept and registered (0 = off)",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # imported lazily: the CLI builds its parser from this class 
     from facexplain.models.decoder import DecoderConfig
 
 # The networks of the perceptual terms (``training.decoder.run.perceptual_network`` builds them).
-Perceptual = Literal["white_box", "dlib_resnet", "hse_faceres", "none"]
+Perceptual = Literal["white_box", "dlib_resnet", "hse_faceres", "faceplugin", "none"]
 PERCEPTUAL_NETWORKS: tuple[str, ...] = get_args(Perceptual)
 
 
@@ -55,6 +55,7 @@ class TrainDecoderConfig:
     # layer of the default model's net whatever model is inverted (one perceptual loss for decoders of
     # different FR models, so their reconstructions compare); hse_faceres: the black-box setting, an inner
     # map of the independent second model (HSE FaceRes, facexplain.models.hse_faceres.PERCEPTUAL_NODE);
+    # faceplugin: the same with the third (faceplugin's MobileFaceNet, facexplain.models.faceplugin);
     # none: pixel and gradient terms only. perceptual_layer names the dlib ResNet's layer.
     perceptual: Perceptual = "white_box"
     perceptual_layer: str = "conv64_3"

@@ -172,6 +172,22 @@ def perceptual_network(cfg: TrainDecoderConfig, recognition_net: Any, fr_label: 
         return PerceptualFeatures.black_box(
             HseFaceResFeatures.from_human_models(), input_size=HSE_CHIP_SIZE, input_range=255.0
         )
+    if cfg.perceptual == "faceplugin":  # the same setting with the third model, faceplugin's MobileFaceNet
+        from facexplain.models import faceplugin
+
+        if faceplugin.is_this_model(recognition_net):
+            raise ValueError(
+                f"perceptual faceplugin is a black box only for another FR model, and {fr_label} runs "
+                f"{faceplugin.MODEL_FILE} itself: use --perceptual dlib_resnet, hse_faceres (or none)"
+            )
+        if cfg.perceptual_layer != DEFAULT_WHITE_BOX_LAYER:
+            raise ValueError(
+                f"perceptual_layer {cfg.perceptual_layer!r} names a dlib ResNet layer; faceplugin reads its own "
+                f"node {faceplugin.PERCEPTUAL_NODE}"
+            )
+        return PerceptualFeatures.black_box(
+            faceplugin.FacepluginFeatures.from_package(), input_size=faceplugin.CHIP_SIZE, input_range=255.0
+        )
     raise ValueError(f"unknown perceptual network {cfg.perceptual!r}: one of {', '.join(PERCEPTUAL_NETWORKS)}")
 
 

@@ -129,3 +129,16 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\x00not a protobuf at all" * 10)
     with pytest.raises(OnnxGraphError, match="not a readable ONNX file"):
         OnnxGraphNet.from_file(path)
+
+
+def test_an_inner_output_stops_the_replay_there(tmp_path: Path) -> None:
+    """What a perceptual loss reads: the graph up to one node, the rest never run."""
+    path, w = _every_op(tmp_path)
+    inner = OnnxGraphNet.from_file(path, output="p1")
+    x = torch.randn(2, 3, 16, 16)
+    c1 = F.conv2d(x, w["w1"], w["b1"], stride=2, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(inner(x), torch.where(c1 >= 0, c1, c1 * w["slope"]))
+    assert [n.op for n in inner.nodes] == ["Conv", "PRelu"]
+    with pytest.raises(OnnxGraphError, match="'nope' is not a node output"):
+        OnnxGraphNet.from_file(path, output="nope")

@@ -7,6 +7,7 @@ tests (decoding service fixture) and the quality benchmark.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -362,14 +363,35 @@ def test_distributed_resume_refuses_ranks_that_do_not_share_the_checkpoint(tmp_p
         mp.spawn(_ddp_resume_worker, args=(2, port, dirs), nprocs=2, join=True)
 
 
-def test_hse_faceres_perceptual_trains_the_decoder(tmp_path: Path) -> None:
-    """The black-box perceptual network: an inner map of HSE FaceRes, frozen; its terms move the decoder."""
+def _hse_self() -> Any:
+    from facexplain.models.hse_faceres import HseFaceRes
+
+    return HseFaceRes.from_human_models()
+
+
+def _faceplugin_self() -> Any:
+    from facexplain.artifacts.embedder import third_fr_pipeline
+
+    return third_fr_pipeline().recognition_net
+
+
+# the black-box perceptual networks: name -> (its features module, map at the decoder's output, the model itself)
+BLACK_BOXES = {
+    "hse_faceres": ("HseFaceResFeatures", (256, 28, 28), _hse_self),  # the 28x28 stage at 224 px
+    "faceplugin": ("FacepluginFeatures", (64, 28, 28), _faceplugin_self),  # the 28x28 stage at 112 px
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLACK_BOXES))
+def test_black_box_perceptual_trains_the_decoder(tmp_path: Path, name: str) -> None:
+    """The black-box perceptual network: an inner map of an independent FR model, frozen; its terms move the
+    decoder."""
     from facexplain.losses.dfd import dfd_loss
-    from facexplain.models.hse_faceres import HseFaceRes, HseFaceResFeatures
     from facexplain.models.recognition import FaceRecognitionNet
 
-    perceptual = perceptual_network(TrainDecoderConfig(perceptual="hse_faceres"), FaceRecognitionNet(), "dlib v1")
-    assert perceptual is not None and isinstance(perceptual.extractor, HseFaceResFeatures)
+    features_class, shape, itself = BLACK_BOXES[name]
+    perceptual = perceptual_network(TrainDecoderConfig(perceptual=name), FaceRecognitionNet(), "dlib v1")
+    assert perceptual is not None and type(perceptual.extractor).__name__ == features_class
     assert not any(p.requires_grad for p in perceptual.parameters())
 
     decoder = DeepFaceDecoder(DecoderConfig(template_dim=16, out_size=16, base_channels=8, max_channels=16))
@@ -377,7 +399,7 @@ def test_hse_faceres_perceptual_trains_the_decoder(tmp_path: Path) -> None:
     only_perceptual = DFDLossWeights(pixel_global=0.0, pixel_local=0.0, gradient_global=0.0, gradient_local=0.0)
     recon = decoder(split.templates)
     features = perceptual(recon)
-    assert features.shape == (2, 256, 28, 28)  # the 28x28 stage at 224 px, whatever the decoder's size
+    assert features.shape == (2, *shape)  # whatever the decoder's size
     loss, parts = dfd_loss(recon, split.targets, split.masks, perceptual, only_perceptual)
     assert set(parts) == {"perceptual_global", "perceptual_local", "total"} and torch.isfinite(loss)
     loss.backward()
@@ -392,12 +414,12 @@ def test_hse_faceres_perceptual_trains_the_decoder(tmp_path: Path) -> None:
         device=torch.device("cpu"), checkpoint_dir=tmp_path, progress=False,
     )  # fmt: skip
     assert result.epochs_done == 1 and result.history[0].train["perceptual_local"] > 0
-    # black box means another model: not the perceptual network of a decoder of HSE FaceRes itself
+    # black box means another model: not the perceptual network of a decoder of that model itself
     with pytest.raises(ValueError, match="black box only for another FR model"):
-        perceptual_network(TrainDecoderConfig(perceptual="hse_faceres"), HseFaceRes.from_human_models(), "hse v1")
+        perceptual_network(TrainDecoderConfig(perceptual=name), itself(), "itself v1")
     with pytest.raises(ValueError, match="names a dlib ResNet layer"):
         perceptual_network(
-            TrainDecoderConfig(perceptual="hse_faceres", perceptual_layer="conv128_1"), FaceRecognitionNet(), "dlib v1"
+            TrainDecoderConfig(perceptual=name, perceptual_layer="conv128_1"), FaceRecognitionNet(), "dlib v1"
         )
 
 
