@@ -61,9 +61,9 @@ def _hse_features(chips: torch.Tensor) -> np.ndarray:
 
 
 def _faceplugin_features(chips: torch.Tensor) -> np.ndarray:
-    from facexplain.models.faceplugin import CONTRACT, onnx_net
+    from facexplain.models.faceplugin import normalise, onnx_net
 
-    return onnx_net()((chips - CONTRACT["mean"][0]) / CONTRACT["std"][0]).numpy()  # type: ignore[no-any-return]
+    return onnx_net()(normalise(chips)).numpy()  # type: ignore[no-any-return]
 
 
 # --model -> (registered name, calibration, port fixture, the replay on the fixture's chips, reference key,

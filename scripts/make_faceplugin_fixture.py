@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from facexplain.artifacts.embedder import third_fr_pipeline
-from facexplain.models.faceplugin import CONTRACT, SOURCE, model_path, onnx_net
+from facexplain.models.faceplugin import SOURCE, model_path, normalise, onnx_net
 from facexplain.paths import REPO_ROOT
 from scripts.make_faceres_fixture import first_face_chips, save_fixture
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=8)
     args = ap.parse_args()
     x = first_face_chips(third_fr_pipeline(), args.celeba, args.faces)
-    fed = ((x - CONTRACT["mean"][0]) / CONTRACT["std"][0]).numpy().astype(np.float32)
+    fed = normalise(x).numpy().astype(np.float32)
     session = ort.InferenceSession(str(model_path()), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     ref = np.concatenate([session.run(None, {name: fed[i : i + 1]})[0] for i in range(len(fed))])

@@ -133,7 +133,7 @@ def third_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> A
     from facexplain.models.program import InputContract
 
     _, rule = _calibration(calibration or THIRD_FR_CALIBRATION)
-    pipe = auditor_pipeline(
+    return auditor_pipeline(
         name=THIRD_FR_MODEL,
         dim=TEMPLATE_DIM,
         contract=InputContract(**CONTRACT),
@@ -142,9 +142,8 @@ def third_fr_pipeline(device: str = "cpu", calibration: Path | None = None) -> A
         crop_scale=CROP_SCALE,
         program=model_path(),
         device=device,
+        origin=f"{SOURCE} (MIT), ONNX graph replayed in PyTorch",
     )
-    pipe.recognition_net.origin = f"{SOURCE} (MIT), ONNX graph replayed in PyTorch"
-    return pipe
 
 
 def auditor_pipeline(
@@ -159,6 +158,7 @@ def auditor_pipeline(
     program: Path | None = None,
     endpoint: str | None = None,
     device: str = "cpu",
+    origin: str | None = None,
 ) -> Any:
     """An auditor's FR model on the default front end (face-api detector, dlib's 68 landmarks).
 
@@ -168,7 +168,8 @@ def auditor_pipeline(
     ``contract`` is its :class:`~facexplain.models.program.InputContract`. Chips are cut by dlib's chip
     geometry (``padding``) or, for ``alignment="arcface_5pt"``, by a five-point similarity onto
     InsightFace's 112x112 reference points scaled to the chip (and by ``crop_scale`` about its centre).
-    The model is probed: two chips must give two finite ``dim``-d templates."""
+    The model is probed: two chips must give two finite ``dim``-d templates. ``origin`` says where a program
+    file came from (recorded in the bundle's ``source``)."""
     from facexplain.faces.align import ALIGNMENTS, ARCFACE_5PT_ALIGNMENT
     from facexplain.models.hse_faceres import reference_points
     from facexplain.models.program import (
@@ -191,6 +192,8 @@ def auditor_pipeline(
         )
     except ProgramError as exc:
         raise BundleError(str(exc)) from None
+    if origin is not None and program is not None:
+        net.origin = origin
     five = alignment == ARCFACE_5PT_ALIGNMENT
     info = EmbedderInfo(
         name=name,
@@ -419,13 +422,8 @@ def _save_program_recognition(module: Any, dest: Path) -> dict[str, Any]:
         raise BundleError("an auditor's program needs its file (source) to be saved")
     fmt = str(module.arch)
     shutil.copy2(module.source, dest / PROGRAM_FILES[fmt])
-    origin = getattr(module, "origin", None)  # where a program the project registers itself comes from
-    return {
-        "arch": fmt,
-        "format": fmt,
-        "file": f"weights/{PROGRAM_FILES[fmt]}",
-        **({"origin": origin} if origin else {}),
-    }
+    origin = {"origin": module.origin} if module.origin else {}
+    return {"arch": fmt, "format": fmt, "file": f"weights/{PROGRAM_FILES[fmt]}", **origin}
 
 
 def _load_program_recognition(

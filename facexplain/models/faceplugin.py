@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from facexplain.models.onnx_graph import OnnxGraphNet
+from facexplain.models.program import InputContract
 from facexplain.paths import FACEPLUGIN_VERSION, faceplugin_dir
 
 MODEL_FILE = "fr_feature.onnx"
@@ -50,6 +51,11 @@ CONTRACT: dict[str, Any] = {
     "mean": (127.0, 127.0, 127.0),
     "std": (128.0, 128.0, 128.0),
 }
+
+
+def normalise(chips: torch.Tensor) -> torch.Tensor:
+    """Chips RGB in [0, 255] -> the graph's input, by :data:`CONTRACT` (what the registered program applies)."""
+    return InputContract(**CONTRACT).apply(chips)
 
 
 def model_path(model_dir: Path | None = None) -> Path:
@@ -89,7 +95,7 @@ class FacepluginFeatures(nn.Module):
         return cls(graph.eval().requires_grad_(False)).eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.graph((images.float() - CONTRACT["mean"][0]) / CONTRACT["std"][0])  # type: ignore[no-any-return]
+        return self.graph(normalise(images))  # type: ignore[no-any-return]
 
 
 def is_this_model(net: Any) -> bool:

@@ -54,6 +54,12 @@ class OnnxGraphNet(nn.Module):
         self.nodes = nodes
         self.input_name, self.output_name = input_name, output_name
         self._keys: dict[str, str] = {}
+        # Reshape targets as Python ints, read once (constant shapes only: checked below)
+        self._shapes = {
+            n.inputs[1]: [int(v) for v in weights[n.inputs[1]].tolist()]
+            for n in nodes
+            if n.op == "Reshape" and n.inputs[1] in weights
+        }
         for name, value in weights.items():
             key = _param_key(name)
             if key in self._keys.values():
@@ -114,9 +120,6 @@ class OnnxGraphNet(nn.Module):
             return env[name]
         return getattr(self, self._keys[name])  # type: ignore[no-any-return]
 
-    def _constant(self, name: str) -> list[int]:
-        return [int(v) for v in getattr(self, self._keys[name]).tolist()]
-
     def _run(self, node: _Node, env: dict[str, torch.Tensor]) -> torch.Tensor:
         a = node.attrs
         x = self._get(env, node.inputs[0])
@@ -150,7 +153,7 @@ class OnnxGraphNet(nn.Module):
             scale, bias, mean, var = (self._get(env, i) for i in node.inputs[1:5])
             return F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(a.get("epsilon", 1e-5)))
         if node.op == "Reshape":
-            shape = self._constant(node.inputs[1])
+            shape = self._shapes[node.inputs[1]]
             return x.reshape(x.shape[0], *shape[1:])  # the leading entry is the batch (module docstring)
         if node.op == "Flatten":
             return x.flatten(1)

@@ -387,10 +387,12 @@ class ProgramRecognition(_ContractRecognition):
     """An auditor's program as the recognition net: chips RGB in [0, 255] -> contract -> program -> templates.
 
     Differentiable with respect to the chips. ``source`` is the program file, copied byte for byte into a
-    bundle (so the bundle's sha256 of it is the auditor's file's).
+    bundle (so the bundle's sha256 of it is the auditor's file's); ``origin``, when set, says where that file
+    came from (a bundle's ``source`` tag names it instead of "the auditor's program").
     """
 
     differentiable = True
+    origin: str | None = None
 
     def __init__(
         self, program: nn.Module, contract: InputContract, *, source: Path | None = None, fmt: str = TORCHSCRIPT_ARCH

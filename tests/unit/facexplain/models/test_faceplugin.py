@@ -21,7 +21,7 @@ import torch
 from facexplain.artifacts.bundle import read_metadata
 from facexplain.artifacts.embedder import THIRD_FR_MODEL, load_bundle, save_embedder_bundle, third_fr_pipeline
 from facexplain.data.faces import load_image
-from facexplain.models.faceplugin import CONTRACT, MODEL_FILE, MODEL_SHA256, TEMPLATE_DIM, model_path, onnx_net
+from facexplain.models.faceplugin import MODEL_FILE, MODEL_SHA256, TEMPLATE_DIM, model_path, normalise, onnx_net
 from facexplain.paths import REPO_ROOT
 
 FIXTURE = REPO_ROOT / "tests" / "data" / "faceplugin_ort.npz"
@@ -34,7 +34,7 @@ def fixture() -> dict[str, np.ndarray]:
 
 
 def _fed(chips: np.ndarray) -> torch.Tensor:
-    return (torch.from_numpy(chips).float() - CONTRACT["mean"][0]) / CONTRACT["std"][0]
+    return normalise(torch.from_numpy(chips))
 
 
 def test_replay_matches_onnxruntime(fixture: dict[str, np.ndarray]) -> None:
